@@ -1,0 +1,35 @@
+"""Shared test setup: offline, quiet, and isolated from the user's caches and trackers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before any library import reads them: no network retries, no analytics, no phoning home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DREAMBENCH = SHARED / "dreambench"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The project root (holds params.yaml and experiments/)."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def dreambench_dir() -> Path:
+    """The shared DreamBench subset; a failure (not a skip) in CI when it is missing."""
+    if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"shared DreamBench folder missing at {DREAMBENCH} (required in CI)")
+        pytest.skip(f"shared DreamBench folder missing at {DREAMBENCH}")
+    return DREAMBENCH

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.errors import HarnessError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -50,7 +52,7 @@ PRESETS_DIR = "experiments"
 DEFAULT_PARAMS = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(HarnessError, ValueError):
     """A configuration problem; its message names the file and the key path of each error."""
 
     def __init__(self, problems: list[str]) -> None:

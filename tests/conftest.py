@@ -33,3 +33,20 @@ def dreambench_dir() -> Path:
             pytest.fail(f"shared DreamBench folder missing at {DREAMBENCH} (required in CI)")
         pytest.skip(f"shared DreamBench folder missing at {DREAMBENCH}")
     return DREAMBENCH
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tiny models and embedding caches live in a per-session folder, never in the user's home."""
+    base = tmp_path_factory.mktemp("caches")
+    os.environ["HARNESS_CACHE_DIR"] = str(base / "harness")
+    os.environ["METRICS_CACHE_DIR"] = str(base / "metrics")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(_isolated_caches: None) -> object:
+    """The tiny SD 1.x pipeline, loaded once per session (treat as read-only)."""
+    from harness.config import ModelConfig
+    from harness.models import load_pipeline
+
+    return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))

@@ -1,0 +1,156 @@
+"""The ``harness`` command line: thin commands that load the config and call one core function.
+
+Every command reads ``params.yaml`` (``--params``) and accepts ``-S key.path=value`` overrides.
+A user error (bad config, missing path, unloadable model) prints one clear line and exits with
+status 2; ``--verbose`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+
+from harness.config import HarnessConfig, load_config, parse_override
+from harness.errors import HarnessError
+
+app = typer.Typer(
+    name="harness",
+    help="DreamBooth LoRA sweep harness: prepare data, train, generate, sweep, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate the resolved configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+@dataclass
+class _State:
+    params: Path = Path("params.yaml")
+    overrides: list[str] = field(default_factory=list)
+    verbose: bool = False
+
+
+_state = _State()
+
+
+def load() -> HarnessConfig:
+    """Load the config named by the global options (``--params``, ``-S``)."""
+    merged: dict[str, Any] = {}
+    for item in _state.overrides:
+        _deep_update(merged, parse_override(item))
+    return load_config(_state.params, overrides=merged or None)
+
+
+def project_root() -> Path:
+    """The project root: the folder of the params file (relative paths in the config start there)."""
+    return _state.params.resolve().parent
+
+
+def _deep_update(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
+
+
+def run_command(fn: Callable[[], T]) -> T:
+    """Run a command body; user errors become one red line and exit status 2."""
+    try:
+        return fn()
+    except HarnessError as exc:
+        if _state.verbose:
+            err_console.print_exception()
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]; finished work was kept")
+        raise typer.Exit(code=130) from None
+
+
+@app.callback()
+def _main(
+    params: Annotated[
+        Path, typer.Option("--params", "-p", help="Params file naming a preset and overrides.")
+    ] = Path("params.yaml"),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-S", help="Override a config key, e.g. -S train.rank=8 (repeatable)."),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")
+    ] = False,
+) -> None:
+    """DreamBooth LoRA sweep harness."""
+    _state.params, _state.overrides, _state.verbose = params, list(set_ or []), verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("urllib3", "filelock", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@config_app.command("show")
+def config_show(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+) -> None:
+    """Print the fully resolved configuration (preset + params.yaml + -S overrides)."""
+    cfg = run_command(load)
+    data = cfg.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(data, sort_keys=False))
+
+
+@config_app.command("validate")
+def config_validate() -> None:
+    """Validate the configuration and exit 0, or print every problem and exit 2."""
+    cfg = run_command(load)
+    typer.echo(f"ok: preset {cfg.preset}, model {cfg.model.pretrained}")
+
+
+@app.command("model-info")
+def model_info() -> None:
+    """Load the configured base model and print its family, device and size."""
+
+    def body() -> dict[str, Any]:
+        from harness.models import load_pipeline
+
+        cfg = load()
+        loaded = load_pipeline(cfg.model)
+        params = sum(p.numel() for p in loaded.pipeline.unet.parameters())
+        return {
+            "pretrained": cfg.model.pretrained,
+            "kind": loaded.ref.kind,
+            "family": loaded.family,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "unet_parameters": params,
+        }
+
+    typer.echo(json.dumps(run_command(body), indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="harness")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

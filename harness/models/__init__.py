@@ -1,0 +1,298 @@
+"""Model loading: the only place that calls ``from_pretrained`` / ``from_single_file``.
+
+A model reference (``model.pretrained``) is one of
+
+* ``tiny://sd15`` or ``tiny://sdxl``: tiny seeded random pipelines, cached on disk as diffusers
+  folders (see :mod:`harness.models.tiny`);
+* a local diffusers folder (holds ``model_index.json``);
+* a single-file ``.safetensors`` checkpoint in the original (LDM) layout;
+* a Hugging Face hub id (``owner/name``), with ``model.revision`` and ``model.variant``.
+
+SD 1.x versus SDXL is decided from the loaded components (a second text encoder and a UNet with
+``text_time`` additional embeddings mean SDXL), never from the name. Only safetensors weights are
+accepted and ``trust_remote_code`` is never used. A hub id that is not in the local cache while
+offline fails at once with instructions, instead of a long retry loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+
+from harness.config import ModelConfig
+from harness.errors import HarnessError
+from harness.models.tiny import TINY_KINDS, default_cache_root, tiny_pipeline_dir
+
+__all__ = [
+    "Family",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelRef",
+    "detect_family",
+    "load_pipeline",
+    "parse_model_ref",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd15", "sdxl"]
+RefKind = Literal["tiny", "local_dir", "single_file", "hub"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+
+
+class ModelLoadError(HarnessError, RuntimeError):
+    """A model could not be loaded; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed ``model.pretrained`` value."""
+
+    kind: RefKind
+    value: str
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline with what the rest of the harness needs to know about it."""
+
+    pipeline: Any
+    family: Family
+    ref: ModelRef
+    device: torch.device
+    dtype: torch.dtype
+
+
+def parse_model_ref(pretrained: str) -> ModelRef:
+    """Classify a model reference without loading anything.
+
+    Raises:
+        ModelLoadError: for pickle-based files, unknown tiny models, or strings that are neither
+            an existing path nor a hub id.
+    """
+    if pretrained.startswith("tiny://"):
+        name = pretrained.removeprefix("tiny://")
+        if name not in TINY_KINDS:
+            raise ModelLoadError(
+                f"model.pretrained: unknown tiny model {pretrained!r}; use "
+                + " or ".join(f"tiny://{k}" for k in TINY_KINDS)
+            )
+        return ModelRef("tiny", name)
+    path = Path(pretrained).expanduser()
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"model.pretrained: {pretrained}: pickle-based checkpoints ({path.suffix}) can run "
+            "arbitrary code when loaded and are refused; use a .safetensors file"
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model.pretrained: {pretrained}: folder has no model_index.json "
+                "(expected a diffusers pipeline folder)"
+            )
+        return ModelRef("local_dir", str(path))
+    if path.suffix.lower() == ".safetensors":
+        if not path.is_file():
+            raise ModelLoadError(f"model.pretrained: {pretrained}: file not found")
+        return ModelRef("single_file", str(path))
+    if _HUB_ID.match(pretrained) and not path.exists():
+        return ModelRef("hub", pretrained)
+    raise ModelLoadError(
+        f"model.pretrained: {pretrained!r} is neither an existing diffusers folder, a "
+        ".safetensors file, a hub id (owner/name) nor tiny://sd15|tiny://sdxl"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype; half precision on CPU falls back to float32 (with a warning)."""
+    wanted = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device.type == "cpu" and wanted != torch.float32:
+        logger.warning("model.dtype %s on CPU is slow or unsupported; using float32", dtype)
+        return torch.float32
+    return wanted
+
+
+def detect_family(pipeline: Any) -> Family:
+    """SD 1.x-family or SDXL, from the components' configs (never from a name)."""
+    unet = getattr(pipeline, "unet", None)
+    if unet is None:
+        raise ModelLoadError("pipeline has no UNet; only UNet-based Stable Diffusion is supported")
+    addition = unet.config.get("addition_embed_type")
+    if getattr(pipeline, "text_encoder_2", None) is not None and addition == "text_time":
+        return "sdxl"
+    if getattr(pipeline, "text_encoder", None) is not None and addition is None:
+        return "sd15"
+    raise ModelLoadError(
+        f"unsupported architecture: UNet addition_embed_type={addition!r} with "
+        f"text encoders {[n for n in ('text_encoder', 'text_encoder_2') if getattr(pipeline, n, None) is not None]}"
+    )
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can we open a TCP connection to the hub endpoint within ``timeout_s``?"""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        repo_id, "model_index.json", cache_dir=cache_dir, revision=revision
+    )
+    return isinstance(found, str)
+
+
+def _offline_help(repo_id: str) -> str:
+    return (
+        f"model.pretrained: hub model {repo_id!r} is not in the local Hugging Face cache and the "
+        "hub cannot be reached (offline). Supply the weights one of these ways: download them on "
+        f"a connected machine (`huggingface-cli download {repo_id}`) and copy the cache "
+        "(HF_HOME or model.cache_dir); or point model.pretrained at a local diffusers folder or "
+        "a .safetensors single-file checkpoint. Set HF_HUB_OFFLINE=1 to use only the cache."
+    )
+
+
+def _hub_local_only(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:
+    """Decide quickly whether to load from cache only; raise when that cannot work."""
+    cached = _hub_cached(repo_id, revision, cache_dir)
+    if _hf_offline():
+        if not cached:
+            raise ModelLoadError(_offline_help(repo_id))
+        return True
+    if _hub_reachable():
+        return False
+    if not cached:
+        raise ModelLoadError(_offline_help(repo_id))
+    logger.warning("hub unreachable; loading %s from the local cache only", repo_id)
+    return True
+
+
+def _pipeline_class_for_checkpoint(path: str) -> Any:
+    """Choose the pipeline class from the checkpoint's tensor names (its content)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        keys = list(handle.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return StableDiffusionXLPipeline
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return StableDiffusionPipeline
+    raise ModelLoadError(
+        f"model.pretrained: {path}: not a Stable Diffusion single-file checkpoint "
+        "(no model.diffusion_model.* tensors)"
+    )
+
+
+def _load(ref: ModelRef, cfg: ModelConfig, dtype: torch.dtype, cache_root: Path | None) -> Any:
+    from diffusers import DiffusionPipeline
+
+    common: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+    if ref.kind == "tiny":
+        folder = tiny_pipeline_dir(ref.value, cache_root)  # type: ignore[arg-type]
+        return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
+    if ref.kind == "local_dir":
+        return DiffusionPipeline.from_pretrained(
+            ref.value, local_files_only=True, safety_checker=None, **common
+        )
+    if ref.kind == "single_file":
+        cls = _pipeline_class_for_checkpoint(ref.value)
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}  # from_single_file still spells it so
+        local_only = _hf_offline()
+        if cfg.single_file_config:
+            kwargs["config"] = cfg.single_file_config
+            if Path(cfg.single_file_config).is_dir():
+                local_only = True
+            else:
+                local_only = _hub_local_only(cfg.single_file_config, None, cfg.cache_dir)
+        if cls.__name__ == "StableDiffusionPipeline":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        return cls.from_single_file(
+            ref.value, local_files_only=local_only, cache_dir=cfg.cache_dir, **kwargs
+        )
+    local_only = _hub_local_only(ref.value, cfg.revision, cfg.cache_dir)
+    return DiffusionPipeline.from_pretrained(
+        ref.value,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        cache_dir=cfg.cache_dir,
+        local_files_only=local_only,
+        safety_checker=None,  # it blacks out images and would distort the metrics
+        **common,
+    )
+
+
+def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedModel:
+    """Load the base pipeline named by ``cfg`` onto its device, in eval mode.
+
+    Args:
+        cfg: the ``model`` section of the config.
+        cache_root: where tiny models are cached (default ``HARNESS_CACHE_DIR`` or
+            ``~/.cache/harness``).
+
+    Raises:
+        ModelLoadError: with a message that says how to fix the reference or supply weights.
+    """
+    ref = parse_model_ref(cfg.pretrained)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    started = time.perf_counter()
+    try:
+        pipeline = _load(ref, cfg, dtype, cache_root)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as exc:
+        hint = ""
+        if "safetensors" in str(exc).lower() or ".bin" in str(exc):
+            hint = " (only safetensors weights are accepted)"
+        raise ModelLoadError(f"model.pretrained: {cfg.pretrained}: {exc}{hint}") from exc
+    family = detect_family(pipeline)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    logger.info(
+        "loaded %s (%s, %s) on %s in %.1fs",
+        cfg.pretrained,
+        family,
+        dtype,
+        device,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(pipeline=pipeline, family=family, ref=ref, device=device, dtype=dtype)
+
+
+def tiny_cache_root() -> Path:
+    """The default root under which ``tiny://`` models are cached."""
+    return default_cache_root()

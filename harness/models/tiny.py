@@ -1,0 +1,198 @@
+"""Tiny, seeded, randomly initialised Stable Diffusion pipelines for CPU tests and demos.
+
+They have the real architecture (UNet with cross-attention, KL VAE, CLIP text encoders, a real
+CLIP BPE tokenizer built offline from the vocabulary that ``open_clip`` ships) at a size that
+trains and samples in seconds on two CPU cores. Scores obtained with them mean nothing about
+image quality; they exercise every code path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+TinyKind = Literal["sd15", "sdxl"]
+TINY_KINDS: tuple[TinyKind, ...] = ("sd15", "sdxl")
+# Bump when the tiny configs change, so stale caches are never reused.
+TINY_VERSION = 2
+
+
+def default_cache_root() -> Path:
+    """Root of the harness' own on-disk caches (``HARNESS_CACHE_DIR`` or ``~/.cache/harness``)."""
+    env = os.environ.get("HARNESS_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "harness"
+
+
+def write_clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
+    """Write ``vocab.json`` and ``merges.txt`` of OpenAI's CLIP BPE from open_clip's copy.
+
+    The token ids equal those of ``openai/clip-vit-large-patch14``'s tokenizer: the byte
+    alphabet, the same with ``</w>``, the merges in rank order, then the two special tokens.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    merges_file.write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    return vocab_file, merges_file
+
+
+def build_clip_tokenizer(work_dir: Path, pad_token: str = "<|endoftext|>") -> Any:
+    """An offline ``CLIPTokenizer`` identical in ids to OpenAI CLIP's (77 tokens max)."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_clip_bpe_files(work_dir)
+    # transformers >= 5 takes the vocabulary and merges themselves (file paths are ignored).
+    return CLIPTokenizer(
+        vocab=str(vocab_file),
+        merges=str(merges_file),
+        model_max_length=77,
+        pad_token=pad_token,
+    )
+
+
+def _text_config(projection: bool) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="gelu" if projection else "quick_gelu",
+        projection_dim=32,
+    )
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+
+
+def build_tiny_pipeline(kind: TinyKind, seed: int = 0) -> Any:
+    """Build a tiny random pipeline in memory (use :func:`tiny_pipeline_dir` for the cache)."""
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    torch.manual_seed(seed)
+    common: dict[str, Any] = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "sd15":
+            unet = UNet2DConditionModel(**common, cross_attention_dim=32)
+            vae = _vae()
+            text_encoder = CLIPTextModel(_text_config(projection=False))
+            scheduler = DDIMScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            )
+            return StableDiffusionPipeline(
+                unet=unet,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=build_clip_tokenizer(Path(tmp)),
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        unet = UNet2DConditionModel(
+            **common,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # 6 * addition_time_embed_dim + 32
+            cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+        )
+        scheduler_xl = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        return StableDiffusionXLPipeline(
+            unet=unet,
+            vae=_vae(),
+            text_encoder=CLIPTextModel(_text_config(projection=True)),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+            tokenizer=build_clip_tokenizer(Path(tmp)),
+            tokenizer_2=build_clip_tokenizer(Path(tmp) / "2", pad_token="!"),
+            scheduler=scheduler_xl,
+        )
+
+
+def tiny_pipeline_dir(kind: TinyKind, cache_root: Path | None = None, seed: int = 0) -> Path:
+    """Path of the cached diffusers folder of ``tiny://<kind>``, building it on first use.
+
+    The folder is written under a temporary name and renamed into place, so concurrent
+    workers never see half a model.
+    """
+    root = (cache_root or default_cache_root()) / "tiny"
+    target = root / f"{kind}-v{TINY_VERSION}-seed{seed}"
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
+    try:
+        build_tiny_pipeline(kind, seed).save_pretrained(staging, safe_serialization=True)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process won the race; its copy is identical (same seed and configs).
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,509 @@
+"""ClearML implementation of the tracker interface: the only module that imports ``clearml``.
+
+Modes (``tracking.mode``):
+
+* ``auto``: online when a server is configured the standard way (``CLEARML_CONFIG_FILE``,
+  ``~/clearml.conf``, ``CLEARML_API_HOST``, ``CLEARML_API_ACCESS_KEY``) and answers, else offline;
+* ``online``: like auto, but a missing configuration is a fallback (warning) too;
+* ``offline``: session folders and zips under ``<root>/<tracking.offline_dir>/offline/``.
+
+``CLEARML_OFFLINE_MODE=1`` in the environment forces offline. Before ``Task.init`` the API
+server gets a bounded HTTP probe (``tracking.connect_timeout_s``); unreachable means a warning and
+offline (``tracking.strict: true``: :class:`TrackingError` instead).
+
+Offline runs disable ClearML's reporting subprocess for their lifetime (the class attribute behind
+``sdk.development.report_use_subprocess``), so closing takes milliseconds instead of ~10 s; the
+user's ``clearml.conf`` is never touched and online runs keep ClearML's defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clearml import Task
+from clearml.utilities.pyhocon import ConfigFactory
+
+from .base import NullRun, Run, RunKind, Tracker, TrackingMode, never_raise
+from .secrets import collect_secret_literals, redact_text, scrub_secrets, secret_values
+from .server import check_reachable
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from harness.config import TrackingConfig
+
+__all__ = [
+    "ClearMLRun",
+    "ClearMLTracker",
+    "ServerSettings",
+    "TrackingError",
+    "detect_server",
+    "import_offline_sessions",
+]
+
+log = logging.getLogger("harness.tracking")
+
+DEFAULT_API_HOST = "https://api.clear.ml"
+SESSIONS_INDEX = "sessions.jsonl"
+_TEXT_SUFFIXES = {".json", ".jsonl", ".txt", ".yaml", ".yml", ".conf", ".csv", ".log", ".md"}
+_TRUE = {"1", "true", "yes", "on", "y"}
+
+# ClearML allows one open main task per process; new runs wait for none but get refused.
+_open_lock = threading.Lock()
+_open_run: ClearMLRun | None = None
+
+
+class TrackingError(RuntimeError):
+    """Tracking cannot run as configured (only raised with ``tracking.strict: true``)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where ClearML's standard configuration points (``api_host`` is None when unknown)."""
+
+    configured: bool
+    api_host: str | None
+    source: str
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def detect_server() -> ServerSettings:
+    """Find the configured API server the way ClearML does (environment first, then the file).
+
+    ``CLEARML_API_HOST`` > ``api.api_server`` in ``CLEARML_CONFIG_FILE`` (or, when unset,
+    ``~/clearml.conf``) > ClearML's default host when only credentials are configured.
+    """
+    env_host = _env("CLEARML_API_HOST", "TRAINS_API_HOST")
+    if env_host:
+        return ServerSettings(True, env_host.rstrip("/"), "CLEARML_API_HOST")
+    override = _env("CLEARML_CONFIG_FILE", "TRAINS_CONFIG_FILE")
+    candidates = (
+        [Path(override).expanduser()]
+        if override
+        else [Path("~/trains.conf").expanduser(), Path("~/clearml.conf").expanduser()]
+    )
+    for path in reversed(candidates):  # clearml.conf wins over the legacy trains.conf
+        if path.is_file():
+            try:
+                conf = ConfigFactory.parse_file(str(path))
+                host = conf.get("api.api_server", None) or conf.get("api.host", None)
+            except Exception as exc:
+                return ServerSettings(True, None, f"{path} (unreadable: {exc})")
+            return ServerSettings(True, str(host or DEFAULT_API_HOST).rstrip("/"), str(path))
+    if _env("CLEARML_API_ACCESS_KEY", "TRAINS_API_ACCESS_KEY"):
+        return ServerSettings(True, DEFAULT_API_HOST, "CLEARML_API_ACCESS_KEY")
+    return ServerSettings(False, None, "")
+
+
+@contextlib.contextmanager
+def _env_set(name: str, value: str | None) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+class ClearMLTracker(Tracker):
+    """Creates one ClearML task per run; see the module docstring for how the mode is chosen."""
+
+    def __init__(self, cfg: TrackingConfig, root: Path) -> None:
+        self.cfg = cfg
+        self.root = Path(root)
+        self.offline_root = self.root / cfg.offline_dir
+        self._mode = self._planned_mode()
+
+    @property
+    def mode(self) -> TrackingMode:
+        return self._mode
+
+    def _planned_mode(self) -> TrackingMode:
+        """The mode before any reachability check (cheap, no network)."""
+        if self.cfg.mode == "offline":
+            return TrackingMode("offline", "tracking.mode is 'offline'")
+        if (_env("CLEARML_OFFLINE_MODE", "TRAINS_OFFLINE_MODE") or "").lower() in _TRUE:
+            return TrackingMode("offline", "CLEARML_OFFLINE_MODE is set in the environment")
+        server = detect_server()
+        if not server.configured:
+            if self.cfg.mode == "online":
+                msg = "tracking.mode is 'online' but no ClearML server is configured"
+                if self.cfg.strict:
+                    raise TrackingError(msg + " (set CLEARML_API_HOST or create ~/clearml.conf)")
+                log.warning("%s; recording offline under %s", msg, self.offline_root)
+                return TrackingMode("offline", "fallback: " + msg)
+            return TrackingMode("offline", "no ClearML server configured (clearml.conf, CLEARML_*)")
+        return TrackingMode("online", f"server configured in {server.source}")
+
+    def _effective_mode(self) -> TrackingMode:
+        """Planned mode, confirmed by a bounded reachability probe when online."""
+        planned = self._planned_mode()
+        if planned != "online":
+            return planned
+        server = detect_server()
+        if server.api_host is None:
+            return self._fallback(f"ClearML configuration {server.source} names no API server")
+        reach = check_reachable(server.api_host, self.cfg.connect_timeout_s)
+        host = redact_text(server.api_host)
+        if reach.ok:
+            return TrackingMode("online", f"{host} reachable ({reach.detail}, {server.source})")
+        return self._fallback(
+            f"ClearML server {host} ({server.source}) unreachable after "
+            f"{reach.seconds:.1f} s: {redact_text(reach.detail)}"
+        )
+
+    def _fallback(self, why: str) -> TrackingMode:
+        if self.cfg.strict:
+            raise TrackingError(f"{why} (tracking.strict is true)")
+        log.warning("%s; falling back to offline tracking under %s", why, self.offline_root)
+        return TrackingMode("offline", "fallback: " + why)
+
+    def start_run(
+        self,
+        name: str,
+        *,
+        config: Mapping[str, Any],
+        tags: Sequence[str] = (),
+        kind: RunKind = "train",
+        project: str | None = None,
+    ) -> Run:
+        global _open_run
+        with _open_lock:
+            if _open_run is not None and not _open_run.closed:
+                log.warning(
+                    "tracking: run %r not tracked: ClearML run %r is still open in this process "
+                    "(close it first)",
+                    name,
+                    _open_run.name,
+                )
+                return NullRun("another ClearML run is open in this process")
+            mode = self._effective_mode()
+            try:
+                run = self._start(name, config, tags, kind, project or self.cfg.project, mode)
+            except TrackingError:
+                raise
+            except Exception as exc:
+                if mode == "online":
+                    mode = self._fallback(
+                        f"Task.init failed online ({type(exc).__name__}: {redact_text(str(exc))})"
+                    )
+                    try:
+                        run = self._start(
+                            name, config, tags, kind, project or self.cfg.project, mode
+                        )
+                    except Exception as exc2:
+                        exc = exc2
+                    else:
+                        _open_run = run
+                        return run
+                log.warning(
+                    "tracking: could not start ClearML run %r (%s: %s); not tracked",
+                    name,
+                    type(exc).__name__,
+                    redact_text(str(exc)),
+                )
+                return NullRun(f"ClearML failed to start: {type(exc).__name__}")
+            _open_run = run
+            return run
+
+    def _start(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        tags: Sequence[str],
+        kind: RunKind,
+        project: str,
+        mode: TrackingMode,
+    ) -> ClearMLRun:
+        started = time.monotonic()
+        offline = mode == "offline"
+        restore = _OfflineSwitch(offline)
+        restore.enter()
+        try:
+            if offline:
+                self.offline_root.mkdir(parents=True, exist_ok=True)
+            # ClearML resolves the offline folder from its cache dir once, inside Task.init.
+            cache_dir = str(self.offline_root.resolve()) if offline else None
+            with _env_set("CLEARML_CACHE_DIR", cache_dir) if offline else contextlib.nullcontext():
+                task: Task = Task.init(
+                    project_name=redact_text(project),
+                    task_name=redact_text(name),
+                    task_type=(
+                        Task.TaskTypes.training if kind == "train" else Task.TaskTypes.custom
+                    ),
+                    tags=[redact_text(t) for t in tags] + ([] if kind == "train" else ["summary"]),
+                    reuse_last_task_id=False,
+                    continue_last_task=False,
+                    auto_connect_arg_parser=False,  # argv may hold secrets; config is connected
+                    auto_connect_frameworks=False,  # no automatic checkpoint uploads
+                    auto_resource_monitoring=True,  # device memory / utilisation scalars
+                    auto_connect_streams=True,
+                )
+                folder = task.get_offline_mode_folder() if offline else None  # pins the folder
+        except BaseException:
+            restore.exit()
+            raise
+        secrets = collect_secret_literals(config)
+        clean = scrub_secrets(config)
+        try:
+            task.connect(clean, name="config")
+        except Exception as exc:
+            log.warning(
+                "tracking: connecting the configuration failed (%s: %s)", type(exc).__name__, exc
+            )
+        run = ClearMLRun(
+            task=task,
+            mode=mode,
+            name=name,
+            project=project,
+            kind=kind,
+            tags=list(tags),
+            secrets=secrets,
+            offline_folder=Path(folder) if folder is not None else None,
+            index_file=self.offline_root / SESSIONS_INDEX if offline else None,
+            restore=restore,
+        )
+        log.info(
+            "tracking: %s run %r (task %s) started in %.2f s; mode %s",
+            kind,
+            name,
+            task.id,
+            time.monotonic() - started,
+            mode.describe(),
+        )
+        return run
+
+
+class _OfflineSwitch:
+    """Puts ClearML into offline mode with in-thread reporting for one run, then restores it."""
+
+    def __init__(self, offline: bool) -> None:
+        self.offline = offline
+        self._env_before: str | None = None
+        self._had_attr = False
+        self._attr_before: Any = None
+        self._active = False
+
+    def enter(self) -> None:
+        self._env_before = os.environ.get("CLEARML_OFFLINE_MODE")
+        self._had_attr = "_report_subprocess_enabled" in vars(Task)
+        self._attr_before = vars(Task).get("_report_subprocess_enabled")
+        Task.set_offline(self.offline)
+        if self.offline:
+            # The attribute behind sdk.development.report_use_subprocess: with the subprocess,
+            # close() of an offline task waits ~10 s for it; threads flush in milliseconds.
+            setattr(Task, "_report_subprocess_enabled", False)  # noqa: B010
+        self._active = True
+
+    def exit(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        if self._had_attr:
+            setattr(Task, "_report_subprocess_enabled", self._attr_before)  # noqa: B010
+        elif "_report_subprocess_enabled" in vars(Task):
+            delattr(Task, "_report_subprocess_enabled")
+        # Task.set_offline() wrote CLEARML_OFFLINE_MODE; give the user's value back so the next
+        # run's "auto" decision is not polluted by ours.
+        if self._env_before is None:
+            os.environ.pop("CLEARML_OFFLINE_MODE", None)
+        else:
+            os.environ["CLEARML_OFFLINE_MODE"] = self._env_before
+
+
+class ClearMLRun(Run):
+    """One ClearML task. Reporting goes through ClearML's asynchronous reporter and never raises."""
+
+    def __init__(
+        self,
+        *,
+        task: Task,
+        mode: TrackingMode,
+        name: str,
+        project: str,
+        kind: RunKind,
+        tags: list[str],
+        secrets: set[str],
+        offline_folder: Path | None,
+        index_file: Path | None,
+        restore: _OfflineSwitch,
+    ) -> None:
+        self._task = task
+        self._logger = task.get_logger()
+        self._mode = mode
+        self.name = name
+        self.project = project
+        self.kind = kind
+        self.tags = tags
+        self._secrets = secrets
+        self._offline_folder = offline_folder
+        self._index_file = index_file
+        self._restore = restore
+        self._zip: Path | None = None
+        self.closed = False
+
+    @property
+    def mode(self) -> TrackingMode:
+        return self._mode
+
+    @property
+    def id(self) -> str | None:
+        return str(self._task.id)
+
+    @property
+    def offline_zip(self) -> Path | None:
+        return self._zip
+
+    @property
+    def offline_folder(self) -> Path | None:
+        """The live offline session folder (``None`` online)."""
+        return self._offline_folder
+
+    @never_raise
+    def log_scalar(self, title: str, series: str, value: float, step: int) -> None:
+        self._logger.report_scalar(title, series, float(value), int(step))
+
+    @never_raise
+    def log_image(
+        self, title: str, series: str, image: Image.Image | Path | str, step: int
+    ) -> None:
+        if isinstance(image, str | Path):
+            self._logger.report_image(title, series, iteration=int(step), local_path=str(image))
+        else:
+            self._logger.report_image(title, series, iteration=int(step), image=image)
+
+    @never_raise
+    def log_table(self, title: str, series: str, df: pd.DataFrame, step: int = 0) -> None:
+        self._logger.report_table(title, series, iteration=int(step), table_plot=df)
+
+    @never_raise
+    def log_plotly(self, title: str, series: str, fig: Any, step: int = 0) -> None:
+        self._logger.report_plotly(title, series, figure=fig, iteration=int(step))
+
+    @never_raise
+    def upload_artifact(self, name: str, path: Path | str | pd.DataFrame) -> None:
+        obj: Any = Path(path) if isinstance(path, str) else path
+        self._task.upload_artifact(name, artifact_object=obj, wait_on_upload=False)
+
+    @never_raise
+    def log_text(self, text: str) -> None:
+        self._logger.report_text(redact_text(text, self._secrets))
+
+    def close(self) -> Path | None:
+        """Close the task (milliseconds offline); offline, scrub and return the session zip."""
+        global _open_run
+        if self.closed:
+            return self._zip
+        self.closed = True
+        started = time.monotonic()
+        try:
+            self._task.close()
+        except Exception as exc:
+            log.warning("tracking: closing ClearML task failed (%s: %s)", type(exc).__name__, exc)
+        finally:
+            self._restore.exit()
+            with _open_lock:
+                if _open_run is self:
+                    _open_run = None
+        if self._offline_folder is not None:
+            self._zip = self._finish_offline(self._offline_folder)
+        log.info(
+            "tracking: run %r closed in %.2f s%s",
+            self.name,
+            time.monotonic() - started,
+            f"; offline session {self._zip}" if self._zip else "",
+        )
+        return self._zip
+
+    def _finish_offline(self, folder: Path) -> Path | None:
+        """Mask secrets in the session's text files, (re)write the zip, append to the index."""
+        zip_path = folder.with_name(folder.name + ".zip")
+        try:
+            literals = self._secrets | secret_values()
+            for file in folder.rglob("*"):
+                if file.is_file() and file.suffix in _TEXT_SUFFIXES:
+                    text = file.read_text(encoding="utf-8", errors="surrogateescape")
+                    clean = _redact_json_text(text, literals)
+                    if clean != text:
+                        file.write_text(clean, encoding="utf-8", errors="surrogateescape")
+            tmp = zip_path.with_name(zip_path.name + ".tmp")
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+                for file in sorted(folder.rglob("*")):
+                    if file.is_file():
+                        zf.write(file, arcname=file.relative_to(folder).as_posix())
+            tmp.replace(zip_path)
+            if self._index_file is not None:
+                entry = {
+                    "name": redact_text(self.name),
+                    "project": redact_text(self.project),
+                    "kind": self.kind,
+                    "task_id": self.id,
+                    "zip": str(zip_path),
+                    "tags": [redact_text(t) for t in self.tags],
+                    "mode": self._mode.describe(),
+                    "closed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                with self._index_file.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+        except Exception as exc:
+            log.warning("tracking: finishing offline session %s failed: %s", folder, exc)
+            return zip_path if zip_path.is_file() else None
+        return zip_path
+
+
+def _redact_json_text(text: str, literals: set[str]) -> str:
+    """Mask secrets in a text file that may hold JSON (literals appear JSON-escaped there)."""
+    escaped = {json.dumps(s)[1:-1] for s in literals}
+    return redact_text(text, literals | escaped)
+
+
+def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[Path, str]:
+    """Upload every offline session zip under ``folder`` to the configured ClearML server.
+
+    Each imported zip gets a ``<zip>.imported`` marker holding the new task id, so running this
+    again skips it (``force=True`` re-imports). Returns ``{zip: task_id}`` of this call.
+    Needs a configured, reachable server (``clearml.conf`` or ``CLEARML_*`` variables).
+    """
+    server = detect_server()
+    if not server.configured or not server.api_host:
+        raise TrackingError("no ClearML server configured (clearml.conf or CLEARML_API_HOST)")
+    reach = check_reachable(server.api_host, 10.0)
+    if not reach.ok:
+        raise TrackingError(f"ClearML server {redact_text(server.api_host)}: {reach.detail}")
+    Task.set_offline(False)
+    imported: dict[Path, str] = {}
+    for zip_path in sorted(Path(folder).rglob("*.zip")):
+        marker = zip_path.with_name(zip_path.name + ".imported")
+        if marker.exists() and not force:
+            log.info("tracking: %s already imported (%s)", zip_path, marker.read_text().strip())
+            continue
+        task_id = Task.import_offline_session(str(zip_path))
+        if task_id:
+            marker.write_text(task_id + "\n", encoding="utf-8")
+            imported[zip_path] = task_id
+            log.info("tracking: imported %s as task %s", zip_path, task_id)
+    return imported

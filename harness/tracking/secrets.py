@@ -1,0 +1,178 @@
+"""Secret scrubbing for anything that leaves the process: tracker hyperparameters, logs, reports.
+
+Three kinds of secret are removed:
+
+* values under secret-looking keys (``password``, ``token``, ``secret``, ``api_key``,
+  ``access_key``, ``private_key``, ``credentials`` ...), replaced by ``***``;
+* passwords inside URLs: ``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``,
+  and secret query parameters (``?token=...``);
+* the literal values of secret-looking environment variables (``HF_TOKEN``, ``PGPASSWORD``,
+  ``CLEARML_API_SECRET_KEY`` ...) wherever they appear inside a string.
+
+``data.token`` is the DreamBooth identifier (``sks``), not a credential, so it is kept.
+
+Example:
+    >>> scrub_secrets({"db": "postgresql://u:pw@h/db", "api_key": "abc", "rank": 4})
+    {'db': 'postgresql://u:***@h/db', 'api_key': '***', 'rank': 4}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_KEEP_PATHS",
+    "MASK",
+    "RedactingFilter",
+    "is_secret_key",
+    "redact_text",
+    "scrub_secrets",
+    "secret_values",
+]
+
+MASK = "***"
+
+DEFAULT_KEEP_PATHS: frozenset[str] = frozenset({"data.token"})
+"""Dotted paths whose keys look secret but are not (the DreamBooth identifier token)."""
+
+_SECRET_WORDS = (
+    r"password|passwd|pwd|pass|secret|token|api_?key|apikey|access_?key|secret_?key|"
+    r"private_?key|credentials?|auth|authorization|session_?key|signature"
+)
+# A secret word as a whole segment of a key: ``hf_token``, ``DB-PASSWORD``, ``secretKey`` ...
+_SECRET_KEY_RE = re.compile(rf"(?:^|[_\-.\s])(?:{_SECRET_WORDS})(?:$|[_\-.\s])", re.IGNORECASE)
+_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# scheme://user:password@host  (user may be empty: redis://:pw@host)
+_URL_PASSWORD_RE = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)(?P<pw>[^\s/@]+)@")
+_QUERY_SECRET_RE = re.compile(
+    rf"(?P<head>[?&;](?:[\w\-]*?)(?:{_SECRET_WORDS})=)(?P<val>[^&;#\s]+)", re.I
+)
+_MIN_ENV_SECRET_LEN = 4
+_MIN_ENV_LITERAL_LEN = 6
+_NOT_SECRET_VALUES = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off"})
+
+
+def _plausible_secret(value: str) -> bool:
+    """Skip flags like ``HF_HUB_DISABLE_TOKEN=true``: masking those would garble every text."""
+    value = value.strip()
+    return (
+        len(value) >= _MIN_ENV_LITERAL_LEN
+        and value.lower() not in _NOT_SECRET_VALUES
+        and not value.isdigit()
+    )
+
+
+def is_secret_key(key: object) -> bool:
+    """True when a mapping key names a credential (``password``, ``hf_token``, ``apiKey``...)."""
+    if not isinstance(key, str):
+        return False
+    normalized = _CAMEL_RE.sub("_", key)
+    return bool(_SECRET_KEY_RE.search(normalized))
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
+    """Literal secret strings found in the environment (values of secret-looking variables and
+    passwords embedded in URLs of any variable)."""
+    env = os.environ if environ is None else environ
+    found: set[str] = set()
+    for name, value in env.items():
+        if not value:
+            continue
+        if is_secret_key(name) and _plausible_secret(value):
+            found.add(value)
+        for match in _URL_PASSWORD_RE.finditer(value):
+            if len(match["pw"]) >= _MIN_ENV_SECRET_LEN:
+                found.add(match["pw"])
+    return found
+
+
+def redact_text(text: str, extra_secrets: Iterable[str] = ()) -> str:
+    """Mask URL passwords, secret query parameters, environment secrets and ``extra_secrets``."""
+    text = _URL_PASSWORD_RE.sub(lambda m: f"{m['head']}{MASK}@", text)
+    text = _QUERY_SECRET_RE.sub(lambda m: f"{m['head']}{MASK}", text)
+    literals = secret_values() | {s for s in extra_secrets if len(s) >= _MIN_ENV_SECRET_LEN}
+    for literal in sorted(literals, key=len, reverse=True):
+        if literal in text:
+            text = text.replace(literal, MASK)
+    return text
+
+
+def scrub_secrets(obj: Any, *, keep_paths: Collection[str] = DEFAULT_KEEP_PATHS) -> Any:
+    """A copy of ``obj`` (nested mappings, lists, tuples, strings) with secrets masked.
+
+    Mappings come back as ``dict``; other leaves are returned unchanged. ``keep_paths`` lists
+    dotted key paths that are kept although their key looks secret.
+    """
+    env_secrets = secret_values()
+    return _scrub(obj, (), frozenset(keep_paths), env_secrets)
+
+
+def _scrub(obj: Any, path: tuple[str, ...], keep: frozenset[str], env: set[str]) -> Any:
+    if isinstance(obj, Mapping):
+        out: dict[Any, Any] = {}
+        for key, value in obj.items():
+            sub = (*path, str(key))
+            if is_secret_key(key) and ".".join(sub) not in keep and value not in (None, ""):
+                out[key] = MASK
+            else:
+                out[key] = _scrub(value, sub, keep, env)
+        return out
+    if isinstance(obj, str):
+        return redact_text(obj, env) if obj else obj
+    if isinstance(obj, list):
+        return [_scrub(v, path, keep, env) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_scrub(v, path, keep, env) for v in obj)
+    return obj
+
+
+def collect_secret_literals(
+    obj: Any, *, keep_paths: Collection[str] = DEFAULT_KEEP_PATHS
+) -> set[str]:
+    """The literal secret strings inside ``obj`` (what :func:`scrub_secrets` would mask)."""
+    found: set[str] = set()
+    keep = frozenset(keep_paths)
+
+    def walk(value: Any, path: tuple[str, ...]) -> None:
+        if isinstance(value, Mapping):
+            for key, sub in value.items():
+                sub_path = (*path, str(key))
+                if is_secret_key(key) and ".".join(sub_path) not in keep:
+                    if isinstance(sub, str | int) and len(str(sub)) >= _MIN_ENV_SECRET_LEN:
+                        found.add(str(sub))
+                    walk(sub, sub_path)
+                else:
+                    walk(sub, sub_path)
+        elif isinstance(value, str):
+            found.update(m["pw"] for m in _URL_PASSWORD_RE.finditer(value))
+            found.update(m["val"] for m in _QUERY_SECRET_RE.finditer(value))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item, path)
+
+    walk(obj, ())
+    return {s for s in found if len(s) >= _MIN_ENV_SECRET_LEN}
+
+
+class RedactingFilter(logging.Filter):
+    """Logging filter that masks secrets in every record it sees (attach it to handlers).
+
+    Example:
+        >>> handler = logging.StreamHandler()
+        >>> handler.addFilter(RedactingFilter())
+    """
+
+    def __init__(self, extra_secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.extra_secrets = set(extra_secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message, self.extra_secrets)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

@@ -1,0 +1,380 @@
+"""The scoring API: :class:`ScorerConfig`, :class:`Scorer` and :class:`ScoreResult`.
+
+Example:
+    >>> scorer = Scorer(ScorerConfig(dino_model="tiny://dino", clip_model="tiny://clip"))
+    >>> result = scorer.score(real_paths, image_paths, prompts, token="sks", class_name="dog")
+    >>> result.dino, result.ci["dino"]  # doctest: +SKIP
+
+Protocol (DreamBooth, Ruiz et al. 2023):
+
+* DINO: mean cosine over all (generated, real) pairs of DINO ViT-S/16 [CLS] embeddings.
+* CLIP-I: the same with CLIP ViT-B/32 (OpenAI) projected image embeddings.
+* CLIP-T: mean cosine between each generated image and the text of its prompt, with the
+  identifier token treated by ``identifier_policy`` (see :mod:`metrics.prompts`).
+* Real ceiling: DINO / CLIP-I among the real photos, self-pairs excluded.
+* PRES: DINO all-pairs mean between images generated for the bare class prompt and the real
+  photos (lower = the prior is better preserved).
+* DIV: per prompt, ``1 - mean pairwise DINO similarity`` among its generated images (self-pairs
+  excluded); the reported DIV is the mean over prompts with at least two images. DINO is used
+  because it is sensitive to appearance and layout, not only to semantics.
+
+Means come with 95% percentile-bootstrap intervals that resample prompts (see
+:func:`metrics.scores.bootstrap_ci`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from metrics import scores
+from metrics.cache import EmbeddingCache, encode_cached
+from metrics.encoders import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    DEFAULT_DINO_MODEL,
+    TINY_CLIP,
+    ClipEncoder,
+    DinoEncoder,
+    ImageEncoder,
+    load_clip,
+    load_dino,
+)
+from metrics.errors import MetricsInputError
+from metrics.images import ImageInput, image_name
+from metrics.prompts import IDENTIFIER_POLICIES, IdentifierPolicy, text_for_clip
+
+__all__ = ["ImageScore", "PromptScore", "ScoreResult", "Scorer", "ScorerConfig"]
+
+CI_LEVEL = 0.95
+DIV_EMBEDDING = "dino"
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Models and protocol options. Defaults reproduce the DreamBooth paper's setup.
+
+    Attributes:
+        dino_model: ``"timm/vit_small_patch16_224.dino"``, a ``.safetensors`` file, or
+            ``"tiny://dino"``.
+        clip_model: open_clip architecture (``"ViT-B-32"``) or ``"tiny://clip"``.
+        clip_pretrained: pretrained tag (``"openai"``), a ``.safetensors`` file, or ``None``.
+        identifier_policy: ``"remove"`` | ``"keep"`` | ``"replace_with_class"`` (CLIP-T text).
+        batch_size: images/texts per forward pass.
+        bootstrap_samples: bootstrap resamples for the 95% intervals (0: no intervals).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        bf16_autocast: bf16 autocast on CUDA (ignored on CPU, where fp32 is deterministic).
+        cache_dir: embedding cache for real photos (default ``$METRICS_CACHE_DIR`` or
+            ``~/.cache/harness-metrics``).
+        use_cache: read/write the embedding cache for real photos.
+        seed: bootstrap seed (and init seed of tiny models).
+    """
+
+    dino_model: str = DEFAULT_DINO_MODEL
+    clip_model: str = DEFAULT_CLIP_MODEL
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED
+    identifier_policy: IdentifierPolicy = "remove"
+    batch_size: int = 16
+    bootstrap_samples: int = 1000
+    device: str = "cpu"
+    bf16_autocast: bool = False
+    cache_dir: str | None = None
+    use_cache: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.identifier_policy not in IDENTIFIER_POLICIES:
+            raise ValueError(
+                f"identifier_policy must be one of {IDENTIFIER_POLICIES}, "
+                f"got {self.identifier_policy!r}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.bootstrap_samples < 0:
+            raise ValueError(f"bootstrap_samples must be >= 0, got {self.bootstrap_samples}")
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """Scores of one generated image (DINO / CLIP-I: mean over the real photos)."""
+
+    index: int
+    name: str
+    prompt: str | None
+    text: str | None
+    dino: float
+    clip_i: float
+    clip_t: float | None
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """Scores of the images of one prompt (means over its images; DIV needs >= 2 images)."""
+
+    prompt: str
+    text: str
+    n_images: int
+    dino: float
+    clip_i: float
+    clip_t: float
+    div: float | None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Means, 95% bootstrap intervals over prompts, per-image/per-prompt rows and metadata.
+
+    ``clip_t`` is ``None`` without prompts; ``div`` is ``None`` when no prompt has two
+    images. ``ci[name]`` is ``(lo, hi)`` or ``None`` (no bootstrap samples / no value).
+    """
+
+    dino: float
+    clip_i: float
+    clip_t: float | None
+    div: float | None
+    ci: dict[str, tuple[float, float] | None]
+    images: tuple[ImageScore, ...]
+    prompts: tuple[PromptScore, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def means(self) -> dict[str, float | None]:
+        """``{"dino", "clip_i", "clip_t", "div"}`` -> mean (``None`` when not computed)."""
+        return {"dino": self.dino, "clip_i": self.clip_i, "clip_t": self.clip_t, "div": self.div}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (lists instead of tuples, plain floats)."""
+        return {
+            "means": self.means(),
+            "ci95": {k: list(v) if v is not None else None for k, v in self.ci.items()},
+            "per_prompt": [dataclasses.asdict(row) for row in self.prompts],
+            "per_image": [dataclasses.asdict(row) for row in self.images],
+            "metadata": dict(self.metadata),
+        }
+
+
+class Scorer:
+    """Scores generated images against a subject's real photos.
+
+    Encoders are loaded lazily, once per scorer, and real-photo embeddings go through the
+    content-hash cache, so one scorer can serve a whole sweep.
+    """
+
+    def __init__(
+        self,
+        config: ScorerConfig | None = None,
+        *,
+        dino: DinoEncoder | None = None,
+        clip: ClipEncoder | None = None,
+    ) -> None:
+        """Args: ``config``; ``dino``/``clip``: ready encoders to use instead of loading."""
+        self.config = config or ScorerConfig()
+        self._dino = dino
+        self._clip = clip
+        self._cache = EmbeddingCache(self.config.cache_dir) if self.config.use_cache else None
+
+    @property
+    def dino(self) -> DinoEncoder:
+        """The DINO encoder (loaded on first use)."""
+        if self._dino is None:
+            c = self.config
+            self._dino = load_dino(
+                c.dino_model, c.device, batch_size=c.batch_size, bf16_autocast=c.bf16_autocast, seed=c.seed
+            )
+        return self._dino
+
+    @property
+    def clip(self) -> ClipEncoder:
+        """The CLIP encoder (loaded on first use)."""
+        if self._clip is None:
+            c = self.config
+            self._clip = load_clip(
+                c.clip_model,
+                c.clip_pretrained,
+                c.device,
+                batch_size=c.batch_size,
+                bf16_autocast=c.bf16_autocast,
+                seed=c.seed,
+            )
+        return self._clip
+
+    def _embed_real(self, encoder: ImageEncoder, real: Sequence[ImageInput]) -> torch.Tensor:
+        if self._cache is None:
+            return encoder.encode_images(real)
+        return encode_cached(encoder.encode_images, encoder.id, real, self._cache)
+
+    def _interval(self, groups: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+        if self.config.bootstrap_samples == 0 or not groups:
+            return None
+        return scores.bootstrap_ci(
+            groups, n=self.config.bootstrap_samples, seed=self.config.seed, level=CI_LEVEL
+        )
+
+    def _model_metadata(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "dino_model": c.dino_model,
+            "clip_model": c.clip_model,
+            "clip_pretrained": None if c.clip_model == TINY_CLIP else c.clip_pretrained,
+            "dino_encoder_id": self.dino.id,
+            "clip_encoder_id": self.clip.id,
+        }
+
+    def score(
+        self,
+        real: Sequence[ImageInput],
+        generated: Sequence[ImageInput],
+        prompts: Sequence[str] | None = None,
+        token: str | None = None,
+        class_name: str | None = None,
+    ) -> ScoreResult:
+        """DINO, CLIP-I, CLIP-T and DIV of ``generated`` against the ``real`` photos.
+
+        Args:
+            real: the subject's real photos (paths or PIL images).
+            generated: generated images; ``prompts[i]`` is the prompt of ``generated[i]``.
+            prompts: one prompt per generated image, or ``None`` to skip CLIP-T and DIV (the
+                intervals then resample single images).
+            token: the identifier token (e.g. ``"sks"``); needed unless the policy is ``keep``.
+            class_name: the class noun; needed by ``replace_with_class``.
+
+        Raises:
+            MetricsInputError: empty inputs, prompts not matching the images, unreadable images.
+        """
+        if not real:
+            raise MetricsInputError("no real images to score against")
+        if not generated:
+            raise MetricsInputError("no generated images to score")
+        if prompts is not None and len(prompts) != len(generated):
+            raise MetricsInputError(
+                f"{len(prompts)} prompts for {len(generated)} generated images: "
+                "need exactly one prompt per image"
+            )
+        policy = self.config.identifier_policy
+        texts: dict[str, str] = {}
+        if prompts is not None:
+            try:
+                texts = {p: text_for_clip(p, token, class_name, policy) for p in dict.fromkeys(prompts)}
+            except ValueError as exc:
+                raise MetricsInputError(str(exc)) from None
+
+        dino_real = self._embed_real(self.dino, real)
+        clip_real = self._embed_real(self.clip, real)
+        dino_gen = self.dino.encode_images(generated)
+        clip_gen = self.clip.encode_images(generated)
+        dino_rows = scores.per_row_mean(dino_gen, dino_real)
+        clip_i_rows = scores.per_row_mean(clip_gen, clip_real)
+        clip_t_rows: torch.Tensor | None = None
+        if prompts is not None:
+            unique_texts = list(dict.fromkeys(texts.values()))
+            text_emb = self.clip.encode_texts(unique_texts)
+            row_of_text = {t: i for i, t in enumerate(unique_texts)}
+            matched = text_emb[[row_of_text[texts[p]] for p in prompts]]
+            clip_t_rows = (clip_gen.double() * matched.double()).sum(dim=1)
+
+        names = [image_name(image, i) for i, image in enumerate(generated)]
+        images = tuple(
+            ImageScore(
+                index=i,
+                name=names[i],
+                prompt=prompts[i] if prompts is not None else None,
+                text=texts[prompts[i]] if prompts is not None else None,
+                dino=float(dino_rows[i]),
+                clip_i=float(clip_i_rows[i]),
+                clip_t=float(clip_t_rows[i]) if clip_t_rows is not None else None,
+            )
+            for i in range(len(generated))
+        )
+
+        # Groups for the bootstrap: prompts in sorted order (never file order, so intervals do
+        # not depend on how the images were listed); without prompts, single images by name.
+        if prompts is not None:
+            members: dict[str, list[int]] = {}
+            for i, prompt in enumerate(prompts):
+                members.setdefault(prompt, []).append(i)
+            groups = [members[p] for p in sorted(members)]
+        else:
+            groups = [[i] for i in sorted(range(len(generated)), key=lambda i: names[i])]
+
+        prompt_rows: list[PromptScore] = []
+        div_values: list[float] = []
+        if prompts is not None and clip_t_rows is not None:
+            for prompt in sorted(members):
+                idx = members[prompt]
+                div = scores.diversity(dino_gen[idx]) if len(idx) >= 2 else None
+                if div is not None:
+                    div_values.append(div)
+                prompt_rows.append(
+                    PromptScore(
+                        prompt=prompt,
+                        text=texts[prompt],
+                        n_images=len(idx),
+                        dino=float(dino_rows[idx].mean()),
+                        clip_i=float(clip_i_rows[idx].mean()),
+                        clip_t=float(clip_t_rows[idx].mean()),
+                        div=div,
+                    )
+                )
+
+        def grouped(rows: torch.Tensor) -> list[list[float]]:
+            return [[float(rows[i]) for i in group] for group in groups]
+
+        ci: dict[str, tuple[float, float] | None] = {
+            "dino": self._interval(grouped(dino_rows)),
+            "clip_i": self._interval(grouped(clip_i_rows)),
+            "clip_t": self._interval(grouped(clip_t_rows)) if clip_t_rows is not None else None,
+            "div": self._interval([[v] for v in div_values]) if div_values else None,
+        }
+        metadata: dict[str, Any] = {
+            **self._model_metadata(),
+            "identifier_policy": policy,
+            "token": token,
+            "class_name": class_name,
+            "encoded_texts": dict(sorted(texts.items())),
+            "div_embedding": DIV_EMBEDDING,
+            "n_real": len(real),
+            "n_generated": len(generated),
+            "n_prompts": len(prompt_rows) if prompts is not None else None,
+            "bootstrap_samples": self.config.bootstrap_samples,
+            "ci_level": CI_LEVEL,
+            "ci_resamples": "prompts" if prompts is not None else "images",
+            "seed": self.config.seed,
+        }
+        return ScoreResult(
+            dino=scores.all_pairs_mean(dino_gen, dino_real),
+            clip_i=scores.all_pairs_mean(clip_gen, clip_real),
+            clip_t=float(clip_t_rows.mean()) if clip_t_rows is not None else None,
+            div=sum(div_values) / len(div_values) if div_values else None,
+            ci=ci,
+            images=images,
+            prompts=tuple(prompt_rows),
+            metadata=metadata,
+        )
+
+    def real_ceiling(self, real: Sequence[ImageInput]) -> dict[str, Any]:
+        """The "Real images" row: DINO and CLIP-I among the real photos, self-pairs excluded.
+
+        Returns ``{"dino", "clip_i", "n_real"}``. Needs at least two photos.
+        """
+        if len(real) < 2:
+            raise MetricsInputError(f"the real ceiling needs at least 2 real images, got {len(real)}")
+        return {
+            "dino": scores.self_pairs_mean(self._embed_real(self.dino, real)),
+            "clip_i": scores.self_pairs_mean(self._embed_real(self.clip, real)),
+            "n_real": len(real),
+        }
+
+    def prior_preservation(
+        self, class_images: Sequence[ImageInput], real: Sequence[ImageInput]
+    ) -> float:
+        """PRES (lower is better): DINO all-pairs mean, bare-class-prompt images x real photos."""
+        if not class_images:
+            raise MetricsInputError("no class-prompt images for prior preservation")
+        if not real:
+            raise MetricsInputError("no real images to score against")
+        return scores.all_pairs_mean(
+            self.dino.encode_images(class_images), self._embed_real(self.dino, real)
+        )

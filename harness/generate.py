@@ -1,0 +1,279 @@
+"""Batched, deterministic generation: prompts x seeds x inference settings, for one adapter.
+
+The base pipeline is loaded once; LoRA adapters are loaded under a name, scaled per component
+(UNet and text encoders separately) and deleted again, so a sweep evaluates many checkpoints and
+scales without reloading the model. Every image has its own seeded generator, so an image depends
+only on (adapter, prompt, seed, setting) — never on the batch it was generated in — and the same
+seed gives paired images across settings.
+
+Output layout (``out_dir``)::
+
+    images/<setting-id>/<prompt-index>-<seed>.png
+    manifest.jsonl      one line per image: file, prompt, template, seed, setting, adapter
+
+``manifest.jsonl`` is what ``python -m metrics score --prompts`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import EvalConfig, HarnessConfig
+from harness.errors import HarnessError
+from harness.models import LoadedModel
+
+__all__ = [
+    "ADAPTER_NAME",
+    "GeneratedImage",
+    "InferenceSetting",
+    "adapter_loaded",
+    "format_prompt",
+    "generate_images",
+    "make_scheduler",
+    "setting_from_config",
+]
+
+logger = logging.getLogger(__name__)
+ADAPTER_NAME = "subject"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class InferenceSetting:
+    """One point of the inference grid."""
+
+    guidance_scale: float = 7.5
+    lora_scale: float = 1.0
+    text_encoder_lora_scale: float = 1.0
+    num_inference_steps: int = 25
+    scheduler: str = "dpmsolver++"
+
+    @property
+    def id(self) -> str:
+        """A short, stable, filesystem-safe name."""
+        return (
+            f"g{self.guidance_scale:g}-u{self.lora_scale:g}-t{self.text_encoder_lora_scale:g}"
+            f"-n{self.num_inference_steps}-{self.scheduler}"
+        )
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One generated image and everything needed to reproduce and score it."""
+
+    file: str  # relative to the output folder
+    prompt: str
+    template: str
+    prompt_index: int
+    seed: int
+    setting: InferenceSetting
+    adapter: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Flat JSON record for ``manifest.jsonl``."""
+        record = asdict(self)
+        record.update(record.pop("setting"))
+        record["setting_id"] = self.setting.id
+        return record
+
+
+def setting_from_config(cfg: EvalConfig) -> InferenceSetting:
+    """The single inference setting that ``eval`` configures."""
+    return InferenceSetting(
+        guidance_scale=cfg.guidance_scale,
+        lora_scale=cfg.lora_scale,
+        text_encoder_lora_scale=cfg.text_encoder_lora_scale,
+        num_inference_steps=cfg.num_inference_steps,
+        scheduler=cfg.scheduler,
+    )
+
+
+def format_prompt(template: str, token: str, class_name: str) -> str:
+    """Fill ``{token}``/``{class_name}`` (or DreamBench's ``{0}``/``{1}``) into a template."""
+    try:
+        return template.format(token, class_name, token=token, class_name=class_name)
+    except (IndexError, KeyError) as exc:
+        raise HarnessError(
+            f"eval.prompts: template {template!r} has an unknown placeholder {exc}; "
+            "use {token} and {class_name}"
+        ) from None
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """A diffusers scheduler of kind ``name`` built from the model's own scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
+    classes = {
+        "ddim": DDIMScheduler,
+        "ddpm": DDPMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "euler_a": EulerAncestralDiscreteScheduler,
+        "pndm": PNDMScheduler,
+    }
+    if name not in classes:
+        raise HarnessError(f"eval.scheduler: unknown scheduler {name!r}")
+    return classes[name].from_config(base_config)
+
+
+def _adapter_components(pipeline: Any, name: str) -> list[str]:
+    """Components of the pipeline that actually hold adapter ``name``."""
+    return [comp for comp, names in pipeline.get_list_adapters().items() if name in names]
+
+
+def set_lora_scales(pipeline: Any, name: str, unet: float, text_encoder: float) -> None:
+    """Scale adapter ``name`` separately in the UNet and the text encoder(s)."""
+    weights = {
+        comp: (unet if comp in ("unet", "transformer") else text_encoder)
+        for comp in _adapter_components(pipeline, name)
+    }
+    pipeline.set_adapters([name], adapter_weights=[weights])
+
+
+@contextmanager
+def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME) -> Iterator[bool]:
+    """Load a LoRA checkpoint folder (or file) for the duration of the block, then delete it.
+
+    Yields whether an adapter is active. The base weights are untouched afterwards, so the next
+    checkpoint can be swapped in without reloading the pipeline.
+    """
+    if adapter is None:
+        yield False
+        return
+    adapter = Path(adapter)
+    folder, weight_name = (adapter.parent, adapter.name) if adapter.is_file() else (adapter, LORA_WEIGHTS)
+    if not (folder / weight_name).is_file():
+        raise HarnessError(f"adapter: {folder / weight_name}: LoRA weights not found")
+    pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    try:
+        yield True
+    finally:
+        pipeline.delete_adapters([name])
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def generate_images(
+    loaded: LoadedModel,
+    *,
+    templates: Sequence[str],
+    token: str,
+    class_name: str,
+    seeds: Sequence[int],
+    settings: Sequence[InferenceSetting],
+    out_dir: Path,
+    adapter: Path | None = None,
+    resolution: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[GeneratedImage]:
+    """Generate ``len(templates) x len(seeds)`` images for every setting and write a manifest.
+
+    Args:
+        loaded: the base pipeline (loaded once, reused).
+        templates: prompt templates with ``{token}``/``{class_name}``.
+        seeds: one image per seed and prompt; the same seeds across settings give paired images.
+        settings: inference settings to sweep on the same loaded pipeline and adapter.
+        out_dir: output folder (images and ``manifest.jsonl``, appended to when it exists).
+        adapter: LoRA checkpoint folder or ``.safetensors`` file; ``None`` is the base model.
+        resolution: image side in pixels (default: the model's native size).
+        batch_size: images per forward pass.
+
+    Returns:
+        The generated images' records, in generation order.
+    """
+    pipeline = loaded.pipeline
+    jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
+    base_scheduler = pipeline.scheduler
+    records: list[GeneratedImage] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = len(jobs) * len(settings)
+    bar = tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False)
+    try:
+        with adapter_loaded(pipeline, adapter) as active, torch.inference_mode():
+            for setting in settings:
+                if active:
+                    set_lora_scales(
+                        pipeline, ADAPTER_NAME, setting.lora_scale, setting.text_encoder_lora_scale
+                    )
+                pipeline.scheduler = make_scheduler(setting.scheduler, base_scheduler.config)
+                for batch in _batches(jobs, batch_size):
+                    records += _generate_batch(
+                        loaded, batch, token, class_name, setting, out_dir, adapter, resolution
+                    )
+                    bar.update(len(batch))
+    finally:
+        pipeline.scheduler = base_scheduler
+        bar.close()
+    with (out_dir / "manifest.jsonl").open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+    return records
+
+
+def _generate_batch(
+    loaded: LoadedModel,
+    batch: Sequence[tuple[int, str, int]],
+    token: str,
+    class_name: str,
+    setting: InferenceSetting,
+    out_dir: Path,
+    adapter: Path | None,
+    resolution: int | None,
+) -> list[GeneratedImage]:
+    prompts = [format_prompt(t, token, class_name) for _, t, _ in batch]
+    # One generator per image: its noise does not depend on its neighbours in the batch.
+    generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+    kwargs: dict[str, Any] = {}
+    if resolution:
+        kwargs.update(height=resolution, width=resolution)
+    images = loaded.pipeline(
+        prompt=prompts,
+        generator=generators,
+        guidance_scale=setting.guidance_scale,
+        num_inference_steps=setting.num_inference_steps,
+        **kwargs,
+    ).images
+    folder = out_dir / "images" / setting.id
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for (index, template, seed), prompt, image in zip(batch, prompts, images, strict=True):
+        relative = f"images/{setting.id}/{index:03d}-{seed}.png"
+        image.save(out_dir / relative, format="PNG")
+        out.append(
+            GeneratedImage(
+                file=relative,
+                prompt=prompt,
+                template=template,
+                prompt_index=index,
+                seed=seed,
+                setting=setting,
+                adapter=str(adapter) if adapter else None,
+            )
+        )
+    return out
+
+
+def eval_seeds(cfg: HarnessConfig) -> list[int]:
+    """The evaluation seeds: ``images_per_prompt`` consecutive seeds from ``eval.seed``."""
+    return [cfg.eval.seed + i for i in range(cfg.eval.images_per_prompt)]

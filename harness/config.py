@@ -40,6 +40,8 @@ __all__ = [
     "HarnessConfig",
     "MetricsConfig",
     "ModelConfig",
+    "ParamSpec",
+    "SweepConfig",
     "TrackingConfig",
     "TrainConfig",
     "available_presets",
@@ -263,6 +265,134 @@ class TrackingConfig(_Strict):
     connect_timeout_s: float = Field(3.0, gt=0, le=60)
 
 
+class ParamSpec(_Strict):
+    """One searched parameter: ``choices`` (categorical/grid) or a ``low``..``high`` range."""
+
+    choices: list[float | int | bool | str] | None = Field(None, min_length=1)
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        has_range = self.low is not None or self.high is not None
+        if (self.choices is None) == (not has_range):
+            raise ValueError("give either 'choices' or both 'low' and 'high'")
+        if has_range:
+            if self.low is None or self.high is None:
+                raise ValueError("a range needs both 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"low={self.low} is above high={self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+# Training parameters a sweep may search (each is a ``train.*`` key).
+SEARCHABLE_TRAIN_PARAMS = (
+    "learning_rate",
+    "text_encoder_lr",
+    "rank",
+    "alpha",
+    "dropout",
+    "train_text_encoder",
+    "prior_loss_weight",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_steps",
+)
+
+
+class InferenceGrid(_Strict):
+    """Inference settings evaluated on every surviving checkpoint (their Cartesian product)."""
+
+    guidance_scale: list[float] = Field(default_factory=lambda: [7.5], min_length=1)
+    lora_scale: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    text_encoder_lora_scale: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    num_inference_steps: list[int] = Field(default_factory=lambda: [25], min_length=1)
+
+    @field_validator("guidance_scale", "lora_scale", "text_encoder_lora_scale")
+    @classmethod
+    def _non_negative(cls, values: list[float]) -> list[float]:
+        if any(v < 0 for v in values):
+            raise ValueError(f"values must be >= 0, got {values}")
+        return values
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError(f"values must be >= 1, got {values}")
+        return values
+
+
+class ProxyConfig(_Strict):
+    """The cheap evaluation reported at checkpoint steps for pruning."""
+
+    prompts: int = Field(2, ge=1, description="First N evaluation prompts.")
+    images_per_prompt: int = Field(1, ge=1)
+
+
+class SweepConfig(_Strict):
+    """Optuna sweep: search space, objectives, sampler, pruning, budget and storage."""
+
+    study_name: str = Field("dreambooth", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL; default: sqlite file under sweep.dir (kept outside "
+        "DVC outputs). PostgreSQL URLs work for clusters.",
+    )
+    dir: str = Field("runs/sweep", description="Run folders, study file and results table.")
+    sampler: Literal["tpe", "nsgaii", "random", "grid"] = "tpe"
+    seed: int = 0
+    n_trials: int | None = Field(4, ge=1, description="Training runs (budget).")
+    timeout_s: float | None = Field(None, gt=0, description="Wall-time budget in seconds.")
+    subject_metric: Literal["dino", "clip_i"] = "dino"
+    prompt_metric: Literal["clip_t"] = "clip_t"
+    weights: dict[str, float] | None = Field(
+        None,
+        description="Single weighted objective instead of the Pareto front, e.g. "
+        "{dino: 0.7, clip_t: 0.3}.",
+    )
+    pruner: Literal["median", "successive_halving", "none"] = "median"
+    pruner_warmup_steps: int = Field(0, ge=0)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
+    space: dict[str, ParamSpec | float | int | bool | str] = Field(default_factory=dict)
+    inference: InferenceGrid = Field(default_factory=InferenceGrid)  # type: ignore[arg-type]
+    keep_adapters: Literal["pareto", "best", "all"] = "pareto"
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, space: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(space) - set(SEARCHABLE_TRAIN_PARAMS))
+        if unknown:
+            raise ValueError(
+                f"unknown search parameter(s) {unknown}; searchable: "
+                + ", ".join(SEARCHABLE_TRAIN_PARAMS)
+            )
+        return space
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_known(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None:
+            bad = sorted(set(weights) - {"dino", "clip_i", "clip_t"})
+            if bad or not weights:
+                raise ValueError(f"weights keys must be among dino, clip_i, clip_t, got {bad}")
+        return weights
+
+    @model_validator(mode="after")
+    def _grid_needs_choices(self) -> SweepConfig:
+        if self.sampler == "grid":
+            ranged = [k for k, v in self.space.items() if isinstance(v, ParamSpec) and v.choices is None]
+            if ranged:
+                raise ValueError(f"the grid sampler needs 'choices' for {ranged}, not ranges")
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("give a budget: n_trials and/or timeout_s")
+        return self
+
+
 class HarnessConfig(_Strict):
     """The whole resolved configuration."""
 
@@ -274,6 +404,7 @@ class HarnessConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)  # type: ignore[arg-type]
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # type: ignore[arg-type]
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict of the resolved configuration."""

@@ -165,7 +165,9 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
     try:
         yield True
     finally:
-        pipeline.delete_adapters([name])
+        # unload (not delete_adapters): it also removes peft's wrapper modules, so the base
+        # pipeline is exactly as it was, state-dict keys included.
+        pipeline.unload_lora_weights()
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

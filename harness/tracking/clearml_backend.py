@@ -192,6 +192,8 @@ class ClearMLTracker(Tracker):
         project: str | None = None,
     ) -> Run:
         global _open_run
+        name = redact_text(name, collect_secret_literals(config))
+        tags = [redact_text(t) for t in tags]
         with _open_lock:
             if _open_run is not None and not _open_run.closed:
                 log.warning(

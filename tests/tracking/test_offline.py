@@ -1,0 +1,160 @@
+"""A tiny offline run through the real ClearML SDK: assert concrete entries of the session zip."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from harness.config import HarnessConfig, TrackingConfig
+from harness.tracking import NullRun, create_tracker, default_tags
+
+CONFIG: dict[str, Any] = HarnessConfig(preset="tiny-cpu").to_dict()
+
+
+def _params(task: dict[str, Any]) -> dict[str, str]:
+    return {k: v["value"] for k, v in task["hyperparams"]["config"].items()}
+
+
+def test_tiny_offline_run_records_config_scalars_images_tables_artifacts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_session: Any, read_zip: Any
+) -> None:
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE", raising=False)
+    tracker = create_tracker(TrackingConfig(project="sweep-dog"), tmp_path)
+    assert tracker.mode == "offline"
+    assert "no ClearML server configured" in tracker.mode.reason
+
+    run = tracker.start_run("trial-0", config=CONFIG, tags=default_tags(CONFIG))
+    assert run.mode == "offline" and not run.mode.is_fallback
+    for step, loss in enumerate([0.9, 0.7, 0.5], start=1):
+        run.log_scalar("loss", "train", loss, step)
+    run.log_scalars({"lr/unet": 1e-4, "throughput_it_s": 3.5}, step=3, title="train")
+    run.log_image("samples/step-10", "prompt-0", Image.new("RGB", (16, 16), "red"), step=10)
+    grid = tmp_path / "grid.png"
+    Image.new("RGB", (8, 8), "blue").save(grid)
+    run.log_image("samples/step-10", "prompt-1", grid, step=10)
+    table = pd.DataFrame(
+        {"prompt": ["a sks dog", "a sks dog on the beach"], "clip_t": [0.31, 0.27]}
+    )
+    run.log_table("per_prompt", "step-10", table, step=10)
+    run.log_plotly("pareto", "front", go.Figure(go.Scatter(x=[0.5, 0.6], y=[0.3, 0.2])))
+    adapter = tmp_path / "pytorch_lora_weights.safetensors"
+    adapter.write_bytes(b"\0" * 64)
+    run.upload_artifact("adapter", adapter)
+    run.upload_artifact("results", table)
+    assert run.offline_zip is None
+
+    started = time.monotonic()
+    zip_path = run.close()
+    assert time.monotonic() - started < 1.0, "closing an offline task must be fast"
+    assert zip_path is not None and zip_path == run.offline_zip
+    assert zip_path.parent == tmp_path / "runs" / "clearml" / "offline"
+    assert run.close() == zip_path  # idempotent
+
+    task, events = read_session(zip_path)
+    assert task["name"] == "trial-0"
+    assert task["type"] == "training"
+    assert set(task["tags"]) == {"subject:sample", "preset:tiny-cpu", "model:tiny://sd15"}
+    params = _params(task)
+    assert params["train/rank"] == "4"
+    assert params["train/learning_rate"] == "0.0001"
+    assert params["data/subject"] == "sample"
+    assert params["data/token"] == "sks"  # the DreamBooth identifier is not a secret
+    assert params["tracking/project"] == "dreambooth-sweep"
+
+    scalars = {
+        (e["metric"], e["variant"], e["iter"]): e["value"]
+        for e in events
+        if e["type"] == "training_stats_scalar"
+    }
+    assert scalars[("loss", "train", 1)] == pytest.approx(0.9)
+    assert scalars[("loss", "train", 3)] == pytest.approx(0.5)
+    assert scalars[("lr", "unet", 3)] == pytest.approx(1e-4)
+    assert scalars[("train", "throughput_it_s", 3)] == pytest.approx(3.5)
+
+    images = [e for e in events if e["type"] == "training_debug_image"]
+    assert {(e["metric"], e["variant"], e["iter"]) for e in images} == {
+        ("samples/step-10", "prompt-0", 10),
+        ("samples/step-10", "prompt-1", 10),
+    }
+    files = read_zip(zip_path)
+    assert sum(1 for name in files if "/metrics/samples" in name) == 2
+
+    plots = {
+        (e["metric"], e["variant"]): json.loads(e["plot_str"])
+        for e in events
+        if e["type"] == "plot"
+    }
+    cells = plots[("per_prompt", "step-10")]["data"][0]["cells"]["values"]
+    assert cells == [["a sks dog", "a sks dog on the beach"], [0.31, 0.27]]
+    assert plots[("pareto", "front")]["data"][0]["x"] == [0.5, 0.6]
+
+    artifacts = {a["key"]: a for a in task["execution"]["artifacts"]}
+    assert set(artifacts) == {"adapter", "results"}
+    assert any(name.endswith("pytorch_lora_weights.safetensors") for name in files)
+
+    index = (tmp_path / "runs" / "clearml" / "sessions.jsonl").read_text().splitlines()
+    entry = json.loads(index[-1])
+    assert entry["zip"] == str(zip_path) and entry["name"] == "trial-0"
+
+
+def test_runs_in_sequence_summary_run_and_no_leaked_global_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_session: Any
+) -> None:
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE", raising=False)
+    from harness.tracking.clearml_backend import Task  # to check that our switch is undone
+
+    subprocess_flag = Task._report_subprocess_enabled
+    tracker = create_tracker(TrackingConfig(mode="offline"), tmp_path)
+    with tracker.start_run("trial-1", config={"train": {"rank": 8}}, tags=[]) as first:
+        first.log_scalar("loss", "train", 0.25, 1)
+        busy = tracker.start_run("clash", config={}, tags=[])  # ClearML: one open task
+        assert isinstance(busy, NullRun) and busy.mode == "off"
+    summary = tracker.start_run(
+        "sweep-summary", config={"n_trials": 2}, tags=["sweep"], kind="summary", project="sw"
+    )
+    summary.log_table("leaderboard", "all", pd.DataFrame({"trial": [0, 1], "dino": [0.6, 0.5]}))
+    summary_zip = summary.close()
+
+    assert first.offline_zip and summary_zip and first.offline_zip != summary_zip
+    task, events = read_session(summary_zip)
+    assert task["type"] == "custom" and "summary" in task["tags"]
+    assert [e["metric"] for e in events if e["type"] == "plot"] == ["leaderboard"]
+    # our offline switch is undone: the user's environment and ClearML's defaults are back
+    assert "CLEARML_OFFLINE_MODE" not in os.environ
+    assert Task._report_subprocess_enabled == subprocess_flag
+
+
+def test_off_mode_records_nothing(tmp_path: Path) -> None:
+    tracker = create_tracker(TrackingConfig(mode="off"), tmp_path)
+    with tracker.start_run("x", config={"a": 1}, tags=["t"]) as run:
+        run.log_scalars({"loss": 1.0}, step=0)
+        run.log_table("t", "s", pd.DataFrame({"a": [1]}))
+    assert run.mode == "off" and run.close() is None and run.offline_zip is None
+    assert not (tmp_path / "runs").exists()
+
+
+def test_reporting_errors_never_reach_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = create_tracker(TrackingConfig(mode="offline"), tmp_path).start_run(
+        "trial", config={}, tags=[]
+    )
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("reporter exploded")
+
+    run._logger.report_scalar = boom  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        run.log_scalar("loss", "train", 1.0, 0)
+        run.log_scalar("loss", "train", 1.0, 1)
+    assert sum("reporter exploded" in r.getMessage() for r in caplog.records) == 1
+    assert run.close() is not None

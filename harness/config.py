@@ -155,6 +155,8 @@ class DataConfig(_Strict):
                 f"val_fraction={self.val_fraction} leaves no training image when only "
                 f"min_images={self.min_images} photos remain"
             )
+        if self.reference == "val" and self.val_fraction == 0:
+            raise ValueError("reference 'val' needs val_fraction > 0 (no photo is held out)")
         if self.source == "dreambench" and not self.dreambench_dir:
             raise ValueError("source 'dreambench' needs data.dreambench_dir")
         return self
@@ -361,6 +363,10 @@ class SweepConfig(_Strict):
     space: dict[str, ParamSpec | float | int | bool | str] = Field(default_factory=dict)
     inference: InferenceGrid = Field(default_factory=InferenceGrid)  # type: ignore[arg-type]
     keep_adapters: Literal["pareto", "best", "all"] = "pareto"
+    heartbeat_interval_s: int = Field(
+        60, ge=1, description="Run heartbeat; a worker silent for grace_period_s is stale."
+    )
+    grace_period_s: int | None = Field(None, ge=1, description="Default: 2 x heartbeat.")
 
     @field_validator("space")
     @classmethod

@@ -182,7 +182,11 @@ class Scorer:
         if self._dino is None:
             c = self.config
             self._dino = load_dino(
-                c.dino_model, c.device, batch_size=c.batch_size, bf16_autocast=c.bf16_autocast, seed=c.seed
+                c.dino_model,
+                c.device,
+                batch_size=c.batch_size,
+                bf16_autocast=c.bf16_autocast,
+                seed=c.seed,
             )
         return self._dino
 
@@ -257,7 +261,9 @@ class Scorer:
         texts: dict[str, str] = {}
         if prompts is not None:
             try:
-                texts = {p: text_for_clip(p, token, class_name, policy) for p in dict.fromkeys(prompts)}
+                texts = {
+                    p: text_for_clip(p, token, class_name, policy) for p in dict.fromkeys(prompts)
+                }
             except ValueError as exc:
                 raise MetricsInputError(str(exc)) from None
 
@@ -291,8 +297,8 @@ class Scorer:
 
         # Groups for the bootstrap: prompts in sorted order (never file order, so intervals do
         # not depend on how the images were listed); without prompts, single images by name.
+        members: dict[str, list[int]] = {}
         if prompts is not None:
-            members: dict[str, list[int]] = {}
             for i, prompt in enumerate(prompts):
                 members.setdefault(prompt, []).append(i)
             groups = [members[p] for p in sorted(members)]
@@ -360,7 +366,9 @@ class Scorer:
         Returns ``{"dino", "clip_i", "n_real"}``. Needs at least two photos.
         """
         if len(real) < 2:
-            raise MetricsInputError(f"the real ceiling needs at least 2 real images, got {len(real)}")
+            raise MetricsInputError(
+                f"the real ceiling needs at least 2 real images, got {len(real)}"
+            )
         return {
             "dino": scores.self_pairs_mean(self._embed_real(self.dino, real)),
             "clip_i": scores.self_pairs_mean(self._embed_real(self.clip, real)),

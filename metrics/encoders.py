@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrics.errors import WeightsUnavailableError
+from metrics.errors import MetricsInputError, WeightsUnavailableError
 from metrics.images import ImageInput, load_image
 from metrics.preprocess import ImageTransform, dino_transform
 
@@ -87,7 +87,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise MetricsInputError(f"invalid device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MetricsInputError(f"device {device!r} requested but CUDA is not available")
+    return resolved
 
 
 def _file_sha256(path: Path) -> str:
@@ -171,7 +177,8 @@ class ImageEncoder:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model.to(device).eval()
+        # Any: open_clip's encode_image/encode_text are not visible on nn.Module's type.
+        self.model: Any = model.to(device).eval()
         self.transform = transform
         self.device = device
         self.batch_size = batch_size
@@ -187,7 +194,9 @@ class ImageEncoder:
     def _forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _run(self, batches: Iterator[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _run(
+        self, batches: Iterator[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         outputs: list[torch.Tensor] = []
         with torch.inference_mode(), self._autocast():
             for batch in batches:
@@ -289,13 +298,15 @@ def load_dino(
     """
     import timm
     from safetensors.torch import load_file
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     torch_device = resolve_device(device)
     kwargs: dict[str, Any] = {"num_classes": 0}
     if ref == TINY_DINO:
         with _seeded(seed):
-            model = timm.create_model(DEFAULT_DINO_ARCH, pretrained=False, **kwargs, **_TINY_DINO_KWARGS)
+            model = timm.create_model(
+                DEFAULT_DINO_ARCH, pretrained=False, **kwargs, **_TINY_DINO_KWARGS
+            )
         encoder_id = f"dino:{TINY_DINO}:seed={seed}"
     else:
         if ref.startswith("tiny://"):
@@ -309,9 +320,12 @@ def load_dino(
             repo_id = ref if ref.startswith("timm/") else f"timm/{ref}"
             model_name = repo_id.removeprefix("timm/")
             weights = _hub_file(repo_id, "model.safetensors", "DINO", hub_cache_dir)
-            encoder_id = f"dino:{repo_id}"
+            # The hub cache keeps files under snapshots/<commit>/: new weights, new cache key.
+            encoder_id = f"dino:{repo_id}@{weights.parent.name}"
         try:
             model = timm.create_model(model_name, pretrained=False, **kwargs)
+            if not isinstance(model, VisionTransformer):
+                raise ValueError(f"{model_name} is not a timm VisionTransformer")
             state_dict = checkpoint_filter_fn(load_file(str(weights)), model)
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
             model.load_state_dict(state_dict, strict=True)
@@ -382,7 +396,10 @@ def load_clip(
     elif pretrained is None:
         logging.getLogger(__name__).warning("CLIP %s has random weights (pretrained=None)", ref)
         model_name, checkpoint, encoder_id = ref, None, f"clip:{ref}:random:seed={seed}"
-    elif pretrained.lower().endswith((".safetensors", *_PICKLE_SUFFIXES)) or Path(pretrained).is_file():
+    elif (
+        pretrained.lower().endswith((".safetensors", *_PICKLE_SUFFIXES))
+        or Path(pretrained).is_file()
+    ):
         checkpoint = _safetensors_file(pretrained, "CLIP")
         model_name, encoder_id = ref, f"clip:{ref}:file-sha256={_file_sha256(checkpoint)}"
     else:
@@ -404,9 +421,12 @@ def load_clip(
             repo_id, filename = hub.rstrip("/"), "open_clip_model.safetensors"
         else:
             repo_id, filename = os.path.split(hub)
+            # open_clip's default pickle name has a differently named safetensors sibling.
+            if filename == "open_clip_pytorch_model.bin":
+                filename = "open_clip_model.safetensors"
             filename = Path(filename).with_suffix(".safetensors").name
         checkpoint = _hub_file(repo_id, filename, "CLIP", hub_cache_dir)
-        model_name, encoder_id = ref, f"clip:{ref}:{pretrained}"
+        model_name, encoder_id = ref, f"clip:{ref}:{pretrained}@{checkpoint.parent.name}"
         create_kwargs = {
             "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
             "image_mean": tag_cfg.get("mean"),

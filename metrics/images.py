@@ -16,7 +16,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metrics.errors import MetricsInputError
 
-__all__ = ["ImageInput", "image_name", "image_sha256", "list_image_files", "load_image"]
+__all__ = [
+    "ImageInput",
+    "check_image_file",
+    "image_name",
+    "image_sha256",
+    "list_image_files",
+    "load_image",
+]
 
 ImageInput: TypeAlias = str | os.PathLike[str] | Image.Image
 
@@ -91,7 +98,26 @@ def image_name(item: ImageInput, index: int) -> str:
     return str(item)
 
 
-def list_image_files(folder: str | os.PathLike[str], exclude: Iterable[Path] = ()) -> list[Path]:
+def check_image_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~metrics.errors.MetricsInputError` unless ``path`` has an image header.
+
+    Only the header is read (cheap); full decoding happens batch by batch when encoding.
+    """
+    _register_heif()
+    try:
+        with Image.open(path):
+            pass
+    except FileNotFoundError:
+        raise MetricsInputError(f"image file not found: {path}") from None
+    except UnidentifiedImageError:
+        raise MetricsInputError(f"not an image file: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise MetricsInputError(f"cannot read image {path}: {exc}") from None
+
+
+def list_image_files(
+    folder: str | os.PathLike[str], exclude: Iterable[Path] = (), *, allow_empty: bool = False
+) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name.
 
     Hidden files (``.DS_Store``...) and sub-folders are skipped; paths in ``exclude`` (e.g. a
@@ -99,7 +125,8 @@ def list_image_files(folder: str | os.PathLike[str], exclude: Iterable[Path] = (
     detection reads the file header, not the extension.
 
     Raises:
-        MetricsInputError: the folder is missing or holds no image, or a file is not an image.
+        MetricsInputError: the folder is missing or holds no image (unless ``allow_empty``),
+            or a file is not an image.
     """
     _register_heif()
     root = Path(folder)
@@ -110,14 +137,8 @@ def list_image_files(folder: str | os.PathLike[str], exclude: Iterable[Path] = (
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.resolve() in excluded:
             continue
-        try:
-            with Image.open(path):
-                pass  # header only; full decoding happens batch by batch later
-        except UnidentifiedImageError:
-            raise MetricsInputError(f"not an image file: {path}") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise MetricsInputError(f"cannot read image {path}: {exc}") from None
+        check_image_file(path)
         files.append(path)
-    if not files:
+    if not files and not allow_empty:
         raise MetricsInputError(f"no images in folder: {root}")
     return files

@@ -60,6 +60,6 @@ def dino_crop_box(
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_w, new_h = int(resize * width / height), resize
-    left = int(round((new_w - crop) / 2.0))
-    top = int(round((new_h - crop) / 2.0))
+    left = round((new_w - crop) / 2.0)
+    top = round((new_h - crop) / 2.0)
     return (new_w, new_h), (left, top, left + crop, top + crop)

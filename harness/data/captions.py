@@ -59,7 +59,9 @@ class Captions:
     source: dict[str, str] = field(default_factory=dict)
     given: bool = False  # any caption file exists: captions are then required for every photo
 
-    def caption_for(self, name: str, template: str, token: str, class_name: str | None) -> tuple[str, str]:
+    def caption_for(
+        self, name: str, template: str, token: str, class_name: str | None
+    ) -> tuple[str, str]:
         """``(caption, where_from)`` for image ``name``.
 
         Raises:
@@ -79,7 +81,9 @@ class Captions:
         if not caption:
             raise CaptionError(f"empty caption ({where})")
         if not has_token(caption, token):
-            raise CaptionError(f"caption lacks the identifier token {token!r} ({where}): {caption!r}")
+            raise CaptionError(
+                f"caption lacks the identifier token {token!r} ({where}): {caption!r}"
+            )
         return caption, where
 
 
@@ -137,12 +141,13 @@ def read_captions(
     for name in sorted(images):
         by_stem.setdefault(Path(name).stem, []).append(name)
     for txt in sorted(set(txt_names) - {CAPTIONS_FILE}):
-        caps.given = True
         base = txt[: -len(".txt")]
         targets = [base] if base in images else by_stem.get(base, [])
         if not targets:
+            # A stray README.txt is reported but does not switch on "captions required".
             rejects.append(Rejection(txt, "sidecar caption without a matching photo"))
             continue
+        caps.given = True
         text = _read_text(folder / txt, txt, rejects)
         if text is None:
             continue
@@ -171,7 +176,9 @@ def _read_captions_file(path: Path, images: set[str], caps: Captions) -> list[Re
         where = f"{CAPTIONS_FILE}:{number}"
         parsed = _split_line(line)
         if parsed is None:
-            rejects.append(Rejection(where, "expected '<file name><TAB><caption>' or '<file name>: <caption>'"))
+            rejects.append(
+                Rejection(where, "expected '<file name><TAB><caption>' or '<file name>: <caption>'")
+            )
             continue
         name, caption = parsed
         problem = check_entry_name(name)
@@ -199,11 +206,16 @@ def token_warnings(token: str, class_name: str | None = None) -> list[str]:
     """Warnings about the identifier token: many BPE pieces, a frequent word, the class noun."""
     out: list[str] = []
     if class_name and token.lower() in class_name.lower().split():
-        out.append(f"identifier token {token!r} is the class noun {class_name!r}: it cannot bind a new subject")
+        out.append(
+            f"identifier token {token!r} is the class noun {class_name!r}: it cannot bind a new subject"
+        )
     try:
         tok = _tokenizer()
     except Exception as exc:  # a broken optional dependency must not stop data preparation
-        return [*out, f"token check skipped: CLIP tokenizer unavailable ({type(exc).__name__}: {exc})"]
+        return [
+            *out,
+            f"token check skipped: CLIP tokenizer unavailable ({type(exc).__name__}: {exc})",
+        ]
     ids: list[int] = tok.encode(token)
     pieces = [str(tok.decoder[i]).replace("</w>", "") for i in ids]
     if len(ids) > MAX_TOKEN_PIECES:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.errors import HarnessError
 
-class DataError(Exception):
+
+class DataError(HarnessError):
     """A dataset problem that stops the stage; the message names the file or folder."""
 
 

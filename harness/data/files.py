@@ -33,6 +33,12 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(dumps_json(data), encoding="utf-8", newline="\n")
 
 
+def resolve_path(path_text: str, root: Path) -> Path:
+    """A configured path: absolute as given (``~`` expanded), else relative to ``root``."""
+    path = Path(path_text).expanduser()
+    return path if path.is_absolute() else root / path
+
+
 def is_within(path: Path, roots: list[Path]) -> bool:
     """Whether ``path`` (already resolved) lies inside one of the resolved ``roots``."""
     return any(path == r or path.is_relative_to(r) for r in roots)

@@ -19,6 +19,7 @@ Normalisation, in order, and why:
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -172,7 +173,9 @@ def decode_image(
         raise DecodeError("empty file (0 bytes)")
     kind = sniff(head)
     if kind == "HEIF" and not heif_support():
-        raise DecodeError("HEIC/HEIF photo but pillow-heif is not installed (pip install pillow-heif)")
+        raise DecodeError(
+            "HEIC/HEIF photo but pillow-heif is not installed (pip install pillow-heif)"
+        )
     if kind == "AVIF" and not avif_support():
         raise DecodeError("AVIF photo but this Pillow build has no AVIF support (Pillow >= 11.3)")
     notes: list[str] = []
@@ -191,7 +194,7 @@ def decode_image(
                 upright = ImageOps.exif_transpose(im)
                 rgb = to_rgb8(upright, background, notes)
         except Image.DecompressionBombError as exc:
-            raise DecodeError(f"decompression-bomb guard: {exc}") from None
+            raise DecodeError(_bomb_reason(exc, max_pixels)) from None
         except UnidentifiedImageError:
             raise DecodeError(_unidentified_reason(path, head)) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -201,6 +204,13 @@ def decode_image(
         rgb = rgb.convert("L").convert("RGB")
     rgb.info = {}  # nothing from the source (ICC, EXIF, text chunks) may leak into outputs
     return DecodedImage(rgb, fmt, mode, (width, height), orientation, tuple(notes))
+
+
+def _bomb_reason(exc: Exception, max_pixels: int) -> str:
+    """Pillow's own guard (at twice the limit) fires before we see the size; reuse its count."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    count = f"{int(found[1]):,} pixels" if found else str(exc)
+    return f"decompression-bomb guard: {count} exceeds max_image_pixels={max_pixels:,}"
 
 
 def _is_bomb_warning(category: type[Warning]) -> bool:

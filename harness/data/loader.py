@@ -1,0 +1,91 @@
+"""Reading a prepared subject back, for the trainer and the metrics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.data.errors import DataError
+
+__all__ = ["PreparedImage", "PreparedSubject", "load_prepared"]
+
+_SCHEMA_VERSION = 1  # must match harness.data.prepare.SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One prepared photo."""
+
+    path: Path
+    caption: str
+    split: str
+    reference: bool
+
+
+@dataclass(frozen=True)
+class PreparedSubject:
+    """A prepared subject: what to train on and what the metrics compare against."""
+
+    subject: str
+    token: str
+    class_name: str | None
+    root: Path
+    train: tuple[PreparedImage, ...]
+    val: tuple[PreparedImage, ...]
+    reference: tuple[Path, ...]
+    prompts: tuple[str, ...]
+    manifest: dict[str, Any]
+
+    @property
+    def train_paths(self) -> list[Path]:
+        """Training image paths, in manifest order."""
+        return [img.path for img in self.train]
+
+    @property
+    def train_captions(self) -> list[str]:
+        """Training captions, aligned with :attr:`train_paths`."""
+        return [img.caption for img in self.train]
+
+
+def load_prepared(prepared_subject_dir: Path) -> PreparedSubject:
+    """Load ``<prepared_dir>/<subject>/manifest.json`` and check that its images exist.
+
+    Raises:
+        DataError: naming the folder when the manifest is missing (e.g. the last prepare
+            failed; see rejects.txt), malformed, of another schema, or names a missing image.
+    """
+    folder = Path(prepared_subject_dir)
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{folder}: no manifest.json; run the prepare stage (if it failed, see rejects.txt)"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("schema_version") != _SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: schema_version {manifest.get('schema_version')!r}, expected {_SCHEMA_VERSION}"
+        )
+    images = []
+    for rec in manifest["images"]:
+        image_path = folder / rec["file"]
+        if not image_path.is_file():
+            raise DataError(f"{path}: lists {rec['file']}, which is missing; rerun prepare")
+        images.append(
+            PreparedImage(image_path, rec["caption"], rec["split"], bool(rec["reference"]))
+        )
+    return PreparedSubject(
+        subject=manifest["subject"],
+        token=manifest["token"],
+        class_name=manifest["class_name"],
+        root=folder,
+        train=tuple(i for i in images if i.split == "train"),
+        val=tuple(i for i in images if i.split == "val"),
+        reference=tuple(i.path for i in images if i.reference),
+        prompts=tuple(manifest.get("prompts", [])),
+        manifest=manifest,
+    )

@@ -1,0 +1,226 @@
+"""Where a subject's photos come from, and a fingerprint of them for DVC.
+
+* ``sample``: drawn by :mod:`harness.data.sample` into ``<root>/data/sample/<subject>``.
+* ``folder``: ``<root>/<raw_dir>/<subject>`` (photos plus optional captions, ``dvc add``-ed).
+* ``dreambench``: ``<dreambench_dir>/<subject>`` read in place, never copied; the class noun
+  and the evaluation prompts come from the dataset's ``prompts_and_classes.txt``.
+
+Photos sit directly in the subject folder; hidden files are ignored. Symlinks may point
+anywhere inside the dataset root (the folder holding the subject folders) or the project's DVC
+cache (``cache.type symlink``); any other target is rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from harness.config import DataConfig
+from harness.data.errors import DataError
+from harness.data.files import is_within, resolve_path, sha256_file
+from harness.data.sample import SAMPLE_CLASS_NAME, make_sample_subject
+
+__all__ = [
+    "DREAMBENCH_FILE",
+    "SAMPLE_DIR",
+    "SAMPLE_SEED",
+    "SubjectSource",
+    "list_entries",
+    "parse_dreambench_file",
+    "resolve_source",
+    "scan_source",
+    "symlink_problem",
+]
+
+DREAMBENCH_FILE = "prompts_and_classes.txt"
+SAMPLE_DIR = "data/sample"
+SAMPLE_SEED = 0  # wanted: a data.sample_seed config field
+# DreamBench's "live subject" prompt list applies to these classes; objects get the other one.
+_LIVE_CLASSES = frozenset({"cat", "dog"})
+_PROMPT_RE = re.compile(r"""^'(?P<text>.*)'\.format\(\s*unique_token\s*,\s*class_token\s*\),?$""")
+
+
+@dataclass(frozen=True)
+class SubjectSource:
+    """A resolved subject: its folder, class noun and (for DreamBench) evaluation prompts.
+
+    ``prompts`` use the harness's placeholders ``{token}`` and ``{class_name}``. ``label`` is
+    the folder as the config names it (used in reports, so they do not depend on the clone's
+    location).
+    """
+
+    subject: str
+    kind: Literal["sample", "folder", "dreambench"]
+    folder: Path
+    dataset_root: Path
+    allowed_roots: tuple[Path, ...]
+    class_name: str | None
+    label: str
+    prompts: tuple[str, ...] = ()
+    live: bool | None = None
+
+
+def parse_dreambench_file(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """Read DreamBench's ``prompts_and_classes.txt``.
+
+    Returns ``(class by subject, object prompts, live-subject prompts)``; prompts have
+    ``{0}``/``{1}`` replaced by ``{token}``/``{class_name}``.
+
+    Raises:
+        DataError: naming the file when it is missing or has no class table.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read DreamBench prompt file ({exc})") from None
+    classes: dict[str, str] = {}
+    prompts: dict[str, list[str]] = {"object": [], "live": []}
+    section = "classes"
+    for raw in lines:
+        line = raw.strip()
+        lower = line.lower()
+        if lower.startswith("object prompts"):
+            section = "object"
+        elif lower.startswith("live subject prompts"):
+            section = "live"
+        elif section == "classes" and "," in line and not lower.startswith("subject_name"):
+            subject, _, noun = line.partition(",")
+            classes[subject.strip()] = noun.strip()
+        elif section in prompts and (match := _PROMPT_RE.match(line)):
+            text = match["text"].replace("{0}", "{token}").replace("{1}", "{class_name}")
+            prompts[section].append(text)
+    if not classes:
+        raise DataError(f"{path}: no 'subject_name,class' table found")
+    return classes, prompts["object"], prompts["live"]
+
+
+def resolve_source(cfg: DataConfig, root: Path) -> SubjectSource:
+    """Resolve the configured subject to its folder, class noun and prompts (reads no photos).
+
+    Raises:
+        DataError: unknown DreamBench subject or missing prompt file, or a missing class noun
+            for a template that needs one.
+    """
+    root = root.resolve()
+    cache = (root / ".dvc" / "cache").resolve()
+    if cfg.source == "dreambench":
+        assert cfg.dreambench_dir is not None  # the config validator guarantees it
+        bench = resolve_path(cfg.dreambench_dir, root)
+        classes, objects, live_prompts = parse_dreambench_file(bench / DREAMBENCH_FILE)
+        class_name = cfg.class_name or classes.get(cfg.subject)
+        if class_name is None:
+            known = ", ".join(sorted(classes))
+            raise DataError(
+                f"{bench / DREAMBENCH_FILE}: no class for subject {cfg.subject!r} "
+                f"(known: {known}); set data.class_name"
+            )
+        live = classes.get(cfg.subject, class_name) in _LIVE_CLASSES or class_name in _LIVE_CLASSES
+        return SubjectSource(
+            subject=cfg.subject,
+            kind="dreambench",
+            folder=bench / cfg.subject,
+            dataset_root=bench,
+            allowed_roots=(bench.resolve(),),
+            class_name=class_name,
+            label=f"{cfg.dreambench_dir.rstrip('/')}/{cfg.subject}",
+            prompts=tuple(live_prompts if live else objects),
+            live=live,
+        )
+    if cfg.source == "sample":
+        base, label_base, class_name = (
+            root / SAMPLE_DIR,
+            SAMPLE_DIR,
+            cfg.class_name or SAMPLE_CLASS_NAME,
+        )
+    else:
+        base, label_base, class_name = (
+            resolve_path(cfg.raw_dir, root),
+            cfg.raw_dir.rstrip("/"),
+            cfg.class_name,
+        )
+    if class_name is None and "{class_name}" in cfg.caption_template:
+        raise DataError(
+            f"{label_base}/{cfg.subject}: data.class_name is required for source "
+            f"{cfg.source!r} (the caption template uses {{class_name}})"
+        )
+    return SubjectSource(
+        subject=cfg.subject,
+        kind=cfg.source,
+        folder=base / cfg.subject,
+        dataset_root=base,
+        allowed_roots=(base.resolve(), cache),
+        class_name=class_name,
+        label=f"{label_base}/{cfg.subject}",
+    )
+
+
+def ensure_folder(src: SubjectSource, cfg: DataConfig) -> None:
+    """Generate the sample (deterministic, idempotent); check that the subject folder exists.
+
+    Raises:
+        DataError: naming the folder (and the available DreamBench subjects) when missing.
+    """
+    if src.kind == "sample":
+        make_sample_subject(src.folder, cfg.sample_images, seed=SAMPLE_SEED)
+    if src.folder.is_dir():
+        return
+    hint = ""
+    if src.kind == "dreambench" and src.dataset_root.is_dir():
+        names = sorted(p.name for p in src.dataset_root.iterdir() if p.is_dir())
+        hint = f"; subjects there: {', '.join(names)}"
+    raise DataError(f"{src.label}: subject folder not found ({src.folder}){hint}")
+
+
+def list_entries(folder: Path) -> list[Path]:
+    """Top-level, non-hidden entries of a subject folder, sorted by name (stable order)."""
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def symlink_problem(path: Path, allowed_roots: tuple[Path, ...]) -> str | None:
+    """Why a symlinked entry is unusable (broken, or leaving the dataset root), else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if not target.exists():
+        return f"broken symlink (-> {target})"
+    if not is_within(target, list(allowed_roots)):
+        return f"symlink leaves the dataset root (-> {target})"
+    return None
+
+
+def scan_source(cfg: DataConfig, root: Path) -> dict[str, Any]:
+    """JSON-able fingerprint of the subject's raw files, the input of an always-run DVC stage.
+
+    Holds the sorted top-level file names with size and sha256, the resolved class noun and,
+    for DreamBench, the sha256 of ``prompts_and_classes.txt``. For ``sample`` the photos are
+    (re)generated first; unchanged photos keep their bytes, so the fingerprint is stable.
+    Symlinks leaving the dataset root are listed with their target but never read.
+
+    Raises:
+        DataError: when the subject folder is missing or the class noun cannot be resolved.
+    """
+    src = resolve_source(cfg, root)
+    ensure_folder(src, cfg)
+    files: list[dict[str, Any]] = []
+    for entry in list_entries(src.folder):
+        problem = symlink_problem(entry, src.allowed_roots)
+        if problem is not None:
+            files.append({"path": entry.name, "problem": problem})
+        elif entry.is_file():
+            files.append(
+                {"path": entry.name, "size": entry.stat().st_size, "sha256": sha256_file(entry)}
+            )
+        else:
+            files.append({"path": entry.name, "problem": "not a regular file"})
+    out: dict[str, Any] = {
+        "subject": cfg.subject,
+        "source": cfg.source,
+        "folder": src.label,
+        "class_name": src.class_name,
+        "files": files,
+    }
+    if src.kind == "dreambench":
+        out["prompts_sha256"] = sha256_file(src.dataset_root / DREAMBENCH_FILE)
+    return out

@@ -1,0 +1,238 @@
+"""Attach LoRA adapters for training, save them in diffusers / kohya format, detach them.
+
+Training happens on the caller's (shared) pipeline under the adapter name :data:`ADAPTER`.
+:func:`attached_lora` restores everything it changed when it exits: adapters removed (peft
+layers fully unwrapped when the model had none before), ``requires_grad`` flags, train/eval
+mode and gradient checkpointing. The base weights are frozen throughout, so they never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from harness.config import TrainConfig
+from harness.models import LoadedModel
+
+__all__ = [
+    "ADAPTER",
+    "AttachedLora",
+    "attached_lora",
+    "export_kohya",
+    "lora_configs",
+    "save_diffusers_lora",
+]
+
+ADAPTER = "harness_train"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _num(value: float) -> Any:
+    """``8.0`` -> ``8`` (peft types alpha as int; fractional alphas work and are kept)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def lora_configs(train: TrainConfig, family: str) -> dict[str, LoraConfig]:
+    """One ``LoraConfig`` per trained component (UNet, and text encoders when enabled).
+
+    The text encoders use ``text_encoder_rank`` (default: ``rank``) with the same alpha/rank
+    scale as the UNet.
+    """
+    alpha = train.alpha if train.alpha is not None else float(train.rank)
+    te_rank = train.text_encoder_rank or train.rank
+    configs = {
+        "unet": LoraConfig(
+            r=train.rank,
+            lora_alpha=_num(alpha),
+            lora_dropout=train.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(train.target_modules),
+        )
+    }
+    if train.train_text_encoder:
+        te = LoraConfig(
+            r=te_rank,
+            lora_alpha=_num(alpha * te_rank / train.rank),
+            lora_dropout=train.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(train.text_encoder_target_modules),
+        )
+        configs["text_encoder"] = te
+        if family == "sdxl":
+            configs["text_encoder_2"] = te
+    return configs
+
+
+@dataclass
+class AttachedLora:
+    """The components being trained, keyed ``unet`` / ``text_encoder`` / ``text_encoder_2``."""
+
+    modules: dict[str, Any]
+    configs: dict[str, LoraConfig]
+    _restore: list[Any] = field(default_factory=list, repr=False)
+
+    def parameters(self, component: str) -> list[torch.nn.Parameter]:
+        """Trainable (LoRA) parameters of one component."""
+        return [p for p in self.modules[component].parameters() if p.requires_grad]
+
+    def peft_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT-format LoRA tensors per component (adapter name stripped)."""
+        return {
+            name: get_peft_model_state_dict(module, adapter_name=ADAPTER)
+            for name, module in self.modules.items()
+        }
+
+    def load_peft_state_dicts(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of :meth:`peft_state_dicts` (used on resume); every tensor must match."""
+        for name, module in self.modules.items():
+            result: Any = set_peft_model_state_dict(module, state[name], adapter_name=ADAPTER)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"{name}: LoRA state does not match (missing {missing[:3]}, "
+                    f"unexpected {list(result.unexpected_keys)[:3]})"
+                )
+
+
+def _has_peft(module: Any) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+def _detach(module: Any, had_peft: bool) -> None:
+    """Remove our adapter; fully unwrap peft layers when the module had none before."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    if had_peft:
+        if hasattr(module, "delete_adapters"):
+            module.delete_adapters(ADAPTER)
+        else:
+            module.delete_adapter(ADAPTER)
+        return
+    recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if hasattr(module, "_hf_peft_config_loaded"):
+        module._hf_peft_config_loaded = False
+
+
+@contextlib.contextmanager
+def attached_lora(
+    model: LoadedModel, train: TrainConfig, *, gradient_checkpointing: bool | None = None
+) -> Iterator[AttachedLora]:
+    """Add fresh LoRA adapters (fp32 trainable weights) for training; undo all on exit."""
+    pipe = model.pipeline
+    configs = lora_configs(train, model.family)
+    checkpointing = (
+        train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    )
+    all_names = ["unet", "text_encoder"] + (["text_encoder_2"] if model.family == "sdxl" else [])
+    modules: dict[str, Any] = {n: getattr(pipe, n) for n in all_names}
+    saved = {
+        n: (
+            m.training,
+            {k for k, p in m.named_parameters() if p.requires_grad},
+            _has_peft(m),
+        )
+        for n, m in modules.items()
+    }
+    attached: list[str] = []
+    checkpointed: list[str] = []
+    try:
+        for module in modules.values():
+            module.requires_grad_(False)
+        for name, config in configs.items():
+            module = modules[name]
+            if _has_peft(module) and ADAPTER in module.peft_config:
+                _detach(module, had_peft=True)  # left over by an earlier crash
+            module.add_adapter(config, adapter_name=ADAPTER)
+            attached.append(name)
+            if hasattr(module, "set_adapter"):
+                module.set_adapter(ADAPTER)
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+            module.train()
+            if checkpointing:
+                if name == "unet":
+                    if not module.is_gradient_checkpointing:
+                        module.enable_gradient_checkpointing()
+                        checkpointed.append(name)
+                elif not module.is_activation_checkpointing:
+                    module.activation_checkpointing_enable(
+                        activation_checkpointing_kwargs={"use_reentrant": False}
+                    )
+                    checkpointed.append(name)
+        yield AttachedLora({n: modules[n] for n in configs}, configs)
+    finally:
+        for name in checkpointed:
+            module = modules[name]
+            if name == "unet":
+                module.disable_gradient_checkpointing()
+            else:
+                module.activation_checkpointing_disable()
+                if hasattr(module, "disable_input_require_grads"):
+                    with contextlib.suppress(AttributeError):
+                        module.disable_input_require_grads()
+        for name in attached:
+            _detach(modules[name], had_peft=saved[name][2])
+        for name, module in modules.items():
+            training, grad_names, _ = saved[name]
+            for key, param in module.named_parameters():
+                param.requires_grad_(key in grad_names)
+            module.train(training)
+
+
+def save_diffusers_lora(
+    out_dir: Path, family: str, lora: AttachedLora, peft_state: dict[str, dict[str, torch.Tensor]]
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``.
+
+    The adapter configs (rank, alpha, targets) go into the file's metadata, so an alpha that
+    differs from the rank survives loading.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    layers = {
+        f"{name}_lora_layers": convert_state_dict_to_diffusers(sd)
+        for name, sd in peft_state.items()
+    }
+    metadata = {
+        f"{name}_lora_adapter_metadata": lora.configs[name].to_dict() for name in peft_state
+    }
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    cls.save_lora_weights(
+        save_directory=out_dir,
+        safe_serialization=True,
+        weight_name=WEIGHTS_NAME,
+        **layers,
+        **metadata,
+    )
+    return out_dir / WEIGHTS_NAME
+
+
+def export_kohya(weights: Path, out_file: Path, lora: AttachedLora) -> Path:
+    """Convert a diffusers-format LoRA file to the kohya layout (A1111 / ComfyUI).
+
+    diffusers writes ``alpha = rank``; the real alpha of each component is written instead.
+    """
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(weights))))
+    prefixes = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        component = next((c for p, c in prefixes.items() if key.startswith(p)), None)
+        if component in lora.configs:
+            kohya[key] = torch.tensor(float(lora.configs[component].lora_alpha))
+    save_file(
+        {k: v.contiguous() for k, v in kohya.items()}, str(out_file), metadata={"format": "pt"}
+    )
+    return out_file

@@ -1,0 +1,185 @@
+"""Checkpoints: adapters + resumable training state, written without pickle, atomically.
+
+A checkpoint folder ``<run>/checkpoints/step-000010/`` holds::
+
+    pytorch_lora_weights.safetensors   diffusers format (``pipeline.load_lora_weights(folder)``)
+    kohya_lora.safetensors             only with ``train.export_kohya``
+    state/lora.safetensors             PEFT-format adapter tensors ("<component>::<key>")
+    state/optimizer.safetensors        optimizer tensors ("<param index>.<name>")
+    state/optimizer.json               param groups and non-tensor optimizer state
+    state/rng.safetensors              torch CPU / CUDA / trainer-generator states (uint8)
+    state/trainer.json                 lr scheduler, grad scaler, step, loss
+    checkpoint.json                    step, config hash, data hash, written last
+
+It is written into ``checkpoints/.tmp-step-000010-*`` and renamed into place, so a crash while
+saving leaves earlier checkpoints untouched and never exposes half a folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.train.io import atomic_write_json, atomic_write_tensors, read_json, read_tensors
+
+__all__ = [
+    "CHECKPOINT_JSON",
+    "TrainingState",
+    "capture_rng",
+    "checkpoint_dir",
+    "complete_checkpoints",
+    "load_optimizer",
+    "restore_rng",
+    "save_optimizer",
+    "write_checkpoint_atomically",
+]
+
+CHECKPOINT_JSON = "checkpoint.json"
+STATE_DIR = "state"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """``<run>/checkpoints/step-000010``."""
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+    """Optimizer state: tensors to safetensors, structure and scalars to JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    atomic_write_tensors(out_dir / "optimizer.safetensors", tensors)
+    atomic_write_json(
+        out_dir / "optimizer.json",
+        {"param_groups": state["param_groups"], "scalars": scalars},
+    )
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, in_dir: Path) -> None:
+    """Inverse of :func:`save_optimizer`."""
+    meta = read_json(in_dir / "optimizer.json")
+    tensors = read_tensors(in_dir / "optimizer.safetensors")
+    if tensors is None:
+        raise FileNotFoundError(in_dir / "optimizer.safetensors")
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        per_param.setdefault(int(index), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """All torch RNG states that affect training, as uint8 tensors."""
+    states = {"torch_cpu": torch.get_rng_state(), "trainer": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda_{i}"] = cuda_state
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(states["torch_cpu"])
+    generator.set_state(states["trainer"])
+    cuda_keys = sorted((k for k in states if k.startswith("cuda_")), key=lambda k: int(k[5:]))
+    if cuda_keys and torch.cuda.is_available() and len(cuda_keys) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([states[k] for k in cuda_keys])
+
+
+@dataclass
+class TrainingState:
+    """What is needed to continue from a checkpoint."""
+
+    step: int
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def state_dir(self) -> Path:
+        """The ``state/`` folder."""
+        return self.path / STATE_DIR
+
+    def lora_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT-format adapter tensors per component."""
+        flat = read_tensors(self.state_dir / "lora.safetensors")
+        if flat is None:
+            raise FileNotFoundError(self.state_dir / "lora.safetensors")
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            component, name = key.split("::", 1)
+            out.setdefault(component, {})[name] = value
+        return out
+
+    def rng(self) -> dict[str, torch.Tensor]:
+        """Saved RNG states."""
+        states = read_tensors(self.state_dir / "rng.safetensors")
+        if states is None:
+            raise FileNotFoundError(self.state_dir / "rng.safetensors")
+        return states
+
+    def trainer(self) -> dict[str, Any]:
+        """Scheduler / grad-scaler state and counters."""
+        data: dict[str, Any] = read_json(self.state_dir / "trainer.json")
+        return data
+
+
+def complete_checkpoints(run_dir: Path) -> list[TrainingState]:
+    """Complete checkpoints of a run (``checkpoint.json`` present), by step."""
+    root = run_dir / "checkpoints"
+    found: list[TrainingState] = []
+    for folder in sorted(root.glob("step-*")) if root.is_dir() else []:
+        meta_file = folder / CHECKPOINT_JSON
+        if not meta_file.is_file():
+            continue
+        try:
+            meta = read_json(meta_file)
+        except ValueError:
+            continue
+        found.append(TrainingState(int(meta["step"]), folder, meta))
+    return sorted(found, key=lambda s: s.step)
+
+
+def write_checkpoint_atomically(
+    run_dir: Path, step: int, write: Callable[[Path], dict[str, Any]]
+) -> Path:
+    """Let ``write(tmp_dir)`` fill a temp folder and return the checkpoint metadata, then write
+    ``checkpoint.json`` and rename the folder to its final name.
+
+    Raises whatever ``write`` raises; the temp folder is removed and nothing else changes.
+    """
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        (tmp / STATE_DIR).mkdir()
+        meta = write(tmp)
+        atomic_write_json(tmp / CHECKPOINT_JSON, {**meta, "step": step, "complete": True})
+        if final.exists():  # an older run to the same step (e.g. resume=False): replace it
+            old = final.with_name(f".old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

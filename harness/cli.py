@@ -28,7 +28,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Inspect and validate the resolved configuration.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect and validate the resolved configuration.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 
 err_console = Console(stderr=True)
@@ -88,7 +90,9 @@ def _main(
     ] = Path("params.yaml"),
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", "-S", help="Override a config key, e.g. -S train.rank=8 (repeatable)."),
+        typer.Option(
+            "--set", "-S", help="Override a config key, e.g. -S train.rank=8 (repeatable)."
+        ),
     ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")
@@ -102,6 +106,9 @@ def _main(
     )
     for noisy in ("urllib3", "filelock", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # diffusers warns on every text-encoder-free LoRA load; that is expected here.
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
 @config_app.command("show")
@@ -144,6 +151,113 @@ def model_info() -> None:
         }
 
     typer.echo(json.dumps(run_command(body), indent=2))
+
+
+@app.command("resolve")
+def resolve_cmd(
+    out: Annotated[Path | None, typer.Option(help="Folder for the resolved files.")] = None,
+) -> None:
+    """Write resolved config sections and the raw-photo fingerprint (first DVC stage)."""
+
+    def body() -> Path:
+        from harness.pipeline import run_resolve
+
+        return run_resolve(load(), project_root(), out)
+
+    typer.echo(f"resolved config and sources in {run_command(body)}")
+
+
+@app.command("prepare")
+def prepare_cmd() -> None:
+    """Prepare the subject dataset: decode, orient, crop, caption, dedupe, split."""
+
+    def body() -> Any:
+        from harness.pipeline import run_prepare
+
+        return run_prepare(load(), project_root())
+
+    result = run_command(body)
+    typer.echo(
+        f"prepared {result.n_train} train / {result.n_val} val photos "
+        f"({result.n_rejected} rejected) in {result.out_dir}"
+    )
+    for warning in getattr(result, "warnings", []):
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@app.command("train")
+def train_cmd(
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: train.output_dir).")
+    ] = None,
+) -> None:
+    """Train one LoRA with the configured settings; checkpoints at train.checkpoint_steps."""
+
+    def body() -> Any:
+        from harness.pipeline import run_train
+
+        return run_train(load(), project_root(), run_dir)
+
+    result = run_command(body)
+    typer.echo(f"{result.status}: {result.steps_done}/{result.max_steps} steps in {result.run_dir}")
+    if result.status != "completed":
+        err_console.print(f"[bold red]error:[/] training {result.status}: {result.reason}")
+        raise typer.Exit(code=1)
+
+
+@app.command("generate")
+def generate_cmd(
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA checkpoint folder or .safetensors; none = base model.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/generate"),
+) -> None:
+    """Generate eval.prompts x eval.images_per_prompt seeds with the eval settings."""
+
+    def body() -> int:
+        from harness.generate import eval_seeds, generate_images, setting_from_config
+        from harness.models import load_pipeline
+
+        cfg = load()
+        if adapter is not None and not adapter.exists():
+            raise HarnessError(f"--adapter: {adapter}: not found")
+        loaded = load_pipeline(cfg.model)
+        records = generate_images(
+            loaded,
+            templates=cfg.eval.prompts,
+            token=cfg.data.token,
+            class_name=cfg.data.class_name or "object",
+            seeds=eval_seeds(cfg),
+            settings=[setting_from_config(cfg.eval)],
+            out_dir=out,
+            adapter=adapter,
+            resolution=cfg.eval.resolution or cfg.data.resolution,
+            batch_size=cfg.eval.batch_size,
+        )
+        return len(records)
+
+    typer.echo(f"generated {run_command(body)} images in {out} (manifest.jsonl)")
+
+
+@app.command("sweep")
+def sweep_cmd() -> None:
+    """Run or continue the Optuna sweep (many workers may share one study)."""
+
+    def body() -> Any:
+        from harness.pipeline import run_sweep_stage
+
+        return run_sweep_stage(load(), project_root())
+
+    summary = run_command(body)
+    typer.echo(summary.describe())
+    typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+    for row in summary.pareto[:5]:
+        scores = ", ".join(
+            f"{k[10:]}={v:.3f}" for k, v in row.items() if k.startswith("objective.")
+        )
+        typer.echo(
+            f"  pareto: run {row['run_key']} step {row['eval.steps']} {row['setting_id']}: {scores}"
+        )
 
 
 def main() -> None:

@@ -361,7 +361,7 @@ class SweepConfig(_Strict):
     pruner_warmup_steps: int = Field(0, ge=0)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
     space: dict[str, ParamSpec | float | int | bool | str] = Field(default_factory=dict)
-    inference: InferenceGrid = Field(default_factory=InferenceGrid)  # type: ignore[arg-type]
+    inference: InferenceGrid = Field(default_factory=InferenceGrid)
     keep_adapters: Literal["pareto", "best", "all"] = "pareto"
     heartbeat_interval_s: int = Field(
         60, ge=1, description="Run heartbeat; a worker silent for grace_period_s is stale."
@@ -391,7 +391,9 @@ class SweepConfig(_Strict):
     @model_validator(mode="after")
     def _grid_needs_choices(self) -> SweepConfig:
         if self.sampler == "grid":
-            ranged = [k for k, v in self.space.items() if isinstance(v, ParamSpec) and v.choices is None]
+            ranged = [
+                k for k, v in self.space.items() if isinstance(v, ParamSpec) and v.choices is None
+            ]
             if ranged:
                 raise ValueError(f"the grid sampler needs 'choices' for {ranged}, not ranges")
         if self.n_trials is None and self.timeout_s is None:

@@ -148,6 +148,24 @@ def set_lora_scales(pipeline: Any, name: str, unet: float, text_encoder: float) 
 
 
 @contextmanager
+def eval_mode(pipeline: Any) -> Iterator[None]:
+    """Put the pipeline's networks in eval mode (LoRA dropout off) and restore their modes."""
+    modules = [
+        m
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae")
+        if (m := getattr(pipeline, name, None)) is not None
+    ]
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+@contextmanager
 def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME) -> Iterator[bool]:
     """Load a LoRA checkpoint folder (or file) for the duration of the block, then delete it.
 
@@ -157,8 +175,17 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
     if adapter is None:
         yield False
         return
+    held = {comp: names for comp, names in pipeline.get_list_adapters().items() if names}
+    if held:
+        # Loading and unloading around live adapters (e.g. one being trained) would corrupt them.
+        raise HarnessError(
+            f"adapter: pipeline already holds LoRA adapters {held}; evaluate those in place "
+            "(adapter=None) or unload them first"
+        )
     adapter = Path(adapter)
-    folder, weight_name = (adapter.parent, adapter.name) if adapter.is_file() else (adapter, LORA_WEIGHTS)
+    folder, weight_name = (
+        (adapter.parent, adapter.name) if adapter.is_file() else (adapter, LORA_WEIGHTS)
+    )
     if not (folder / weight_name).is_file():
         raise HarnessError(f"adapter: {folder / weight_name}: LoRA weights not found")
     pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
@@ -212,7 +239,11 @@ def generate_images(
     total = len(jobs) * len(settings)
     bar = tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False)
     try:
-        with adapter_loaded(pipeline, adapter) as active, torch.inference_mode():
+        with (
+            adapter_loaded(pipeline, adapter) as active,
+            eval_mode(pipeline),
+            torch.inference_mode(),
+        ):
             for setting in settings:
                 if active:
                     set_lora_scales(

@@ -217,6 +217,8 @@ class _Objective:
         trial.set_user_attr("proxy_trial", proxy_trial.number)
         logger.info("run %d (%s): %s", trial.number, key, params)
         track = self._start_tracking(trial, run_cfg, key)
+        if hasattr(self.backend, "track"):
+            self.backend.track = track  # sample grids and per-prompt tables go to this run
         try:
             values = self._run(trial, proxy_trial, params, run_cfg, run_dir, track)
         except optuna.TrialPruned:
@@ -262,7 +264,9 @@ class _Objective:
         track: Any,
     ) -> list[float]:
         def on_checkpoint(ckpt: Checkpoint) -> bool:
-            scores = self.backend.proxy_scores(run_cfg, ckpt.path, run_dir / "proxy" / f"step-{ckpt.step}")
+            scores = self.backend.proxy_scores(
+                run_cfg, ckpt.path, run_dir / "proxy" / f"step-{ckpt.step}"
+            )
             value = scalarize(self.cfg, scores)
             proxy_trial.report(value, ckpt.step)
             trial.set_user_attr(f"proxy.step-{ckpt.step}", value)
@@ -276,7 +280,9 @@ class _Objective:
         outcome = self.backend.train(run_cfg, run_dir, on_checkpoint, on_log)
         trial.set_user_attr("status", outcome.status)
         if outcome.status == "pruned":
-            trial.set_user_attr("prune_reason", outcome.reason or "proxy score below the pruner's bar")
+            trial.set_user_attr(
+                "prune_reason", outcome.reason or "proxy score below the pruner's bar"
+            )
             raise optuna.TrialPruned(outcome.reason)
         if outcome.status == "failed":
             raise RuntimeError(outcome.reason or "training failed")
@@ -324,8 +330,8 @@ class _Objective:
             "point_key": point_key,
             "run_trial": trial.number,
             "run_key": trial.user_attrs["run_key"],
-            "adapter": str(ckpt.path),
-            "images_dir": str(ev.images_dir),
+            "adapter": _relative(ckpt.path, self.root),
+            "images_dir": _relative(ev.images_dir, self.root),
             "n_images": ev.n_images,
             "scores": ev.scores,
             "setting_id": ev.setting.id,
@@ -340,6 +346,14 @@ class _Objective:
                 user_attrs=attrs,
             )
         )
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the project root when inside it (tables stay portable)."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def scalarize_values(cfg: HarnessConfig, values: Sequence[float]) -> float:
@@ -414,7 +428,7 @@ def run_sweep(
     logger.info("sweep loop finished in %.1fs", time.perf_counter() - started)
     summary = summarize(cfg, root, studies)
     summary.started_runs_this_call = objective.started
-    _prune_adapters(cfg, studies, summary)
+    _prune_adapters(cfg, root, studies, summary)
     return summary
 
 
@@ -444,13 +458,17 @@ def summarize(cfg: HarnessConfig, root: Path, studies: Studies) -> SweepSummary:
     )
 
 
-def _prune_adapters(cfg: HarnessConfig, studies: Studies, summary: SweepSummary) -> None:
+def _prune_adapters(
+    cfg: HarnessConfig, root: Path, studies: Studies, summary: SweepSummary
+) -> None:
     """Delete checkpoints of finished runs that are not kept (``sweep.keep_adapters``)."""
     if cfg.sweep.keep_adapters == "all":
         return
     keep_points = summary.pareto if cfg.sweep.keep_adapters == "pareto" else summary.pareto[:1]
-    keep = {Path(p["adapter"]).resolve() for p in keep_points}
-    for trial in studies.runs.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    keep = {(root / p["adapter"]).resolve() for p in keep_points}
+    for trial in studies.runs.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+    ):
         run_dir = trial.user_attrs.get("run_dir")
         if not run_dir:
             continue

@@ -53,7 +53,9 @@ def _distribution(spec: ParamSpec | float | int | bool | str) -> BaseDistributio
     if all(isinstance(v, int) and not isinstance(v, bool) for v in (spec.low, spec.high)) and (
         spec.step is None or isinstance(spec.step, int)
     ):
-        return IntDistribution(int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
+        return IntDistribution(
+            int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1)
+        )
     return FloatDistribution(float(spec.low), float(spec.high), log=spec.log, step=spec.step)
 
 
@@ -89,8 +91,8 @@ def _max_possible_steps(cfg: HarnessConfig) -> int:
         return cfg.train.max_steps
     if isinstance(spec, ParamSpec):
         values = spec.choices if spec.choices is not None else [spec.high]
-        return max(int(v) for v in values if v is not None)  # type: ignore[arg-type]
-    return int(spec)  # type: ignore[arg-type]
+        return max(int(v) for v in values if v is not None)
+    return int(spec)
 
 
 def sample_training_params(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ A sweep named ``S`` keeps three studies in one storage:
     the results table come from here.
 
 Runs use Optuna's heartbeat: a worker killed hard leaves its run stale, and the next worker
-marks it failed and re-queues the same parameters (``RetryFailedTrialCallback``); the trainer
+marks it failed and re-queues the same parameters (``RetryHeartbeatStaleTrialCallback``); the trainer
 then resumes from the run's last checkpoint.
 """
 
@@ -29,15 +29,15 @@ from typing import Any
 
 import optuna
 from optuna.distributions import distribution_to_json
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
 from harness.sweep.space import evaluated_distributions, grid_search_space, training_distributions
 
 __all__ = [
-    "SweepError",
     "Studies",
+    "SweepError",
     "directions",
     "make_pruner",
     "make_sampler",
@@ -72,9 +72,9 @@ def objective_names(cfg: HarnessConfig) -> list[str]:
     return [cfg.sweep.subject_metric, cfg.sweep.prompt_metric]
 
 
-def directions(cfg: HarnessConfig) -> list[str]:
+def directions(cfg: HarnessConfig) -> list[optuna.study.StudyDirection]:
     """All objectives are maximised."""
-    return ["maximize"] * len(objective_names(cfg))
+    return [optuna.study.StudyDirection.MAXIMIZE] * len(objective_names(cfg))
 
 
 def storage_url(cfg: HarnessConfig, root: Path) -> str:
@@ -92,7 +92,7 @@ def _storage(url: str, cfg: HarnessConfig) -> RDBStorage:
         url,
         heartbeat_interval=interval,
         grace_period=cfg.sweep.grace_period_s or 2 * interval,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2, inherit_intermediate_values=False),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         engine_kwargs=_engine_kwargs(url),
     )
 
@@ -125,9 +125,7 @@ def make_pruner(cfg: HarnessConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if sweep.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=2, n_warmup_steps=sweep.pruner_warmup_steps
-    )
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=sweep.pruner_warmup_steps)
 
 
 def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
@@ -135,7 +133,7 @@ def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
     dists = {**training_distributions(cfg.sweep), **evaluated_distributions(cfg)}
     return {
         "objectives": objective_names(cfg),
-        "directions": directions(cfg),
+        "directions": [d.name.lower() for d in directions(cfg)],
         "weights": cfg.sweep.weights,
         "space": {name: json.loads(distribution_to_json(d)) for name, d in sorted(dists.items())},
         "inference": cfg.sweep.inference.model_dump(mode="json"),

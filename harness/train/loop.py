@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,7 @@ __all__ = ["class_prompt_for", "config_hash", "train_lora"]
 logger = logging.getLogger(__name__)
 
 LogCallback = Callable[[dict[str, Any], int], None]
-CheckpointCallback = Callable[[CheckpointInfo], "bool | None"]
+CheckpointCallback = Callable[[CheckpointInfo], bool | None]
 
 # Keys that do not change the training trajectory (so changing them keeps resume possible).
 _NOT_HASHED = {"checkpoint_steps", "output_dir", "export_kohya"}
@@ -142,6 +142,51 @@ class _Data:
     stats: dict[str, CacheStats] = field(default_factory=dict)
 
 
+def _param_groups(lora: AttachedLora, train: Any) -> list[dict[str, Any]]:
+    """AdamW groups: UNet LoRA at ``learning_rate``, text-encoder LoRA at ``text_encoder_lr``."""
+    groups: list[dict[str, Any]] = [
+        {"params": lora.parameters("unet"), "lr": train.learning_rate, "name": "unet"}
+    ]
+    te_params = [p for c in lora.modules if c != "unet" for p in lora.parameters(c)]
+    if te_params:
+        groups.append({"params": te_params, "lr": train.text_encoder_lr, "name": "text_encoder"})
+    return groups
+
+
+class _Attachment:
+    """The training adapters on the shared pipeline; can be detached and re-attached."""
+
+    def __init__(self, model: LoadedModel, train: Any) -> None:
+        self._model, self._train = model, train
+        self._cm: contextlib.AbstractContextManager[AttachedLora] | None = None
+        self._lora: AttachedLora | None = None
+
+    @property
+    def lora(self) -> AttachedLora:
+        if self._lora is None:
+            raise RuntimeError("training adapters are detached")
+        return self._lora
+
+    def attach(self) -> AttachedLora:
+        rng = torch.get_rng_state()  # LoRA init draws from it; keep the trajectory seeded
+        self._cm = attached_lora(self._model, self._train)
+        self._lora = self._cm.__enter__()
+        torch.set_rng_state(rng)
+        return self._lora
+
+    def detach(self) -> None:
+        if self._cm is not None:
+            cm, self._cm, self._lora = self._cm, None, None
+            cm.__exit__(None, None, None)
+
+    def __enter__(self) -> _Attachment:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
 @dataclass
 class _Trainer:
     """State of one training call; methods are the pieces of the loop."""
@@ -149,7 +194,7 @@ class _Trainer:
     cfg: HarnessConfig
     model: LoadedModel
     data: _Data
-    lora: AttachedLora
+    attachment: _Attachment
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     noise_scheduler: Any
@@ -160,6 +205,38 @@ class _Trainer:
     @property
     def prior(self) -> bool:
         return self.cfg.train.prior_preservation
+
+    @property
+    def lora(self) -> AttachedLora:
+        return self.attachment.lora
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Give the caller the untouched base pipeline (adapters detached, eval mode), e.g. for
+        a proxy evaluation that loads the checkpoint itself; then re-attach the adapters with
+        the same weights, re-bind the optimizer state and restore all RNG states, so the
+        callback cannot change the training trajectory."""
+        lora_state = {
+            c: {k: v.detach().clone() for k, v in sd.items()}
+            for c, sd in self.lora.peft_state_dicts().items()
+        }
+        rng = capture_rng(self.generator)
+        old_groups = [list(g["params"]) for g in self.optimizer.param_groups]
+        self.attachment.detach()
+        try:
+            yield
+        finally:
+            self.attachment.attach()
+            self.lora.load_peft_state_dicts(lora_state)
+            new_groups = _param_groups(self.lora, self.cfg.train)
+            for group, old, new in zip(
+                self.optimizer.param_groups, old_groups, new_groups, strict=True
+            ):
+                for old_p, new_p in zip(old, new["params"], strict=True):
+                    if old_p in self.optimizer.state:
+                        self.optimizer.state[new_p] = self.optimizer.state.pop(old_p)
+                group["params"] = new["params"]
+            restore_rng(rng, self.generator)
 
     def _draw(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], idx: list[int]) -> torch.Tensor:
         mean = torch.stack([pairs[i][0] for i in idx])
@@ -489,6 +566,8 @@ def _run(
         "family": model.family,
         "model": cfg.model.pretrained,
         "max_steps": t.max_steps,
+        "model_revision": cfg.model.revision,
+        "train_config": t.model_dump(mode="json"),
     }
     result.info = {
         "latent_cache": vars(data.stats["latents"]),
@@ -498,12 +577,10 @@ def _run(
             {type(p).__name__ for p in model.pipeline.unet.attn_processors.values()}
         ),
     }
-    with attached_lora(model, t) as lora:
-        groups = [{"params": lora.parameters("unet"), "lr": t.learning_rate, "name": "unet"}]
-        te_params = [p for c in lora.modules if c != "unet" for p in lora.parameters(c)]
-        if te_params:
-            groups.append({"params": te_params, "lr": t.text_encoder_lr, "name": "text_encoder"})
-        optimizer = torch.optim.AdamW(groups, weight_decay=t.adam_weight_decay)
+    with _Attachment(model, t) as attachment:
+        optimizer = torch.optim.AdamW(
+            _param_groups(attachment.lora, t), weight_decay=t.adam_weight_decay
+        )
         lr_scheduler = get_scheduler(
             t.lr_scheduler,
             optimizer,
@@ -515,7 +592,7 @@ def _run(
             cfg,
             model,
             data,
-            lora,
+            attachment,
             optimizer,
             lr_scheduler,
             noise_scheduler,
@@ -579,7 +656,11 @@ def _run(
                         result.checkpoints = [c for c in result.checkpoints if c.step != step] + [
                             info
                         ]
-                        if on_checkpoint is not None and on_checkpoint(info) is True:
+                        if on_checkpoint is None:
+                            continue
+                        with trainer.suspended():
+                            stop = on_checkpoint(info)
+                        if stop is True:
                             result.status, result.reason = (
                                 "pruned",
                                 f"stopped by on_checkpoint at step {step}",

@@ -77,9 +77,7 @@ def test_params_override_preset(tmp_path: Path) -> None:
 
 
 def test_error_names_preset_file_and_key(tmp_path: Path) -> None:
-    params = write_project(
-        tmp_path, "preset: sd15-lora\n", {"sd15-lora": "train:\n  rank: 0\n"}
-    )
+    params = write_project(tmp_path, "preset: sd15-lora\n", {"sd15-lora": "train:\n  rank: 0\n"})
     assert errors_of(params) == ["experiments/sd15-lora.yaml: train.rank: must be >= 1, got 0"]
 
 
@@ -91,7 +89,9 @@ def test_error_names_params_file_when_override_is_bad(tmp_path: Path) -> None:
 def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
     params = write_project(tmp_path, "preset: base\ntrain:\n  lerning_rate: 0.1\n")
     (problem,) = errors_of(params)
-    assert problem.startswith(f"{params}: train.lerning_rate: unknown key (did you mean 'learning_rate'?)")
+    assert problem.startswith(
+        f"{params}: train.lerning_rate: unknown key (did you mean 'learning_rate'?)"
+    )
 
 
 def test_unknown_section(tmp_path: Path) -> None:
@@ -106,8 +106,14 @@ def test_unknown_section(tmp_path: Path) -> None:
         ("train:\n  rank: '4'\n", "train.rank: expected int, got str '4'"),
         ("train:\n  learning_rate: -1.0e-4\n", "train.learning_rate: must be > 0.0, got -0.0001"),
         ("eval:\n  guidance_scale: -1\n", "eval.guidance_scale: must be >= 0.0, got -1"),
-        ("model:\n  dtype: float8\n", "model.dtype: must be one of 'float32', 'bfloat16' or 'float16', got 'float8'"),
-        ("train:\n  train_text_encoder: 'yes'\n", "train.train_text_encoder: expected bool, got str 'yes'"),
+        (
+            "model:\n  dtype: float8\n",
+            "model.dtype: must be one of 'float32', 'bfloat16' or 'float16', got 'float8'",
+        ),
+        (
+            "train:\n  train_text_encoder: 'yes'\n",
+            "train.train_text_encoder: expected bool, got str 'yes'",
+        ),
         ("data:\n  resolution: 100\n", "data.resolution: must be a multiple of 8, got 100"),
     ],
 )
@@ -131,7 +137,9 @@ def test_checkpoint_steps_beyond_max_steps(tmp_path: Path) -> None:
 
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
-    params = write_project(tmp_path, "preset: base\ntrain:\n  rank: 0\neval:\n  guidance_scale: -3\n")
+    params = write_project(
+        tmp_path, "preset: base\ntrain:\n  rank: 0\neval:\n  guidance_scale: -3\n"
+    )
     problems = errors_of(params)
     assert len(problems) == 2
     assert {p.split(": ")[1] for p in problems} == {"train.rank", "eval.guidance_scale"}
@@ -170,6 +178,9 @@ def test_parse_override_types() -> None:
         parse_override("novalue")
 
 
-@pytest.mark.parametrize(("n", "fraction", "expected"), [(5, 0.2, 1), (10, 0.2, 2), (4, 0.0, 0), (3, 0.5, 2), (1, 0.2, 1)])
+@pytest.mark.parametrize(
+    ("n", "fraction", "expected"),
+    [(5, 0.2, 1), (10, 0.2, 2), (4, 0.0, 0), (3, 0.5, 2), (1, 0.2, 1)],
+)
 def test_validation_count(n: int, fraction: float, expected: int) -> None:
     assert validation_count(n, fraction) == expected

@@ -26,7 +26,9 @@ def random_lora(pipeline: Any, out_dir: Path, seed: int = 0) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     unet = copy.deepcopy(pipeline.unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -85,10 +87,16 @@ def test_deterministic_and_independent_of_batching(tiny_sd15: Any, tmp_path: Pat
 def test_lora_scale_zero_equals_base_and_adapter_is_removed(tiny_sd15: Any, tmp_path: Path) -> None:
     lora = random_lora(tiny_sd15.pipeline, tmp_path / "lora")
     base = run(tiny_sd15, tmp_path / "base", seeds=[3])
-    zero = InferenceSetting(guidance_scale=5.0, num_inference_steps=2, scheduler="ddim", lora_scale=0.0)
+    zero = InferenceSetting(
+        guidance_scale=5.0, num_inference_steps=2, scheduler="ddim", lora_scale=0.0
+    )
     scaled = run(tiny_sd15, tmp_path / "lora-out", seeds=[3], settings=[zero, FAST], adapter=lora)
-    assert np.array_equal(pixels(tmp_path / "base", base[0]), pixels(tmp_path / "lora-out", scaled[0]))
-    assert not np.array_equal(pixels(tmp_path / "base", base[0]), pixels(tmp_path / "lora-out", scaled[2]))
+    assert np.array_equal(
+        pixels(tmp_path / "base", base[0]), pixels(tmp_path / "lora-out", scaled[0])
+    )
+    assert not np.array_equal(
+        pixels(tmp_path / "base", base[0]), pixels(tmp_path / "lora-out", scaled[2])
+    )
     assert not any("lora" in key for key in tiny_sd15.pipeline.unet.state_dict())
     again = run(tiny_sd15, tmp_path / "again", seeds=[3])
     assert np.array_equal(pixels(tmp_path / "base", base[0]), pixels(tmp_path / "again", again[0]))
@@ -96,8 +104,12 @@ def test_lora_scale_zero_equals_base_and_adapter_is_removed(tiny_sd15: Any, tmp_
 
 def test_schedulers_switch_and_restore(tiny_sd15: Any, tmp_path: Path) -> None:
     before = type(tiny_sd15.pipeline.scheduler)
-    settings = [InferenceSetting(num_inference_steps=2, scheduler=s) for s in ("dpmsolver++", "euler")]
-    records = run(tiny_sd15, tmp_path, templates=["a {token} {class_name}"], seeds=[0], settings=settings)
+    settings = [
+        InferenceSetting(num_inference_steps=2, scheduler=s) for s in ("dpmsolver++", "euler")
+    ]
+    records = run(
+        tiny_sd15, tmp_path, templates=["a {token} {class_name}"], seeds=[0], settings=settings
+    )
     assert {r.setting.scheduler for r in records} == {"dpmsolver++", "euler"}
     assert type(tiny_sd15.pipeline.scheduler) is before
 

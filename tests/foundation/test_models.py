@@ -174,7 +174,7 @@ def test_bad_references(value: str, message: str) -> None:
 
 
 def test_folder_without_model_index(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
         parse_model_ref(str(tmp_path))
 
 

@@ -71,6 +71,12 @@ class FakeBackend:
         for s in settings:
             self.evaluated.append((adapter.parent.parent.name, step))
             q = self._quality(cfg, step) * s.lora_scale
-            scores = {"dino": q, "dino_lo": q - 0.01, "dino_hi": q + 0.01, "clip_i": q, "clip_t": 0.3 - 0.01 * s.guidance_scale * s.lora_scale}
+            scores = {
+                "dino": q,
+                "dino_lo": q - 0.01,
+                "dino_hi": q + 0.01,
+                "clip_i": q,
+                "clip_t": 0.3 - 0.01 * s.guidance_scale * s.lora_scale,
+            }
             out.append(PointEval(s, scores, out_dir / s.id, n_images=4))
         return out

@@ -52,14 +52,22 @@ def test_more_points_than_runs_over_steps_and_scales(tmp_path: Path) -> None:
     assert set(frame["eval.steps"]) == {10, 20}
     assert set(frame["eval.guidance_scale"]) == {3.0, 7.0}
     assert set(frame["eval.lora_scale"]) == {0.5, 1.0}
-    assert {"train.learning_rate", "train.rank", "objective.dino", "objective.clip_t", "score.dino_lo"} <= set(frame.columns)
+    assert {
+        "train.learning_rate",
+        "train.rank",
+        "objective.dino",
+        "objective.clip_t",
+        "score.dino_lo",
+    } <= set(frame.columns)
     assert frame["pareto"].any()
     assert pd.read_csv(summary.results_csv).shape == frame.shape
     points = optuna.load_study(study_name="t", storage=summary.storage)
     assert len(points.best_trials) == int(frame["pareto"].sum())
     # Importances can be computed over steps and scales too.
     importances = optuna.importance.get_param_importances(
-        points, target=lambda t: t.values[0], evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+        points,
+        target=lambda t: t.values[0],
+        evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
     )
     assert {"eval.steps", "eval.lora_scale", "eval.guidance_scale"} <= set(importances)
     assert "4 training runs" in summary.describe() and "32 evaluated points" in summary.describe()
@@ -67,9 +75,7 @@ def test_more_points_than_runs_over_steps_and_scales(tmp_path: Path) -> None:
 
 def test_hopeless_trial_is_pruned(tmp_path: Path) -> None:
     lrs = [1e-4, 2e-4, 3e-4, 0.5]
-    cfg = make_cfg(
-        tmp_path, pruner="median", n_trials=4, space={"learning_rate": {"choices": lrs}}
-    )
+    cfg = make_cfg(tmp_path, pruner="median", n_trials=4, space={"learning_rate": {"choices": lrs}})
     runs_study = open_studies(cfg, tmp_path).runs
     for lr in lrs:  # three healthy runs first (the pruner's baseline), the hopeless one last
         runs_study.enqueue_trial({"train.learning_rate": lr})
@@ -100,7 +106,9 @@ def test_resume_does_not_repeat_finished_runs(tmp_path: Path) -> None:
 
 def test_mismatched_resume_is_refused(tmp_path: Path) -> None:
     run_sweep(make_cfg(tmp_path, n_trials=1), tmp_path, FakeBackend())
-    changed = make_cfg(tmp_path, n_trials=2, space={"learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}})
+    changed = make_cfg(
+        tmp_path, n_trials=2, space={"learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}}
+    )
     with pytest.raises(SweepError) as info:
         run_sweep(changed, tmp_path, FakeBackend())
     message = str(info.value)
@@ -118,20 +126,38 @@ def test_grid_sampler_reproduces_grid_exactly(tmp_path: Path) -> None:
         sampler="grid",
         n_trials=10,
         space={"learning_rate": {"choices": lrs}, "rank": {"choices": ranks}},
-        inference={"guidance_scale": [1.0, 7.0, 14.0], "lora_scale": [0.5, 1.0], "text_encoder_lora_scale": [0.0, 1.0]},
+        inference={
+            "guidance_scale": [1.0, 7.0, 14.0],
+            "lora_scale": [0.5, 1.0],
+            "text_encoder_lora_scale": [0.0, 1.0],
+        },
     )
     summary = run_sweep(cfg, tmp_path, FakeBackend())
     frame = pd.read_parquet(summary.results_parquet)
     assert summary.runs_completed == 4  # the grid is exhausted before n_trials
     got_train = set(zip(frame["train.learning_rate"], frame["train.rank"], strict=True))
     assert got_train == set(itertools.product(lrs, ranks))
-    got = set(zip(frame["train.learning_rate"], frame["train.rank"], frame["eval.steps"], frame["eval.guidance_scale"], frame["eval.lora_scale"], frame["eval.text_encoder_lora_scale"], strict=True))
-    expected = set(itertools.product(lrs, ranks, [10, 20], [1.0, 7.0, 14.0], [0.5, 1.0], [0.0, 1.0]))
+    got = set(
+        zip(
+            frame["train.learning_rate"],
+            frame["train.rank"],
+            frame["eval.steps"],
+            frame["eval.guidance_scale"],
+            frame["eval.lora_scale"],
+            frame["eval.text_encoder_lora_scale"],
+            strict=True,
+        )
+    )
+    expected = set(
+        itertools.product(lrs, ranks, [10, 20], [1.0, 7.0, 14.0], [0.5, 1.0], [0.0, 1.0])
+    )
     assert got == expected and len(frame) == len(expected)
 
 
 def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, sampler="grid", space={"learning_rate": {"choices": [1e-4, 2e-4, 3e-4]}})
+    cfg = make_cfg(
+        tmp_path, sampler="grid", space={"learning_rate": {"choices": [1e-4, 2e-4, 3e-4]}}
+    )
     summary = run_sweep(cfg, tmp_path, FakeBackend(fail_lr=2e-4))
     runs = open_studies(cfg, tmp_path).runs.get_trials()
     failed = [t for t in runs if t.state == TrialState.FAIL]
@@ -148,12 +174,14 @@ def test_weighted_single_objective(tmp_path: Path) -> None:
     expected = 0.7 * frame["score.dino"] + 0.3 * frame["score.clip_t"]
     assert (frame["objective.weighted"] - expected).abs().max() < 1e-12
     assert int(frame["pareto"].sum()) == 1
-    assert frame.loc[frame["pareto"], "objective.weighted"].item() == frame["objective.weighted"].max()
+    assert (
+        frame.loc[frame["pareto"], "objective.weighted"].item() == frame["objective.weighted"].max()
+    )
 
 
 def test_non_pareto_adapters_removed(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, n_trials=2, keep_adapters="pareto")
     summary = run_sweep(cfg, tmp_path, FakeBackend())
     kept = {Path(p).resolve() for p in (tmp_path / "runs/sweep/runs").glob("*/checkpoints/step-*")}
-    pareto = {Path(p["adapter"]).resolve() for p in summary.pareto}
+    pareto = {(tmp_path / p["adapter"]).resolve() for p in summary.pareto}
     assert kept == pareto and kept

@@ -1,0 +1,153 @@
+"""Evaluate an adapter (or the base model): generate for every setting, then score each setting.
+
+Scores follow the DreamBooth protocol as implemented by the standalone :mod:`metrics` package:
+DINO and CLIP-I against the subject's real reference photos (all pairs), CLIP-T against each
+image's prompt (identifier policy recorded), DIV among images of the same prompt, and bootstrap
+95% intervals over prompts. Real-photo embeddings are cached by content hash, so a sweep
+computes them once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from harness.config import HarnessConfig
+from harness.generate import GeneratedImage, InferenceSetting, generate_images
+from harness.models import LoadedModel
+
+__all__ = ["SettingScores", "evaluate_adapter", "image_grid", "make_scorer", "score_dict"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SettingScores:
+    """The scores of one inference setting, with its images and per-prompt table."""
+
+    setting: InferenceSetting
+    scores: dict[str, float]
+    images: list[GeneratedImage]
+    images_dir: Path
+    per_prompt: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def make_scorer(cfg: HarnessConfig, device: str = "cpu") -> Any:
+    """A :class:`metrics.Scorer` configured from the ``metrics`` section."""
+    from metrics import Scorer, ScorerConfig
+
+    m = cfg.metrics
+    return Scorer(
+        ScorerConfig(
+            dino_model=m.dino_model,
+            clip_model=m.clip_model,
+            clip_pretrained=m.clip_pretrained,
+            identifier_policy=m.identifier_policy,
+            batch_size=m.batch_size,
+            bootstrap_samples=m.bootstrap_samples,
+            device=device,
+            seed=cfg.seed,
+        )
+    )
+
+
+def score_dict(result: Any) -> dict[str, float]:
+    """Flatten a :class:`metrics.ScoreResult` into ``{metric, metric_lo, metric_hi}`` floats."""
+    out: dict[str, float] = {}
+    for name, value in result.means().items():
+        if value is None:
+            continue
+        out[name] = float(value)
+        interval = result.ci.get(name) if hasattr(result, "ci") else None
+        if interval is not None:
+            out[f"{name}_lo"], out[f"{name}_hi"] = float(interval[0]), float(interval[1])
+    return out
+
+
+def evaluate_adapter(
+    cfg: HarnessConfig,
+    loaded: LoadedModel,
+    scorer: Any,
+    *,
+    reference: Sequence[Path],
+    token: str,
+    class_name: str,
+    adapter: Path | None,
+    settings: Sequence[InferenceSetting],
+    templates: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: Path,
+    progress: bool = False,
+) -> list[SettingScores]:
+    """Generate ``templates x seeds`` for every setting with ``adapter`` loaded once, then score.
+
+    Returns one :class:`SettingScores` per setting, in the order of ``settings``.
+    """
+    records = generate_images(
+        loaded,
+        templates=templates,
+        token=token,
+        class_name=class_name,
+        seeds=seeds,
+        settings=settings,
+        out_dir=out_dir,
+        adapter=adapter,
+        resolution=cfg.eval.resolution or cfg.data.resolution,
+        batch_size=cfg.eval.batch_size,
+        progress=progress,
+    )
+    results = []
+    for setting in settings:
+        mine = [r for r in records if r.setting == setting]
+        result = scorer.score(
+            real=list(reference),
+            generated=[out_dir / r.file for r in mine],
+            prompts=[r.prompt for r in mine],
+            token=token,
+            class_name=class_name,
+        )
+        results.append(
+            SettingScores(
+                setting=setting,
+                scores=score_dict(result),
+                images=mine,
+                images_dir=out_dir / "images" / setting.id,
+                per_prompt=list(getattr(result, "per_prompt", [])),
+                metadata=dict(getattr(result, "metadata", {})),
+            )
+        )
+        _write_setting_manifest(out_dir, setting, mine)
+    return results
+
+
+def _write_setting_manifest(
+    out_dir: Path, setting: InferenceSetting, records: Sequence[GeneratedImage]
+) -> None:
+    """A per-setting manifest whose paths are relative to that setting's folder.
+
+    ``python -m metrics score --generated <setting folder> --prompts <that manifest>`` then
+    reproduces the harness' scores from the files alone.
+    """
+    folder = out_dir / "images" / setting.id
+    with (folder / "manifest.jsonl").open("w", encoding="utf-8") as handle:
+        for record in records:
+            line = {"file": Path(record.file).name, "prompt": record.prompt, "seed": record.seed}
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def image_grid(paths: Sequence[Path], columns: int, cell: int = 128) -> Image.Image:
+    """A simple grid of images (row-major), each resized to ``cell`` pixels."""
+    rows = max(1, -(-len(paths) // columns))
+    grid = Image.new("RGB", (columns * cell, rows * cell), "white")
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            tile = image.convert("RGB").resize((cell, cell))
+        grid.paste(tile, ((i % columns) * cell, (i // columns) * cell))
+    return grid

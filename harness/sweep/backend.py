@@ -1,0 +1,160 @@
+"""The real sweep backend: the harness trainer, generator and metrics on one loaded pipeline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.config import HarnessConfig
+from harness.data import PreparedSubject
+from harness.evaluate import evaluate_adapter, image_grid
+from harness.generate import InferenceSetting, eval_seeds, setting_from_config
+from harness.models import LoadedModel
+from harness.sweep.runner import Checkpoint, PointEval, TrainOutcome
+
+__all__ = ["HarnessBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+class HarnessBackend:
+    """Trains with :func:`harness.train.train_lora` and scores with :mod:`metrics`.
+
+    The base pipeline and the scorer are created once per worker and reused by every run.
+    ``track`` (optional) is the tracker run of the current training run; the sweep sets it.
+    """
+
+    def __init__(
+        self,
+        cfg: HarnessConfig,
+        loaded: LoadedModel,
+        subject: PreparedSubject,
+        scorer: Any,
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.loaded, self.subject, self.scorer, self.progress = (
+            cfg,
+            loaded,
+            subject,
+            scorer,
+            progress,
+        )
+        self.class_name = subject.class_name or cfg.data.class_name or "object"
+        self.templates = list(cfg.eval.prompts)
+        self.track: Any = None
+
+    @property
+    def instance(self) -> list[tuple[Path, str]]:
+        """Training pairs (image, caption) of the prepared subject."""
+        return list(zip(self.subject.train_paths, self.subject.train_captions, strict=True))
+
+    def train(
+        self,
+        cfg: HarnessConfig,
+        run_dir: Path,
+        on_checkpoint: Callable[[Checkpoint], bool],
+        on_log: Callable[[Mapping[str, float], int], None],
+    ) -> TrainOutcome:
+        """One training run to ``max_steps`` (resumes from its last checkpoint)."""
+        from harness.train import CheckpointInfo, train_lora
+
+        def checkpoint(info: CheckpointInfo) -> bool:
+            return on_checkpoint(Checkpoint(info.step, info.path))
+
+        def log(record: Mapping[str, Any], step: int) -> None:
+            on_log({k: float(v) for k, v in record.items() if _is_number(v)}, step)
+
+        result = train_lora(
+            cfg,
+            self.loaded,
+            self.instance,
+            run_dir,
+            on_log=log,
+            on_checkpoint=checkpoint,
+            progress=self.progress,
+            class_inference_steps=cfg.eval.num_inference_steps,
+        )
+        checkpoints = [Checkpoint(c.step, c.path) for c in result.checkpoints]
+        return TrainOutcome(result.status, checkpoints, result.reason)
+
+    def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
+        """Few prompts, few seeds, the default setting at LoRA scale 1.
+
+        Called by the trainer right after it saved ``adapter``: the live training adapter holds
+        exactly those weights, so it is scored in place (eval mode) instead of being loaded
+        again beside itself.
+        """
+        proxy = cfg.sweep.proxy
+        setting = replace(
+            setting_from_config(cfg.eval), lora_scale=1.0, text_encoder_lora_scale=1.0
+        )
+        (result,) = evaluate_adapter(
+            cfg,
+            self.loaded,
+            self.scorer,
+            reference=self.subject.reference,
+            token=self.subject.token,
+            class_name=self.class_name,
+            adapter=None,
+            settings=[setting],
+            templates=self.templates[: proxy.prompts],
+            seeds=[cfg.eval.seed + i for i in range(proxy.images_per_prompt)],
+            out_dir=out_dir,
+        )
+        return result.scores
+
+    def evaluate(
+        self,
+        cfg: HarnessConfig,
+        adapter: Path,
+        settings: Sequence[InferenceSetting],
+        out_dir: Path,
+    ) -> list[PointEval]:
+        """All prompts x ``eval.images_per_prompt`` seeds under every setting."""
+        results = evaluate_adapter(
+            cfg,
+            self.loaded,
+            self.scorer,
+            reference=self.subject.reference,
+            token=self.subject.token,
+            class_name=self.class_name,
+            adapter=adapter,
+            settings=settings,
+            templates=self.templates,
+            seeds=eval_seeds(cfg),
+            out_dir=out_dir,
+            progress=self.progress,
+        )
+        step = _step_of(adapter)
+        points = []
+        for r in results:
+            if self.track is not None:
+                columns = len(eval_seeds(cfg))
+                grid = image_grid([out_dir / i.file for i in r.images], columns=columns)
+                self.track.log_image(f"samples/{r.setting.id}", "prompts x seeds", grid, step)
+                if r.per_prompt:
+                    self.track.log_table(
+                        f"per-prompt/{r.setting.id}",
+                        f"step {step}",
+                        pd.DataFrame(r.per_prompt),
+                        step,
+                    )
+            extra = {"identifier_policy": r.metadata.get("identifier_policy")}
+            points.append(PointEval(r.setting, r.scores, r.images_dir, len(r.images), extra))
+        return points
+
+
+def _step_of(adapter: Path) -> int:
+    try:
+        return int(adapter.name.rsplit("-", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,434 @@
+"""DreamBooth LoRA trainer on tiny random models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from harness.config import HarnessConfig, ModelConfig
+from harness.models import LoadedModel, load_pipeline
+from harness.train import (
+    ADAPTER,
+    CheckpointInfo,
+    NonFiniteLossError,
+    TrainingOOMError,
+    ensure_class_images,
+    train_lora,
+)
+from harness.train.state import load_optimizer, save_optimizer
+
+Images = Callable[[int], list[tuple[Path, str]]]
+
+
+def make_cfg(family: str = "sd15", **train: Any) -> HarnessConfig:
+    """A config for the tiny model with ``train`` overrides (few steps, no checkpoints)."""
+    train = {"max_steps": 2, "checkpoint_steps": [], **train}
+    return HarnessConfig.model_validate(
+        {
+            "preset": "t",
+            "model": {"pretrained": f"tiny://{family}", "device": "cpu"},
+            "data": {"class_name": "dog", "resolution": 64},
+            "train": train,
+        }
+    )
+
+
+def load_tiny(family: str = "sd15") -> LoadedModel:
+    """A freshly loaded tiny pipeline (about a second)."""
+    return load_pipeline(ModelConfig(pretrained=f"tiny://{family}", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def sd15() -> LoadedModel:
+    """This module's own tiny SD 1.x pipeline; tests train on it in place (the trainer must
+    leave it unchanged, which test_base_weights_unchanged checks)."""
+    return load_tiny("sd15")
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Callable[[int], list[tuple[Path, str]]]:
+    """Factory of ``n`` distinct 64 px PNGs with captions."""
+
+    def make(n: int = 1) -> list[tuple[Path, str]]:
+        rng = np.random.default_rng(n)
+        out = []
+        for i in range(n):
+            arr = np.zeros((64, 64, 3), dtype=np.uint8)
+            arr[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
+            arr[16 + 4 * i : 48, 16:48] = rng.integers(0, 255, 3, dtype=np.uint8)
+            path = tmp_path / f"inst-{i}.png"
+            Image.fromarray(arr).save(path)
+            out.append((path, "a photo of sks dog"))
+        return out
+
+    return make
+
+
+def _log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def _keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def _snapshot(model: LoadedModel) -> dict[str, dict[str, torch.Tensor]]:
+    pipe = model.pipeline
+    return {
+        name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()}
+        for name in ("unet", "text_encoder")
+    }
+
+
+def test_loss_decreases_when_overfitting_one_image(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    cfg = make_cfg(
+        max_steps=30,
+        learning_rate=3e-2,
+        batch_size=2,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv_out"],
+    )
+    result = train_lora(cfg, sd15, images(1), tmp_path / "run", progress=False)
+    assert result.status == "completed" and result.steps_done == 30
+    losses = [r["loss"] for r in _log(tmp_path / "run")]
+    assert len(losses) == 30
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_base_weights_unchanged_and_adapters_removed(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    before = _snapshot(sd15)
+    grads = {n: p.requires_grad for n, p in sd15.pipeline.unet.named_parameters()}
+    cfg = make_cfg(max_steps=3, learning_rate=1e-1, train_text_encoder=True)
+    result = train_lora(cfg, sd15, images(2), tmp_path / "run", progress=False)
+    assert result.status == "completed"
+    after = _snapshot(sd15)
+    for name in before:
+        assert before[name].keys() == after[name].keys(), f"{name}: peft layers left behind"
+        for key, value in before[name].items():
+            assert torch.equal(value, after[name][key]), f"{name}.{key} changed"
+        module = getattr(sd15.pipeline, name)
+        assert not getattr(module, "peft_config", None)
+        assert not module.training
+    assert grads == {n: p.requires_grad for n, p in sd15.pipeline.unet.named_parameters()}
+    # the trained adapter really was non-trivial
+    state = load_file(str(result.checkpoints[-1].path / "state" / "lora.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in state.items())
+
+
+def test_checkpoints_saved_and_loadable(sd15: LoadedModel, images: Images, tmp_path: Path) -> None:
+    seen: list[CheckpointInfo] = []
+    cfg = make_cfg(
+        max_steps=4, checkpoint_steps=[2, 4], learning_rate=5e-2, alpha=8.0, export_kohya=True
+    )
+    result = train_lora(
+        cfg, sd15, images(2), tmp_path / "run", on_checkpoint=seen.append, progress=False
+    )
+    assert [c.step for c in result.checkpoints] == [2, 4] == [c.step for c in seen]
+    for ckpt in result.checkpoints:
+        assert ckpt.path.name == f"step-{ckpt.step:06d}"
+        meta = json.loads((ckpt.path / "checkpoint.json").read_text())
+        assert meta["step"] == ckpt.step and meta["config_hash"] == result.config_hash
+        kohya = load_file(str(ckpt.kohya_path))
+        assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    viewer = load_tiny()
+    pipe = viewer.pipeline
+
+    def sample() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        out = pipe("a photo of sks dog", num_inference_steps=2, generator=gen, output_type="pt")
+        return out.images
+
+    base = sample()
+    outputs = []
+    for ckpt in result.checkpoints:
+        pipe.load_lora_weights(ckpt.path, adapter_name=f"s{ckpt.step}")
+        assert pipe.unet.peft_config[f"s{ckpt.step}"].lora_alpha == 8  # alpha != rank kept
+        outputs.append(sample())
+        pipe.delete_adapters(f"s{ckpt.step}")
+    assert (outputs[0] - base).abs().max() > 1e-4
+    assert (outputs[1] - outputs[0]).abs().max() > 1e-4
+    assert torch.allclose(sample(), base)
+
+
+def test_resume_equals_uninterrupted_run(sd15: LoadedModel, images: Images, tmp_path: Path) -> None:
+    train = {
+        "max_steps": 6,
+        "checkpoint_steps": [3, 6],
+        "learning_rate": 2e-2,
+        "dropout": 0.2,  # exercises the torch RNG state
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 2,
+        "gradient_accumulation_steps": 2,
+    }
+    cfg = make_cfg(**train)
+    data = images(3)
+    straight = train_lora(cfg, sd15, data, tmp_path / "straight", progress=False)
+
+    def crash(info: CheckpointInfo) -> None:
+        raise RuntimeError(f"simulated crash after step {info.step}")
+
+    run = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lora(cfg, sd15, data, run, on_checkpoint=crash, progress=False)
+    status = json.loads((run / "result.json").read_text())
+    assert status["status"] == "failed" and "simulated crash" in status["reason"]
+    resumed = train_lora(cfg, sd15, data, run, progress=False)
+    assert resumed.status == "completed" and resumed.resumed_from == 3
+    assert [c.step for c in resumed.checkpoints] == [3, 6]
+    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4, 5, 6]
+    a = load_file(str(straight.checkpoints[-1].path / "state" / "lora.safetensors"))
+    b = load_file(str(resumed.checkpoints[-1].path / "state" / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # and the run really moved away from step 3
+    c = load_file(str(resumed.checkpoints[0].path / "state" / "lora.safetensors"))
+    assert any(not torch.allclose(c[k], b[k]) for k in b)
+
+
+def test_text_encoder_lora_only_when_enabled_with_own_lr(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    logs: list[dict[str, Any]] = []
+    off = train_lora(make_cfg(), sd15, images(1), tmp_path / "off", progress=False)
+    assert not any(k.startswith("text_encoder.") for k in _keys(off.checkpoints[-1].weights_path))
+    assert "lr_text_encoder" not in _log(tmp_path / "off")[0]
+
+    cfg = make_cfg(
+        max_steps=2,
+        train_text_encoder=True,
+        learning_rate=1e-2,
+        text_encoder_lr=3e-3,
+        gradient_checkpointing=True,
+    )
+    on = train_lora(
+        cfg, sd15, images(1), tmp_path / "on", on_log=lambda r, s: logs.append(r), progress=False
+    )
+    assert on.status == "completed"
+    assert [r["step"] for r in logs] == [1, 2]
+    assert {r["lr_unet"] for r in logs} == {1e-2} and {r["lr_text_encoder"] for r in logs} == {3e-3}
+    weights = _keys(on.checkpoints[-1].weights_path)
+    assert any(k.startswith("text_encoder.") for k in weights)
+    assert any(k.startswith("unet.") for k in weights)
+    state = load_file(str(on.checkpoints[-1].path / "state" / "lora.safetensors"))
+    te_b = [v for k, v in state.items() if k.startswith("text_encoder::") and "lora_B" in k]
+    assert te_b and any(v.abs().max() > 0 for v in te_b), "text-encoder LoRA did not train"
+    groups = json.loads((on.checkpoints[-1].path / "state" / "optimizer.json").read_text())
+    assert {g["name"]: g["lr"] for g in groups["param_groups"]} == {
+        "unet": 1e-2,
+        "text_encoder": 3e-3,
+    }
+    assert not sd15.pipeline.text_encoder.is_activation_checkpointing
+    assert not sd15.pipeline.unet.is_gradient_checkpointing
+
+
+def test_prior_preservation_reads_class_images_from_cache(
+    sd15: LoadedModel, images: Images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(prior_preservation=True, num_class_images=2, prior_loss_weight=0.5)
+    cache = tmp_path / "cache"
+    first = ensure_class_images(cfg, sd15, "a photo of dog", 2, cache, num_inference_steps=2)
+    assert len(first) == 2 and all(p.is_file() for p in first)
+    (meta,) = cache.glob("class-images/*/meta.json")
+    assert json.loads(meta.read_text())["count"] == 2
+
+    def no_generation(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the class images must come from the cache")
+
+    monkeypatch.setattr(type(sd15.pipeline), "__call__", no_generation)
+    assert (
+        ensure_class_images(cfg, sd15, "a photo of dog", 2, cache, num_inference_steps=2) == first
+    )
+    result = train_lora(
+        cfg,
+        sd15,
+        images(1),
+        tmp_path / "run",
+        cache_root=cache,
+        class_inference_steps=2,
+        progress=False,
+    )
+    assert result.status == "completed"
+    record = _log(tmp_path / "run")[0]
+    assert record["loss"] == pytest.approx(record["loss_instance"] + 0.5 * record["loss_prior"])
+    assert result.info["latent_cache"]["misses"] == 3  # 1 instance + 2 class images
+
+
+def test_nan_loss_is_a_recorded_failure(sd15: LoadedModel, images: Images, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def poison(module: Any, args: Any, output: Any) -> Any:
+        calls["n"] += 1
+        return (output[0] * float("nan"),) if calls["n"] == 3 else output
+
+    handle = sd15.pipeline.unet.register_forward_hook(poison)
+    try:
+        result = train_lora(
+            make_cfg(max_steps=5), sd15, images(1), tmp_path / "run", progress=False
+        )
+    finally:
+        handle.remove()
+    assert result.status == "failed" and result.error_type == "non_finite_loss"
+    assert "step 3" in (result.reason or "") and result.steps_done == 2
+    saved = json.loads(result.result_path.read_text())
+    assert saved["status"] == "failed" and saved["error_type"] == "non_finite_loss"
+    with pytest.raises(NonFiniteLossError):
+        result.raise_for_status()
+    assert not getattr(sd15.pipeline.unet, "peft_config", None)
+
+
+def test_out_of_memory_is_a_recorded_failure(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    def oom(module: Any, args: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = sd15.pipeline.unet.register_forward_pre_hook(oom)
+    try:
+        cfg = make_cfg(max_steps=3, batch_size=2)
+        result = train_lora(cfg, sd15, images(1), tmp_path / "run", progress=False)
+    finally:
+        handle.remove()
+    assert result.status == "failed" and result.error_type == "oom"
+    assert "batch_size=2" in (result.reason or "")
+    with pytest.raises(TrainingOOMError):
+        result.raise_for_status()
+    assert json.loads(result.result_path.read_text())["error_type"] == "oom"
+
+
+def test_sdxl_trains_and_saves_loadable_lora(images: Images, tmp_path: Path) -> None:
+    model = load_tiny("sdxl")
+    cfg = make_cfg("sdxl", max_steps=2, train_text_encoder=True, learning_rate=1e-2)
+    result = train_lora(cfg, model, images(1), tmp_path / "run", progress=False)
+    assert result.status == "completed", result.reason
+    keys = _keys(result.checkpoints[-1].weights_path)
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert not getattr(model.pipeline.text_encoder_2, "peft_config", None)
+    model.pipeline.load_lora_weights(result.checkpoints[-1].path, adapter_name="t")
+    assert "t" in model.pipeline.unet.peft_config
+    assert "t" in model.pipeline.text_encoder_2.peft_config
+
+
+def test_latent_and_text_caches_are_hit_on_second_run(
+    sd15: LoadedModel, images: Images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, cache = images(2), tmp_path / "cache"
+    first = train_lora(make_cfg(max_steps=1), sd15, data, tmp_path / "a", cache_root=cache)
+    assert first.info["latent_cache"] == {"hits": 0, "misses": 2}
+    assert first.info["text_cache"] == {"hits": 0, "misses": 1}
+    assert list(cache.glob("train/latents/*/*.safetensors"))
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("cache miss: the encoder was called")
+
+    monkeypatch.setattr(sd15.pipeline.vae, "encode", boom)
+    monkeypatch.setattr(sd15.pipeline.text_encoder, "forward", boom)
+    second = train_lora(make_cfg(max_steps=1, seed=1), sd15, data, tmp_path / "b", cache_root=cache)
+    assert second.status == "completed"
+    assert second.info["latent_cache"] == {"hits": 2, "misses": 0}
+    assert second.info["text_cache"] == {"hits": 1, "misses": 0}
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(
+    sd15: LoadedModel, images: Images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import harness.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.save_optimizer
+
+    def flaky(optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (out_dir / "optimizer.safetensors").write_bytes(b"half a file")
+            raise OSError("disk full")
+        real(optimizer, out_dir)
+
+    monkeypatch.setattr(loop, "save_optimizer", flaky)
+    cfg = make_cfg(max_steps=4, checkpoint_steps=[2, 4], learning_rate=1e-2)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        train_lora(cfg, sd15, images(1), run, progress=False)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # no temp folder left
+    viewer = load_tiny()
+    viewer.pipeline.load_lora_weights(ckpts / "step-000002")
+    monkeypatch.setattr(loop, "save_optimizer", real)
+    resumed = train_lora(cfg, sd15, images(1), run, progress=False)
+    assert resumed.status == "completed" and resumed.resumed_from == 2
+
+
+def test_on_checkpoint_sees_base_pipeline_and_cannot_disturb_training(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    """The sweep's proxy evaluation runs inside on_checkpoint on the same pipeline."""
+    cfg = make_cfg(max_steps=4, checkpoint_steps=[2, 4], learning_rate=2e-2, dropout=0.1)
+    data = images(2)
+    plain = train_lora(cfg, sd15, data, tmp_path / "plain", progress=False)
+    seen: list[int] = []
+
+    def proxy_eval(info: CheckpointInfo) -> bool:
+        pipe = sd15.pipeline
+        assert not getattr(pipe.unet, "peft_config", None) and not pipe.unet.training
+        pipe.load_lora_weights(info.path, adapter_name="proxy")
+        pipe("a photo of sks dog", num_inference_steps=1, output_type="pt")  # uses global RNG
+        pipe.unload_lora_weights()  # the harshest clean-up a caller could do
+        torch.randn(100)
+        seen.append(info.step)
+        return False
+
+    busy = train_lora(cfg, sd15, data, tmp_path / "busy", on_checkpoint=proxy_eval, progress=False)
+    assert busy.status == "completed" and seen == [2, 4]
+    a = load_file(str(plain.checkpoints[-1].path / "state" / "lora.safetensors"))
+    b = load_file(str(busy.checkpoints[-1].path / "state" / "lora.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_by_on_checkpoint(sd15: LoadedModel, images: Images, tmp_path: Path) -> None:
+    cfg = make_cfg(max_steps=4, checkpoint_steps=[1, 2, 4])
+    result = train_lora(
+        cfg, sd15, images(1), tmp_path / "run", on_checkpoint=lambda c: c.step == 2, progress=False
+    )
+    assert result.status == "pruned" and result.steps_done == 2
+    assert [c.step for c in result.checkpoints] == [1, 2]
+    assert json.loads(result.result_path.read_text())["status"] == "pruned"
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW(
+        [{"params": params[:1], "lr": 1e-2, "name": "a"}, {"params": params[1:]}]
+    )
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    save_optimizer(opt, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"optimizer.json", "optimizer.safetensors"}
+    copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = torch.optim.AdamW([{"params": copy[:1], "lr": 0.5}, {"params": copy[1:]}])
+    load_optimizer(opt2, tmp_path)
+    assert opt2.param_groups[0]["lr"] == 1e-2
+    for p, q in zip(params, copy, strict=True):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][name], opt2.state[q][name])
+
+
+def test_adapter_name_is_namespaced() -> None:
+    assert ADAPTER == "harness_train"

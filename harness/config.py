@@ -201,6 +201,8 @@ class TrainConfig(_Strict):
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(8, ge=1)
     class_prompt: str = "a photo of {class_name}"
+    class_inference_steps: int = Field(25, ge=1, description="Steps to generate class images.")
+    class_guidance_scale: float = Field(7.5, ge=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -233,6 +235,11 @@ class EvalConfig(_Strict):
         ],
         min_length=1,
     )
+    prompt_source: Literal["config", "dataset"] = Field(
+        "config",
+        description="config: eval.prompts; dataset: the prompts shipped with the subject "
+        "(DreamBench's 25 object or live-subject prompts).",
+    )
     images_per_prompt: int = Field(4, ge=1)
     seed: int = 0
     resolution: int | None = Field(None, ge=8, description="Default: data.resolution.")
@@ -242,6 +249,12 @@ class EvalConfig(_Strict):
     lora_scale: float = Field(1.0, ge=0.0)
     text_encoder_lora_scale: float = Field(1.0, ge=0.0)
     batch_size: int = Field(4, ge=1)
+    prior_preservation_images: int = Field(
+        0,
+        ge=0,
+        description="Images of the bare class prompt (train.class_prompt) per setting for PRES "
+        "(DINO vs the subject, lower is better); 0 = not measured.",
+    )
 
 
 class MetricsConfig(_Strict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,9 @@ import pandas as pd
 
 from harness.config import HarnessConfig
 from harness.data import PreparedSubject
+from harness.errors import HarnessError
 from harness.evaluate import evaluate_adapter, image_grid
-from harness.generate import InferenceSetting, eval_seeds, setting_from_config
+from harness.generate import InferenceSetting, eval_seeds, generate_images, setting_from_config
 from harness.models import LoadedModel
 from harness.sweep.runner import Checkpoint, PointEval, TrainOutcome
 
@@ -45,7 +45,7 @@ class HarnessBackend:
             progress,
         )
         self.class_name = subject.class_name or cfg.data.class_name or "object"
-        self.templates = list(cfg.eval.prompts)
+        self.templates = evaluation_templates(cfg, subject)
         self.track: Any = None
 
     @property
@@ -77,22 +77,17 @@ class HarnessBackend:
             on_log=log,
             on_checkpoint=checkpoint,
             progress=self.progress,
-            class_inference_steps=cfg.eval.num_inference_steps,
         )
         checkpoints = [Checkpoint(c.step, c.path) for c in result.checkpoints]
         return TrainOutcome(result.status, checkpoints, result.reason)
 
     def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
-        """Few prompts, few seeds, the default setting at LoRA scale 1.
+        """Few prompts, few seeds, the default ``eval`` setting, on the checkpoint just saved.
 
-        Called by the trainer right after it saved ``adapter``: the live training adapter holds
-        exactly those weights, so it is scored in place (eval mode) instead of being loaded
-        again beside itself.
+        Called from the trainer's ``on_checkpoint``: the trainer has suspended its own adapter
+        (the pipeline is the plain base model), so the checkpoint is loaded and unloaded here.
         """
         proxy = cfg.sweep.proxy
-        setting = replace(
-            setting_from_config(cfg.eval), lora_scale=1.0, text_encoder_lora_scale=1.0
-        )
         (result,) = evaluate_adapter(
             cfg,
             self.loaded,
@@ -100,8 +95,8 @@ class HarnessBackend:
             reference=self.subject.reference,
             token=self.subject.token,
             class_name=self.class_name,
-            adapter=None,
-            settings=[setting],
+            adapter=adapter,
+            settings=[setting_from_config(cfg.eval)],
             templates=self.templates[: proxy.prompts],
             seeds=[cfg.eval.seed + i for i in range(proxy.images_per_prompt)],
             out_dir=out_dir,
@@ -131,6 +126,7 @@ class HarnessBackend:
             progress=self.progress,
         )
         step = _step_of(adapter)
+        pres = self._prior_preservation(cfg, adapter, settings, out_dir / "pres")
         points = []
         for r in results:
             if self.track is not None:
@@ -144,9 +140,53 @@ class HarnessBackend:
                         pd.DataFrame(r.per_prompt),
                         step,
                     )
+            if r.setting.id in pres:
+                r.scores["pres"] = pres[r.setting.id]
             extra = {"identifier_policy": r.metadata.get("identifier_policy")}
             points.append(PointEval(r.setting, r.scores, r.images_dir, len(r.images), extra))
         return points
+
+
+    def _prior_preservation(
+        self, cfg: HarnessConfig, adapter: Path, settings: Sequence[InferenceSetting], out_dir: Path
+    ) -> dict[str, float]:
+        """PRES per setting: class-prompt images vs the subject's photos (DINO; lower is better)."""
+        n = cfg.eval.prior_preservation_images
+        if n == 0:
+            return {}
+        records = generate_images(
+            self.loaded,
+            templates=[cfg.train.class_prompt],
+            token=self.subject.token,
+            class_name=self.class_name,
+            seeds=[cfg.eval.seed + i for i in range(n)],
+            settings=settings,
+            out_dir=out_dir,
+            adapter=adapter,
+            resolution=cfg.eval.resolution or cfg.data.resolution,
+            batch_size=cfg.eval.batch_size,
+            progress=False,
+        )
+        return {
+            s.id: float(
+                self.scorer.prior_preservation(
+                    [out_dir / r.file for r in records if r.setting == s], list(self.subject.reference)
+                )
+            )
+            for s in settings
+        }
+
+
+def evaluation_templates(cfg: HarnessConfig, subject: PreparedSubject) -> list[str]:
+    """The prompt templates to evaluate: ``eval.prompts`` or the dataset's own prompts."""
+    if cfg.eval.prompt_source == "dataset":
+        if not subject.prompts:
+            raise HarnessError(
+                f"eval.prompt_source: 'dataset' but subject {subject.subject!r} ships no prompts "
+                "(only DreamBench-style sources do); use 'config'"
+            )
+        return list(subject.prompts)
+    return list(cfg.eval.prompts)
 
 
 def _step_of(adapter: Path) -> int:

@@ -139,6 +139,7 @@ def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
         "inference": cfg.sweep.inference.model_dump(mode="json"),
         "eval": {
             "prompts": list(cfg.eval.prompts),
+            "prompt_source": cfg.eval.prompt_source,
             "images_per_prompt": cfg.eval.images_per_prompt,
             "scheduler": cfg.eval.scheduler,
         },

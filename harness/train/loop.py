@@ -470,7 +470,7 @@ def train_lora(
     resume: bool = True,
     cache_root: Path | None = None,
     progress: bool = True,
-    class_inference_steps: int = 25,
+    class_inference_steps: int | None = None,
 ) -> TrainResult:
     """Train a DreamBooth LoRA on ``model`` (left unchanged afterwards) and checkpoint it.
 
@@ -481,7 +481,8 @@ def train_lora(
         instance: (image path, caption) pairs, square PNGs at ``data.resolution``.
         run_dir: where checkpoints, ``train_log.jsonl`` and ``result.json`` go.
         class_images: prior-preservation images; default: generated and cached by
-            :func:`ensure_class_images` with ``class_inference_steps``.
+            :func:`ensure_class_images` with ``class_inference_steps`` (default:
+            ``train.class_inference_steps``) and ``train.class_guidance_scale``.
         on_log: called with each step's record and the step.
         on_checkpoint: called after each checkpoint; returning True stops training ("pruned").
         resume: continue from the last complete checkpoint in ``run_dir``; False deletes old
@@ -512,7 +513,8 @@ def train_lora(
                 class_prompt_for(cfg),
                 t.num_class_images,
                 root,
-                num_inference_steps=class_inference_steps,
+                num_inference_steps=class_inference_steps or t.class_inference_steps,
+                guidance_scale=t.class_guidance_scale,
             )
         class_list = list(class_images or []) if t.prior_preservation else []
         if t.prior_preservation and not class_list:

@@ -146,7 +146,6 @@ class HarnessBackend:
             points.append(PointEval(r.setting, r.scores, r.images_dir, len(r.images), extra))
         return points
 
-
     def _prior_preservation(
         self, cfg: HarnessConfig, adapter: Path, settings: Sequence[InferenceSetting], out_dir: Path
     ) -> dict[str, float]:
@@ -170,7 +169,8 @@ class HarnessBackend:
         return {
             s.id: float(
                 self.scorer.prior_preservation(
-                    [out_dir / r.file for r in records if r.setting == s], list(self.subject.reference)
+                    [out_dir / r.file for r in records if r.setting == s],
+                    list(self.subject.reference),
                 )
             )
             for s in settings

@@ -45,7 +45,9 @@ def test_validate_ok(project: Path) -> None:
 
 
 def test_show_json_applies_overrides(project: Path) -> None:
-    code, out, _ = invoke("-p", str(project / "params.yaml"), "-S", "train.rank=8", "config", "show", "--json")
+    code, out, _ = invoke(
+        "-p", str(project / "params.yaml"), "-S", "train.rank=8", "config", "show", "--json"
+    )
     assert code == 0
     assert json.loads(out)["train"]["rank"] == 8
 
@@ -54,7 +56,9 @@ def test_bad_config_is_one_line_exit_2(project: Path) -> None:
     (project / "params.yaml").write_text("preset: tiny-cpu\ntrain:\n  rank: 0\n")
     code, _, err = invoke("-p", str(project / "params.yaml"), "config", "validate")
     assert code == 2
-    assert err.strip().splitlines() == [f"error: {project / 'params.yaml'}: train.rank: must be >= 1, got 0"]
+    assert err.strip().splitlines() == [
+        f"error: {project / 'params.yaml'}: train.rank: must be >= 1, got 0"
+    ]
     assert "Traceback" not in err
 
 
@@ -72,7 +76,15 @@ def test_verbose_shows_traceback(project: Path) -> None:
 
 
 def test_prepare_without_data_names_the_folder(project: Path) -> None:
-    code, _, err = invoke("-p", str(project / "params.yaml"), "-S", "data.source=folder", "-S", "data.subject=ghost", "prepare")
+    code, _, err = invoke(
+        "-p",
+        str(project / "params.yaml"),
+        "-S",
+        "data.source=folder",
+        "-S",
+        "data.subject=ghost",
+        "prepare",
+    )
     assert code == 2
     assert "data/raw/ghost" in err and "Traceback" not in err
 
@@ -87,7 +99,10 @@ def test_model_info_and_console_script(project: Path) -> None:
     harness = Path(sys.executable).with_name("harness")
     done = subprocess.run(
         [str(harness), "-p", str(project / "params.yaml"), "model-info"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)

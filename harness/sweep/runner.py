@@ -298,7 +298,7 @@ class _Objective:
         track: Any,
     ) -> list[float]:
         done = _recorded_point_keys(self.studies.points, str(trial.user_attrs.get("run_key")))
-        best: tuple[float, list[float]] | None = None
+        best: tuple[float, list[float], Path] | None = None
         for ckpt in checkpoints:
             evals = self.backend.evaluate(
                 run_cfg, ckpt.path, self.settings, run_dir / "eval" / f"step-{ckpt.step:06d}"
@@ -312,9 +312,13 @@ class _Objective:
                     track.log_scalar(f"eval/{ev.setting.id}", name, score, ckpt.step)
                 score = scalarize(self.cfg, ev.scores)
                 if best is None or score > best[0]:
-                    best = (score, values)
+                    best = (score, values, ckpt.path)
         if best is None:
             raise RuntimeError("training produced no checkpoint to evaluate")
+        trial.set_user_attr("best_adapter", _relative(best[2], self.root))
+        weights = best[2] / "pytorch_lora_weights.safetensors"
+        if weights.is_file():
+            track.upload_artifact("best adapter", weights)
         return best[1]
 
     def _record_point(

@@ -112,5 +112,6 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
     tracker = create_tracker(cfg.tracking, root)
     summary = run_sweep(cfg, root, backend, tracker)
-    publish_summary(cfg, root, summary, tracker)
+    references = backend.references(cfg, root / cfg.sweep.dir / "references")
+    publish_summary(cfg, root, summary, tracker, references)
     return summary

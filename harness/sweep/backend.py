@@ -146,6 +146,31 @@ class HarnessBackend:
             points.append(PointEval(r.setting, r.scores, r.images_dir, len(r.images), extra))
         return points
 
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        """The two bounds that make scores readable: the base model and the real photos.
+
+        ``baseline``: the base model without adapter, default ``eval`` setting, all prompts.
+        ``real_ceiling``: DINO / CLIP-I among the subject's real photos (self-pairs excluded).
+        """
+        (base,) = evaluate_adapter(
+            cfg,
+            self.loaded,
+            self.scorer,
+            reference=self.subject.reference,
+            token=self.subject.token,
+            class_name=self.class_name,
+            adapter=None,
+            settings=[setting_from_config(cfg.eval)],
+            templates=self.templates,
+            seeds=eval_seeds(cfg),
+            out_dir=out_dir,
+        )
+        out = {"baseline": base.scores}
+        if len(self.subject.reference) >= 2:
+            ceiling = self.scorer.real_ceiling(list(self.subject.reference))
+            out["real_ceiling"] = {k: float(ceiling[k]) for k in ("dino", "clip_i")}
+        return out
+
     def _prior_preservation(
         self, cfg: HarnessConfig, adapter: Path, settings: Sequence[InferenceSetting], out_dir: Path
     ) -> dict[str, float]:

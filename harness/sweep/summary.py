@@ -60,8 +60,13 @@ def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path:
-    """``metrics.json``: run/point counts and the best value of each objective."""
+def write_metrics(
+    cfg: HarnessConfig,
+    root: Path,
+    summary: SweepSummary,
+    references: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """``metrics.json``: run/point counts, best objectives, baseline and real ceiling."""
     frame = pd.read_parquet(summary.results_parquet)
     best = {
         o: float(frame[f"objective.{o}"].max()) if not frame.empty else None
@@ -75,15 +80,22 @@ def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path
         "points": summary.points,
         "pareto_points": len(summary.pareto),
         "best": best,
+        **(references or {}),
     }
     path = root / cfg.sweep.dir / METRICS_JSON
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
-def publish_summary(cfg: HarnessConfig, root: Path, summary: SweepSummary, tracker: Any) -> None:
+def publish_summary(
+    cfg: HarnessConfig,
+    root: Path,
+    summary: SweepSummary,
+    tracker: Any,
+    references: dict[str, dict[str, float]] | None = None,
+) -> None:
     """Write ``metrics.json`` and send the summary task to the tracker."""
-    write_metrics(cfg, root, summary)
+    write_metrics(cfg, root, summary, references)
     objectives = objective_names(cfg)
     frame = pd.read_parquet(summary.results_parquet)
     study = optuna.load_study(study_name=cfg.sweep.study_name, storage=summary.storage)
@@ -103,4 +115,6 @@ def publish_summary(cfg: HarnessConfig, root: Path, summary: SweepSummary, track
             0,
             title="sweep",
         )
+        for kind, scores in (references or {}).items():
+            run.log_scalars(scores, 0, title=kind)
         run.upload_artifact("results", summary.results_parquet)

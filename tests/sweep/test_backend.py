@@ -126,3 +126,14 @@ def test_dataset_prompts_need_a_dataset(setup: Any) -> None:
     data["eval"]["prompt_source"] = "dataset"
     with pytest.raises(HarnessError, match="ships no prompts"):
         evaluation_templates(HarnessConfig.model_validate(data), backend.subject)
+
+
+def test_references_baseline_and_real_ceiling(setup: Any, tmp_path: Path) -> None:
+    cfg, backend, _ = setup
+    refs = backend.references(cfg, tmp_path / "refs")
+    templates = evaluation_templates(cfg, backend.subject)
+    base = base_scores(cfg, backend, tmp_path / "base", templates)
+    assert refs["baseline"]["dino"] == pytest.approx(base["dino"], abs=1e-6)
+    ceiling = backend.scorer.real_ceiling(list(backend.subject.reference))
+    assert refs["real_ceiling"] == {"dino": ceiling["dino"], "clip_i": ceiling["clip_i"]}
+    assert -1.0 <= refs["real_ceiling"]["dino"] <= 1.0

@@ -12,7 +12,7 @@ import pandas as pd
 from harness.config import HarnessConfig
 from harness.data import PreparedSubject
 from harness.errors import HarnessError
-from harness.evaluate import evaluate_adapter, image_grid
+from harness.evaluate import SettingScores, evaluate_adapter, image_grid
 from harness.generate import InferenceSetting, eval_seeds, generate_images, setting_from_config
 from harness.models import LoadedModel
 from harness.sweep.runner import Checkpoint, PointEval, TrainOutcome
@@ -88,18 +88,13 @@ class HarnessBackend:
         (the pipeline is the plain base model), so the checkpoint is loaded and unloaded here.
         """
         proxy = cfg.sweep.proxy
-        (result,) = evaluate_adapter(
+        (result,) = self._evaluate(
             cfg,
-            self.loaded,
-            self.scorer,
-            reference=self.subject.reference,
-            token=self.subject.token,
-            class_name=self.class_name,
-            adapter=adapter,
-            settings=[setting_from_config(cfg.eval)],
-            templates=self.templates[: proxy.prompts],
-            seeds=[cfg.eval.seed + i for i in range(proxy.images_per_prompt)],
-            out_dir=out_dir,
+            adapter,
+            [setting_from_config(cfg.eval)],
+            self.templates[: proxy.prompts],
+            [cfg.eval.seed + i for i in range(proxy.images_per_prompt)],
+            out_dir,
         )
         return result.scores
 
@@ -111,19 +106,8 @@ class HarnessBackend:
         out_dir: Path,
     ) -> list[PointEval]:
         """All prompts x ``eval.images_per_prompt`` seeds under every setting."""
-        results = evaluate_adapter(
-            cfg,
-            self.loaded,
-            self.scorer,
-            reference=self.subject.reference,
-            token=self.subject.token,
-            class_name=self.class_name,
-            adapter=adapter,
-            settings=settings,
-            templates=self.templates,
-            seeds=eval_seeds(cfg),
-            out_dir=out_dir,
-            progress=self.progress,
+        results = self._evaluate(
+            cfg, adapter, settings, self.templates, eval_seeds(cfg), out_dir, self.progress
         )
         step = _step_of(adapter)
         pres = self._prior_preservation(cfg, adapter, settings, out_dir / "pres")
@@ -146,24 +130,40 @@ class HarnessBackend:
             points.append(PointEval(r.setting, r.scores, r.images_dir, len(r.images), extra))
         return points
 
-    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
-        """The two bounds that make scores readable: the base model and the real photos.
-
-        ``baseline``: the base model without adapter, default ``eval`` setting, all prompts.
-        ``real_ceiling``: DINO / CLIP-I among the subject's real photos (self-pairs excluded).
-        """
-        (base,) = evaluate_adapter(
+    def _evaluate(
+        self,
+        cfg: HarnessConfig,
+        adapter: Path | None,
+        settings: Sequence[InferenceSetting],
+        templates: Sequence[str],
+        seeds: Sequence[int],
+        out_dir: Path,
+        progress: bool = False,
+    ) -> list[SettingScores]:
+        """:func:`evaluate_adapter` on this worker's pipeline, scorer and subject."""
+        return evaluate_adapter(
             cfg,
             self.loaded,
             self.scorer,
             reference=self.subject.reference,
             token=self.subject.token,
             class_name=self.class_name,
-            adapter=None,
-            settings=[setting_from_config(cfg.eval)],
-            templates=self.templates,
-            seeds=eval_seeds(cfg),
+            adapter=adapter,
+            settings=settings,
+            templates=templates,
+            seeds=seeds,
             out_dir=out_dir,
+            progress=progress,
+        )
+
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        """The two bounds that make scores readable: the base model and the real photos.
+
+        ``baseline``: the base model without adapter, default ``eval`` setting, all prompts.
+        ``real_ceiling``: DINO / CLIP-I among the subject's real photos (self-pairs excluded).
+        """
+        (base,) = self._evaluate(
+            cfg, None, [setting_from_config(cfg.eval)], self.templates, eval_seeds(cfg), out_dir
         )
         out = {"baseline": base.scores}
         if len(self.subject.reference) >= 2:

@@ -9,18 +9,22 @@ computes them once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from harness.config import HarnessConfig
 from harness.generate import GeneratedImage, InferenceSetting, generate_images
 from harness.models import LoadedModel
+
+if TYPE_CHECKING:
+    from metrics import ScoreResult
 
 __all__ = ["SettingScores", "evaluate_adapter", "image_grid", "make_scorer", "score_dict"]
 
@@ -58,14 +62,14 @@ def make_scorer(cfg: HarnessConfig, device: str = "cpu") -> Any:
     )
 
 
-def score_dict(result: Any) -> dict[str, float]:
+def score_dict(result: ScoreResult) -> dict[str, float]:
     """Flatten a :class:`metrics.ScoreResult` into ``{metric, metric_lo, metric_hi}`` floats."""
     out: dict[str, float] = {}
     for name, value in result.means().items():
         if value is None:
             continue
         out[name] = float(value)
-        interval = result.ci.get(name) if hasattr(result, "ci") else None
+        interval = result.ci.get(name)
         if interval is not None:
             out[f"{name}_lo"], out[f"{name}_hi"] = float(interval[0]), float(interval[1])
     return out
@@ -119,8 +123,8 @@ def evaluate_adapter(
                 scores=score_dict(result),
                 images=mine,
                 images_dir=out_dir / "images" / setting.id,
-                per_prompt=list(getattr(result, "per_prompt", [])),
-                metadata=dict(getattr(result, "metadata", {})),
+                per_prompt=[dataclasses.asdict(row) for row in result.prompts],
+                metadata=dict(result.metadata),
             )
         )
         _write_setting_manifest(out_dir, setting, mine)

@@ -188,8 +188,10 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
     )
     if not (folder / weight_name).is_file():
         raise HarnessError(f"adapter: {folder / weight_name}: LoRA weights not found")
-    pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
     try:
+        # Inside the try: an interrupt in the middle of the load must not leave half-injected
+        # LoRA layers behind.
+        pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         yield True
     finally:
         # unload (not delete_adapters): it also removes peft's wrapper modules, so the base

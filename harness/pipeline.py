@@ -104,9 +104,11 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     from harness.evaluate import make_scorer
     from harness.sweep import run_sweep
     from harness.sweep.backend import HarnessBackend
+    from harness.sweep.study import open_studies
     from harness.sweep.summary import publish_summary
     from harness.tracking import create_tracker
 
+    open_studies(cfg, root)  # a mismatched resume fails here, before any model loads
     loaded, subject = _load_model_and_subject(cfg, root)
     scorer = make_scorer(cfg, device=str(loaded.device))
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)

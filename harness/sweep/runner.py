@@ -129,13 +129,18 @@ class SweepSummary:
     pareto: list[dict[str, Any]]
     results_csv: Path
     results_parquet: Path
+    runs_interrupted: int = 0
     started_runs_this_call: int = 0
 
     def describe(self) -> str:
         """One human sentence on runs versus evaluated points."""
+        interrupted = (
+            f", {self.runs_interrupted} interrupted and retried" if self.runs_interrupted else ""
+        )
         return (
             f"{self.runs_total} training runs ({self.runs_completed} completed, "
-            f"{self.runs_pruned} pruned, {self.runs_failed} failed) -> {self.points} evaluated "
+            f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
+            f"{self.points} evaluated "
             f"points ({self.points / max(self.runs_completed, 1):.1f} per completed run)"
         )
 
@@ -454,7 +459,12 @@ def summarize(cfg: HarnessConfig, root: Path, studies: Studies) -> SweepSummary:
         runs_total=len(runs),
         runs_completed=states.count(TrialState.COMPLETE),
         runs_pruned=states.count(TrialState.PRUNED),
-        runs_failed=states.count(TrialState.FAIL),
+        runs_failed=sum(
+            1 for t in runs if t.state == TrialState.FAIL and "fail_reason" in t.user_attrs
+        ),
+        runs_interrupted=sum(
+            1 for t in runs if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs
+        ),
         points=len(studies.points.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
         pareto=pareto,
         results_csv=csv_path,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,13 @@ def storage_url(cfg: HarnessConfig, root: Path) -> str:
 
 def _storage(url: str, cfg: HarnessConfig) -> RDBStorage:
     interval = cfg.sweep.heartbeat_interval_s
+    with warnings.catch_warnings():
+        # Heartbeats are "experimental" in Optuna since 2.8; the warning says nothing actionable.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _heartbeat_storage(url, interval, cfg)
+
+
+def _heartbeat_storage(url: str, interval: int, cfg: HarnessConfig) -> RDBStorage:
     return RDBStorage(
         url,
         heartbeat_interval=interval,

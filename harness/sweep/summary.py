@@ -77,6 +77,7 @@ def write_metrics(
         "runs_completed": summary.runs_completed,
         "runs_pruned": summary.runs_pruned,
         "runs_failed": summary.runs_failed,
+        "runs_interrupted": summary.runs_interrupted,
         "points": summary.points,
         "pareto_points": len(summary.pareto),
         "best": best,

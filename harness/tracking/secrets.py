@@ -54,6 +54,9 @@ _QUERY_SECRET_RE = re.compile(
 _MIN_ENV_SECRET_LEN = 4
 _MIN_ENV_LITERAL_LEN = 6
 _NOT_SECRET_VALUES = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off"})
+# Environment variables whose names contain a secret word but whose values are locations: masking
+# them would replace the working directory (PWD) or a socket path everywhere in logs and zips.
+_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD", "SSH_AUTH_SOCK", "GPG_AGENT_INFO", "XAUTHORITY"})
 
 
 def _plausible_secret(value: str) -> bool:
@@ -81,6 +84,8 @@ def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
     found: set[str] = set()
     for name, value in env.items():
         if not value:
+            continue
+        if name.upper() in _NOT_SECRET_ENV:
             continue
         if is_secret_key(name) and _plausible_secret(value):
             found.add(value)

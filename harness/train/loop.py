@@ -223,9 +223,8 @@ class _Trainer:
         rng = capture_rng(self.generator)
         old_groups = [list(g["params"]) for g in self.optimizer.param_groups]
         self.attachment.detach()
-        try:
-            yield
-        finally:
+
+        def restore() -> None:
             self.attachment.attach()
             self.lora.load_peft_state_dicts(lora_state)
             new_groups = _param_groups(self.lora, self.cfg.train)
@@ -237,6 +236,19 @@ class _Trainer:
                         self.optimizer.state[new_p] = self.optimizer.state.pop(old_p)
                 group["params"] = new["params"]
             restore_rng(rng, self.generator)
+
+        try:
+            yield
+        except BaseException:
+            # The callback failed or was interrupted (Ctrl-C, SIGTERM): training stops anyway, so
+            # a failed restore must not replace the original exception (the sweep re-queues an
+            # interrupted run, but records any other error as a failed one).
+            try:
+                restore()
+            except Exception:
+                logging.getLogger(__name__).exception("could not re-attach adapters")
+            raise
+        restore()
 
     def _draw(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], idx: list[int]) -> torch.Tensor:
         mean = torch.stack([pairs[i][0] for i in idx])

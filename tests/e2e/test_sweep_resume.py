@@ -1,0 +1,225 @@
+"""Issue 6: an interrupted ``harness sweep`` (SIGTERM, SIGKILL) resumes without repeating work;
+a resume with another search space is refused with one clear line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.config import load_config
+from harness.sweep import SweepError, open_studies
+
+from ._helpers import cli_env, clone_project, harness_cmd, run_cli, stop_process, tail, wait_for
+
+STEPS = 2  # checkpoints at steps 2 and 4
+SETTINGS = 2  # guidance 3.0 / 7.5 at LoRA scale 1.0
+
+
+def _overrides(name: str, n_trials: int, **sweep: Any) -> dict[str, Any]:
+    return {
+        "sweep": {
+            "study_name": name,
+            "n_trials": n_trials,
+            "inference": {"guidance_scale": [3.0, 7.5], "lora_scale": [1.0]},
+            **sweep,
+        },
+    }
+
+
+def _runs_study(project: Path, name: str) -> optuna.Study | None:
+    db = project / "runs/sweep/study.db"
+    if not db.is_file():
+        return None
+    try:
+        return optuna.load_study(study_name=f"{name}.runs", storage=f"sqlite:///{db}")
+    except Exception:  # not created yet, or locked by the worker for a moment
+        return None
+
+
+def _trials(study: optuna.Study) -> list[FrozenTrial]:
+    for _ in range(20):
+        try:
+            return study.get_trials(deepcopy=False)
+        except Exception:  # sqlite busy while the worker commits
+            time.sleep(0.1)
+    return study.get_trials(deepcopy=False)
+
+
+def _mid_run(study: optuna.Study, completed: int) -> FrozenTrial | None:
+    """The running trial once ``completed`` runs are done and it has passed its first checkpoint
+    (so the signal lands inside training, not between runs)."""
+    trials = _trials(study)
+    if sum(t.state == TrialState.COMPLETE for t in trials) < completed:
+        return None
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    return next((t for t in running if "proxy.step-2" in t.user_attrs), None)
+
+
+def _start_and_interrupt(
+    template: Path, tmp_path: Path, name: str, n_trials: int, sig: signal.Signals, **sweep: Any
+) -> tuple[Path, FrozenTrial, int]:
+    """Start ``harness sweep``; send ``sig`` while run ``n_trials - 1`` trains."""
+    project = clone_project(template, tmp_path / "project", _overrides(name, n_trials, **sweep))
+    env = cli_env(tmp_path / "home")
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            harness_cmd(project, "sweep"),
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        study = wait_for("the study", lambda: _runs_study(project, name), 90, proc, log)
+        victim = wait_for(
+            f"run {n_trials - 2} in training", lambda: _mid_run(study, n_trials - 2), 120, proc, log
+        )
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    finally:
+        stop_process(proc)
+    return project, victim, code
+
+
+def _assert_resumed_sweep(
+    project: Path, name: str, n_trials: int, victim: FrozenTrial, log: Path
+) -> list[FrozenTrial]:
+    study = _runs_study(project, name)
+    assert study is not None
+    trials = _trials(study)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials, [(t.number, t.state.name) for t in trials]
+    combos = [(t.params["train.learning_rate"], t.params["train.rank"]) for t in complete]
+    assert len(set(combos)) == n_trials, f"a training configuration ran twice: {combos}"
+    victim_combo = (victim.params["train.learning_rate"], victim.params["train.rank"])
+    assert victim_combo in combos, "the interrupted run's parameters were not retried"
+    retry = next(t for t in complete if t.params == victim.params)
+    assert retry.number > victim.number
+    assert retry.user_attrs["run_key"] == victim.user_attrs["run_key"]
+    # Same run folder; the trainer resumed from a checkpoint of the interrupted run (step 2, or
+    # step 4 when the signal landed during its evaluation) instead of starting over.
+    result = json.loads((Path(retry.user_attrs["run_dir"]) / "result.json").read_text())
+    assert result["status"] == "completed" and result["resumed_from"] in (2, 4), result
+    assert all(t.state != TrialState.RUNNING for t in trials)
+
+    points = optuna.load_study(study_name=name, storage=study._storage)  # type: ignore[attr-defined]
+    n_points = len(points.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    assert n_points == n_trials * STEPS * SETTINGS
+    frame = pd.read_parquet(project / "runs/sweep/results.parquet")
+    assert len(frame) == n_points
+    assert not frame.duplicated(["run_key", "eval.steps", "setting_id"]).any()
+    assert (frame.groupby("run_key").size() == STEPS * SETTINGS).all()
+    assert (
+        f"({n_trials} completed, 0 pruned, 0 failed, 1 interrupted and retried)" in log.read_text()
+    )
+    return trials
+
+
+def test_sigterm_then_rerun_finishes_exactly_the_budget(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    name, n_trials = "e2e-term", 4
+    project, victim, code = _start_and_interrupt(
+        prepared_template, tmp_path, name, n_trials, signal.SIGTERM
+    )
+    log = tmp_path / "sweep.log"
+    assert code == 130, tail(log)
+    assert "interrupted" in log.read_text()
+    study = _runs_study(project, name)
+    assert study is not None
+    stopped = next(t for t in _trials(study) if t.number == victim.number)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs.get("interrupted") is True
+    queued = [t for t in _trials(study) if t.state == TrialState.WAITING]
+    assert [t.user_attrs.get("retry_of") for t in queued] == [victim.number]
+
+    done = run_cli(project, ["sweep"], cli_env(tmp_path / "home"), log, timeout=150)
+    assert done.returncode == 0, tail(log)
+    trials = _assert_resumed_sweep(project, name, n_trials, victim, log)
+    retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params == victim.params)
+    assert retry.user_attrs.get("retry_of") == victim.number
+
+
+def test_sigkill_stale_run_is_retried_after_grace_period(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    name, n_trials = "e2e-kill", 3
+    project, victim, code = _start_and_interrupt(
+        prepared_template,
+        tmp_path,
+        name,
+        n_trials,
+        signal.SIGKILL,
+        heartbeat_interval_s=1,
+        grace_period_s=2,
+    )
+    assert code == -signal.SIGKILL
+    study = _runs_study(project, name)
+    assert study is not None
+    assert next(t for t in _trials(study) if t.number == victim.number).state == (
+        TrialState.RUNNING
+    )
+    time.sleep(2.5)  # > grace_period_s: the killed run's heartbeat is stale
+    log = tmp_path / "sweep.log"
+    done = run_cli(project, ["sweep"], cli_env(tmp_path / "home"), log, timeout=150)
+    assert done.returncode == 0, tail(log)
+    trials = _assert_resumed_sweep(project, name, n_trials, victim, log)
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and "fail_reason" not in killed.user_attrs
+    retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params == victim.params)
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
+
+
+def test_mismatched_resume_via_cli_exits_2_with_one_line(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    name = "e2e-mismatch"
+    project = clone_project(prepared_template, tmp_path / "project", _overrides(name, 2))
+    open_studies(load_config(project / "params.yaml"), project)  # the stored study + signature
+    log = tmp_path / "mismatch.log"
+    proc = subprocess.run(
+        harness_cmd(project, "-S", "sweep.space.rank.choices=[2, 8]", "sweep"),
+        cwd=project,
+        env=cli_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 2, tail(log)
+    lines = [line for line in proc.stderr.splitlines() if "different configuration" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: sweep.study_name:") and repr(name) in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert "train.rank" in proc.stderr  # the difference is listed
+    runs = _runs_study(project, name)
+    assert runs is not None and _trials(runs) == []  # nothing ran
+
+
+def test_mismatch_message_names_the_study_file_when_run_from_the_project(
+    prepared_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shell started in the project sets PWD to it; the refusal must still say where the
+    study is. (Bug: PWD is taken for a password and every path under it is masked.)"""
+    project = clone_project(prepared_template, tmp_path / "project", _overrides("e2e-pwd", 1))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PWD", str(project))
+    cfg = load_config(project / "params.yaml")
+    open_studies(cfg, project)
+    changed = load_config(
+        project / "params.yaml", overrides={"sweep": {"space": {"rank": {"choices": [2, 8]}}}}
+    )
+    with pytest.raises(SweepError) as info:
+        open_studies(changed, project)
+    assert f"{project.resolve()}/runs/sweep/study.db" in str(info.value).splitlines()[0]

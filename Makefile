@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# DVC runs each stage's `harness ...` command in a shell: the venv must be on its PATH.
 demo: install
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 lint: install
 	$(BIN)/ruff check .

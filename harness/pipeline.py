@@ -90,8 +90,7 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
     ) as run:
 
         def on_log(record: dict[str, Any], step: int) -> None:
-            numbers = {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-            run.log_scalars(numbers, step, title="train")
+            run.log_scalars(record, step, title="train")
 
         result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log)
         for ckpt in result.checkpoints:

@@ -30,7 +30,7 @@ import torch
 
 from harness.config import ModelConfig
 from harness.errors import HarnessError
-from harness.models.tiny import TINY_KINDS, default_cache_root, tiny_pipeline_dir
+from harness.models.tiny import TINY_KINDS, tiny_pipeline_dir
 
 __all__ = [
     "Family",
@@ -291,8 +291,3 @@ def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedMod
         time.perf_counter() - started,
     )
     return LoadedModel(pipeline=pipeline, family=family, ref=ref, device=device, dtype=dtype)
-
-
-def tiny_cache_root() -> Path:
-    """The default root under which ``tiny://`` models are cached."""
-    return default_cache_root()

@@ -58,7 +58,7 @@ class HarnessBackend:
         cfg: HarnessConfig,
         run_dir: Path,
         on_checkpoint: Callable[[Checkpoint], bool],
-        on_log: Callable[[Mapping[str, float], int], None],
+        on_log: Callable[[Mapping[str, Any], int], None],
     ) -> TrainOutcome:
         """One training run to ``max_steps`` (resumes from its last checkpoint)."""
         from harness.train import CheckpointInfo, train_lora
@@ -66,15 +66,12 @@ class HarnessBackend:
         def checkpoint(info: CheckpointInfo) -> bool:
             return on_checkpoint(Checkpoint(info.step, info.path))
 
-        def log(record: Mapping[str, Any], step: int) -> None:
-            on_log({k: float(v) for k, v in record.items() if _is_number(v)}, step)
-
         result = train_lora(
             cfg,
             self.loaded,
             self.instance,
             run_dir,
-            on_log=log,
+            on_log=on_log,
             on_checkpoint=checkpoint,
             progress=self.progress,
         )
@@ -219,7 +216,3 @@ def _step_of(adapter: Path) -> int:
         return int(adapter.name.rsplit("-", 1)[-1])
     except ValueError:
         return 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -95,7 +95,7 @@ class SweepBackend(Protocol):
         cfg: HarnessConfig,
         run_dir: Path,
         on_checkpoint: Callable[[Checkpoint], bool],
-        on_log: Callable[[Mapping[str, float], int], None],
+        on_log: Callable[[Mapping[str, Any], int], None],
     ) -> TrainOutcome:
         """Train to ``cfg.train.max_steps``; stop early when ``on_checkpoint`` returns True."""
         ...
@@ -225,7 +225,7 @@ class _Objective:
         if hasattr(self.backend, "track"):
             self.backend.track = track  # sample grids and per-prompt tables go to this run
         try:
-            values = self._run(trial, proxy_trial, params, run_cfg, run_dir, track)
+            values, score = self._run(trial, proxy_trial, params, run_cfg, run_dir, track)
         except optuna.TrialPruned:
             self.studies.proxy.tell(proxy_trial, state=TrialState.PRUNED)
             raise
@@ -245,7 +245,7 @@ class _Objective:
             raise RunFailed(reason) from exc
         finally:
             track.close()
-        self.studies.proxy.tell(proxy_trial, scalarize_values(self.cfg, values))
+        self.studies.proxy.tell(proxy_trial, score)
         return values if len(values) > 1 else values[0]
 
     def _start_tracking(self, trial: optuna.Trial, run_cfg: HarnessConfig, key: str) -> Any:
@@ -267,7 +267,7 @@ class _Objective:
         run_cfg: HarnessConfig,
         run_dir: Path,
         track: Any,
-    ) -> list[float]:
+    ) -> tuple[list[float], float]:
         def on_checkpoint(ckpt: Checkpoint) -> bool:
             scores = self.backend.proxy_scores(
                 run_cfg, ckpt.path, run_dir / "proxy" / f"step-{ckpt.step}"
@@ -279,7 +279,7 @@ class _Objective:
                 track.log_scalar("proxy", name, score, ckpt.step)
             return proxy_trial.should_prune()
 
-        def on_log(values: Mapping[str, float], step: int) -> None:
+        def on_log(values: Mapping[str, Any], step: int) -> None:
             track.log_scalars(dict(values), step, title="train")
 
         outcome = self.backend.train(run_cfg, run_dir, on_checkpoint, on_log)
@@ -301,7 +301,8 @@ class _Objective:
         run_dir: Path,
         checkpoints: Sequence[Checkpoint],
         track: Any,
-    ) -> list[float]:
+    ) -> tuple[list[float], float]:
+        """Evaluate every checkpoint; return the representative point's values and score."""
         done = _recorded_point_keys(self.studies.points, str(trial.user_attrs.get("run_key")))
         best: tuple[float, list[float], Path] | None = None
         for ckpt in checkpoints:
@@ -324,7 +325,7 @@ class _Objective:
         weights = best[2] / "pytorch_lora_weights.safetensors"
         if weights.is_file():
             track.upload_artifact("best adapter", weights)
-        return best[1]
+        return best[1], best[0]
 
     def _record_point(
         self,
@@ -363,11 +364,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
-
-
-def scalarize_values(cfg: HarnessConfig, values: Sequence[float]) -> float:
-    """The proxy study's final value for a run: the representative point's scalarization."""
-    return float(values[0]) if cfg.sweep.weights else float(sum(values) / len(values))
 
 
 def _recorded_point_keys(study: optuna.Study, key: str) -> set[str]:
@@ -428,7 +424,7 @@ def run_sweep(
         with _sigterm_as_interrupt():
             studies.runs.optimize(
                 objective,
-                n_trials=None if cfg.sweep.sampler != "grid" else _grid_left(cfg, studies),
+                n_trials=None,  # the budget callback counts runs of every worker; grids stop alone
                 timeout=cfg.sweep.timeout_s,
                 callbacks=[budget],
                 catch=(RunFailed,),
@@ -439,11 +435,6 @@ def run_sweep(
     summary.started_runs_this_call = objective.started
     _prune_adapters(cfg, root, studies, summary)
     return summary
-
-
-def _grid_left(cfg: HarnessConfig, studies: Studies) -> int | None:
-    """Grid sweeps stop by themselves when the grid is exhausted; ``n_trials`` still caps them."""
-    return None
 
 
 def summarize(cfg: HarnessConfig, root: Path, studies: Studies) -> SweepSummary:

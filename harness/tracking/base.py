@@ -111,10 +111,13 @@ class Run(abc.ABC):
     def log_scalar(self, title: str, series: str, value: float, step: int) -> None:
         """One point of the scalar plot ``title``, line ``series``."""
 
-    def log_scalars(self, values: Mapping[str, float], step: int, *, title: str = "train") -> None:
+    def log_scalars(self, values: Mapping[str, Any], step: int, *, title: str = "train") -> None:
         """Several scalars at once: ``{"loss": 0.1, "lr/unet": 1e-4}``; a key ``"a/b"`` goes to
-        plot ``a`` series ``b``, any other key to plot ``title`` series ``key``."""
+        plot ``a`` series ``b``, any other key to plot ``title`` series ``key``. Values that are
+        not numbers (``None``, booleans, strings of a log record) are skipped."""
         for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
             plot, _, series = key.rpartition("/")
             self.log_scalar(plot or title, series, value, step)
 

@@ -28,7 +28,7 @@ class FakeBackend:
         cfg: HarnessConfig,
         run_dir: Path,
         on_checkpoint: Callable[[Checkpoint], bool],
-        on_log: Callable[[Mapping[str, float], int], None],
+        on_log: Callable[[Mapping[str, Any], int], None],
     ) -> TrainOutcome:
         self.trained.append(cfg.train.model_dump())
         if self.fail_lr is not None and math.isclose(cfg.train.learning_rate, self.fail_lr):

@@ -23,7 +23,7 @@ from harness.errors import HarnessError
 
 app = typer.Typer(
     name="harness",
-    help="DreamBooth LoRA sweep harness: prepare data, train, generate, sweep, report.",
+    help="DreamBooth LoRA sweep harness: resolve, prepare, train, generate, sweep.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,9 +70,11 @@ def _deep_update(into: dict[str, Any], new: dict[str, Any]) -> None:
 
 def run_command(fn: Callable[[], T]) -> T:
     """Run a command body; user errors become one red line and exit status 2."""
+    from metrics.errors import MetricsError  # the scorer's own user errors (missing weights)
+
     try:
         return fn()
-    except HarnessError as exc:
+    except (HarnessError, MetricsError) as exc:
         if _state.verbose:
             err_console.print_exception()
         for line in str(exc).splitlines() or [type(exc).__name__]:
@@ -212,29 +214,19 @@ def generate_cmd(
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/generate"),
 ) -> None:
-    """Generate eval.prompts x eval.images_per_prompt seeds with the eval settings."""
+    """Generate the eval prompts x eval.images_per_prompt seeds with the eval settings.
+
+    The prompts are eval.prompts, or the prepared subject's own (eval.prompt_source: dataset).
+    Once the subject is prepared, its class noun fills {class_name} (for DreamBench, the
+    dataset's class).
+    """
 
     def body() -> int:
-        from harness.generate import eval_seeds, generate_images, setting_from_config
-        from harness.models import load_pipeline
+        from harness.pipeline import run_generate
 
-        cfg = load()
         if adapter is not None and not adapter.exists():
             raise HarnessError(f"--adapter: {adapter}: not found")
-        loaded = load_pipeline(cfg.model)
-        records = generate_images(
-            loaded,
-            templates=cfg.eval.prompts,
-            token=cfg.data.token,
-            class_name=cfg.data.class_name or "object",
-            seeds=eval_seeds(cfg),
-            settings=[setting_from_config(cfg.eval)],
-            out_dir=out,
-            adapter=adapter,
-            resolution=cfg.eval.resolution or cfg.data.resolution,
-            batch_size=cfg.eval.batch_size,
-        )
-        return len(records)
+        return len(run_generate(load(), project_root(), out, adapter))
 
     typer.echo(f"generated {run_command(body)} images in {out} (manifest.jsonl)")
 

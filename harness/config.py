@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,6 +60,37 @@ class ConfigError(HarnessError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class _KeysError(ValueError):
+    """A section-level check that names the keys it is about (dotted, relative to the section).
+
+    The error is still reported at the section, but blamed on the file that set those keys last,
+    not on whichever file happened to set some unrelated key of the same section.
+    """
+
+    def __init__(self, keys: tuple[str, ...], message: str) -> None:
+        self.keys = keys
+        super().__init__(message)
+
+
+def _yaml_bool_word(value: Any, false_word: str, allowed: tuple[str, ...]) -> Any:
+    """Give back the documented word for a YAML 1.1 boolean read from an unquoted word.
+
+    YAML 1.1 reads an unquoted ``off`` or ``no`` as ``False``, so ``mode: off`` or
+    ``-S train.mixed_precision=no`` arrive as ``False``; that is mapped to ``false_word``.
+    ``True`` (an unquoted ``on``/``yes``/``true``) has no meaning here and stays an error that
+    names the allowed values.
+    """
+    if value is False:
+        return false_word
+    if value is True:
+        words = [repr(a) for a in allowed]
+        listed = f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else words[0]
+        raise ValueError(
+            f"must be one of {listed}, got True (YAML reads an unquoted on/yes/true as true)"
+        )
+    return value
 
 
 class _Strict(BaseModel):
@@ -111,6 +142,12 @@ class DataConfig(_Strict):
     )
     token: str = Field("sks", min_length=1, pattern=r"^\S+$")
     caption_template: str = "a photo of {token} {class_name}"
+    missing_caption: Literal["template", "reject"] = Field(
+        "template",
+        description="A photo without a caption when others have one (captions.txt or sidecar "
+        ".txt files): template: caption it with caption_template, with a warning (kohya's "
+        "behaviour); reject: reject it as 'missing caption'.",
+    )
     resolution: int = Field(64, ge=8)
     min_side: int = Field(64, ge=1)
     upscale_small: bool = False
@@ -151,14 +188,20 @@ class DataConfig(_Strict):
     def _split_leaves_training_images(self) -> DataConfig:
         n_val = validation_count(self.min_images, self.val_fraction)
         if self.min_images - n_val < 1:
-            raise ValueError(
+            raise _KeysError(
+                ("val_fraction", "min_images"),
                 f"val_fraction={self.val_fraction} leaves no training image when only "
-                f"min_images={self.min_images} photos remain"
+                f"min_images={self.min_images} photos remain",
             )
         if self.reference == "val" and self.val_fraction == 0:
-            raise ValueError("reference 'val' needs val_fraction > 0 (no photo is held out)")
+            raise _KeysError(
+                ("reference", "val_fraction"),
+                "reference 'val' needs val_fraction > 0 (no photo is held out)",
+            )
         if self.source == "dreambench" and not self.dreambench_dir:
-            raise ValueError("source 'dreambench' needs data.dreambench_dir")
+            raise _KeysError(
+                ("source", "dreambench_dir"), "source 'dreambench' needs data.dreambench_dir"
+            )
         return self
 
 
@@ -209,16 +252,29 @@ class TrainConfig(_Strict):
     export_kohya: bool = False
     output_dir: str = "runs/train"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        allowed = get_args(cls.model_fields["mixed_precision"].annotation)
+        return _yaml_bool_word(value, "no", allowed)
+
     @model_validator(mode="after")
     def _steps_consistent(self) -> TrainConfig:
         bad = [s for s in self.checkpoint_steps if not 1 <= s <= self.max_steps]
         if bad:
-            raise ValueError(f"checkpoint_steps {bad} outside 1..max_steps={self.max_steps}")
+            raise _KeysError(
+                ("checkpoint_steps", "max_steps"),
+                f"checkpoint_steps {bad} outside 1..max_steps={self.max_steps}",
+            )
         if self.checkpoint_steps != sorted(set(self.checkpoint_steps)):
-            raise ValueError(f"checkpoint_steps must be increasing, got {self.checkpoint_steps}")
+            raise _KeysError(
+                ("checkpoint_steps",),
+                f"checkpoint_steps must be increasing, got {self.checkpoint_steps}",
+            )
         if self.lr_warmup_steps > self.max_steps:
-            raise ValueError(
-                f"lr_warmup_steps={self.lr_warmup_steps} exceeds max_steps={self.max_steps}"
+            raise _KeysError(
+                ("lr_warmup_steps", "max_steps"),
+                f"lr_warmup_steps={self.lr_warmup_steps} exceeds max_steps={self.max_steps}",
             )
         return self
 
@@ -278,6 +334,11 @@ class TrackingConfig(_Strict):
     strict: bool = Field(False, description="Unreachable server: error instead of offline.")
     offline_dir: str = "runs/clearml"
     connect_timeout_s: float = Field(3.0, gt=0, le=60)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: Any) -> Any:
+        return _yaml_bool_word(value, "off", get_args(cls.model_fields["mode"].annotation))
 
 
 class ParamSpec(_Strict):
@@ -386,9 +447,10 @@ class SweepConfig(_Strict):
     def _known_params(cls, space: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(space) - set(SEARCHABLE_TRAIN_PARAMS))
         if unknown:
-            raise ValueError(
+            raise _KeysError(
+                tuple(unknown),
                 f"unknown search parameter(s) {unknown}; searchable: "
-                + ", ".join(SEARCHABLE_TRAIN_PARAMS)
+                + ", ".join(SEARCHABLE_TRAIN_PARAMS),
             )
         return space
 
@@ -408,9 +470,12 @@ class SweepConfig(_Strict):
                 k for k, v in self.space.items() if isinstance(v, ParamSpec) and v.choices is None
             ]
             if ranged:
-                raise ValueError(f"the grid sampler needs 'choices' for {ranged}, not ranges")
+                raise _KeysError(
+                    ("sampler", *(f"space.{k}" for k in ranged)),
+                    f"the grid sampler needs 'choices' for {ranged}, not ranges",
+                )
         if self.n_trials is None and self.timeout_s is None:
-            raise ValueError("give a budget: n_trials and/or timeout_s")
+            raise _KeysError(("n_trials", "timeout_s"), "give a budget: n_trials and/or timeout_s")
         return self
 
 
@@ -478,6 +543,19 @@ def available_presets(root: str | Path = ".") -> list[str]:
     return sorted(p.stem for p in (Path(root) / PRESETS_DIR).glob("*.yaml"))
 
 
+# Mappings whose values are whole specs ("*" matches any key): a later file replaces such a value
+# as a unit instead of merging keys into it, so a ``{choices: [...]}`` entry in params.yaml does not
+# inherit the preset's ``low``/``high`` and a user's ``weights`` do not keep the preset's keys.
+ATOMIC_PATHS: tuple[tuple[str, ...], ...] = (("sweep", "space", "*"), ("sweep", "weights"))
+
+
+def _is_atomic(path: tuple[str, ...]) -> bool:
+    return any(
+        len(pattern) == len(path) and all(p in ("*", k) for p, k in zip(pattern, path, strict=True))
+        for pattern in ATOMIC_PATHS
+    )
+
+
 def _merge(
     base: dict[str, Any],
     override: Mapping[str, Any],
@@ -485,11 +563,19 @@ def _merge(
     source: str,
     prefix: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Deep-merge ``override`` into a copy of ``base``, recording which file set each key."""
+    """Deep-merge ``override`` into a copy of ``base``, recording which file set each key.
+
+    Mappings merge key by key, except at :data:`ATOMIC_PATHS`; anything else (lists included)
+    is replaced.
+    """
     out = dict(base)
     for key, value in override.items():
         path = (*prefix, str(key))
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if (
+            isinstance(value, Mapping)
+            and isinstance(out.get(key), Mapping)
+            and not _is_atomic(path)
+        ):
             out[key] = _merge(dict(out[key]), value, origin, source, path)
         else:
             out[key] = value
@@ -502,20 +588,38 @@ def _merge(
 def _record(
     origin: dict[tuple[str, ...], str], value: Any, source: str, path: tuple[str, ...]
 ) -> None:
+    # Re-insert, never update in place: ``origin`` stays in the order the keys were applied, so
+    # its last entries come from the highest-priority source (command line > params > preset).
+    origin.pop(path, None)
     origin[path] = source
     if isinstance(value, Mapping):
         for key, sub in value.items():
             _record(origin, sub, source, (*path, str(key)))
 
 
-def _source_of(loc: tuple[str, ...], origin: Mapping[tuple[str, ...], str], default: str) -> str:
-    """The file that set ``loc`` (or its nearest parent that some file set)."""
-    for n in range(len(loc), 0, -1):
+def _source_of(
+    loc: tuple[str, ...],
+    origin: Mapping[tuple[str, ...], str],
+    default: str,
+    keys: tuple[str, ...] = (),
+) -> str:
+    """The file to blame for an error at ``loc``.
+
+    The latest-applied source among the keys at or under ``loc`` (for a section-level check,
+    the keys it names in ``keys``, dotted and relative to ``loc``, when any file set them):
+    ``origin`` is in application order, so the last hit has the highest priority. An error
+    below anything a file set (a missing key, a union member) goes to the nearest parent a file
+    set; with no file at all, ``default``.
+    """
+    named = [(*loc, *key.split(".")) for key in keys]
+    for targets in (named, [loc]):
+        hits = [src for path, src in origin.items() if any(path[: len(t)] == t for t in targets)]
+        if hits:
+            return hits[-1]
+    for n in range(len(loc) - 1, 0, -1):
         if loc[:n] in origin:
             return origin[loc[:n]]
-    # A section-level error: blame the file that set anything inside that section, latest wins.
-    inside = [src for path, src in origin.items() if path[: len(loc)] == loc]
-    return inside[-1] if inside else default
+    return default
 
 
 def _describe(err: Mapping[str, Any], siblings: list[str]) -> str:
@@ -571,7 +675,9 @@ def validate_config(
         problems = []
         for err in exc.errors():
             loc = tuple(str(p) for p in err["loc"])
-            src = _source_of(loc, origin or {}, default_source)
+            cause = (err.get("ctx") or {}).get("error")
+            keys = cause.keys if isinstance(cause, _KeysError) else ()
+            src = _source_of(loc, origin or {}, default_source, keys)
             where = ".".join(loc) if loc else "(top level)"
             problems.append(f"{src}: {where}: {_describe(err, _fields_at(loc))}")
         raise ConfigError(problems) from None
@@ -595,13 +701,19 @@ def load_config(
     params = Path(params)
     root = Path(root) if root is not None else params.parent
     user = load_yaml(params)
-    preset = user.get("preset", "tiny-cpu")
+    # The preset named on the command line wins over the one params.yaml names.
+    if overrides and "preset" in overrides:
+        preset, preset_source = overrides["preset"], "command line"
+    else:
+        preset, preset_source = user.get("preset", "tiny-cpu"), str(params)
     if not isinstance(preset, str):
-        raise ConfigError([f"{params}: preset: expected str, got {type(preset).__name__}"])
+        raise ConfigError([f"{preset_source}: preset: expected str, got {type(preset).__name__}"])
     preset_file = root / PRESETS_DIR / f"{preset}.yaml"
     if not preset_file.is_file():
         names = ", ".join(available_presets(root)) or "none found"
-        raise ConfigError([f"{params}: preset: unknown preset {preset!r}; available: {names}"])
+        raise ConfigError(
+            [f"{preset_source}: preset: unknown preset {preset!r}; available: {names}"]
+        )
     preset_label = f"{PRESETS_DIR}/{preset_file.name}"
     origin: dict[tuple[str, ...], str] = {}
     base = load_yaml(preset_file)

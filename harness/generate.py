@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from harness.config import EvalConfig, HarnessConfig
 from harness.errors import HarnessError
-from harness.models import LoadedModel
+from harness.models import PICKLE_SUFFIXES, LoadedModel, check_weights_file
 
 __all__ = [
     "ADAPTER_NAME",
@@ -39,6 +39,7 @@ __all__ = [
     "format_prompt",
     "generate_images",
     "make_scheduler",
+    "resolve_adapter",
     "setting_from_config",
 ]
 
@@ -165,6 +166,24 @@ def eval_mode(pipeline: Any) -> Iterator[None]:
             module.train(mode)
 
 
+def resolve_adapter(adapter: Path) -> tuple[Path, str]:
+    """(folder, weight file name) of a LoRA checkpoint folder or ``.safetensors`` file.
+
+    The file passes :func:`harness.models.check_weights_file` first, so a pickle-based file
+    (``.bin``, ``.ckpt``, ``.pt``, ``.pth``), a renamed pickle or a truncated file is refused
+    with one line and never reaches ``torch.load``.
+
+    Raises:
+        HarnessError: the weights are missing or unsafe (:class:`WeightsFileError`).
+    """
+    adapter = Path(adapter)
+    weights = adapter / LORA_WEIGHTS if adapter.is_dir() else adapter
+    if not weights.is_file() and weights.suffix.lower() not in PICKLE_SUFFIXES:
+        raise HarnessError(f"adapter: {weights}: LoRA weights not found")
+    checked = check_weights_file(weights, "adapter")
+    return checked.parent, checked.name
+
+
 @contextmanager
 def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME) -> Iterator[bool]:
     """Load a LoRA checkpoint folder (or file) for the duration of the block, then delete it.
@@ -182,12 +201,7 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
             f"adapter: pipeline already holds LoRA adapters {held}; evaluate those in place "
             "(adapter=None) or unload them first"
         )
-    adapter = Path(adapter)
-    folder, weight_name = (
-        (adapter.parent, adapter.name) if adapter.is_file() else (adapter, LORA_WEIGHTS)
-    )
-    if not (folder / weight_name).is_file():
-        raise HarnessError(f"adapter: {folder / weight_name}: LoRA weights not found")
+    folder, weight_name = resolve_adapter(adapter)
     try:
         # Inside the try: an interrupt in the middle of the load must not leave half-injected
         # LoRA layers behind.
@@ -233,6 +247,8 @@ def generate_images(
     Returns:
         The generated images' records, in generation order.
     """
+    if adapter is not None:
+        resolve_adapter(adapter)  # refuse a missing or unsafe adapter before any work
     pipeline = loaded.pipeline
     jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
     base_scheduler = pipeline.scheduler

@@ -23,6 +23,7 @@ from harness.config import HarnessConfig
 __all__ = [
     "RESOLVED_DIR",
     "prepared_subject_dir",
+    "run_generate",
     "run_prepare",
     "run_resolve",
     "run_sweep_stage",
@@ -67,23 +68,39 @@ def run_prepare(cfg: HarnessConfig, root: Path, progress: bool = True) -> Any:
     return prepare_subject(cfg.data, root, progress=progress)
 
 
-def _load_model_and_subject(cfg: HarnessConfig, root: Path) -> tuple[Any, Any]:
-    from harness.data import load_prepared
-    from harness.models import load_pipeline
+def _load_subject(cfg: HarnessConfig, root: Path) -> tuple[HarnessConfig, Any]:
+    """``(config, prepared subject)``; use the returned config from here on.
 
-    subject = load_prepared(prepared_subject_dir(cfg, root))  # fails fast, before the model
-    return load_pipeline(cfg.model), subject
+    It carries the prepared subject's class noun (:func:`harness.data.with_subject`): for
+    DreamBench that is the dataset's class, which prior preservation's class prompt needs.
+    Cheap (reads the manifest), so it runs before anything slow and fails fast.
+    """
+    from harness.data import load_prepared, with_subject
+
+    subject = load_prepared(prepared_subject_dir(cfg, root))
+    return with_subject(cfg, subject), subject
+
+
+def _ready_tracker(cfg: HarnessConfig, root: Path) -> Any:
+    """The tracker, checked once up front: strict tracking with a dead server fails here."""
+    from harness.tracking import create_tracker
+
+    tracker = create_tracker(cfg.tracking, root)
+    tracker.preflight()
+    return tracker
 
 
 def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> Any:
     """One training run with the configured settings (``harness train``)."""
-    from harness.tracking import create_tracker, default_tags
+    from harness.models import load_pipeline
+    from harness.tracking import default_tags
     from harness.train import train_lora
 
-    loaded, subject = _load_model_and_subject(cfg, root)
+    cfg, subject = _load_subject(cfg, root)
+    tracker = _ready_tracker(cfg, root)
+    loaded = load_pipeline(cfg.model)
     run_dir = run_dir or root / cfg.train.output_dir
     pairs = list(zip(subject.train_paths, subject.train_captions, strict=True))
-    tracker = create_tracker(cfg.tracking, root)
     config = cfg.to_dict()
     with tracker.start_run(
         f"train/{cfg.data.subject}", config=config, tags=default_tags(config)
@@ -98,20 +115,64 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
     return result
 
 
+def run_generate(
+    cfg: HarnessConfig, root: Path, out_dir: Path, adapter: Path | None = None
+) -> list[Any]:
+    """``harness generate``: the eval prompts x seeds with the eval settings into ``out_dir``.
+
+    The prompts are ``eval.prompts``, or the prepared subject's own (``eval.prompt_source:
+    dataset``); once the subject is prepared its class noun fills ``{class_name}`` (for
+    DreamBench, the dataset's class). The adapter is checked before the model loads.
+    """
+    from harness.data.prepare import MANIFEST
+    from harness.generate import eval_seeds, generate_images, resolve_adapter, setting_from_config
+    from harness.models import load_pipeline
+    from harness.sweep.backend import evaluation_templates
+
+    if adapter is not None:
+        resolve_adapter(adapter)  # missing or unsafe weights: one line, before any model loads
+    templates = list(cfg.eval.prompts)
+    if (
+        cfg.eval.prompt_source == "dataset"
+        or (prepared_subject_dir(cfg, root) / MANIFEST).is_file()
+    ):
+        cfg, subject = _load_subject(cfg, root)  # a clear error when it was never prepared
+        templates = evaluation_templates(cfg, subject)
+    return generate_images(
+        load_pipeline(cfg.model),
+        templates=templates,
+        token=cfg.data.token,
+        class_name=cfg.data.class_name or "object",
+        seeds=eval_seeds(cfg),
+        settings=[setting_from_config(cfg.eval)],
+        out_dir=out_dir,
+        adapter=adapter,
+        resolution=cfg.eval.resolution or cfg.data.resolution,
+        batch_size=cfg.eval.batch_size,
+    )
+
+
 def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> Any:
-    """The sweep with the real backend: one loaded pipeline and scorer per worker."""
+    """The sweep with the real backend: one loaded pipeline and scorer per worker.
+
+    Everything that can be wrong with the user's setup fails before the first training run,
+    cheapest check first: the prepared subject, the study (storage reachable, no mismatched
+    resume), the tracker, the metric encoders' weights, then the diffusion model.
+    """
     from harness.evaluate import make_scorer
+    from harness.models import load_pipeline, resolve_device
     from harness.sweep import run_sweep
     from harness.sweep.backend import HarnessBackend
     from harness.sweep.study import open_studies
     from harness.sweep.summary import publish_summary
-    from harness.tracking import create_tracker
 
-    open_studies(cfg, root)  # a mismatched resume fails here, before any model loads
-    loaded, subject = _load_model_and_subject(cfg, root)
-    scorer = make_scorer(cfg, device=str(loaded.device))
+    cfg, subject = _load_subject(cfg, root)
+    open_studies(cfg, root)
+    tracker = _ready_tracker(cfg, root)
+    scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
+    scorer.load_encoders()
+    loaded = load_pipeline(cfg.model)
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
-    tracker = create_tracker(cfg.tracking, root)
     summary = run_sweep(cfg, root, backend, tracker)
     references = backend.references(cfg, root / cfg.sweep.dir / "references")
     publish_summary(cfg, root, summary, tracker, references)

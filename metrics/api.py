@@ -205,6 +205,14 @@ class Scorer:
             )
         return self._clip
 
+    def load_encoders(self) -> None:
+        """Load both encoders now (they load lazily otherwise).
+
+        A long job calls this first, so that missing or unsafe weights fail in seconds
+        (:class:`~metrics.errors.WeightsUnavailableError`) rather than after hours of work.
+        """
+        _ = self.dino, self.clip
+
     def _embed_real(self, encoder: ImageEncoder, real: Sequence[ImageInput]) -> torch.Tensor:
         if self._cache is None:
             return encoder.encode_images(real)

@@ -4,8 +4,10 @@ Policy (documented in the README section of the data stage):
 
 * No caption files at all: every photo gets ``caption_template`` (default
   ``a photo of {token} {class_name}``), the DreamBooth instance prompt.
-* Caption files present (``captions.txt`` or any sidecar): they are the truth, so a photo with
-  no caption is *rejected* ("missing caption") rather than silently mixed with template ones.
+* Caption files present (``captions.txt`` or any sidecar) but a photo has none: by default
+  (``data.missing_caption: template``, kohya's behaviour) it gets ``caption_template`` and the
+  prepare stage warns, naming every such photo; with ``missing_caption: reject`` it is
+  *rejected* ("missing caption") rather than mixed with template ones.
 * ``captions.txt`` lines: ``<file name><TAB><caption>`` or ``<file name>: <caption>``; blank
   lines and ``#`` comments are skipped. Entries name files directly in the subject folder; an
   absolute path, a ``..`` segment or a sub-folder is rejected (never resolved).
@@ -22,16 +24,18 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harness.data.errors import Rejection
 
 __all__ = [
     "CAPTIONS_FILE",
+    "MISSING_CAPTION_NOTE",
     "CaptionError",
     "Captions",
     "check_entry_name",
     "has_token",
+    "missing_captions_warning",
     "read_captions",
     "render",
     "token_warnings",
@@ -45,6 +49,10 @@ MAX_TOKEN_PIECES = 2
 #: A single whole-word BPE piece merged this early is a frequent word with a strong prior.
 #: CLIP's merges are ordered by corpus frequency: 'dog' is 1929, 'zebra' 22548, 'sks' 48136.
 COMMON_WORD_MAX_ID = 40_000
+#: The manifest note of a photo captioned by the template because its caption was missing.
+MISSING_CAPTION_NOTE = (
+    f"no caption in {CAPTIONS_FILE} or a sidecar .txt: captioned with data.caption_template"
+)
 
 
 class CaptionError(Exception):
@@ -57,24 +65,36 @@ class Captions:
 
     text: dict[str, str] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)
-    given: bool = False  # any caption file exists: captions are then required for every photo
+    given: bool = False  # any caption file exists: a photo without one has a missing caption
+
+    def missing(self, names: list[str]) -> list[str]:
+        """The photos among ``names`` without a caption although caption files exist."""
+        return sorted(n for n in names if self.given and n not in self.text)
 
     def caption_for(
-        self, name: str, template: str, token: str, class_name: str | None
+        self,
+        name: str,
+        template: str,
+        token: str,
+        class_name: str | None,
+        missing: Literal["template", "reject"] = "template",
     ) -> tuple[str, str]:
-        """``(caption, where_from)`` for image ``name``.
+        """``(caption, where_from)`` for image ``name``; ``where_from`` is ``template`` for one
+        rendered from ``template`` (no caption files, or a missing caption and ``missing`` is
+        ``template``).
 
         Raises:
-            CaptionError: missing/empty caption, or the token is absent.
+            CaptionError: missing caption (with ``missing="reject"``), empty caption, or the
+                token is absent.
         """
         if name in self.text:
             caption, where = render(self.text[name], token, class_name), self.source[name]
-        elif self.given:
+        elif self.given and missing == "reject":
             stem = Path(name).stem
             raise CaptionError(
                 f"missing caption: no entry in {CAPTIONS_FILE} and no sidecar {stem}.txt "
-                "(other photos have captions; add one, or remove all caption files to use "
-                "the template)"
+                "(other photos have captions; add one, or set data.missing_caption: template "
+                "to use data.caption_template)"
             )
         else:
             caption, where = render(template, token, class_name), "template"
@@ -85,6 +105,15 @@ class Captions:
                 f"caption lacks the identifier token {token!r} ({where}): {caption!r}"
             )
         return caption, where
+
+
+def missing_captions_warning(names: list[str]) -> str:
+    """The prepare stage's one warning naming every photo captioned by the template."""
+    return (
+        f"{len(names)} photo(s) have no caption in {CAPTIONS_FILE} or a sidecar .txt and are "
+        f"captioned with data.caption_template: {', '.join(names)} (add captions, or set "
+        "data.missing_caption: reject to reject them)"
+    )
 
 
 def render(text: str, token: str, class_name: str | None) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.data.errors import DataError
 
-__all__ = ["PreparedImage", "PreparedSubject", "load_prepared"]
+if TYPE_CHECKING:
+    from harness.config import HarnessConfig
+
+__all__ = ["PreparedImage", "PreparedSubject", "load_prepared", "with_subject"]
 
 _SCHEMA_VERSION = 1  # must match harness.data.prepare.SCHEMA_VERSION
 
@@ -89,3 +92,18 @@ def load_prepared(prepared_subject_dir: Path) -> PreparedSubject:
         prompts=tuple(manifest.get("prompts", [])),
         manifest=manifest,
     )
+
+
+def with_subject(cfg: HarnessConfig, subject: PreparedSubject) -> HarnessConfig:
+    """``cfg`` with ``data.class_name`` set to the prepared subject's class noun.
+
+    The prepared subject is the truth about its class (for DreamBench, the dataset's
+    ``prompts_and_classes.txt``, which wins over a preset's ``data.class_name``). Everything
+    after ``prepare`` (the prior-preservation class prompt, training, the sweep, generation)
+    must use this config. Returns ``cfg`` itself when nothing changes; ``cfg`` is never
+    modified (the config models are frozen).
+    """
+    if subject.class_name is None or subject.class_name == cfg.data.class_name:
+        return cfg
+    data = cfg.data.model_copy(update={"class_name": subject.class_name})
+    return cfg.model_copy(update={"data": data})

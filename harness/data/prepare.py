@@ -5,11 +5,13 @@ Output layout (everything is rewritten on each run; stale files of a previous ru
     <root>/<prepared_dir>/<subject>/
         train/<stem>.png   training photos: square (crop="center"), resolution x resolution
         val/<stem>.png     held-out photos (see harness.data.split for the few-photos policy)
-        manifest.json      settings, counts, and per photo: source file, sha256, format, mode,
-                           original size, EXIF orientation, upright size, crop box, caption,
-                           caption source, split, reference flag, pHash, notes
-        rejects.json       every input not used, with its reason (also on failure)
-        rejects.txt        the same, one ``file: reason`` line each, for people
+        manifest.json      settings, counts, warnings, and per photo: source file, sha256,
+                           format, mode, original size, EXIF orientation, upright size, crop
+                           box, caption, caption source, split, reference flag, pHash, notes
+        rejects.json       every input not used, with its reason (also on failure), and the
+                           warnings
+        rejects.txt        the same, one ``file: reason`` line each, for people; warnings as
+                           ``# warning:`` lines
 
 Bad inputs never stop the stage on their own: each is reported and every valid photo is still
 processed. The stage fails (``DataError`` naming the folder and the counts, after writing the
@@ -34,7 +36,14 @@ from rich.console import Console
 from rich.progress import track
 
 from harness.config import DataConfig
-from harness.data.captions import CaptionError, Captions, read_captions, token_warnings
+from harness.data.captions import (
+    MISSING_CAPTION_NOTE,
+    CaptionError,
+    Captions,
+    missing_captions_warning,
+    read_captions,
+    token_warnings,
+)
 from harness.data.dedupe import DuplicateIndex, perceptual_hash
 from harness.data.errors import DataError, Rejection
 from harness.data.files import display_path, resolve_path, sha256_file, write_json
@@ -124,8 +133,11 @@ def prepare_subject(cfg: DataConfig, root: Path, *, progress: bool = True) -> Pr
         src = resolve_source(cfg, root)
         label = src.label
         ensure_folder(src, cfg)
-        notes = token_warnings(cfg.token, src.class_name)
+        for message in src.warnings:
+            log.warning("%s", message)
+        notes = [*src.warnings, *token_warnings(cfg.token, src.class_name)]
         photos, n_found = _collect(cfg, src, rejects, progress)
+        notes += _caption_warnings(photos)
         if len(photos) < cfg.min_images:
             raise DataError(
                 f"{label}: {len(photos)} usable photo(s) of {n_found} found "
@@ -140,7 +152,9 @@ def prepare_subject(cfg: DataConfig, root: Path, *, progress: bool = True) -> Pr
         _write_failure(out_dir, label, rejects, str(exc))
         raise
     manifest = _manifest(cfg, src, photos, splits, refs, notes, rejects, n_found)
-    _write_outputs(out_dir, photos, manifest, _rejects_doc(label, rejects, None))
+    _write_outputs(
+        out_dir, photos, manifest, _rejects_doc(label, rejects, None, manifest["warnings"])
+    )
     counts = manifest["counts"]
     return PrepareResult(
         subject=cfg.subject,
@@ -204,6 +218,16 @@ def _collect(
     return photos, len(images)
 
 
+def _caption_warnings(photos: list[_Photo]) -> list[str]:
+    """One warning naming every kept photo captioned by the template for lack of a caption."""
+    names = [p.name for p in photos if MISSING_CAPTION_NOTE in p.record["notes"]]
+    if not names:
+        return []
+    message = missing_captions_warning(names)
+    log.warning("%s", message)
+    return [message]
+
+
 def _progress(items: list[Path], description: str, enabled: bool) -> Iterator[Path]:
     shown: Iterable[Path] = track(
         items,
@@ -231,8 +255,10 @@ def _process(
     notes = list(decoded.notes)
     size_note = size_check(decoded.image.size, cfg.min_side, cfg.upscale_small)
     caption, caption_source = captions.caption_for(
-        path.name, cfg.caption_template, cfg.token, src.class_name
+        path.name, cfg.caption_template, cfg.token, src.class_name, cfg.missing_caption
     )
+    if captions.missing([path.name]):
+        notes.append(MISSING_CAPTION_NOTE)
     phash = perceptual_hash(decoded.image)
     if (reason := index.near(phash)) is not None:
         raise _Skip(reason)
@@ -350,11 +376,14 @@ def _manifest(
     }
 
 
-def _rejects_doc(label: str, rejects: list[Rejection], error: str | None) -> dict[str, Any]:
+def _rejects_doc(
+    label: str, rejects: list[Rejection], error: str | None, warnings: list[str] | None = None
+) -> dict[str, Any]:
     return {
         "folder": label,
         "rejected": [r.to_dict() for r in sorted(rejects)],
         "error": error,
+        "warnings": list(warnings or []),
     }
 
 
@@ -363,6 +392,7 @@ def _write_rejects(out_dir: Path, doc: dict[str, Any]) -> None:
     lines = [f"# {len(doc['rejected'])} input(s) not used from {doc['folder']}"]
     if doc["error"]:
         lines.append(f"# FAILED: {doc['error']}")
+    lines += [f"# warning: {w}" for w in doc["warnings"]]
     lines += [f"{r['file']}: {r['reason']}" for r in doc["rejected"]]
     (out_dir / REJECTS_TXT).write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
 

@@ -3,11 +3,14 @@
 * ``sample``: drawn by :mod:`harness.data.sample` into ``<root>/data/sample/<subject>``.
 * ``folder``: ``<root>/<raw_dir>/<subject>`` (photos plus optional captions, ``dvc add``-ed).
 * ``dreambench``: ``<dreambench_dir>/<subject>`` read in place, never copied; the class noun
-  and the evaluation prompts come from the dataset's ``prompts_and_classes.txt``.
+  and the evaluation prompts come from the dataset's ``prompts_and_classes.txt``. The dataset's
+  class wins over ``data.class_name`` (a preset's class is for its own subject), with a warning;
+  ``data.class_name`` only names the class of a subject the file does not list.
 
-Photos sit directly in the subject folder; hidden files are ignored. Symlinks may point
-anywhere inside the dataset root (the folder holding the subject folders) or the project's DVC
-cache (``cache.type symlink``); any other target is rejected.
+Photos sit directly in the subject folder; hidden files are ignored. Symlinks (a photo, or the
+subject folder itself) may point anywhere inside the dataset root (the folder holding the subject
+folders) or the project's DVC cache (``cache.type symlink``); any other target is rejected (a
+photo is listed in the rejection report, a subject folder stops the stage).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class SubjectSource:
 
     ``prompts`` use the harness's placeholders ``{token}`` and ``{class_name}``. ``label`` is
     the folder as the config names it (used in reports, so they do not depend on the clone's
-    location).
+    location). ``warnings`` are config problems found while resolving (for the manifest).
     """
 
     subject: str
@@ -60,6 +63,7 @@ class SubjectSource:
     label: str
     prompts: tuple[str, ...] = ()
     live: bool | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def parse_dreambench_file(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
@@ -109,14 +113,24 @@ def resolve_source(cfg: DataConfig, root: Path) -> SubjectSource:
         assert cfg.dreambench_dir is not None  # the config validator guarantees it
         bench = resolve_path(cfg.dreambench_dir, root)
         classes, objects, live_prompts = parse_dreambench_file(bench / DREAMBENCH_FILE)
-        class_name = cfg.class_name or classes.get(cfg.subject)
+        # The dataset's class wins: a preset's data.class_name is for its own (sample) subject.
+        # data.class_name only names the class of a subject the dataset file does not list.
+        dataset_class = classes.get(cfg.subject)
+        class_name = dataset_class or cfg.class_name
         if class_name is None:
             known = ", ".join(sorted(classes))
             raise DataError(
                 f"{bench / DREAMBENCH_FILE}: no class for subject {cfg.subject!r} "
                 f"(known: {known}); set data.class_name"
             )
-        live = classes.get(cfg.subject, class_name) in _LIVE_CLASSES or class_name in _LIVE_CLASSES
+        warnings: tuple[str, ...] = ()
+        if dataset_class is not None and cfg.class_name not in (None, dataset_class):
+            warnings = (
+                f"data.class_name {cfg.class_name!r} ignored for DreamBench subject "
+                f"{cfg.subject!r}: the dataset's class {dataset_class!r} "
+                f"({DREAMBENCH_FILE}) is used",
+            )
+        live = class_name in _LIVE_CLASSES
         return SubjectSource(
             subject=cfg.subject,
             kind="dreambench",
@@ -127,6 +141,7 @@ def resolve_source(cfg: DataConfig, root: Path) -> SubjectSource:
             label=f"{cfg.dreambench_dir.rstrip('/')}/{cfg.subject}",
             prompts=tuple(live_prompts if live else objects),
             live=live,
+            warnings=warnings,
         )
     if cfg.source == "sample":
         base, label_base, class_name = (
@@ -159,11 +174,26 @@ def resolve_source(cfg: DataConfig, root: Path) -> SubjectSource:
 def ensure_folder(src: SubjectSource, cfg: DataConfig) -> None:
     """Generate the sample (deterministic, idempotent); check that the subject folder exists.
 
+    A subject folder that is a symlink must stay inside the dataset root, like a symlinked
+    photo (:func:`symlink_problem`): ``data/raw/my-dog -> /elsewhere`` would put photos that
+    ``dvc add data/raw`` never versions into the prepared set.
+
     Raises:
-        DataError: naming the folder (and the available DreamBench subjects) when missing.
+        DataError: naming the folder (and the available DreamBench subjects) when missing, a
+            broken symlink, or a symlink leaving the dataset root.
     """
     if src.kind == "sample":
         make_sample_subject(src.folder, cfg.sample_images, seed=SAMPLE_SEED)
+    if src.folder.is_symlink():
+        target = src.folder.resolve()
+        if not target.exists():
+            raise DataError(f"{src.label}: the subject folder is a broken symlink (-> {target})")
+        if not is_within(target, list(src.allowed_roots)):
+            root_label = src.label.rpartition("/")[0] or str(src.dataset_root)
+            raise DataError(
+                f"{src.label}: the subject folder is a symlink leaving {root_label} "
+                f"(-> {target}); move or copy the photos into {src.label}"
+            )
     if src.folder.is_dir():
         return
     hint = ""

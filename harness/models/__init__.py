@@ -33,10 +33,13 @@ from harness.errors import HarnessError
 from harness.models.tiny import TINY_KINDS, tiny_pipeline_dir
 
 __all__ = [
+    "PICKLE_SUFFIXES",
     "Family",
     "LoadedModel",
     "ModelLoadError",
     "ModelRef",
+    "WeightsFileError",
+    "check_weights_file",
     "detect_family",
     "load_pipeline",
     "parse_model_ref",
@@ -50,11 +53,54 @@ Family = Literal["sd15", "sdxl"]
 RefKind = Literal["tiny", "local_dir", "single_file", "hub"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl"})
 
 
 class ModelLoadError(HarnessError, RuntimeError):
     """A model could not be loaded; the message says what to do about it."""
+
+
+class WeightsFileError(ModelLoadError):
+    """A weights file is pickle-based (refused), missing, or not a readable safetensors file."""
+
+
+def check_weights_file(path: str | Path, what: str) -> Path:
+    """The one gate for every weights file the harness loads: base model, LoRA, training state.
+
+    Only ``.safetensors`` files are accepted (anything else may be unpickled by torch, which can
+    run arbitrary code), and the file's header must parse, which catches a truncated file and
+    a pickle renamed to ``.safetensors`` without reading the tensors.
+
+    Args:
+        path: the file.
+        what: where it came from (``model.pretrained``, ``adapter``...), for the message.
+
+    Raises:
+        WeightsFileError: one line naming ``what`` and the file.
+    """
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise WeightsFileError(
+            f"{what}: {path}: pickle-based checkpoints ({suffix}) can run arbitrary code when "
+            "loaded and are refused; use a .safetensors file"
+        )
+    if suffix != ".safetensors":
+        raise WeightsFileError(f"{what}: {path}: only .safetensors weight files are accepted")
+    if not path.is_file():
+        raise WeightsFileError(f"{what}: {path}: file not found")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError (no public class), OSError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsFileError(
+            f"{what}: {path}: not a valid safetensors file ({reason}); it may be truncated "
+            "or a pickle checkpoint renamed to .safetensors"
+        ) from None
+    return path
 
 
 @dataclass(frozen=True)
@@ -77,11 +123,12 @@ class LoadedModel:
 
 
 def parse_model_ref(pretrained: str) -> ModelRef:
-    """Classify a model reference without loading anything.
+    """Classify a model reference without loading anything (a single file's header is read).
 
     Raises:
-        ModelLoadError: for pickle-based files, unknown tiny models, or strings that are neither
-            an existing path nor a hub id.
+        ModelLoadError: for unknown tiny models, or strings that are neither an existing path
+            nor a hub id; :class:`WeightsFileError` for pickle-based files and ``.safetensors``
+            files that are missing, truncated or not safetensors at all.
     """
     if pretrained.startswith("tiny://"):
         name = pretrained.removeprefix("tiny://")
@@ -92,11 +139,8 @@ def parse_model_ref(pretrained: str) -> ModelRef:
             )
         return ModelRef("tiny", name)
     path = Path(pretrained).expanduser()
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"model.pretrained: {pretrained}: pickle-based checkpoints ({path.suffix}) can run "
-            "arbitrary code when loaded and are refused; use a .safetensors file"
-        )
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        check_weights_file(path, "model.pretrained")  # raises: pickle-based
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
@@ -105,9 +149,7 @@ def parse_model_ref(pretrained: str) -> ModelRef:
             )
         return ModelRef("local_dir", str(path))
     if path.suffix.lower() == ".safetensors":
-        if not path.is_file():
-            raise ModelLoadError(f"model.pretrained: {pretrained}: file not found")
-        return ModelRef("single_file", str(path))
+        return ModelRef("single_file", str(check_weights_file(path, "model.pretrained")))
     if _HUB_ID.match(pretrained) and not path.exists():
         return ModelRef("hub", pretrained)
     raise ModelLoadError(

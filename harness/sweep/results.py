@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-__all__ = ["points_frame", "write_results"]
+__all__ = ["pareto_rows", "points_frame", "write_results"]
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -33,8 +33,15 @@ def _front(study: optuna.Study) -> set[int]:
     return {study.best_trial.number}
 
 
-def points_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
-    """All completed points of ``study`` as a DataFrame (stable column order)."""
+def points_frame(
+    study: optuna.Study, objectives: list[str], root: Path | None = None
+) -> pd.DataFrame:
+    """All completed points of ``study`` as a DataFrame (stable column order).
+
+    With ``root`` (the project root the adapter paths are relative to), a point whose adapter
+    was removed (``sweep.keep_adapters``) gets ``adapter`` None and ``adapter_removed`` True,
+    so no row points at a deleted checkpoint.
+    """
     front = _front(study)
     rows: list[dict[str, Any]] = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -51,25 +58,37 @@ def points_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
         row["pareto"] = trial.number in front
         for key in ("setting_id", "scheduler", "n_images", "adapter", "images_dir"):
             row[key] = attrs.get(key)
+        if root is not None:
+            row["adapter_removed"] = bool(row["adapter"]) and not (root / row["adapter"]).is_dir()
+            if row["adapter_removed"]:
+                row["adapter"] = None
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def pareto_rows(frame: pd.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
+    """The Pareto points of a results frame as plain dicts, best first objective first."""
+    if frame.empty:
+        return []
+    front = frame[frame["pareto"]]
+    if objectives:
+        front = front.sort_values(f"objective.{objectives[0]}", ascending=False)
+    return list(json.loads(front.to_json(orient="records")))
+
+
 def write_results(
-    study: optuna.Study, out_dir: Path, objectives: list[str]
+    study: optuna.Study, out_dir: Path, objectives: list[str], root: Path
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
-    """Write ``results.csv``, ``results.parquet`` and ``summary.json``; return the Pareto rows."""
+    """Write ``results.csv``, ``results.parquet`` and ``summary.json``; return the Pareto rows.
+
+    Adapter paths are relative to ``root``; removed adapters are marked (see
+    :func:`points_frame`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame = points_frame(study, objectives)
+    frame = points_frame(study, objectives, root)
     csv_path, parquet_path = out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET
     frame.to_csv(csv_path, index=False)
     frame.to_parquet(parquet_path, index=False)
-    pareto: list[dict[str, Any]] = []
-    if not frame.empty:
-        front = frame[frame["pareto"]]
-        if objectives:
-            front = front.sort_values(f"objective.{objectives[0]}", ascending=False)
-        pareto = json.loads(front.to_json(orient="records"))
+    pareto = pareto_rows(frame, objectives)
     (out_dir / SUMMARY_JSON).write_text(
         json.dumps({"points": len(frame), "pareto": pareto}, indent=2, sort_keys=True) + "\n",
         encoding="utf-8",

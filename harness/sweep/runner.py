@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from harness.config import HarnessConfig
 from harness.generate import InferenceSetting
-from harness.sweep.results import write_results
+from harness.sweep.results import pareto_rows, points_frame, write_results
 from harness.sweep.space import (
     evaluated_distributions,
     inference_settings,
@@ -44,7 +44,14 @@ from harness.sweep.space import (
     training_distributions,
     with_training_params,
 )
-from harness.sweep.study import Studies, objective_names, open_studies
+from harness.sweep.study import (
+    Studies,
+    fail_orphan_proxies,
+    objective_names,
+    open_studies,
+    recover_dead_runs,
+)
+from harness.tracking.base import TrackingError
 
 __all__ = [
     "Checkpoint",
@@ -219,20 +226,23 @@ class _Objective:
         trial.set_user_attr("run_dir", str(run_dir))
         proxy_trial = self.studies.proxy.ask()
         proxy_trial.set_user_attr("run_key", key)
+        proxy_trial.set_user_attr("run_trial", trial.number)
         trial.set_user_attr("proxy_trial", proxy_trial.number)
         logger.info("run %d (%s): %s", trial.number, key, params)
-        track = self._start_tracking(trial, run_cfg, key)
-        if hasattr(self.backend, "track"):
-            self.backend.track = track  # sample grids and per-prompt tables go to this run
+        track: Any = None
         try:
+            track = self._start_tracking(trial, run_cfg, key)
+            if hasattr(self.backend, "track"):
+                self.backend.track = track  # sample grids and per-prompt tables go to this run
             values, score = self._run(trial, proxy_trial, params, run_cfg, run_dir, track)
         except optuna.TrialPruned:
             self.studies.proxy.tell(proxy_trial, state=TrialState.PRUNED)
             raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TrackingError):
+            # Not the run's fault: same parameters again first next time (the trainer resumes
+            # from its checkpoint); a tracking error under tracking.strict still stops the sweep.
             trial.set_user_attr("interrupted", True)
             self.studies.proxy.tell(proxy_trial, state=TrialState.FAIL)
-            # Same parameters again first next time; the trainer resumes from its checkpoint.
             self.studies.runs.enqueue_trial(
                 {f"train.{k}": v for k, v in params.items()}, user_attrs={"retry_of": trial.number}
             )
@@ -244,7 +254,8 @@ class _Objective:
             self.studies.proxy.tell(proxy_trial, state=TrialState.FAIL)
             raise RunFailed(reason) from exc
         finally:
-            track.close()
+            if track is not None:
+                track.close()
         self.studies.proxy.tell(proxy_trial, score)
         return values if len(values) > 1 else values[0]
 
@@ -384,14 +395,25 @@ def finished_runs(study: optuna.Study) -> int:
     )
 
 
+def _queued_runs(study: optuna.Study) -> int:
+    """Runs waiting to start: retries of interrupted or dead runs (and user-enqueued ones)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 class _Budget:
-    """Stop when ``n_trials`` runs have finished, counted across every worker of the study."""
+    """Stop when ``n_trials`` runs have finished, counted across every worker of the study.
+
+    A queued run is always run first, even past the budget: it is the retry of a run that
+    started (interrupted, or its worker died) and has not finished yet.
+    """
 
     def __init__(self, n_trials: int | None) -> None:
         self.n_trials = n_trials
 
     def reached(self, study: optuna.Study) -> bool:
-        return self.n_trials is not None and finished_runs(study) >= self.n_trials
+        if self.n_trials is None or finished_runs(study) < self.n_trials:
+            return False
+        return _queued_runs(study) == 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.reached(study):
@@ -416,24 +438,28 @@ def run_sweep(
 
     tracker = tracker or NullTracker()
     studies = open_studies(cfg, root)
+    recover_dead_runs(studies)
     objective = _Objective(cfg, root, studies, backend, tracker)
     budget = _Budget(cfg.sweep.n_trials)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    if not budget.reached(studies.runs):
-        with _sigterm_as_interrupt():
-            studies.runs.optimize(
-                objective,
-                n_trials=None,  # the budget callback counts runs of every worker; grids stop alone
-                timeout=cfg.sweep.timeout_s,
-                callbacks=[budget],
-                catch=(RunFailed,),
-                gc_after_trial=True,
-            )
+    try:
+        if not budget.reached(studies.runs):
+            with _sigterm_as_interrupt():
+                studies.runs.optimize(
+                    objective,
+                    n_trials=None,  # the budget callback counts runs of every worker
+                    timeout=cfg.sweep.timeout_s,
+                    callbacks=[budget],
+                    catch=(RunFailed,),
+                    gc_after_trial=True,
+                )
+    finally:
+        fail_orphan_proxies(studies)
     logger.info("sweep loop finished in %.1fs", time.perf_counter() - started)
+    remove_unkept_adapters(cfg, root, studies)
     summary = summarize(cfg, root, studies)
     summary.started_runs_this_call = objective.started
-    _prune_adapters(cfg, root, studies, summary)
     return summary
 
 
@@ -442,7 +468,7 @@ def summarize(cfg: HarnessConfig, root: Path, studies: Studies) -> SweepSummary:
     runs = studies.runs.get_trials(deepcopy=False)
     states = [t.state for t in runs]
     csv_path, parquet_path, pareto = write_results(
-        studies.points, root / cfg.sweep.dir, objective_names(cfg)
+        studies.points, root / cfg.sweep.dir, objective_names(cfg), root
     )
     return SweepSummary(
         study_name=cfg.sweep.study_name,
@@ -463,14 +489,15 @@ def summarize(cfg: HarnessConfig, root: Path, studies: Studies) -> SweepSummary:
     )
 
 
-def _prune_adapters(
-    cfg: HarnessConfig, root: Path, studies: Studies, summary: SweepSummary
-) -> None:
-    """Delete checkpoints of finished runs that are not kept (``sweep.keep_adapters``)."""
+def remove_unkept_adapters(cfg: HarnessConfig, root: Path, studies: Studies) -> None:
+    """Delete checkpoints of finished runs that ``sweep.keep_adapters`` does not keep (before the
+    results table is written, so that its rows mark them removed)."""
     if cfg.sweep.keep_adapters == "all":
         return
-    keep_points = summary.pareto if cfg.sweep.keep_adapters == "pareto" else summary.pareto[:1]
-    keep = {(root / p["adapter"]).resolve() for p in keep_points}
+    objectives = objective_names(cfg)
+    front = pareto_rows(points_frame(studies.points, objectives), objectives)
+    keep_points = front if cfg.sweep.keep_adapters == "pareto" else front[:1]
+    keep = {(root / p["adapter"]).resolve() for p in keep_points if p["adapter"]}
     for trial in studies.runs.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
     ):

@@ -21,9 +21,11 @@ then resumes from the run's last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ from typing import Any
 import optuna
 from optuna.distributions import distribution_to_json
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
@@ -40,10 +44,12 @@ __all__ = [
     "Studies",
     "SweepError",
     "directions",
+    "fail_orphan_proxies",
     "make_pruner",
     "make_sampler",
     "objective_names",
     "open_studies",
+    "recover_dead_runs",
     "storage_url",
     "study_signature",
 ]
@@ -136,24 +142,44 @@ def make_pruner(cfg: HarnessConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=sweep.pruner_warmup_steps)
 
 
+# Settings that never change what a point means: where files live, how fast work runs, budgets.
+_NOT_MEANING = {
+    "model": {"device", "cache_dir"},
+    "data": {"raw_dir", "prepared_dir", "dreambench_dir", "max_image_pixels"},
+    "train": {"output_dir"},
+}
+# The eval keys a sweep reads (the inference grid replaces the single-setting ones; the batch
+# size never changes an image, every image has its own seeded generator).
+_SWEEP_EVAL_KEYS = (
+    "prompts",
+    "prompt_source",
+    "images_per_prompt",
+    "seed",
+    "resolution",
+    "scheduler",
+    "prior_preservation_images",
+)
+
+
 def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
-    """What must not change when a sweep resumes: objectives, space, evaluation protocol."""
+    """Everything that changes what an evaluated point means, so a resume cannot mix points of
+    two setups: objectives, search space, the fixed training settings (not the searched ones),
+    the data settings, the model, the seed and the evaluation protocol."""
     dists = {**training_distributions(cfg.sweep), **evaluated_distributions(cfg)}
+    searched = set(cfg.sweep.space)
+    eval_section = cfg.eval.model_dump(mode="json")
     return {
         "objectives": objective_names(cfg),
         "directions": [d.name.lower() for d in directions(cfg)],
         "weights": cfg.sweep.weights,
         "space": {name: json.loads(distribution_to_json(d)) for name, d in sorted(dists.items())},
         "inference": cfg.sweep.inference.model_dump(mode="json"),
-        "eval": {
-            "prompts": list(cfg.eval.prompts),
-            "prompt_source": cfg.eval.prompt_source,
-            "images_per_prompt": cfg.eval.images_per_prompt,
-            "scheduler": cfg.eval.scheduler,
-        },
+        "eval": {key: eval_section[key] for key in _SWEEP_EVAL_KEYS},
         "metrics": cfg.metrics.model_dump(mode="json", exclude={"batch_size"}),
-        "model": cfg.model.pretrained,
-        "subject": cfg.data.subject,
+        "model": cfg.model.model_dump(mode="json", exclude=_NOT_MEANING["model"]),
+        "data": cfg.data.model_dump(mode="json", exclude=_NOT_MEANING["data"]),
+        "train": cfg.train.model_dump(mode="json", exclude=_NOT_MEANING["train"] | searched),
+        "seed": cfg.seed,
     }
 
 
@@ -173,9 +199,10 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
             evaluation protocol (the message lists every difference).
     """
     url = storage_url(cfg, root)
-    storage = _storage(url, cfg)
-    # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
-    plain = RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    with _storage_errors(url):
+        storage = _storage(url, cfg)
+        # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
+        plain = RDBStorage(url, engine_kwargs=_engine_kwargs(url))
     name = cfg.sweep.study_name
     signature = study_signature(cfg)
     runs = optuna.create_study(
@@ -205,6 +232,62 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
         load_if_exists=True,
     )
     return Studies(points=points, runs=runs, proxy=proxy, storage_url=url)
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str) -> Iterator[None]:
+    """A storage that cannot be opened (bad URL, server down, wrong password, no database) is a
+    user error naming ``sweep.storage`` with the password masked, not a driver traceback."""
+    try:
+        yield
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = detail[0] if detail else type(exc).__name__
+        password = _url_password(url)
+        if password:
+            reason = reason.replace(password, "***")
+        raise SweepError(
+            f"sweep.storage: cannot open {_safe_url(url)}: {_safe_url(reason)}"
+        ) from None
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        password = make_url(url).password
+        return None if password is None else str(password)
+    except Exception:  # an unparsable URL has no password to hide beyond what redact_text does
+        return None
+
+
+def recover_dead_runs(studies: Studies) -> None:
+    """Fail the runs whose worker died (heartbeat stale) now, which queues their retry.
+
+    Optuna does this only when a worker starts a new run; a sweep whose budget is used up
+    starts none, and its dead runs would stay RUNNING forever. Their proxy twins are failed too.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(studies.runs)
+    fail_orphan_proxies(studies)
+
+
+def fail_orphan_proxies(studies: Studies) -> None:
+    """Fail every RUNNING proxy trial whose run is no longer RUNNING (killed worker, tracking
+    failure, crash): a proxy trial never outlives its run."""
+    runs = studies.runs.get_trials(deepcopy=False)
+    live_runs = {t.number for t in runs if t.state == optuna.trial.TrialState.RUNNING}
+    owner = {t.user_attrs["proxy_trial"]: t.number for t in runs if "proxy_trial" in t.user_attrs}
+    for proxy in studies.proxy.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+    ):
+        run = proxy.user_attrs.get("run_trial", owner.get(proxy.number))
+        # No owner known yet: the run is between asking for its twin and recording it.
+        if run is None or run in live_runs or owner.get(proxy.number) in live_runs:
+            continue
+        try:
+            studies.proxy.tell(proxy.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # finished meanwhile by its own worker
+            logger.debug("proxy trial %d finished concurrently", proxy.number)
 
 
 def _safe_url(url: str) -> str:

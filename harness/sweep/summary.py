@@ -6,19 +6,23 @@ the headline numbers to ``sweep.dir/metrics.json`` for ``dvc metrics show``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+from optuna.trial import FrozenTrial
 
 from harness.config import HarnessConfig
 from harness.sweep.runner import SweepSummary
 from harness.sweep.study import objective_names
 
-__all__ = ["figures", "leaderboard", "publish_summary", "write_metrics"]
+__all__ = ["figures", "leaderboard", "param_importances", "publish_summary", "write_metrics"]
 
 logger = logging.getLogger(__name__)
 METRICS_JSON = "metrics.json"
@@ -35,6 +39,38 @@ def leaderboard(frame: pd.DataFrame, objectives: list[str], top: int = 20) -> pd
     return ranked[keep].reset_index(drop=True)
 
 
+def _objective(index: int) -> Callable[[FrozenTrial], float]:
+    return lambda trial: trial.values[index]
+
+
+def _maximised(index: int) -> Callable[[FrozenTrial], float]:
+    """PED-ANOVA ranks parameters for reaching *low* target values; every objective here is
+    maximised, so its target is the negated objective."""
+    return lambda trial: -trial.values[index]
+
+
+@contextlib.contextmanager
+def _direction_handled() -> Iterator[None]:
+    """Optuna warns on every explicit target that PED-ANOVA looks for low values; ours are
+    negated maxima (see :func:`_maximised`), so the warning is answered and silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve")
+        yield
+
+
+def param_importances(study: optuna.Study, objectives: list[str]) -> dict[str, dict[str, float]]:
+    """``{objective: {parameter: importance}}``: which parameters matter for a *high* value of
+    each objective (PED-ANOVA on the points study, most important first)."""
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    out: dict[str, dict[str, float]] = {}
+    with _direction_handled():
+        for index, name in enumerate(objectives):
+            out[name] = optuna.importance.get_param_importances(
+                study, evaluator=evaluator, target=_maximised(index)
+            )
+    return out
+
+
 def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
     """Plotly figures of the points study (empty when it has too few points)."""
     from optuna import visualization as vis
@@ -47,15 +83,15 @@ def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
     if len(objectives) > 1:
         out["pareto front"] = vis.plot_pareto_front(study, target_names=objectives)
     for index, name in enumerate(objectives):
-        target = (lambda i: lambda t: t.values[i])(index)
         try:
-            out[f"importance {name}"] = vis.plot_param_importances(
-                study, target=target, target_name=name, evaluator=evaluator
-            )
+            with _direction_handled():
+                out[f"importance {name}"] = vis.plot_param_importances(
+                    study, target=_maximised(index), target_name=name, evaluator=evaluator
+                )
         except (ValueError, RuntimeError) as exc:  # e.g. every parameter constant
             logger.warning("no importance plot for %s: %s", name, exc)
         out[f"parallel coordinates {name}"] = vis.plot_parallel_coordinate(
-            study, target=target, target_name=name
+            study, target=_objective(index), target_name=name
         )
     return out
 

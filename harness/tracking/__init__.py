@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import NullRun, NullTracker, Run, RunKind, Tracker, TrackingMode
+from .base import NullRun, NullTracker, Run, RunKind, Tracker, TrackingError, TrackingMode
 from .secrets import RedactingFilter, is_secret_key, redact_text, scrub_secrets
 from .server import Reachability, check_reachable
 
@@ -36,6 +36,7 @@ __all__ = [
     "Run",
     "RunKind",
     "Tracker",
+    "TrackingError",
     "TrackingMode",
     "check_reachable",
     "create_tracker",
@@ -87,11 +88,3 @@ def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[
     from .clearml_backend import import_offline_sessions as _import
 
     return _import(folder, force=force)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TrackingError":  # lazy: importing it must not import clearml
-        from .clearml_backend import TrackingError
-
-        return TrackingError
-    raise AttributeError(name)

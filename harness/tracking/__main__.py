@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from harness.errors import HarnessError
+
 from . import import_offline_sessions
 
 
@@ -18,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--force", action="store_true", help="re-import zips already imported")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    done = import_offline_sessions(args.folder, force=args.force)
+    try:
+        done = import_offline_sessions(args.folder, force=args.force)
+    except HarnessError as exc:  # no server, unreachable server: one line, like `harness`
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("harness.tracking").info("imported %d session(s)", len(done))
     return 0
 

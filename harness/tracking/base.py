@@ -14,11 +14,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
+from harness.errors import HarnessError
+
 if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
-__all__ = ["NullRun", "NullTracker", "Run", "RunKind", "Tracker", "TrackingMode"]
+__all__ = ["NullRun", "NullTracker", "Run", "RunKind", "Tracker", "TrackingError", "TrackingMode"]
 
 log = logging.getLogger("harness.tracking")
 
@@ -27,6 +29,11 @@ ModeName = Literal["online", "offline", "off"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class TrackingError(HarnessError, RuntimeError):
+    """Tracking cannot run as configured (``tracking.strict: true``, or an import without a
+    reachable server); a user error, printed as one line by the command lines."""
 
 
 class TrackingMode(str):
@@ -178,6 +185,14 @@ class Tracker(abc.ABC):
     ) -> Run:
         """Start a run: ``config`` (the resolved config) is scrubbed of secrets and connected as
         hyperparameters; ``project`` defaults to the configured one (name it after the sweep)."""
+
+    def preflight(self) -> TrackingMode:
+        """The mode runs would get now, checked within the configured timeout.
+
+        Call it once before long work: with ``tracking.strict`` an unusable server raises
+        ``TrackingError`` here, before any model loads, instead of after training.
+        """
+        return self.mode
 
 
 class NullRun(Run):

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import zipfile
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from clearml import Task
 from clearml.utilities.pyhocon import ConfigFactory
 
-from .base import NullRun, Run, RunKind, Tracker, TrackingMode, never_raise
+from .base import NullRun, Run, RunKind, Tracker, TrackingError, TrackingMode, never_raise
 from .secrets import collect_secret_literals, redact_text, scrub_secrets, secret_values
 from .server import check_reachable
 
@@ -62,10 +63,6 @@ _TRUE = {"1", "true", "yes", "on", "y"}
 # ClearML allows one open main task per process; new runs wait for none but get refused.
 _open_lock = threading.Lock()
 _open_run: ClearMLRun | None = None
-
-
-class TrackingError(RuntimeError):
-    """Tracking cannot run as configured (only raised with ``tracking.strict: true``)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +138,10 @@ class ClearMLTracker(Tracker):
     @property
     def mode(self) -> TrackingMode:
         return self._mode
+
+    def preflight(self) -> TrackingMode:
+        """Planned mode confirmed by the bounded probe (raises under ``tracking.strict``)."""
+        return self._effective_mode()
 
     def _planned_mode(self) -> TrackingMode:
         """The mode before any reachability check (cheap, no network)."""
@@ -301,16 +302,24 @@ class ClearMLTracker(Tracker):
 
 
 class _OfflineSwitch:
-    """Puts ClearML into offline mode with in-thread reporting for one run, then restores it."""
+    """Process state one run changes, given back when it closes: ClearML's offline mode with
+    in-thread reporting, and the console streams.
+
+    ``Task.init`` wraps ``sys.stdout``/``sys.stderr`` to capture the console and leaves the
+    wrappers in place after ``close()``; writes through click (``typer.echo``) to such a wrapper
+    are lost when the stream is not a terminal (``harness sweep > out``, every ``dvc repro``).
+    """
 
     def __init__(self, offline: bool) -> None:
         self.offline = offline
         self._env_before: str | None = None
         self._had_attr = False
         self._attr_before: Any = None
+        self._streams: tuple[Any, Any] = (sys.stdout, sys.stderr)
         self._active = False
 
     def enter(self) -> None:
+        self._streams = (sys.stdout, sys.stderr)
         self._env_before = os.environ.get("CLEARML_OFFLINE_MODE")
         self._had_attr = "_report_subprocess_enabled" in vars(Task)
         self._attr_before = vars(Task).get("_report_subprocess_enabled")
@@ -325,6 +334,7 @@ class _OfflineSwitch:
         if not self._active:
             return
         self._active = False
+        sys.stdout, sys.stderr = self._streams
         if self._had_attr:
             setattr(Task, "_report_subprocess_enabled", self._attr_before)  # noqa: B010
         elif "_report_subprocess_enabled" in vars(Task):

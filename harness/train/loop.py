@@ -45,12 +45,15 @@ from harness.train.state import (
     complete_checkpoints,
     load_optimizer,
     restore_rng,
+    resumable_checkpoints,
     save_optimizer,
     write_checkpoint_atomically,
 )
 from harness.train.types import CheckpointInfo, TrainingError, TrainResult
 
 __all__ = ["class_prompt_for", "config_hash", "train_lora"]
+
+KOHYA_NAME = "kohya_lora.safetensors"
 
 logger = logging.getLogger(__name__)
 
@@ -380,9 +383,15 @@ class _Trainer:
 
         def write(tmp: Path) -> dict[str, Any]:
             peft_state = self.lora.peft_state_dicts()
-            weights = save_diffusers_lora(tmp, self.model.family, self.lora, peft_state)
+            save_diffusers_lora(tmp, self.model.family, self.lora, peft_state)
             if t.export_kohya:
-                export_kohya(weights, tmp / "kohya_lora.safetensors", self.lora)
+                export_kohya(
+                    tmp / KOHYA_NAME,
+                    self.model.family,
+                    peft_state,
+                    self.lora.configs,
+                    self.model.pipeline.unet.config,
+                )
             flat = {f"{c}::{k}": v for c, sd in peft_state.items() for k, v in sd.items()}
             atomic_write_tensors(tmp / "state" / "lora.safetensors", flat)
             save_optimizer(self.optimizer, tmp / "state")
@@ -400,7 +409,7 @@ class _Trainer:
             return {**meta, "loss": loss, "components": sorted(peft_state)}
 
         path = write_checkpoint_atomically(run_dir, step, write)
-        kohya = path / "kohya_lora.safetensors"
+        kohya = path / KOHYA_NAME
         return CheckpointInfo(step, path, loss, kohya if kohya.is_file() else None)
 
     def restore(self, state: TrainingState) -> float | None:
@@ -442,13 +451,15 @@ def _prepare_data(
 
 def _resume_point(
     run_dir: Path, resume: bool, chash: str, dhash: str, max_steps: int
-) -> list[TrainingState]:
+) -> tuple[list[TrainingState], list[str]]:
+    """The checkpoints to continue after (the last one is restored) and warnings about broken
+    ones that were skipped (they are overwritten when training reaches their step again)."""
     ckpt_root = run_dir / "checkpoints"
     for leftover in ckpt_root.glob(".tmp-*") if ckpt_root.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)
     if not resume:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-        return []
+        return [], []
     states = complete_checkpoints(run_dir)
     for state in states:
         if state.meta.get("config_hash") != chash or state.meta.get("data_hash") != dhash:
@@ -456,7 +467,10 @@ def _resume_point(
                 f"{state.path}: checkpoint of a different config or dataset; use a new run "
                 "directory or resume=False (which deletes the old checkpoints)"
             )
-    return [s for s in states if s.step <= max_steps]
+    states, warnings = resumable_checkpoints([s for s in states if s.step <= max_steps])
+    for warning in warnings:
+        logger.warning("%s: %s", run_dir, warning)
+    return states, warnings
 
 
 def _truncate_log(log_path: Path, keep_up_to: int) -> None:
@@ -535,7 +549,7 @@ def train_lora(
             [[file_sha256(Path(p)), c] for p, c in instance]
             + [file_sha256(Path(p)) for p in class_list]
         )[:16]
-        states = _resume_point(run_dir, resume, chash, dhash, t.max_steps)
+        states, result.warnings = _resume_point(run_dir, resume, chash, dhash, t.max_steps)
         data = _prepare_data(cfg, model, instance, class_list, root)
         _run(cfg, model, data, run_dir, states, result, dhash, on_log, on_checkpoint, progress)
     except BaseException as exc:

@@ -1,4 +1,6 @@
-"""Attach LoRA adapters for training, save them in diffusers / kohya format, detach them.
+"""Attach LoRA adapters for training, save them in diffusers format, detach them.
+
+(The kohya export is in :mod:`harness.train.kohya`; :func:`export_kohya` is re-exported here.)
 
 Training happens on the caller's (shared) pipeline under the adapter name :data:`ADAPTER`.
 :func:`attached_lora` restores everything it changed when it exits: adapters removed (peft
@@ -20,6 +22,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from harness.config import TrainConfig
 from harness.models import LoadedModel
+from harness.train.kohya import export_kohya
 
 __all__ = [
     "ADAPTER",
@@ -189,6 +192,25 @@ def attached_lora(
             module.train(training)
 
 
+def _unet_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT UNet keys -> diffusers' ``<module>.lora.down/up.weight``, for every module.
+
+    ``convert_state_dict_to_diffusers`` renames only attention projections, and diffusers'
+    loader decides the format of the whole file from its first key, so a file that mixes both
+    spellings (e.g. ``to_q`` with ``proj_in`` or ``conv1``) silently loses half its modules.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for peft, diffusers in ((".lora_A.", ".lora.down."), (".lora_B.", ".lora.up.")):
+            if peft in key:
+                key = key.replace(peft, diffusers)
+                break
+        else:
+            raise ValueError(f"unexpected LoRA tensor {key!r}")
+        out[key] = value
+    return out
+
+
 def save_diffusers_lora(
     out_dir: Path, family: str, lora: AttachedLora, peft_state: dict[str, dict[str, torch.Tensor]]
 ) -> Path:
@@ -201,7 +223,9 @@ def save_diffusers_lora(
     from diffusers.utils import convert_state_dict_to_diffusers
 
     layers = {
-        f"{name}_lora_layers": convert_state_dict_to_diffusers(sd)
+        f"{name}_lora_layers": (
+            _unet_to_diffusers(sd) if name == "unet" else convert_state_dict_to_diffusers(sd)
+        )
         for name, sd in peft_state.items()
     }
     metadata = {
@@ -216,23 +240,3 @@ def save_diffusers_lora(
         **metadata,
     )
     return out_dir / WEIGHTS_NAME
-
-
-def export_kohya(weights: Path, out_file: Path, lora: AttachedLora) -> Path:
-    """Convert a diffusers-format LoRA file to the kohya layout (A1111 / ComfyUI).
-
-    diffusers writes ``alpha = rank``; the real alpha of each component is written instead.
-    """
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors.torch import load_file, save_file
-
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(weights))))
-    prefixes = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
-    for key in [k for k in kohya if k.endswith(".alpha")]:
-        component = next((c for p, c in prefixes.items() if key.startswith(p)), None)
-        if component in lora.configs:
-            kohya[key] = torch.tensor(float(lora.configs[component].lora_alpha))
-    save_file(
-        {k: v.contiguous() for k, v in kohya.items()}, str(out_file), metadata={"format": "pt"}
-    )
-    return out_file

@@ -12,7 +12,11 @@ A checkpoint folder ``<run>/checkpoints/step-000010/`` holds::
     checkpoint.json                    step, config hash, data hash, written last
 
 It is written into ``checkpoints/.tmp-step-000010-*`` and renamed into place, so a crash while
-saving leaves earlier checkpoints untouched and never exposes half a folder.
+saving leaves earlier checkpoints untouched and never exposes half a folder. A resume continues
+from the newest checkpoint whose state files all exist and parse (:func:`resumable_checkpoints`):
+a newer one damaged later (truncated copy, full disk) is skipped with a warning and rewritten
+when training reaches its step again. State tensors are read through
+:func:`harness.models.check_weights_file`, like every other weights file.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from harness.train.io import atomic_write_json, atomic_write_tensors, read_json, read_tensors
+from harness.errors import HarnessError
+from harness.models import WeightsFileError, check_weights_file
+from harness.train.io import atomic_write_json, atomic_write_tensors, read_json
 
 __all__ = [
     "CHECKPOINT_JSON",
@@ -35,13 +42,30 @@ __all__ = [
     "checkpoint_dir",
     "complete_checkpoints",
     "load_optimizer",
+    "read_state_tensors",
     "restore_rng",
+    "resumable_checkpoints",
     "save_optimizer",
     "write_checkpoint_atomically",
 ]
 
 CHECKPOINT_JSON = "checkpoint.json"
 STATE_DIR = "state"
+STATE_TENSORS = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
+STATE_JSON = ("optimizer.json", "trainer.json")
+
+
+def read_state_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint's state file, through the harness' one gate for weight files.
+
+    Raises:
+        WeightsFileError: the file is missing, truncated or not safetensors (names the file).
+    """
+    check_weights_file(path, "checkpoint state")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError has no public class
+        raise WeightsFileError(f"checkpoint state: {path}: unreadable ({exc})") from None
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -70,9 +94,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
 def load_optimizer(optimizer: torch.optim.Optimizer, in_dir: Path) -> None:
     """Inverse of :func:`save_optimizer`."""
     meta = read_json(in_dir / "optimizer.json")
-    tensors = read_tensors(in_dir / "optimizer.safetensors")
-    if tensors is None:
-        raise FileNotFoundError(in_dir / "optimizer.safetensors")
+    tensors = read_state_tensors(in_dir / "optimizer.safetensors")
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
@@ -119,9 +141,7 @@ class TrainingState:
 
     def lora_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """PEFT-format adapter tensors per component."""
-        flat = read_tensors(self.state_dir / "lora.safetensors")
-        if flat is None:
-            raise FileNotFoundError(self.state_dir / "lora.safetensors")
+        flat = read_state_tensors(self.state_dir / "lora.safetensors")
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             component, name = key.split("::", 1)
@@ -130,15 +150,27 @@ class TrainingState:
 
     def rng(self) -> dict[str, torch.Tensor]:
         """Saved RNG states."""
-        states = read_tensors(self.state_dir / "rng.safetensors")
-        if states is None:
-            raise FileNotFoundError(self.state_dir / "rng.safetensors")
-        return states
+        return read_state_tensors(self.state_dir / "rng.safetensors")
 
     def trainer(self) -> dict[str, Any]:
         """Scheduler / grad-scaler state and counters."""
         data: dict[str, Any] = read_json(self.state_dir / "trainer.json")
         return data
+
+    def problem(self) -> str | None:
+        """Why training cannot continue from here (a state file missing, truncated or not
+        parseable: e.g. a disk that filled up, or a partial copy), or ``None``."""
+        for name in STATE_TENSORS:
+            try:
+                check_weights_file(self.state_dir / name, "checkpoint state")
+            except HarnessError as exc:
+                return str(exc)
+        for name in STATE_JSON:
+            try:
+                read_json(self.state_dir / name)
+            except (OSError, ValueError) as exc:
+                return f"checkpoint state: {self.state_dir / name}: unreadable ({exc})"
+        return None
 
 
 def complete_checkpoints(run_dir: Path) -> list[TrainingState]:
@@ -155,6 +187,24 @@ def complete_checkpoints(run_dir: Path) -> list[TrainingState]:
             continue
         found.append(TrainingState(int(meta["step"]), folder, meta))
     return sorted(found, key=lambda s: s.step)
+
+
+def resumable_checkpoints(states: list[TrainingState]) -> tuple[list[TrainingState], list[str]]:
+    """Drop checkpoints that cannot be resumed from off the end of ``states`` (by step).
+
+    Returns:
+        The checkpoints up to the newest usable one, and one warning per dropped checkpoint
+        (naming the broken file and the step training continues from instead).
+    """
+    kept, dropped = list(states), []
+    while kept and (problem := kept[-1].problem()) is not None:
+        dropped.append((kept.pop(), problem))
+    start = f"resuming from step {kept[-1].step}" if kept else "starting from step 0"
+    warnings = [
+        f"checkpoint of step {bad.step} cannot be resumed from ({problem}); {start}"
+        for bad, problem in dropped
+    ]
+    return kept, warnings
 
 
 def write_checkpoint_atomically(

@@ -73,6 +73,7 @@ class TrainResult:
     config_hash: str = ""
     wall_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a broken checkpoint skipped
 
     @property
     def log_path(self) -> Path:

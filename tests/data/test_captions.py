@@ -49,11 +49,41 @@ def test_captions_file_tab_and_colon_forms(tmp_path: Path) -> None:
     )
 
 
-def test_missing_caption_is_an_error_once_captions_are_given(tmp_path: Path) -> None:
+def test_missing_caption_falls_back_to_the_template_by_default(tmp_path: Path) -> None:
+    write(tmp_path, "captions.txt", "a.jpg\tsks toy on a desk\n")
+    caps, rejects = read_captions(tmp_path, IMAGES, ["captions.txt"])
+    assert rejects == [] and caps.given
+    template = "a photo of {token} {class_name}"
+    assert caps.caption_for("a.jpg", template, "sks", "toy") == (
+        "sks toy on a desk",
+        "captions.txt:1",
+    )
+    assert caps.caption_for("c.jpg", template, "sks", "toy") == ("a photo of sks toy", "template")
+    assert caps.caption_for("c.jpg", template, "sks", "toy", missing="template") == (
+        "a photo of sks toy",
+        "template",
+    )
+    assert caps.missing(IMAGES) == ["b.png", "c.jpg"]
+
+
+def test_missing_caption_is_an_error_with_missing_reject(tmp_path: Path) -> None:
     write(tmp_path, "captions.txt", "a.jpg\tsks toy\n")
     caps, _ = read_captions(tmp_path, IMAGES, ["captions.txt"])
-    with pytest.raises(CaptionError, match="missing caption"):
-        caps.caption_for("c.jpg", "{token}", "sks", "toy")
+    with pytest.raises(CaptionError, match=r"missing caption: no entry in captions\.txt"):
+        caps.caption_for("c.jpg", "{token}", "sks", "toy", missing="reject")
+    assert caps.caption_for("a.jpg", "{token}", "sks", "toy", missing="reject") == (
+        "sks toy",
+        "captions.txt:1",
+    )
+
+
+def test_no_caption_files_means_nothing_is_missing(tmp_path: Path) -> None:
+    caps, _ = read_captions(tmp_path, IMAGES, [])
+    assert caps.missing(IMAGES) == []
+    assert caps.caption_for("c.jpg", "{token} x", "sks", None, missing="reject") == (
+        "sks x",
+        "template",
+    )
 
 
 @pytest.mark.parametrize(

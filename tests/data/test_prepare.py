@@ -132,7 +132,9 @@ def test_bad_inputs_are_reported_and_good_ones_kept(
     (raw_subject / "notes.pdf").write_bytes(b"%PDF-1.4")
     monkeypatch.setattr(ingest_module, "heif_support", lambda: False)
 
-    result = prepare_subject(folder_cfg(max_image_pixels=50_000), project, progress=False)
+    result = prepare_subject(
+        folder_cfg(max_image_pixels=50_000, missing_caption="reject"), project, progress=False
+    )
 
     reasons = rejects_of(project)
     expected = {
@@ -156,6 +158,59 @@ def test_bad_inputs_are_reported_and_good_ones_kept(
     assert result.n_train + result.n_val == 3 and result.n_rejected == len(expected)
     text = (prepared(project) / "rejects.txt").read_text()
     assert "escape.jpg: symlink leaves the dataset root" in text
+
+
+def test_partial_captions_fall_back_to_the_template_with_a_warning(
+    project: Path, raw_subject: Path, folder_cfg: CfgFactory, add_photos: Writer
+) -> None:
+    add_photos(raw_subject, 5)
+    (raw_subject / "captions.txt").write_text(
+        "good_00.jpg\tsks toy on a desk\ngood_01.jpg\ta {token} {class_name} outside\n"
+    )
+    (raw_subject / "good_02.txt").write_text("sks toy from a sidecar\n")
+    result = prepare_subject(folder_cfg(), project, progress=False)
+    assert (result.n_found, result.n_rejected, result.n_train + result.n_val) == (5, 0, 5)
+    manifest = json.loads((prepared(project) / "manifest.json").read_text())
+    by_source = {r["source"]: r for r in manifest["images"]}
+    assert {name: (r["caption"], r["caption_source"]) for name, r in by_source.items()} == {
+        "good_00.jpg": ("sks toy on a desk", "captions.txt:1"),
+        "good_01.jpg": ("a sks toy outside", "captions.txt:2"),
+        "good_02.jpg": ("sks toy from a sidecar", "sidecar:good_02.txt"),
+        "good_03.jpg": ("a photo of sks toy", "template"),
+        "good_04.jpg": ("a photo of sks toy", "template"),
+    }
+    assert any("data.caption_template" in n for n in by_source["good_03.jpg"]["notes"])
+    assert by_source["good_00.jpg"]["notes"] == []
+    missing = [w for w in result.warnings if "no caption" in w]
+    assert len(missing) == 1
+    assert "2 photo(s)" in missing[0] and "good_03.jpg, good_04.jpg" in missing[0]
+    assert "data.caption_template" in missing[0] and "missing_caption: reject" in missing[0]
+    assert missing[0] in manifest["warnings"]
+    report = json.loads((prepared(project) / "rejects.json").read_text())
+    assert report["rejected"] == [] and missing[0] in report["warnings"]
+    assert f"# warning: {missing[0]}" in (prepared(project) / "rejects.txt").read_text()
+
+
+def test_partial_captions_rejected_with_missing_caption_reject(
+    project: Path, raw_subject: Path, folder_cfg: CfgFactory, add_photos: Writer
+) -> None:
+    add_photos(raw_subject, 5)
+    (raw_subject / "captions.txt").write_text(
+        "".join(f"good_{i:02d}.jpg\tsks toy {i}\n" for i in range(3))
+    )
+    result = prepare_subject(folder_cfg(missing_caption="reject"), project, progress=False)
+    assert (result.n_found, result.n_rejected, result.n_train + result.n_val) == (5, 2, 3)
+    reasons = rejects_of(project)
+    assert set(reasons) == {"good_03.jpg", "good_04.jpg"}
+    assert all(r.startswith("missing caption: no entry in captions.txt") for r in reasons.values())
+    assert not [w for w in result.warnings if "no caption" in w]
+
+
+def test_missing_caption_config_values() -> None:
+    assert DataConfig().missing_caption == "template"
+    assert DataConfig(missing_caption="reject").missing_caption == "reject"
+    with pytest.raises(ValueError, match="missing_caption"):
+        DataConfig.model_validate({"missing_caption": "skip"})
 
 
 def test_too_few_photos_fails_with_report_and_no_stale_outputs(

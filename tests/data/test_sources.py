@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 
 from harness.config import DataConfig
 from harness.data import (
+    DataError,
     load_prepared,
     make_sample_subject,
     prepare_subject,
@@ -61,14 +62,31 @@ def test_dreambench_live_vs_object_prompts(dreambench_dir: Path, tmp_path: Path)
     assert teapot.live is False and not any("hat" in p for p in teapot.prompts)
 
 
-def test_dreambench_class_override_and_fingerprint(dreambench_dir: Path, tmp_path: Path) -> None:
-    assert (
-        resolve_source(bench_cfg(dreambench_dir, "dog", class_name="corgi"), tmp_path).class_name
-        == "corgi"
+def test_dreambench_class_wins_over_config_and_fingerprint(
+    dreambench_dir: Path, tmp_path: Path
+) -> None:
+    src = resolve_source(bench_cfg(dreambench_dir, "dog", class_name="corgi"), tmp_path)
+    assert src.class_name == "dog" and src.live is True
+    assert src.warnings == (
+        "data.class_name 'corgi' ignored for DreamBench subject 'dog': the dataset's class "
+        "'dog' (prompts_and_classes.txt) is used",
     )
+    assert resolve_source(bench_cfg(dreambench_dir, "dog"), tmp_path).warnings == ()
     fingerprint = scan_source(bench_cfg(dreambench_dir, "dog"), tmp_path)
     assert fingerprint["class_name"] == "dog" and len(fingerprint["files"]) == 5
     assert "prompts_sha256" in fingerprint
+
+
+def test_config_class_names_a_subject_the_dataset_file_does_not_list(
+    dreambench_dir: Path, tmp_path: Path
+) -> None:
+    bench = tmp_path / "bench"
+    (bench / "mine").mkdir(parents=True)
+    shutil.copy2(dreambench_dir / "prompts_and_classes.txt", bench / "prompts_and_classes.txt")
+    src = resolve_source(bench_cfg(bench, "mine", class_name="robot"), tmp_path)
+    assert (src.class_name, src.live, src.warnings) == ("robot", False, ())
+    with pytest.raises(DataError, match=r"no class for subject 'mine' .*set data\.class_name"):
+        resolve_source(bench_cfg(bench, "mine"), tmp_path)
 
 
 def test_sample_is_deterministic_and_mixed(tmp_path: Path) -> None:

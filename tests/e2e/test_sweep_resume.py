@@ -181,6 +181,39 @@ def test_sigkill_stale_run_is_retried_after_grace_period(
     assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
 
 
+def test_dead_run_is_finished_by_a_rerun_whose_budget_is_used_up(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    """A worker killed hard mid-run, then a `harness sweep` that may start no new run (its
+    budget is spent): it still finishes the dead run from its checkpoint, and no run or proxy
+    trial is left RUNNING."""
+    name = "e2e-kill-budget"
+    project, victim, code = _start_and_interrupt(
+        prepared_template,
+        tmp_path,
+        name,
+        3,  # killed while run 1 trains, after run 0 completed
+        signal.SIGKILL,
+        heartbeat_interval_s=1,
+        grace_period_s=2,
+    )
+    assert code == -signal.SIGKILL
+    assert victim.number == 1
+    time.sleep(2.5)  # > grace_period_s: the killed run's heartbeat is stale
+    log = tmp_path / "sweep.log"
+    # Run 0 already meets n_trials=1: no new run may start.
+    args = ["-S", "sweep.n_trials=1", "sweep"]
+    done = run_cli(project, args, cli_env(tmp_path / "home"), log, timeout=150)
+    assert done.returncode == 0, tail(log)
+    _assert_resumed_sweep(project, name, 2, victim, log)
+    proxy = optuna.load_study(
+        study_name=f"{name}.proxy", storage=f"sqlite:///{project / 'runs/sweep/study.db'}"
+    )
+    states = [t.state for t in _trials(proxy)]
+    assert TrialState.RUNNING not in states, states
+    assert states.count(TrialState.COMPLETE) == 2
+
+
 def test_mismatched_resume_via_cli_exits_2_with_one_line(
     prepared_template: Path, tmp_path: Path
 ) -> None:

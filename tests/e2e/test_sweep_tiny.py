@@ -70,14 +70,23 @@ def test_tiny_sweep_points_tables_adapters_and_images(
     assert metrics["best"]["dino"] == frame["objective.dino"].max()
     assert metrics["best"]["clip_t"] == frame["objective.clip_t"].max()
 
-    # keep_adapters: pareto -> exactly the Pareto points' checkpoints survive.
-    all_adapters = {(root / a).resolve() for a in frame["adapter"]}
+    # keep_adapters: pareto -> exactly the Pareto points' checkpoints survive, and the rows of
+    # the others say so instead of pointing at a deleted folder.
+    runs_dir = root / "runs/sweep/runs"
+    all_adapters = {
+        (runs_dir / key / "checkpoints" / f"step-{step:06d}").resolve()
+        for key, step in zip(frame["run_key"], frame["eval.steps"], strict=True)
+    }
+    assert frame.loc[frame["pareto"], "adapter"].notna().all()
     pareto_adapters = {(root / a).resolve() for a in frame.loc[frame["pareto"], "adapter"]}
-    kept = {p.resolve() for p in (root / "runs/sweep/runs").glob("*/checkpoints/step-*")}
+    kept = {p.resolve() for p in runs_dir.glob("*/checkpoints/step-*")}
     assert len(all_adapters) == N_RUNS * len(STEPS)
     assert kept == pareto_adapters
     assert len(kept) < len(all_adapters), "no checkpoint was removed by keep_adapters=pareto"
     assert not any(p.exists() for p in all_adapters - pareto_adapters)
+    listed = {(root / a).resolve() for a in frame["adapter"].dropna()}
+    assert listed == kept
+    assert frame["adapter_removed"].sum() == frame["adapter"].isna().sum() > 0
     pipeline = tiny_sd15.pipeline
     for adapter in sorted(kept):
         weights = load_file(str(adapter / LORA_WEIGHTS))

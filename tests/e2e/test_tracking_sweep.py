@@ -109,6 +109,15 @@ def _hyperparams(task: dict[str, Any]) -> dict[str, str]:
     return {k: v["value"] for k, v in task["hyperparams"]["config"].items()}
 
 
+def test_closing_lines_reach_a_redirected_stdout(tracked_sweep: TrackedSweep) -> None:
+    """``harness sweep > file`` with tracking on: ClearML's console capture must not swallow the
+    sweep's closing lines (the run count, result paths and Pareto points)."""
+    text = tracked_sweep.log.read_text()
+    assert f"{N_RUNS} training runs ({N_RUNS} completed, 0 pruned, 0 failed) -> " in text
+    assert "results: " in text and "results.parquet" in text
+    assert "  pareto: run " in text
+
+
 def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
     tracked_sweep: TrackedSweep,
 ) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -36,6 +37,21 @@ def test_help_lists_commands() -> None:
     for command in ("prepare", "train", "generate", "sweep", "resolve"):
         code, out, _ = invoke(command, "--help")
         assert code == 0 and "Usage" in out
+
+
+def test_help_names_only_commands_that_exist() -> None:
+    """The summary line of ``harness --help`` promises nothing that is not a command."""
+    import typer.main
+
+    code, out, _ = invoke("--help")
+    assert code == 0
+    group = typer.main.get_command(app)
+    registered = set(group.commands)  # type: ignore[attr-defined]
+    summary = out.split("sweep harness:", 1)[1].split(".", 1)[0]
+    named = {word.strip(" ,") for word in summary.replace(" and ", ",").split(",")}
+    named = {word.split()[0] for word in named if word}
+    assert named, out
+    assert named <= registered, f"help names {sorted(named - registered)}: not commands"
 
 
 def test_validate_ok(project: Path) -> None:
@@ -107,3 +123,99 @@ def test_model_info_and_console_script(project: Path) -> None:
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert (info["family"], info["kind"], info["device"]) == ("sd15", "tiny", "cpu")
+
+
+def show_json(project: Path, *options: str) -> dict:
+    code, out, err = invoke(
+        "-p", str(project / "params.yaml"), *options, "config", "show", "--json"
+    )
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_unquoted_tracking_off_and_mixed_precision_no(project: Path) -> None:
+    (project / "params.yaml").write_text(
+        "preset: tiny-cpu\ntracking:\n  mode: off\ntrain:\n  mixed_precision: no\n"
+    )
+    code, out, err = invoke("-p", str(project / "params.yaml"), "config", "validate")
+    assert code == 0, err
+    assert out.strip() == "ok: preset tiny-cpu, model tiny://sd15"
+    data = show_json(project)
+    assert (data["tracking"]["mode"], data["train"]["mixed_precision"]) == ("off", "no")
+
+
+def test_set_tracking_off_on_the_command_line(project: Path) -> None:
+    data = show_json(project, "-S", "tracking.mode=off", "-S", "train.mixed_precision=no")
+    assert (data["tracking"]["mode"], data["train"]["mixed_precision"]) == ("off", "no")
+
+
+def test_set_tracking_on_is_refused_with_the_allowed_values(project: Path) -> None:
+    code, _, err = invoke(
+        "-p", str(project / "params.yaml"), "-S", "tracking.mode=on", "config", "validate"
+    )
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(
+        "error: command line: tracking.mode: must be one of 'auto', 'online', 'offline' or 'off', "
+        "got True"
+    )
+
+
+def test_space_entry_in_params_replaces_the_presets_range(project: Path) -> None:
+    (project / "params.yaml").write_text(
+        "preset: tiny-cpu\nsweep:\n  space:\n    learning_rate: {choices: [0.001, 0.002]}\n"
+    )
+    space = show_json(project)["sweep"]["space"]
+    assert space["learning_rate"] == {
+        "choices": [0.001, 0.002],
+        "low": None,
+        "high": None,
+        "log": False,
+        "step": None,
+    }
+    assert space["rank"]["choices"] == [2, 4]  # the preset's other entries stay
+    space = show_json(project, "-S", "sweep.space.rank={low: 2, high: 8}")["sweep"]["space"]
+    assert (space["rank"]["choices"], space["rank"]["low"], space["rank"]["high"]) == (None, 2, 8)
+
+
+def test_weights_in_params_replace_the_presets(project: Path) -> None:
+    preset = yaml.safe_load((project / "experiments" / "tiny-cpu.yaml").read_text())
+    preset["sweep"]["weights"] = {"dino": 0.7, "clip_t": 0.3}
+    (project / "experiments" / "weighted.yaml").write_text(yaml.safe_dump(preset))
+    (project / "params.yaml").write_text("preset: weighted\nsweep:\n  weights: {clip_i: 1.0}\n")
+    assert show_json(project)["sweep"]["weights"] == {"clip_i": 1.0}
+
+
+def test_section_error_from_the_command_line_blames_the_command_line(project: Path) -> None:
+    code, _, err = invoke(
+        "-p", str(project / "params.yaml"), "-S", "data.min_images=1", "config", "validate"
+    )
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(
+        "error: command line: data: val_fraction=0.2 leaves no training image when only "
+        "min_images=1"
+    )
+
+
+def test_set_preset_switches_the_preset(project: Path) -> None:
+    data = show_json(project, "-S", "preset=sd15-lora")
+    assert data["preset"] == "sd15-lora"
+    assert data["model"]["pretrained"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert data["train"]["rank"] == 16
+    code, out, _ = invoke(
+        "-p", str(project / "params.yaml"), "-S", "preset=sd15-lora", "config", "validate"
+    )
+    assert code == 0
+    assert out.strip() == "ok: preset sd15-lora, model stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_set_unknown_preset_is_blamed_on_the_command_line(project: Path) -> None:
+    code, _, err = invoke(
+        "-p", str(project / "params.yaml"), "-S", "preset=nope", "config", "validate"
+    )
+    assert code == 2
+    assert err.strip() == (
+        "error: command line: preset: unknown preset 'nope'; available: sd15-lora, sdxl-lora, "
+        "tiny-cpu"
+    )

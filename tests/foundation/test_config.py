@@ -9,6 +9,7 @@ import pytest
 from harness.config import (
     ConfigError,
     HarnessConfig,
+    ParamSpec,
     available_presets,
     load_config,
     parse_override,
@@ -184,3 +185,181 @@ def test_parse_override_types() -> None:
 )
 def test_validation_count(n: int, fraction: float, expected: int) -> None:
     assert validation_count(n, fraction) == expected
+
+
+# --- YAML 1.1 booleans for documented words (tracking.mode: off, train.mixed_precision: no) ---
+
+
+@pytest.mark.parametrize(
+    ("body", "section", "key", "expected"),
+    [
+        ("tracking:\n  mode: off\n", "tracking", "mode", "off"),
+        ("tracking:\n  mode: 'off'\n", "tracking", "mode", "off"),
+        ("tracking:\n  mode: offline\n", "tracking", "mode", "offline"),
+        ("train:\n  mixed_precision: no\n", "train", "mixed_precision", "no"),
+        ('train:\n  mixed_precision: "no"\n', "train", "mixed_precision", "no"),
+        ("train:\n  mixed_precision: bf16\n", "train", "mixed_precision", "bf16"),
+    ],
+)
+def test_unquoted_off_and_no_are_the_documented_words(
+    tmp_path: Path, body: str, section: str, key: str, expected: str
+) -> None:
+    params = write_project(tmp_path, "preset: base\n" + body)
+    cfg = load_config(params)
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            "tracking:\n  mode: on\n",
+            "tracking.mode: must be one of 'auto', 'online', 'offline' or 'off', got True",
+        ),
+        (
+            "train:\n  mixed_precision: yes\n",
+            "train.mixed_precision: must be one of 'no', 'fp16' or 'bf16', got True",
+        ),
+    ],
+)
+def test_true_is_still_refused_with_the_allowed_values(
+    tmp_path: Path, body: str, expected: str
+) -> None:
+    params = write_project(tmp_path, "preset: base\n" + body)
+    (problem,) = errors_of(params)
+    assert problem.startswith(f"{params}: {expected}")
+
+
+def test_off_from_the_command_line(tmp_path: Path) -> None:
+    params = write_project(tmp_path, "preset: base\n")
+    overrides = {**parse_override("tracking.mode=off")}
+    overrides.update(parse_override("train.mixed_precision=no"))
+    cfg = load_config(params, overrides={**overrides})
+    assert (cfg.tracking.mode, cfg.train.mixed_precision) == ("off", "no")
+
+
+# --- sweep.space entries and sweep.weights are replaced as a unit, never key-merged ---
+
+SWEEP_PRESET = (
+    "sweep:\n"
+    "  weights: {dino: 0.7, clip_t: 0.3}\n"
+    "  space:\n"
+    "    learning_rate: {low: 1.0e-4, high: 5.0e-3, log: true}\n"
+    "    rank: {choices: [2, 4]}\n"
+)
+
+
+def test_space_entry_in_params_replaces_the_presets(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path,
+        "preset: base\nsweep:\n  space:\n    learning_rate: {choices: [1.0e-4, 2.0e-4]}\n",
+        {"base": SWEEP_PRESET},
+    )
+    cfg = load_config(params)
+    lr = cfg.sweep.space["learning_rate"]
+    assert isinstance(lr, ParamSpec)
+    assert (lr.choices, lr.low, lr.high, lr.log) == ([1e-4, 2e-4], None, None, False)
+    rank = cfg.sweep.space["rank"]  # untouched entries stay
+    assert isinstance(rank, ParamSpec) and rank.choices == [2, 4]
+
+
+def test_space_entry_replaced_by_a_fixed_value_and_by_the_command_line(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path, "preset: base\nsweep:\n  space:\n    rank: 4\n", {"base": SWEEP_PRESET}
+    )
+    cfg = load_config(
+        params, overrides=parse_override("sweep.space.learning_rate={low: 1, high: 2}")
+    )
+    assert cfg.sweep.space["rank"] == 4
+    lr = cfg.sweep.space["learning_rate"]
+    assert isinstance(lr, ParamSpec) and (lr.low, lr.high, lr.log) == (1, 2, False)
+
+
+def test_weights_in_params_replace_the_presets(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path, "preset: base\nsweep:\n  weights: {clip_i: 1.0}\n", {"base": SWEEP_PRESET}
+    )
+    assert load_config(params).sweep.weights == {"clip_i": 1.0}
+
+
+def test_bad_replaced_space_entry_is_blamed_on_params(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path,
+        "preset: base\nsweep:\n  space:\n    learning_rate: {low: 1.0}\n",
+        {"base": SWEEP_PRESET},
+    )
+    problems = errors_of(params)
+    assert any("a range needs both 'low' and 'high'" in p for p in problems)
+    assert all(p.startswith(f"{params}: sweep.space.learning_rate") for p in problems)
+
+
+# --- section-level errors blame the file that set the offending keys ---
+
+
+def test_section_error_blames_the_command_line(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path, "preset: base\n", {"base": "data:\n  val_fraction: 0.2\n  min_images: 3\n"}
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=parse_override("data.min_images=1"))
+    (problem,) = info.value.problems
+    assert problem.startswith("command line: data: val_fraction=0.2 leaves no training image")
+
+
+def test_section_error_blames_params_over_preset(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path,
+        "preset: base\ndata:\n  min_images: 1\n",
+        {"base": "data:\n  val_fraction: 0.2\n  min_images: 3\n"},
+    )
+    (problem,) = errors_of(params)
+    assert problem.startswith(f"{params}: data: val_fraction=0.2 leaves no training image")
+
+
+def test_section_error_ignores_unrelated_later_keys(tmp_path: Path) -> None:
+    # The preset holds the impossible split; params.yaml only renames the subject.
+    params = write_project(
+        tmp_path,
+        "preset: base\ndata:\n  subject: dog\n",
+        {"base": "data:\n  val_fraction: 0.9\n  min_images: 3\n"},
+    )
+    (problem,) = errors_of(params)
+    assert problem.startswith("experiments/base.yaml: data: val_fraction=0.9 leaves no training")
+
+
+def test_train_section_error_blames_the_command_line(tmp_path: Path) -> None:
+    params = write_project(
+        tmp_path,
+        "preset: base\n",
+        {"base": "train:\n  max_steps: 20\n  checkpoint_steps: [10, 20]\n"},
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=parse_override("train.max_steps=5"))
+    (problem,) = info.value.problems
+    assert problem.startswith("command line: train: checkpoint_steps [10, 20] outside")
+
+
+# --- the preset named on the command line wins over params.yaml's ---
+
+
+def test_preset_override_switches_the_preset(repo_root: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny-cpu\n")
+    cfg = load_config(params, overrides=parse_override("preset=sd15-lora"), root=repo_root)
+    assert cfg.preset == "sd15-lora"
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.train.rank == 16
+
+
+def test_preset_override_keeps_params_overrides(repo_root: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny-cpu\ntrain:\n  rank: 8\n")
+    cfg = load_config(params, overrides=parse_override("preset=sdxl-lora"), root=repo_root)
+    assert (cfg.preset, cfg.data.resolution, cfg.train.rank) == ("sdxl-lora", 1024, 8)
+
+
+def test_unknown_preset_on_the_command_line_is_named(tmp_path: Path) -> None:
+    params = write_project(tmp_path, "preset: base\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=parse_override("preset=nope"))
+    assert info.value.problems == ["command line: preset: unknown preset 'nope'; available: base"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.generate import InferenceSetting, format_prompt, generate_images
+from harness.models import WeightsFileError
 
 FAST = InferenceSetting(guidance_scale=5.0, num_inference_steps=2, scheduler="ddim")
 
@@ -117,6 +119,26 @@ def test_schedulers_switch_and_restore(tiny_sd15: Any, tmp_path: Path) -> None:
 def test_missing_adapter_is_a_clear_error(tiny_sd15: Any, tmp_path: Path) -> None:
     with pytest.raises(HarnessError, match="LoRA weights not found"):
         run(tiny_sd15, tmp_path, adapter=tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name", ["a.bin", "a.ckpt", "a.pt", "a.pth", "a.safetensors", "dir"])
+def test_pickle_adapter_refused_without_unpickling(
+    tiny_sd15: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    weights = tmp_path / name
+    if name == "dir":  # a checkpoint folder whose weights are a renamed pickle
+        weights.mkdir()
+        weights = weights / "pytorch_lora_weights.safetensors"
+    torch.save({"unet.x.lora.down.weight": torch.zeros(2, 2)}, weights)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("torch.load reached")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(WeightsFileError, match=rf"^adapter: {re.escape(str(weights))}: "):
+        run(tiny_sd15, tmp_path / "out", adapter=tmp_path / name)
+    assert not any(tiny_sd15.pipeline.get_list_adapters().values())
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
 def test_format_prompt_both_placeholder_styles() -> None:

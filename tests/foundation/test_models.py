@@ -16,6 +16,7 @@ from harness.config import ModelConfig
 from harness.models import (
     LoadedModel,
     ModelLoadError,
+    WeightsFileError,
     detect_family,
     load_pipeline,
     parse_model_ref,
@@ -124,6 +125,19 @@ def test_pickle_checkpoints_refused(tmp_path: Path) -> None:
         parse_model_ref(str(ckpt))
 
 
+def test_renamed_pickle_and_truncated_single_files_refused(tiny_sd15: Any, tmp_path: Path) -> None:
+    fake = tmp_path / "fake.safetensors"
+    torch.save({"model.diffusion_model.x": torch.zeros(1)}, fake)
+    with pytest.raises(
+        WeightsFileError, match=r"^model\.pretrained: .*fake\.safetensors: not a valid"
+    ):
+        parse_model_ref(str(fake))
+    real = save_sd15_single_file(tiny_sd15.pipeline, tmp_path / "model.safetensors")
+    real.write_bytes(real.read_bytes()[:-100])
+    with pytest.raises(WeightsFileError, match="truncated"):
+        load_pipeline(ModelConfig(pretrained=str(real), device="cpu"))
+
+
 def test_folder_with_only_bin_weights_refused(tiny_sd15: Any, tmp_path: Path) -> None:
     folder = tmp_path / "pickled"
     tiny_sd15.pipeline.save_pretrained(folder, safe_serialization=False)
@@ -138,7 +152,8 @@ def test_offline_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     started = time.perf_counter()
     with pytest.raises(ModelLoadError) as info:
         load_pipeline(cfg)
-    assert time.perf_counter() - started < 5.0
+    # Bounded far above normal (~1 s) and below a real retry loop (~47 s): only a hang fails.
+    assert time.perf_counter() - started < 25.0
     message = str(info.value)
     assert "'someone/not-cached-model' is not in the local Hugging Face cache" in message
     assert "local diffusers folder" in message and "HF_HUB_OFFLINE" in message
@@ -157,7 +172,8 @@ def test_unreachable_hub_fails_fast_without_offline_flag(
     started = time.perf_counter()
     with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_pipeline(ModelConfig(pretrained="org/model", cache_dir=str(tmp_path), device="cpu"))
-    assert time.perf_counter() - started < 5.0
+    # Bounded far above normal (~1 s) and below a real retry loop (~47 s): only a hang fails.
+    assert time.perf_counter() - started < 25.0
 
 
 @pytest.mark.parametrize(

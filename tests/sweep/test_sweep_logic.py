@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from harness.config import HarnessConfig
 from harness.sweep import SweepError, open_studies, run_sweep
+from harness.sweep.summary import param_importances
 
 from .fakes import FakeBackend
 
@@ -64,11 +65,7 @@ def test_more_points_than_runs_over_steps_and_scales(tmp_path: Path) -> None:
     points = optuna.load_study(study_name="t", storage=summary.storage)
     assert len(points.best_trials) == int(frame["pareto"].sum())
     # Importances can be computed over steps and scales too.
-    importances = optuna.importance.get_param_importances(
-        points,
-        target=lambda t: -t.values[0],  # PED-ANOVA looks for low values
-        evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
-    )
+    importances = param_importances(points, ["dino", "clip_t"])["dino"]
     assert {"eval.steps", "eval.lora_scale", "eval.guidance_scale"} <= set(importances)
     assert "4 training runs" in summary.describe() and "32 evaluated points" in summary.describe()
 

@@ -62,7 +62,9 @@ def test_unreachable_server_falls_back_to_offline_within_seconds(
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="harness.tracking"):
         run = tracker.start_run("trial-7", config={"train": {"rank": 2}}, tags=["subject:dog"])
-    assert time.monotonic() - started < 5.0
+    # A hang (Task.init against a dead server) takes minutes; the probe takes ~1 s, so this
+    # bound only fails on a real hang, not on a loaded CI machine.
+    assert time.monotonic() - started < 30.0
     assert run.mode == "offline" and run.mode.is_fallback
     assert f"127.0.0.1:{closed_port}" in run.mode.reason and "unreachable" in run.mode.reason
     assert any("falling back to offline" in r.getMessage() for r in caplog.records)
@@ -88,7 +90,9 @@ def test_strict_unreachable_server_is_a_clear_error_within_seconds(
     started = time.monotonic()
     with pytest.raises(TrackingError, match=rf"127\.0\.0\.1:{closed_port}.*unreachable"):
         tracker.start_run("trial", config={}, tags=[])
-    assert time.monotonic() - started < 5.0
+    # A hang (Task.init against a dead server) takes minutes; the probe takes ~1 s, so this
+    # bound only fails on a real hang, not on a loaded CI machine.
+    assert time.monotonic() - started < 30.0
 
 
 def test_online_without_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

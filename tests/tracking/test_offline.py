@@ -54,7 +54,9 @@ def test_tiny_offline_run_records_config_scalars_images_tables_artifacts(
 
     started = time.monotonic()
     zip_path = run.close()
-    assert time.monotonic() - started < 1.0, "closing an offline task must be fast"
+    # Only a real hang fails this: with ClearML's reporting subprocess a close waits ~10 s
+    # (what the harness switches off); a loaded 2-core CI machine needs ~1 s at worst.
+    assert time.monotonic() - started < 8.0, "closing an offline task waited for the reporter"
     assert zip_path is not None and zip_path == run.offline_zip
     assert zip_path.parent == tmp_path / "runs" / "clearml" / "offline"
     assert run.close() == zip_path  # idempotent
@@ -158,3 +160,36 @@ def test_reporting_errors_never_reach_training(
         run.log_scalar("loss", "train", 1.0, 1)
     assert sum("reporter exploded" in r.getMessage() for r in caplog.records) == 1
     assert run.close() is not None
+
+
+def test_closing_a_run_gives_the_console_back(tmp_path: Path) -> None:
+    """ClearML replaces sys.stdout/sys.stderr to capture the console; after close, output that
+    click/typer writes (the sweep's closing lines) must reach the real streams again."""
+    import subprocess
+    import sys
+
+    script = f"""
+import click, sys
+from pathlib import Path
+from harness.config import TrackingConfig
+from harness.tracking import create_tracker
+before = (sys.stdout, sys.stderr)
+tracker = create_tracker(TrackingConfig(mode="offline"), Path({str(tmp_path)!r}))
+run = tracker.start_run("trial-0", config={{}}, tags=[])
+run.close()
+assert (sys.stdout, sys.stderr) == before, (sys.stdout, sys.stderr)
+click.echo("closing line on stdout")
+click.echo("closing line on stderr", err=True)
+"""
+    env = {**os.environ, "HOME": str(tmp_path), "CLEARML_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,  # pipes, not a terminal: where the bug showed
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "closing line on stdout" in proc.stdout.splitlines()
+    assert "closing line on stderr" in proc.stderr.splitlines()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from harness.config import HarnessConfig, ModelConfig
 from harness.models import LoadedModel, load_pipeline
@@ -24,7 +24,13 @@ from harness.train import (
     ensure_class_images,
     train_lora,
 )
-from harness.train.state import load_optimizer, save_optimizer
+from harness.train.state import (
+    complete_checkpoints,
+    load_optimizer,
+    resumable_checkpoints,
+    save_optimizer,
+    write_checkpoint_atomically,
+)
 
 Images = Callable[[int], list[tuple[Path, str]]]
 
@@ -153,7 +159,13 @@ def test_checkpoints_saved_and_loadable(sd15: LoadedModel, images: Images, tmp_p
         meta = json.loads((ckpt.path / "checkpoint.json").read_text())
         assert meta["step"] == ckpt.step and meta["config_hash"] == result.config_hash
         kohya = load_file(str(ckpt.kohya_path))
-        assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+        modules = {
+            k.removesuffix(".lora_down.weight") for k in kohya if k.endswith("lora_down.weight")
+        }
+        alphas = {
+            k.removesuffix(".alpha"): float(v) for k, v in kohya.items() if k.endswith(".alpha")
+        }
+        assert modules and alphas == dict.fromkeys(modules, 8.0)  # every module, alpha != rank
     viewer = load_tiny()
     pipe = viewer.pipeline
 
@@ -383,6 +395,36 @@ def test_crash_while_saving_keeps_previous_checkpoint(
     assert resumed.status == "completed" and resumed.resumed_from == 2
 
 
+@pytest.mark.parametrize("broken", ["lora.safetensors", "optimizer.safetensors", "rng.safetensors"])
+def test_truncated_state_file_resumes_from_previous_checkpoint(
+    sd15: LoadedModel, images: Images, tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
+    cfg = make_cfg(max_steps=4, checkpoint_steps=[2, 4], learning_rate=1e-2, dropout=0.1)
+    run = tmp_path / "run"
+    first = train_lora(cfg, sd15, images(1), run, progress=False)
+    assert first.status == "completed" and not first.warnings
+    last = first.checkpoints[-1].path / "state"
+    # cloned: load_file may map the file, and the truncation below would show through
+    trained = {k: v.clone() for k, v in load_file(str(last / "lora.safetensors")).items()}
+    target = last / broken
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a crash mid-copy
+
+    with caplog.at_level("WARNING", logger="harness.train"):
+        again = train_lora(cfg, sd15, images(1), run, progress=False)
+    assert again.status == "completed" and again.resumed_from == 2
+    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4]
+    assert len(again.warnings) == 1 and str(target) in again.warnings[0]
+    assert "step 4" in again.warnings[0] and "step 2" in again.warnings[0]
+    assert any(str(target) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert json.loads(again.result_path.read_text())["warnings"] == again.warnings
+    # step 4 was trained again from step 2 and written whole: the same weights as the first time
+    redone = load_file(str(again.checkpoints[-1].path / "state" / "lora.safetensors"))
+    assert [c.step for c in again.checkpoints] == [2, 4]
+    for key, value in trained.items():
+        torch.testing.assert_close(redone[key], value, rtol=1e-5, atol=1e-6)
+    load_file(str(target))  # readable again
+
+
 def test_on_checkpoint_sees_base_pipeline_and_cannot_disturb_training(
     sd15: LoadedModel, images: Images, tmp_path: Path
 ) -> None:
@@ -437,3 +479,35 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
     for p, q in zip(params, copy, strict=True):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][name], opt2.state[q][name])
+
+
+def _fake_checkpoint(run: Path, step: int) -> None:
+    """A checkpoint folder with every state file (tiny contents), as the trainer writes it."""
+
+    def write(tmp: Path) -> dict[str, Any]:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+        save_optimizer(opt, tmp / "state")
+        for name in ("lora", "rng"):
+            save_file({"x": torch.zeros(3)}, str(tmp / "state" / f"{name}.safetensors"))
+        (tmp / "state" / "trainer.json").write_text(json.dumps({"step": step}))
+        return {}
+
+    write_checkpoint_atomically(run, step, write)
+
+
+def test_resumable_checkpoints_skip_broken_state_from_the_end(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, step)
+    states = complete_checkpoints(tmp_path)
+    assert resumable_checkpoints(states) == (states, [])
+    (states[2].state_dir / "trainer.json").write_text('{"step": 6, "lr_sch')  # cut short
+    (states[1].state_dir / "optimizer.safetensors").unlink()
+    kept, warnings = resumable_checkpoints(states)
+    assert [s.step for s in kept] == [2] and len(warnings) == 2
+    assert "step 6" in warnings[0] and "trainer.json" in warnings[0]
+    assert "step 4" in warnings[1] and "optimizer.safetensors: file not found" in warnings[1]
+    assert all(w.endswith("resuming from step 2") for w in warnings)
+    (states[0].state_dir / "rng.safetensors").write_bytes(b"\x80\x04pickle")
+    kept, warnings = resumable_checkpoints(states)
+    assert kept == [] and warnings[-1].endswith("starting from step 0")
+    assert "rng.safetensors: not a valid safetensors file" in warnings[-1]

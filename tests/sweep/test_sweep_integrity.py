@@ -1,0 +1,152 @@
+"""What a sweep's records promise (issue 17, items 11, 13, 14): a resume never mixes points of
+another setup, no trial is left RUNNING, and no results row points at a deleted adapter."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from harness.config import HarnessConfig
+from harness.sweep import SweepError, open_studies, run_sweep
+
+from .fakes import FakeBackend
+from .test_sweep_logic import make_cfg
+
+
+def _with(cfg: HarnessConfig, **sections: dict[str, Any]) -> HarnessConfig:
+    data = cfg.to_dict()
+    for name, values in sections.items():
+        if name == "top":
+            data.update(values)
+        else:
+            data[name] = {**data[name], **values}
+    return HarnessConfig.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"train": {"lr_scheduler": "cosine"}}, "train"),
+        ({"train": {"prior_preservation": True}}, "train"),
+        ({"train": {"train_text_encoder": True}}, "train"),
+        ({"train": {"checkpoint_steps": [5, 20]}}, "train"),
+        ({"data": {"resolution": 128, "min_side": 64}}, "data"),
+        ({"data": {"token": "zwx"}}, "data"),
+        ({"data": {"val_fraction": 0.5}}, "data"),
+        ({"top": {"seed": 5}}, "seed"),
+        ({"model": {"pretrained": "tiny://sdxl"}}, "model"),
+        ({"model": {"dtype": "bfloat16"}}, "model"),
+        ({"eval": {"seed": 3}}, "eval"),
+        ({"eval": {"resolution": 32}}, "eval"),
+    ],
+)
+def test_resume_with_another_meaning_of_a_point_is_refused(
+    tmp_path: Path, change: dict[str, dict[str, Any]], named: str
+) -> None:
+    cfg = make_cfg(tmp_path, n_trials=1)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    changed = _with(cfg, **change)
+    with pytest.raises(SweepError) as info:
+        open_studies(changed, tmp_path)
+    lines = str(info.value).splitlines()
+    assert "different configuration" in lines[0]
+    assert any(line.strip().startswith(f"{named}:") for line in lines[1:]), lines
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sweep": {"n_trials": 9}},  # the budget
+        {"sweep": {"keep_adapters": "all"}},
+        {"eval": {"batch_size": 1}},  # images never depend on their batch
+        {"metrics": {"batch_size": 2}},
+        {"train": {"output_dir": "elsewhere"}},
+        {"model": {"device": "cpu"}},
+        {"data": {"prepared_dir": "moved/prepared"}},
+        {"tracking": {"mode": "offline"}},
+        {"train": {"learning_rate": 0.5}},  # searched: the fixed value is never used
+    ],
+)
+def test_resume_with_what_does_not_change_a_point_is_accepted(
+    tmp_path: Path, change: dict[str, dict[str, Any]]
+) -> None:
+    cfg = make_cfg(tmp_path, n_trials=1)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    open_studies(_with(cfg, **change), tmp_path)
+
+
+def _running(study: optuna.Study) -> list[int]:
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_stale_run_is_finished_even_when_the_budget_is_used_up(tmp_path: Path) -> None:
+    """A run whose worker died (RUNNING, heartbeat stale) is retried by the next `harness sweep`
+    although no new run may start, and its proxy twin is not left RUNNING."""
+    cfg = make_cfg(tmp_path, n_trials=1, heartbeat_interval_s=1, grace_period_s=1)
+    studies = open_studies(cfg, tmp_path)
+    # What a killed worker leaves: a RUNNING run with parameters, and its RUNNING proxy twin.
+    dead = studies.runs.ask(
+        {
+            "train.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True),
+            "train.rank": optuna.distributions.CategoricalDistribution([2, 4]),
+        }
+    )
+    proxy = studies.proxy.ask()
+    dead.set_user_attr("proxy_trial", proxy.number)
+    studies.runs._storage.record_heartbeat(dead._trial_id)  # type: ignore[attr-defined]
+    run_sweep(make_cfg(tmp_path, n_trials=1), tmp_path, FakeBackend())  # uses up the budget
+    time.sleep(2.2)  # past the grace period: the dead run is stale
+    backend = FakeBackend()
+    summary = run_sweep(cfg, tmp_path, backend)
+    assert len(backend.trained) == 1, "the stale run was not retried"
+    assert backend.trained[0]["learning_rate"] == pytest.approx(dead.params["train.learning_rate"])
+    studies = open_studies(cfg, tmp_path)
+    assert _running(studies.runs) == [] and _running(studies.proxy) == []
+    assert summary.runs_completed == 2
+    assert studies.proxy.trials[proxy.number].state == TrialState.FAIL
+
+
+class _TrackerThatFails:
+    """A tracker whose runs cannot start (e.g. strict tracking and the server went away)."""
+
+    def preflight(self) -> str:
+        return "online"
+
+    def start_run(self, *args: Any, **kwargs: Any) -> Any:
+        from harness.tracking import TrackingError
+
+        raise TrackingError("ClearML server went away (tracking.strict is true)")
+
+
+def test_tracking_failure_leaves_no_running_trial(tmp_path: Path) -> None:
+    from harness.tracking import TrackingError
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    with pytest.raises(TrackingError):
+        run_sweep(cfg, tmp_path, FakeBackend(), _TrackerThatFails())  # type: ignore[arg-type]
+    studies = open_studies(cfg, tmp_path)
+    assert _running(studies.runs) == [] and _running(studies.proxy) == []
+
+
+@pytest.mark.parametrize("keep", ["pareto", "best"])
+def test_no_results_row_points_at_a_deleted_adapter(tmp_path: Path, keep: str) -> None:
+    cfg = make_cfg(tmp_path, n_trials=3, keep_adapters=keep)
+    summary = run_sweep(cfg, tmp_path, FakeBackend())
+    for path in (summary.results_parquet, summary.results_csv):
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        kept = frame[frame["adapter"].notna()]
+        assert len(kept) and len(kept) < len(frame), "some adapters are kept, some removed"
+        for adapter in kept["adapter"]:
+            assert (tmp_path / adapter / "pytorch_lora_weights.safetensors").is_file(), adapter
+        removed = frame[frame["adapter"].isna()]
+        assert removed["adapter_removed"].all() and not kept["adapter_removed"].any()
+    summary_json = (tmp_path / "runs/sweep/summary.json").read_text()
+    for row in summary.pareto:
+        assert row["adapter"] is None or (tmp_path / row["adapter"]).is_dir(), summary_json

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from harness.config import HarnessConfig, load_config, parse_override
 from harness.errors import HarnessError
+from harness.tracking import install_log_redaction
 
 app = typer.Typer(
     name="harness",
@@ -106,6 +107,7 @@ def _main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()  # no password or token reaches a log line
     for noisy in ("urllib3", "filelock", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
@@ -162,7 +164,7 @@ def resolve_cmd(
     """Write resolved config sections and the raw-photo fingerprint (first DVC stage)."""
 
     def body() -> Path:
-        from harness.pipeline import run_resolve
+        from harness.stages import run_resolve
 
         return run_resolve(load(), project_root(), out)
 
@@ -174,7 +176,7 @@ def prepare_cmd() -> None:
     """Prepare the subject dataset: decode, orient, crop, caption, dedupe, split."""
 
     def body() -> Any:
-        from harness.pipeline import run_prepare
+        from harness.stages import run_prepare
 
         return run_prepare(load(), project_root())
 
@@ -196,7 +198,7 @@ def train_cmd(
     """Train one LoRA with the configured settings; checkpoints at train.checkpoint_steps."""
 
     def body() -> Any:
-        from harness.pipeline import run_train
+        from harness.stages import run_train
 
         return run_train(load(), project_root(), run_dir)
 
@@ -222,7 +224,7 @@ def generate_cmd(
     """
 
     def body() -> int:
-        from harness.pipeline import run_generate
+        from harness.stages import run_generate
 
         if adapter is not None and not adapter.exists():
             raise HarnessError(f"--adapter: {adapter}: not found")
@@ -236,7 +238,7 @@ def sweep_cmd() -> None:
     """Run or continue the Optuna sweep (many workers may share one study)."""
 
     def body() -> Any:
-        from harness.pipeline import run_sweep_stage
+        from harness.stages import run_sweep_stage
 
         return run_sweep_stage(load(), project_root())
 

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -34,10 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import HarnessError
 
 __all__ = [
+    "INFERENCE_DIMENSIONS",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
     "HarnessConfig",
+    "InferenceGrid",
+    "InferenceSetting",
     "MetricsConfig",
     "ModelConfig",
     "ParamSpec",
@@ -279,8 +283,48 @@ class TrainConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
-    """Generation for evaluation: prompts x seeds x inference settings."""
+Scheduler = Literal["ddim", "dpmsolver++", "euler", "euler_a", "pndm", "ddpm"]
+
+
+class InferenceSetting(_Strict):
+    """One inference setting: the one definition used by ``eval`` (its single setting),
+    ``sweep.inference`` (a grid of them), the search space, generation and the results table.
+
+    Its numeric fields (:data:`INFERENCE_DIMENSIONS`) are the swept inference dimensions; the
+    scheduler is fixed per sweep (``eval.scheduler``).
+    """
+
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    lora_scale: float = Field(default=1.0, ge=0.0, description="UNet LoRA scale.")
+    text_encoder_lora_scale: float = Field(default=1.0, ge=0.0)
+    num_inference_steps: int = Field(default=25, ge=1)
+    scheduler: Scheduler = "dpmsolver++"
+
+    @property
+    def id(self) -> str:
+        """A short, stable, filesystem-safe name, e.g. ``g7.5-u1-t1-n25-dpmsolver++``."""
+        return (
+            f"g{self.guidance_scale:g}-u{self.lora_scale:g}-t{self.text_encoder_lora_scale:g}"
+            f"-n{self.num_inference_steps}-{self.scheduler}"
+        )
+
+    def dimensions(self) -> dict[str, float | int]:
+        """The swept values by name (:data:`INFERENCE_DIMENSIONS` order)."""
+        return {name: getattr(self, name) for name in INFERENCE_DIMENSIONS}
+
+
+# The swept inference dimensions: every numeric field of InferenceSetting, in one order.
+INFERENCE_DIMENSIONS = (
+    "guidance_scale",
+    "lora_scale",
+    "text_encoder_lora_scale",
+    "num_inference_steps",
+)
+
+
+class EvalConfig(InferenceSetting):
+    """Generation for evaluation: prompts x seeds, under the inference setting whose fields it
+    inherits (guidance, LoRA scales, steps, scheduler)."""
 
     prompts: list[str] = Field(
         default_factory=lambda: [
@@ -299,11 +343,6 @@ class EvalConfig(_Strict):
     images_per_prompt: int = Field(4, ge=1)
     seed: int = 0
     resolution: int | None = Field(None, ge=8, description="Default: data.resolution.")
-    guidance_scale: float = Field(7.5, ge=0.0)
-    num_inference_steps: int = Field(25, ge=1)
-    scheduler: Literal["ddim", "dpmsolver++", "euler", "euler_a", "pndm", "ddpm"] = "dpmsolver++"
-    lora_scale: float = Field(1.0, ge=0.0)
-    text_encoder_lora_scale: float = Field(1.0, ge=0.0)
     batch_size: int = Field(4, ge=1)
     prior_preservation_images: int = Field(
         0,
@@ -311,6 +350,12 @@ class EvalConfig(_Strict):
         description="Images of the bare class prompt (train.class_prompt) per setting for PRES "
         "(DINO vs the subject, lower is better); 0 = not measured.",
     )
+
+    @property
+    def setting(self) -> InferenceSetting:
+        """The single inference setting this section configures (``harness generate``, the
+        proxy evaluation and the baseline)."""
+        return InferenceSetting.model_validate({**self.dimensions(), "scheduler": self.scheduler})
 
 
 class MetricsConfig(_Strict):
@@ -401,6 +446,20 @@ class InferenceGrid(_Strict):
         if any(v < 1 for v in values):
             raise ValueError(f"values must be >= 1, got {values}")
         return values
+
+    def settings(self, scheduler: Scheduler) -> list[InferenceSetting]:
+        """Every setting of the grid (Cartesian product of the dimensions, stable order)."""
+        axes = [getattr(self, name) for name in INFERENCE_DIMENSIONS]
+        return [
+            InferenceSetting(
+                **dict(zip(INFERENCE_DIMENSIONS, values, strict=True)), scheduler=scheduler
+            )
+            for values in itertools.product(*axes)
+        ]
+
+
+if tuple(InferenceGrid.model_fields) != INFERENCE_DIMENSIONS:  # pragma: no cover - a dev error
+    raise TypeError("InferenceGrid must list exactly the INFERENCE_DIMENSIONS, in order")
 
 
 class ProxyConfig(_Strict):

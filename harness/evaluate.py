@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from harness.config import HarnessConfig
-from harness.generate import GeneratedImage, InferenceSetting, generate_images
+from harness.config import HarnessConfig, InferenceSetting
+from harness.generate import GeneratedImage, generate_images
 from harness.models import LoadedModel
 
 if TYPE_CHECKING:

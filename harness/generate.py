@@ -27,44 +27,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from harness.config import EvalConfig, HarnessConfig
+from harness.config import HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
 from harness.models import PICKLE_SUFFIXES, LoadedModel, check_weights_file
 
 __all__ = [
     "ADAPTER_NAME",
     "GeneratedImage",
-    "InferenceSetting",
     "adapter_loaded",
     "format_prompt",
     "generate_images",
     "make_scheduler",
     "resolve_adapter",
-    "setting_from_config",
 ]
 
 logger = logging.getLogger(__name__)
 ADAPTER_NAME = "subject"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-@dataclass(frozen=True)
-class InferenceSetting:
-    """One point of the inference grid."""
-
-    guidance_scale: float = 7.5
-    lora_scale: float = 1.0
-    text_encoder_lora_scale: float = 1.0
-    num_inference_steps: int = 25
-    scheduler: str = "dpmsolver++"
-
-    @property
-    def id(self) -> str:
-        """A short, stable, filesystem-safe name."""
-        return (
-            f"g{self.guidance_scale:g}-u{self.lora_scale:g}-t{self.text_encoder_lora_scale:g}"
-            f"-n{self.num_inference_steps}-{self.scheduler}"
-        )
 
 
 @dataclass(frozen=True)
@@ -82,20 +61,10 @@ class GeneratedImage:
     def to_json(self) -> dict[str, Any]:
         """Flat JSON record for ``manifest.jsonl``."""
         record = asdict(self)
-        record.update(record.pop("setting"))
+        record.update(self.setting.model_dump(mode="json"))
+        del record["setting"]
         record["setting_id"] = self.setting.id
         return record
-
-
-def setting_from_config(cfg: EvalConfig) -> InferenceSetting:
-    """The single inference setting that ``eval`` configures."""
-    return InferenceSetting(
-        guidance_scale=cfg.guidance_scale,
-        lora_scale=cfg.lora_scale,
-        text_encoder_lora_scale=cfg.text_encoder_lora_scale,
-        num_inference_steps=cfg.num_inference_steps,
-        scheduler=cfg.scheduler,
-    )
 
 
 def format_prompt(template: str, token: str, class_name: str) -> str:
@@ -249,13 +218,36 @@ def generate_images(
     """
     if adapter is not None:
         resolve_adapter(adapter)  # refuse a missing or unsafe adapter before any work
-    pipeline = loaded.pipeline
     jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
-    base_scheduler = pipeline.scheduler
-    records: list[GeneratedImage] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     total = len(jobs) * len(settings)
-    bar = tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False)
+    with tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False) as bar:
+        records = _generate_settings(
+            loaded, jobs, token, class_name, settings, out_dir, adapter, resolution, batch_size, bar
+        )
+    _append_manifest(out_dir, records)
+    return records
+
+
+def _generate_settings(
+    loaded: LoadedModel,
+    jobs: Sequence[tuple[int, str, int]],
+    token: str,
+    class_name: str,
+    settings: Sequence[InferenceSetting],
+    out_dir: Path,
+    adapter: Path | None,
+    resolution: int | None,
+    batch_size: int,
+    bar: tqdm[Any],
+) -> list[GeneratedImage]:
+    """Every (prompt index, template, seed) job under every setting, with ``adapter`` loaded once.
+
+    Each setting gets its LoRA scales and scheduler; the pipeline's own scheduler is put back.
+    """
+    pipeline = loaded.pipeline
+    base_scheduler = pipeline.scheduler
+    records: list[GeneratedImage] = []
     try:
         with (
             adapter_loaded(pipeline, adapter) as active,
@@ -275,11 +267,14 @@ def generate_images(
                     bar.update(len(batch))
     finally:
         pipeline.scheduler = base_scheduler
-        bar.close()
+    return records
+
+
+def _append_manifest(out_dir: Path, records: Sequence[GeneratedImage]) -> None:
+    """Append one JSON line per image to ``out_dir/manifest.jsonl``."""
     with (out_dir / "manifest.jsonl").open("a", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
-    return records
 
 
 def _generate_batch(

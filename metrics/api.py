@@ -25,7 +25,7 @@ Means come with 95% percentile-bootstrap intervals that resample prompts (see
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,117 +256,106 @@ class Scorer:
         Raises:
             MetricsInputError: empty inputs, prompts not matching the images, unreadable images.
         """
-        if not real:
-            raise MetricsInputError("no real images to score against")
-        if not generated:
-            raise MetricsInputError("no generated images to score")
-        if prompts is not None and len(prompts) != len(generated):
-            raise MetricsInputError(
-                f"{len(prompts)} prompts for {len(generated)} generated images: "
-                "need exactly one prompt per image"
-            )
-        policy = self.config.identifier_policy
-        texts: dict[str, str] = {}
-        if prompts is not None:
-            try:
-                texts = {
-                    p: text_for_clip(p, token, class_name, policy) for p in dict.fromkeys(prompts)
-                }
-            except ValueError as exc:
-                raise MetricsInputError(str(exc)) from None
-
+        _check_inputs(real, generated, prompts)
+        texts = self._clip_texts(prompts, token, class_name)
         dino_real = self._embed_real(self.dino, real)
         clip_real = self._embed_real(self.clip, real)
         dino_gen = self.dino.encode_images(generated)
         clip_gen = self.clip.encode_images(generated)
-        dino_rows = scores.per_row_mean(dino_gen, dino_real)
-        clip_i_rows = scores.per_row_mean(clip_gen, clip_real)
-        clip_t_rows: torch.Tensor | None = None
-        if prompts is not None:
-            unique_texts = list(dict.fromkeys(texts.values()))
-            text_emb = self.clip.encode_texts(unique_texts)
-            row_of_text = {t: i for i, t in enumerate(unique_texts)}
-            matched = text_emb[[row_of_text[texts[p]] for p in prompts]]
-            clip_t_rows = (clip_gen.double() * matched.double()).sum(dim=1)
-
+        rows = _Rows(
+            dino=scores.per_row_mean(dino_gen, dino_real),
+            clip_i=scores.per_row_mean(clip_gen, clip_real),
+            clip_t=self._clip_t_rows(clip_gen, prompts, texts),
+        )
         names = [image_name(image, i) for i, image in enumerate(generated)]
-        images = tuple(
-            ImageScore(
-                index=i,
-                name=names[i],
-                prompt=prompts[i] if prompts is not None else None,
-                text=texts[prompts[i]] if prompts is not None else None,
-                dino=float(dino_rows[i]),
-                clip_i=float(clip_i_rows[i]),
-                clip_t=float(clip_t_rows[i]) if clip_t_rows is not None else None,
-            )
-            for i in range(len(generated))
+        members = _members_by_prompt(prompts)
+        prompt_rows = _prompt_scores(members, texts, dino_gen, rows)
+        div_values = [row.div for row in prompt_rows if row.div is not None]
+        metadata = self._score_metadata(
+            token=token,
+            class_name=class_name,
+            texts=texts,
+            n_real=len(real),
+            n_generated=len(generated),
+            n_prompts=len(prompt_rows) if prompts is not None else None,
+        )
+        return ScoreResult(
+            dino=scores.all_pairs_mean(dino_gen, dino_real),
+            clip_i=scores.all_pairs_mean(clip_gen, clip_real),
+            clip_t=float(rows.clip_t.mean()) if rows.clip_t is not None else None,
+            div=sum(div_values) / len(div_values) if div_values else None,
+            ci=self._intervals(rows, _bootstrap_groups(members, names), div_values),
+            images=_image_scores(names, prompts, texts, rows),
+            prompts=tuple(prompt_rows),
+            metadata=metadata,
         )
 
-        # Groups for the bootstrap: prompts in sorted order (never file order, so intervals do
-        # not depend on how the images were listed); without prompts, single images by name.
-        members: dict[str, list[int]] = {}
-        if prompts is not None:
-            for i, prompt in enumerate(prompts):
-                members.setdefault(prompt, []).append(i)
-            groups = [members[p] for p in sorted(members)]
-        else:
-            groups = [[i] for i in sorted(range(len(generated)), key=lambda i: names[i])]
+    def _clip_texts(
+        self, prompts: Sequence[str] | None, token: str | None, class_name: str | None
+    ) -> dict[str, str]:
+        """The CLIP-T text of each distinct prompt under the identifier policy (``{}``: none)."""
+        if prompts is None:
+            return {}
+        policy = self.config.identifier_policy
+        try:
+            return {p: text_for_clip(p, token, class_name, policy) for p in dict.fromkeys(prompts)}
+        except ValueError as exc:
+            raise MetricsInputError(str(exc)) from None
 
-        prompt_rows: list[PromptScore] = []
-        div_values: list[float] = []
-        if prompts is not None and clip_t_rows is not None:
-            for prompt in sorted(members):
-                idx = members[prompt]
-                div = scores.diversity(dino_gen[idx]) if len(idx) >= 2 else None
-                if div is not None:
-                    div_values.append(div)
-                prompt_rows.append(
-                    PromptScore(
-                        prompt=prompt,
-                        text=texts[prompt],
-                        n_images=len(idx),
-                        dino=float(dino_rows[idx].mean()),
-                        clip_i=float(clip_i_rows[idx].mean()),
-                        clip_t=float(clip_t_rows[idx].mean()),
-                        div=div,
-                    )
-                )
+    def _clip_t_rows(
+        self, clip_gen: torch.Tensor, prompts: Sequence[str] | None, texts: Mapping[str, str]
+    ) -> torch.Tensor | None:
+        """CLIP-T per generated image: cosine with its prompt's text (each text encoded once)."""
+        if prompts is None:
+            return None
+        unique_texts = list(dict.fromkeys(texts.values()))
+        text_emb = self.clip.encode_texts(unique_texts)
+        row_of_text = {t: i for i, t in enumerate(unique_texts)}
+        matched = text_emb[[row_of_text[texts[p]] for p in prompts]]
+        return (clip_gen.double() * matched.double()).sum(dim=1)
 
-        def grouped(rows: torch.Tensor) -> list[list[float]]:
-            return [[float(rows[i]) for i in group] for group in groups]
+    def _intervals(
+        self, rows: _Rows, groups: Sequence[Sequence[int]], div_values: Sequence[float]
+    ) -> dict[str, tuple[float, float] | None]:
+        """Bootstrap intervals of every mean; DIV resamples its per-prompt values."""
 
-        ci: dict[str, tuple[float, float] | None] = {
-            "dino": self._interval(grouped(dino_rows)),
-            "clip_i": self._interval(grouped(clip_i_rows)),
-            "clip_t": self._interval(grouped(clip_t_rows)) if clip_t_rows is not None else None,
+        def grouped(values: torch.Tensor) -> list[list[float]]:
+            return [[float(values[i]) for i in group] for group in groups]
+
+        return {
+            "dino": self._interval(grouped(rows.dino)),
+            "clip_i": self._interval(grouped(rows.clip_i)),
+            "clip_t": self._interval(grouped(rows.clip_t)) if rows.clip_t is not None else None,
             "div": self._interval([[v] for v in div_values]) if div_values else None,
         }
-        metadata: dict[str, Any] = {
+
+    def _score_metadata(
+        self,
+        *,
+        token: str | None,
+        class_name: str | None,
+        texts: Mapping[str, str],
+        n_real: int,
+        n_generated: int,
+        n_prompts: int | None,
+    ) -> dict[str, Any]:
+        """Models, protocol options and counts of one :meth:`score` call (``n_prompts``:
+        ``None`` without prompts, when the intervals resample images)."""
+        return {
             **self._model_metadata(),
-            "identifier_policy": policy,
+            "identifier_policy": self.config.identifier_policy,
             "token": token,
             "class_name": class_name,
             "encoded_texts": dict(sorted(texts.items())),
             "div_embedding": DIV_EMBEDDING,
-            "n_real": len(real),
-            "n_generated": len(generated),
-            "n_prompts": len(prompt_rows) if prompts is not None else None,
+            "n_real": n_real,
+            "n_generated": n_generated,
+            "n_prompts": n_prompts,
             "bootstrap_samples": self.config.bootstrap_samples,
             "ci_level": CI_LEVEL,
-            "ci_resamples": "prompts" if prompts is not None else "images",
+            "ci_resamples": "prompts" if n_prompts is not None else "images",
             "seed": self.config.seed,
         }
-        return ScoreResult(
-            dino=scores.all_pairs_mean(dino_gen, dino_real),
-            clip_i=scores.all_pairs_mean(clip_gen, clip_real),
-            clip_t=float(clip_t_rows.mean()) if clip_t_rows is not None else None,
-            div=sum(div_values) / len(div_values) if div_values else None,
-            ci=ci,
-            images=images,
-            prompts=tuple(prompt_rows),
-            metadata=metadata,
-        )
 
     def real_ceiling(self, real: Sequence[ImageInput]) -> dict[str, Any]:
         """The "Real images" row: DINO and CLIP-I among the real photos, self-pairs excluded.
@@ -394,3 +383,95 @@ class Scorer:
         return scores.all_pairs_mean(
             self.dino.encode_images(class_images), self._embed_real(self.dino, real)
         )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Per-generated-image similarities, in input order (``clip_t``: ``None`` without prompts)."""
+
+    dino: torch.Tensor
+    clip_i: torch.Tensor
+    clip_t: torch.Tensor | None
+
+
+def _check_inputs(
+    real: Sequence[ImageInput], generated: Sequence[ImageInput], prompts: Sequence[str] | None
+) -> None:
+    """Refuse empty inputs and a prompt list that does not match the generated images."""
+    if not real:
+        raise MetricsInputError("no real images to score against")
+    if not generated:
+        raise MetricsInputError("no generated images to score")
+    if prompts is not None and len(prompts) != len(generated):
+        raise MetricsInputError(
+            f"{len(prompts)} prompts for {len(generated)} generated images: "
+            "need exactly one prompt per image"
+        )
+
+
+def _members_by_prompt(prompts: Sequence[str] | None) -> dict[str, list[int]]:
+    """Indices of the generated images of each prompt (``{}`` without prompts)."""
+    members: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts or ()):
+        members.setdefault(prompt, []).append(i)
+    return members
+
+
+def _bootstrap_groups(members: Mapping[str, list[int]], names: Sequence[str]) -> list[list[int]]:
+    """What the bootstrap resamples: prompts in sorted order, else single images by name.
+
+    Never file order, so the intervals do not depend on how the images were listed.
+    """
+    if members:
+        return [members[p] for p in sorted(members)]
+    return [[i] for i in sorted(range(len(names)), key=lambda i: names[i])]
+
+
+def _image_scores(
+    names: Sequence[str],
+    prompts: Sequence[str] | None,
+    texts: Mapping[str, str],
+    rows: _Rows,
+) -> tuple[ImageScore, ...]:
+    """One :class:`ImageScore` per generated image, in input order."""
+    return tuple(
+        ImageScore(
+            index=i,
+            name=name,
+            prompt=prompts[i] if prompts is not None else None,
+            text=texts[prompts[i]] if prompts is not None else None,
+            dino=float(rows.dino[i]),
+            clip_i=float(rows.clip_i[i]),
+            clip_t=float(rows.clip_t[i]) if rows.clip_t is not None else None,
+        )
+        for i, name in enumerate(names)
+    )
+
+
+def _prompt_scores(
+    members: Mapping[str, list[int]],
+    texts: Mapping[str, str],
+    dino_gen: torch.Tensor,
+    rows: _Rows,
+) -> list[PromptScore]:
+    """One :class:`PromptScore` per prompt, sorted by prompt (``[]`` without prompts).
+
+    DIV among a prompt's images uses their DINO embeddings and needs at least two images.
+    """
+    if rows.clip_t is None:
+        return []
+    out = []
+    for prompt in sorted(members):
+        idx = members[prompt]
+        out.append(
+            PromptScore(
+                prompt=prompt,
+                text=texts[prompt],
+                n_images=len(idx),
+                dino=float(rows.dino[idx].mean()),
+                clip_i=float(rows.clip_i[idx].mean()),
+                clip_t=float(rows.clip_t[idx].mean()),
+                div=scores.diversity(dino_gen[idx]) if len(idx) >= 2 else None,
+            )
+        )
+    return out

@@ -36,6 +36,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -296,51 +297,84 @@ def load_dino(
     Raises:
         WeightsUnavailableError: weights missing (offline, not cached), unsafe or mismatched.
     """
-    import timm
-    from safetensors.torch import load_file
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
     torch_device = resolve_device(device)
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if ref == TINY_DINO:
-        with _seeded(seed):
-            model = timm.create_model(
-                DEFAULT_DINO_ARCH, pretrained=False, **kwargs, **_TINY_DINO_KWARGS
-            )
-        encoder_id = f"dino:{TINY_DINO}:seed={seed}"
-    else:
-        if ref.startswith("tiny://"):
-            raise WeightsUnavailableError(f"unknown tiny DINO model {ref!r}; use {TINY_DINO!r}")
-        if ref.lower().endswith((".safetensors", *_PICKLE_SUFFIXES)) or Path(ref).is_file():
-            weights = _safetensors_file(ref, "DINO")
-            model_name = arch
-            kwargs.update(timm_kwargs or {})
-            encoder_id = f"dino:{arch}:file-sha256={_file_sha256(weights)}"
-        else:
-            repo_id = ref if ref.startswith("timm/") else f"timm/{ref}"
-            model_name = repo_id.removeprefix("timm/")
-            weights = _hub_file(repo_id, "model.safetensors", "DINO", hub_cache_dir)
-            # The hub cache keeps files under snapshots/<commit>/: new weights, new cache key.
-            encoder_id = f"dino:{repo_id}@{weights.parent.name}"
-        try:
-            model = timm.create_model(model_name, pretrained=False, **kwargs)
-            if not isinstance(model, VisionTransformer):
-                raise ValueError(f"{model_name} is not a timm VisionTransformer")
-            state_dict = checkpoint_filter_fn(load_file(str(weights)), model)
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-            model.load_state_dict(state_dict, strict=True)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise WeightsUnavailableError(
-                f"DINO weights {weights} do not fit {model_name} ({_first_line(exc)})"
-            ) from None
+    source = _dino_source(ref, seed, arch, timm_kwargs, hub_cache_dir)
     return DinoEncoder(
-        model,
+        _create_dino(source, seed),
         dino_transform(),
-        encoder_id=encoder_id,
+        encoder_id=source.encoder_id,
         device=torch_device,
         batch_size=batch_size,
         bf16_autocast=bf16_autocast,
     )
+
+
+@dataclass(frozen=True)
+class _DinoSource:
+    """What :func:`load_dino` builds: a timm model name and its arguments, the weights file
+    (``None``: the seeded random tiny model) and the encoder id."""
+
+    model_name: str
+    create_kwargs: dict[str, Any]
+    weights: Path | None
+    encoder_id: str
+
+
+def _dino_source(
+    ref: str,
+    seed: int,
+    arch: str,
+    timm_kwargs: Mapping[str, Any] | None,
+    hub_cache_dir: str | None,
+) -> _DinoSource:
+    """Resolve a DINO reference (``tiny://dino``, a local file or a hub id) to its weights."""
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if ref == TINY_DINO:
+        return _DinoSource(
+            DEFAULT_DINO_ARCH,
+            {**kwargs, **_TINY_DINO_KWARGS},
+            None,
+            f"dino:{TINY_DINO}:seed={seed}",
+        )
+    if ref.startswith("tiny://"):
+        raise WeightsUnavailableError(f"unknown tiny DINO model {ref!r}; use {TINY_DINO!r}")
+    if ref.lower().endswith((".safetensors", *_PICKLE_SUFFIXES)) or Path(ref).is_file():
+        weights = _safetensors_file(ref, "DINO")
+        kwargs.update(timm_kwargs or {})
+        return _DinoSource(
+            arch, kwargs, weights, f"dino:{arch}:file-sha256={_file_sha256(weights)}"
+        )
+    repo_id = ref if ref.startswith("timm/") else f"timm/{ref}"
+    weights = _hub_file(repo_id, "model.safetensors", "DINO", hub_cache_dir)
+    # The hub cache keeps files under snapshots/<commit>/: new weights, new cache key.
+    encoder_id = f"dino:{repo_id}@{weights.parent.name}"
+    return _DinoSource(repo_id.removeprefix("timm/"), kwargs, weights, encoder_id)
+
+
+def _create_dino(source: _DinoSource, seed: int) -> nn.Module:
+    """The timm ViT of ``source``: seeded random weights, or its weights file loaded strictly."""
+    import timm
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if source.weights is None:
+        with _seeded(seed):
+            tiny: nn.Module = timm.create_model(
+                source.model_name, pretrained=False, **source.create_kwargs
+            )
+        return tiny
+    try:
+        model = timm.create_model(source.model_name, pretrained=False, **source.create_kwargs)
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"{source.model_name} is not a timm VisionTransformer")
+        state_dict = checkpoint_filter_fn(load_file(str(source.weights)), model)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise WeightsUnavailableError(
+            f"DINO weights {source.weights} do not fit {source.model_name} ({_first_line(exc)})"
+        ) from None
+    return model
 
 
 def _register_tiny_clip() -> None:
@@ -383,76 +417,117 @@ def load_clip(
     import open_clip
 
     torch_device = resolve_device(device)
-    create_kwargs: dict[str, Any] = {}
-    if ref == TINY_CLIP:
-        _register_tiny_clip()
-        model_name, checkpoint, encoder_id = _TINY_CLIP_NAME, None, f"clip:{TINY_CLIP}:seed={seed}"
-    elif ref.startswith("tiny://"):
-        raise WeightsUnavailableError(f"unknown tiny CLIP model {ref!r}; use {TINY_CLIP!r}")
-    elif ref not in open_clip.list_models():
-        raise WeightsUnavailableError(
-            f"unknown open_clip architecture {ref!r} (see open_clip.list_models())"
-        )
-    elif pretrained is None:
-        logging.getLogger(__name__).warning("CLIP %s has random weights (pretrained=None)", ref)
-        model_name, checkpoint, encoder_id = ref, None, f"clip:{ref}:random:seed={seed}"
-    elif (
-        pretrained.lower().endswith((".safetensors", *_PICKLE_SUFFIXES))
-        or Path(pretrained).is_file()
-    ):
-        checkpoint = _safetensors_file(pretrained, "CLIP")
-        model_name, encoder_id = ref, f"clip:{ref}:file-sha256={_file_sha256(checkpoint)}"
-    else:
-        tag_cfg = open_clip.get_pretrained_cfg(ref, pretrained)
-        if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(ref)
-            raise WeightsUnavailableError(
-                f"unknown pretrained tag {pretrained!r} for {ref}; known tags: {tags}"
-            )
-        hub = str(tag_cfg.get("hf_hub") or "")
-        if not hub:
-            raise WeightsUnavailableError(
-                f"CLIP {ref}/{pretrained} has no safetensors source on the hub; convert its "
-                "checkpoint to .safetensors and pass the file as the pretrained weights"
-            )
-        # open_clip's convention: "org/repo/" means the repo's default weights file,
-        # "org/repo/file.bin" a named one; either way only the safetensors sibling is used.
-        if hub.endswith("/"):
-            repo_id, filename = hub.rstrip("/"), "open_clip_model.safetensors"
-        else:
-            repo_id, filename = os.path.split(hub)
-            # open_clip's default pickle name has a differently named safetensors sibling.
-            if filename == "open_clip_pytorch_model.bin":
-                filename = "open_clip_model.safetensors"
-            filename = Path(filename).with_suffix(".safetensors").name
-        checkpoint = _hub_file(repo_id, filename, "CLIP", hub_cache_dir)
-        model_name, encoder_id = ref, f"clip:{ref}:{pretrained}@{checkpoint.parent.name}"
-        create_kwargs = {
-            "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
-            "image_mean": tag_cfg.get("mean"),
-            "image_std": tag_cfg.get("std"),
-            "image_interpolation": tag_cfg.get("interpolation"),
-            "image_resize_mode": tag_cfg.get("resize_mode"),
-        }
-    try:
-        with _seeded(seed), _quiet_logging():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=str(checkpoint) if checkpoint is not None else None,
-                device="cpu",
-                **create_kwargs,
-            )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise WeightsUnavailableError(
-            f"CLIP weights {checkpoint} do not fit {model_name} ({_first_line(exc)})"
-        ) from None
-    tokenizer = open_clip.get_tokenizer(model_name)
+    source = _clip_source(ref, pretrained, seed, hub_cache_dir)
+    model, preprocess = _create_clip(source, seed)
     return ClipEncoder(
         model,
         preprocess,
-        tokenizer,
-        encoder_id=encoder_id,
+        open_clip.get_tokenizer(source.model_name),
+        encoder_id=source.encoder_id,
         device=torch_device,
         batch_size=batch_size,
         bf16_autocast=bf16_autocast,
     )
+
+
+@dataclass(frozen=True)
+class _ClipSource:
+    """What :func:`load_clip` builds: an open_clip model name, its checkpoint (``None``: random
+    weights), the encoder id and extra ``create_model_and_transforms`` arguments."""
+
+    model_name: str
+    checkpoint: Path | None
+    encoder_id: str
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _clip_source(
+    ref: str, pretrained: str | None, seed: int, hub_cache_dir: str | None
+) -> _ClipSource:
+    """Resolve a CLIP architecture and pretrained tag or file to its weights."""
+    import open_clip
+
+    if ref == TINY_CLIP:
+        _register_tiny_clip()
+        return _ClipSource(_TINY_CLIP_NAME, None, f"clip:{TINY_CLIP}:seed={seed}")
+    if ref.startswith("tiny://"):
+        raise WeightsUnavailableError(f"unknown tiny CLIP model {ref!r}; use {TINY_CLIP!r}")
+    if ref not in open_clip.list_models():
+        raise WeightsUnavailableError(
+            f"unknown open_clip architecture {ref!r} (see open_clip.list_models())"
+        )
+    if pretrained is None:
+        logging.getLogger(__name__).warning("CLIP %s has random weights (pretrained=None)", ref)
+        return _ClipSource(ref, None, f"clip:{ref}:random:seed={seed}")
+    if (
+        pretrained.lower().endswith((".safetensors", *_PICKLE_SUFFIXES))
+        or Path(pretrained).is_file()
+    ):
+        checkpoint = _safetensors_file(pretrained, "CLIP")
+        return _ClipSource(ref, checkpoint, f"clip:{ref}:file-sha256={_file_sha256(checkpoint)}")
+    return _clip_tag_source(ref, pretrained, hub_cache_dir)
+
+
+def _clip_tag_source(ref: str, pretrained: str, hub_cache_dir: str | None) -> _ClipSource:
+    """An open_clip pretrained tag: its safetensors file from the hub, plus the activation and
+    preprocessing the tag was trained with."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(ref, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(ref)
+        raise WeightsUnavailableError(
+            f"unknown pretrained tag {pretrained!r} for {ref}; known tags: {tags}"
+        )
+    hub = str(tag_cfg.get("hf_hub") or "")
+    if not hub:
+        raise WeightsUnavailableError(
+            f"CLIP {ref}/{pretrained} has no safetensors source on the hub; convert its "
+            "checkpoint to .safetensors and pass the file as the pretrained weights"
+        )
+    repo_id, filename = _hub_safetensors_name(hub)
+    checkpoint = _hub_file(repo_id, filename, "CLIP", hub_cache_dir)
+    create_kwargs = {
+        "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
+        "image_mean": tag_cfg.get("mean"),
+        "image_std": tag_cfg.get("std"),
+        "image_interpolation": tag_cfg.get("interpolation"),
+        "image_resize_mode": tag_cfg.get("resize_mode"),
+    }
+    encoder_id = f"clip:{ref}:{pretrained}@{checkpoint.parent.name}"
+    return _ClipSource(ref, checkpoint, encoder_id, create_kwargs)
+
+
+def _hub_safetensors_name(hub: str) -> tuple[str, str]:
+    """``(repo id, file name)`` of the safetensors weights behind an open_clip ``hf_hub`` entry.
+
+    open_clip's convention: ``"org/repo/"`` means the repo's default weights file,
+    ``"org/repo/file.bin"`` a named one; either way only the safetensors sibling is used.
+    """
+    if hub.endswith("/"):
+        return hub.rstrip("/"), "open_clip_model.safetensors"
+    repo_id, filename = os.path.split(hub)
+    # open_clip's default pickle name has a differently named safetensors sibling.
+    if filename == "open_clip_pytorch_model.bin":
+        filename = "open_clip_model.safetensors"
+    return repo_id, Path(filename).with_suffix(".safetensors").name
+
+
+def _create_clip(source: _ClipSource, seed: int) -> tuple[nn.Module, ImageTransform]:
+    """The open_clip model (seeded init, then ``source``'s checkpoint) and its preprocessing."""
+    import open_clip
+
+    checkpoint = source.checkpoint
+    try:
+        with _seeded(seed), _quiet_logging():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                source.model_name,
+                pretrained=str(checkpoint) if checkpoint is not None else None,
+                device="cpu",
+                **source.create_kwargs,
+            )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise WeightsUnavailableError(
+            f"CLIP weights {checkpoint} do not fit {source.model_name} ({_first_line(exc)})"
+        ) from None
+    return model, preprocess

@@ -323,19 +323,8 @@ def _manifest(
     rejects: list[Rejection],
     n_found: int,
 ) -> dict[str, Any]:
-    names = _output_names([p.name for p in photos])
-    images = []
-    for photo in photos:
-        split = splits[photo.name]
-        images.append(
-            {
-                **photo.record,
-                "file": f"{split}/{names[photo.name]}",
-                "split": split,
-                "reference": photo.name in refs,
-            }
-        )
-    images.sort(key=lambda rec: rec["file"])
+    """The prepared set's ``manifest.json``: source, settings, counts, splits and images."""
+    images = _image_records(photos, splits, refs)
     by_split = {s: [r["file"] for r in images if r["split"] == s] for s in ("train", "val")}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -345,20 +334,7 @@ def _manifest(
         "class_name": src.class_name,
         "live_subject": src.live,
         "prompts": list(src.prompts),
-        "settings": {
-            "caption_template": cfg.caption_template,
-            "resolution": cfg.resolution,
-            "min_side": cfg.min_side,
-            "upscale_small": cfg.upscale_small,
-            "crop": cfg.crop,
-            "background": cfg.background,
-            "grayscale": cfg.grayscale,
-            "val_fraction": cfg.val_fraction,
-            "split_seed": cfg.split_seed,
-            "dedupe_threshold": cfg.dedupe_threshold,
-            "reference": cfg.reference,
-            "max_image_pixels": cfg.max_image_pixels,
-        },
+        "settings": _settings_record(cfg),
         "counts": {
             "found": n_found,
             "kept": len(images),
@@ -373,6 +349,44 @@ def _manifest(
         "images": images,
         "warnings": sorted(notes),
         "software": {"pillow": PIL.__version__},
+    }
+
+
+def _image_records(
+    photos: list[_Photo], splits: Mapping[str, str], refs: set[str]
+) -> list[dict[str, Any]]:
+    """The manifest's per-image records with output file, split and reference flag, by file."""
+    names = _output_names([p.name for p in photos])
+    images = []
+    for photo in photos:
+        split = splits[photo.name]
+        images.append(
+            {
+                **photo.record,
+                "file": f"{split}/{names[photo.name]}",
+                "split": split,
+                "reference": photo.name in refs,
+            }
+        )
+    images.sort(key=lambda rec: rec["file"])
+    return images
+
+
+def _settings_record(cfg: DataConfig) -> dict[str, Any]:
+    """The data settings the prepared set depends on (the manifest's ``settings``)."""
+    return {
+        "caption_template": cfg.caption_template,
+        "resolution": cfg.resolution,
+        "min_side": cfg.min_side,
+        "upscale_small": cfg.upscale_small,
+        "crop": cfg.crop,
+        "background": cfg.background,
+        "grayscale": cfg.grayscale,
+        "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed,
+        "dedupe_threshold": cfg.dedupe_threshold,
+        "reference": cfg.reference,
+        "max_image_pixels": cfg.max_image_pixels,
     }
 
 

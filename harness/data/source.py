@@ -108,53 +108,57 @@ def resolve_source(cfg: DataConfig, root: Path) -> SubjectSource:
             for a template that needs one.
     """
     root = root.resolve()
-    cache = (root / ".dvc" / "cache").resolve()
     if cfg.source == "dreambench":
-        assert cfg.dreambench_dir is not None  # the config validator guarantees it
-        bench = resolve_path(cfg.dreambench_dir, root)
-        classes, objects, live_prompts = parse_dreambench_file(bench / DREAMBENCH_FILE)
-        # The dataset's class wins: a preset's data.class_name is for its own (sample) subject.
-        # data.class_name only names the class of a subject the dataset file does not list.
-        dataset_class = classes.get(cfg.subject)
-        class_name = dataset_class or cfg.class_name
-        if class_name is None:
-            known = ", ".join(sorted(classes))
-            raise DataError(
-                f"{bench / DREAMBENCH_FILE}: no class for subject {cfg.subject!r} "
-                f"(known: {known}); set data.class_name"
-            )
-        warnings: tuple[str, ...] = ()
-        if dataset_class is not None and cfg.class_name not in (None, dataset_class):
-            warnings = (
-                f"data.class_name {cfg.class_name!r} ignored for DreamBench subject "
-                f"{cfg.subject!r}: the dataset's class {dataset_class!r} "
-                f"({DREAMBENCH_FILE}) is used",
-            )
-        live = class_name in _LIVE_CLASSES
-        return SubjectSource(
-            subject=cfg.subject,
-            kind="dreambench",
-            folder=bench / cfg.subject,
-            dataset_root=bench,
-            allowed_roots=(bench.resolve(),),
-            class_name=class_name,
-            label=f"{cfg.dreambench_dir.rstrip('/')}/{cfg.subject}",
-            prompts=tuple(live_prompts if live else objects),
-            live=live,
-            warnings=warnings,
+        return _dreambench_source(cfg, root)
+    return _folder_source(cfg, root)
+
+
+def _dreambench_source(cfg: DataConfig, root: Path) -> SubjectSource:
+    """A DreamBench subject: class noun and prompt list from the dataset's prompt file."""
+    assert cfg.dreambench_dir is not None  # the config validator guarantees it
+    bench = resolve_path(cfg.dreambench_dir, root)
+    classes, objects, live_prompts = parse_dreambench_file(bench / DREAMBENCH_FILE)
+    # The dataset's class wins: a preset's data.class_name is for its own (sample) subject.
+    # data.class_name only names the class of a subject the dataset file does not list.
+    dataset_class = classes.get(cfg.subject)
+    class_name = dataset_class or cfg.class_name
+    if class_name is None:
+        known = ", ".join(sorted(classes))
+        raise DataError(
+            f"{bench / DREAMBENCH_FILE}: no class for subject {cfg.subject!r} "
+            f"(known: {known}); set data.class_name"
         )
+    warnings: tuple[str, ...] = ()
+    if dataset_class is not None and cfg.class_name not in (None, dataset_class):
+        warnings = (
+            f"data.class_name {cfg.class_name!r} ignored for DreamBench subject "
+            f"{cfg.subject!r}: the dataset's class {dataset_class!r} "
+            f"({DREAMBENCH_FILE}) is used",
+        )
+    live = class_name in _LIVE_CLASSES
+    return SubjectSource(
+        subject=cfg.subject,
+        kind="dreambench",
+        folder=bench / cfg.subject,
+        dataset_root=bench,
+        allowed_roots=(bench.resolve(),),
+        class_name=class_name,
+        label=f"{cfg.dreambench_dir.rstrip('/')}/{cfg.subject}",
+        prompts=tuple(live_prompts if live else objects),
+        live=live,
+        warnings=warnings,
+    )
+
+
+def _folder_source(cfg: DataConfig, root: Path) -> SubjectSource:
+    """A ``sample`` or ``folder`` subject; its photos may also be links into the DVC cache."""
+    class_name: str | None
     if cfg.source == "sample":
-        base, label_base, class_name = (
-            root / SAMPLE_DIR,
-            SAMPLE_DIR,
-            cfg.class_name or SAMPLE_CLASS_NAME,
-        )
+        base, label_base = root / SAMPLE_DIR, SAMPLE_DIR
+        class_name = cfg.class_name or SAMPLE_CLASS_NAME
     else:
-        base, label_base, class_name = (
-            resolve_path(cfg.raw_dir, root),
-            cfg.raw_dir.rstrip("/"),
-            cfg.class_name,
-        )
+        base, label_base = resolve_path(cfg.raw_dir, root), cfg.raw_dir.rstrip("/")
+        class_name = cfg.class_name
     if class_name is None and "{class_name}" in cfg.caption_template:
         raise DataError(
             f"{label_base}/{cfg.subject}: data.class_name is required for source "
@@ -165,7 +169,7 @@ def resolve_source(cfg: DataConfig, root: Path) -> SubjectSource:
         kind=cfg.source,
         folder=base / cfg.subject,
         dataset_root=base,
-        allowed_roots=(base.resolve(), cache),
+        allowed_roots=(base.resolve(), (root / ".dvc" / "cache").resolve()),
         class_name=class_name,
         label=f"{label_base}/{cfg.subject}",
     )

@@ -1,19 +1,24 @@
-"""Write a diffusers Stable Diffusion 1.x pipeline as an original (LDM) single-file checkpoint.
+"""diffusers <-> original (LDM/sgm) Stable Diffusion names, and SD 1.x single-file checkpoints.
 
 Model sites distribute checkpoints in the original CompVis layout (``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.transformer.*``). This module produces that layout
-from any SD 1.x-family pipeline whose UNet follows the standard block structure, so that the
-harness can export merged models for A1111/ComfyUI users and tests can exercise the real
-``from_single_file`` loading path with tiny models. Weights are written as safetensors only.
+``first_stage_model.*``, ``cond_stage_model.transformer.*``), and kohya-ss names SDXL LoRA
+modules after the same UNet layout. :func:`ldm_unet_module_name` renames one diffusers UNet
+module (the kohya export uses it); :func:`save_sd15_single_file` writes a whole SD 1.x-family
+pipeline whose UNet follows the standard block structure in that layout, so that tests can
+exercise the real ``from_single_file`` loading path with tiny models (no command writes one).
+Weights are written as safetensors only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+__all__ = ["ldm_unet_module_name", "save_sd15_single_file", "unet_to_ldm", "vae_to_ldm"]
 
 _RESNET = [
     ("norm1", "in_layers.0"),
@@ -75,6 +80,22 @@ def _rename(key: str, prefixes: dict[str, str], inner: list[tuple[str, str]]) ->
                         break
             return f"{prefixes[src]}.{rest}"
     raise KeyError(f"no LDM name for UNet parameter {key!r}")
+
+
+def ldm_unet_module_name(diffusers_path: str, unet_config: Mapping[str, Any]) -> str:
+    """The original (sgm/LDM) name of a diffusers UNet module or parameter path.
+
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k`` ->
+    ``input_blocks.4.1.transformer_blocks.0.attn1.to_k`` for a UNet with two layers per block;
+    resnet-internal names are renamed too: ``down_blocks.0.resnets.0.conv1`` ->
+    ``input_blocks.1.0.in_layers.2``.
+
+    Raises:
+        KeyError: for a path outside the standard SD UNet layout.
+    """
+    dummy = ".__param__"  # the tables rename "<module>.<rest>": give a bare module a rest
+    renamed = _rename(diffusers_path + dummy, _unet_prefix_map(dict(unet_config)), _RESNET)
+    return renamed.removesuffix(dummy)
 
 
 def unet_to_ldm(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:

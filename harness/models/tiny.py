@@ -101,76 +101,86 @@ def _vae() -> Any:
 
 def build_tiny_pipeline(kind: TinyKind, seed: int = 0) -> Any:
     """Build a tiny random pipeline in memory (use :func:`tiny_pipeline_dir` for the cache)."""
-    from diffusers import (
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
     torch.manual_seed(seed)
-    common: dict[str, Any] = {
-        "block_out_channels": (32, 64),
-        "layers_per_block": 2,
-        "sample_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    }
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "sd15":
-            unet = UNet2DConditionModel(**common, cross_attention_dim=32)
-            vae = _vae()
-            text_encoder = CLIPTextModel(_text_config(projection=False))
-            scheduler = DDIMScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                clip_sample=False,
-                set_alpha_to_one=False,
-                steps_offset=1,
-            )
-            return StableDiffusionPipeline(
-                unet=unet,
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=build_clip_tokenizer(Path(tmp)),
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-        unet = UNet2DConditionModel(
-            **common,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80,  # 6 * addition_time_embed_dim + 32
-            cross_attention_dim=64,  # both text encoders' hidden states, concatenated
-        )
-        scheduler_xl = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
-        return StableDiffusionXLPipeline(
-            unet=unet,
-            vae=_vae(),
-            text_encoder=CLIPTextModel(_text_config(projection=True)),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
-            tokenizer=build_clip_tokenizer(Path(tmp)),
-            tokenizer_2=build_clip_tokenizer(Path(tmp) / "2", pad_token="!"),
-            scheduler=scheduler_xl,
-        )
+            return _tiny_sd15(Path(tmp))
+        return _tiny_sdxl(Path(tmp))
+
+
+# The UNet layout both tiny models share: two levels, attention in the lower one.
+_TINY_UNET: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
+def _tiny_sd15(tokenizer_dir: Path) -> Any:
+    """The SD 1.x pipeline: one CLIP text encoder, DDIM (components drawn in this order)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32)
+    vae = _vae()
+    text_encoder = CLIPTextModel(_text_config(projection=False))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(tokenizer_dir),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_sdxl(tokenizer_dir: Path) -> Any:
+    """The SDXL pipeline: two text encoders, micro-conditioning, Euler (drawn in this order)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        **_TINY_UNET,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * addition_time_embed_dim + 32
+        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(projection=True)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        tokenizer=build_clip_tokenizer(tokenizer_dir),
+        tokenizer_2=build_clip_tokenizer(tokenizer_dir / "2", pad_token="!"),
+        scheduler=scheduler,
+    )
 
 
 def tiny_pipeline_dir(kind: TinyKind, cache_root: Path | None = None, seed: int = 0) -> Path:

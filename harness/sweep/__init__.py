@@ -1,27 +1,28 @@
 """Optuna sweeps over training settings, checkpoint steps and inference scales.
 
-See :mod:`harness.sweep.runner` for how one training run yields many evaluated points, and
-:mod:`harness.sweep.study` for the studies, storage, and resume rules.
+A point's way: :mod:`harness.config` (settings) -> :mod:`harness.sweep.runner` (the loop, which
+emits events) -> :mod:`harness.sweep.backend` (trains and evaluates, returns records) ->
+:mod:`harness.sweep.recorder` (fans the events out to the studies, the tracker and the results
+table). The records are in :mod:`harness.sweep._base`; storage and resume rules in
+:mod:`harness.sweep.study`.
 """
 
-from harness.sweep.runner import (
-    Checkpoint,
-    PointEval,
-    SweepBackend,
-    SweepSummary,
-    TrainOutcome,
-    run_key,
-    run_sweep,
-)
+from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
+from harness.sweep.recorder import Recorder
+from harness.sweep.runner import run_key, run_sweep
 from harness.sweep.study import SweepError, open_studies
+from harness.sweep.summary import SweepSummary
 
 __all__ = [
-    "Checkpoint",
-    "PointEval",
+    "PointScores",
+    "Recorder",
+    "RunEnd",
+    "RunSpec",
+    "ScoredPoint",
     "SweepBackend",
     "SweepError",
+    "SweepSink",
     "SweepSummary",
-    "TrainOutcome",
     "open_studies",
     "run_key",
     "run_sweep",

@@ -1,4 +1,8 @@
-"""The real sweep backend: the harness trainer, generator and metrics on one loaded pipeline."""
+"""The real sweep backend: the harness trainer, generator and metrics on one loaded pipeline.
+
+It returns records (:mod:`harness.sweep._base`) and reports nothing: what is tracked and where
+is the recorder's business.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from harness.config import HarnessConfig
+from harness.config import HarnessConfig, InferenceSetting
 from harness.data import PreparedSubject
 from harness.errors import HarnessError
 from harness.evaluate import SettingScores, evaluate_adapter, image_grid
-from harness.generate import InferenceSetting, eval_seeds, generate_images, setting_from_config
+from harness.generate import eval_seeds, generate_images
 from harness.models import LoadedModel
-from harness.sweep.runner import Checkpoint, PointEval, TrainOutcome
+from harness.sweep._base import PointScores
+from harness.train import CheckpointInfo, TrainResult
 
-__all__ = ["HarnessBackend"]
+__all__ = ["HarnessBackend", "evaluation_templates"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +29,6 @@ class HarnessBackend:
     """Trains with :func:`harness.train.train_lora` and scores with :mod:`metrics`.
 
     The base pipeline and the scorer are created once per worker and reused by every run.
-    ``track`` (optional) is the tracker run of the current training run; the sweep sets it.
     """
 
     def __init__(
@@ -46,7 +48,6 @@ class HarnessBackend:
         )
         self.class_name = subject.class_name or cfg.data.class_name or "object"
         self.templates = evaluation_templates(cfg, subject)
-        self.track: Any = None
 
     @property
     def instance(self) -> list[tuple[Path, str]]:
@@ -57,26 +58,21 @@ class HarnessBackend:
         self,
         cfg: HarnessConfig,
         run_dir: Path,
-        on_checkpoint: Callable[[Checkpoint], bool],
+        on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
-    ) -> TrainOutcome:
+    ) -> TrainResult:
         """One training run to ``max_steps`` (resumes from its last checkpoint)."""
-        from harness.train import CheckpointInfo, train_lora
+        from harness.train import train_lora
 
-        def checkpoint(info: CheckpointInfo) -> bool:
-            return on_checkpoint(Checkpoint(info.step, info.path))
-
-        result = train_lora(
+        return train_lora(
             cfg,
             self.loaded,
             self.instance,
             run_dir,
             on_log=on_log,
-            on_checkpoint=checkpoint,
+            on_checkpoint=on_checkpoint,
             progress=self.progress,
         )
-        checkpoints = [Checkpoint(c.step, c.path) for c in result.checkpoints]
-        return TrainOutcome(result.status, checkpoints, result.reason)
 
     def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
         """Few prompts, few seeds, the default ``eval`` setting, on the checkpoint just saved.
@@ -88,7 +84,7 @@ class HarnessBackend:
         (result,) = self._evaluate(
             cfg,
             adapter,
-            [setting_from_config(cfg.eval)],
+            [cfg.eval.setting],
             self.templates[: proxy.prompts],
             [cfg.eval.seed + i for i in range(proxy.images_per_prompt)],
             out_dir,
@@ -98,33 +94,32 @@ class HarnessBackend:
     def evaluate(
         self,
         cfg: HarnessConfig,
-        adapter: Path,
+        checkpoint: CheckpointInfo,
         settings: Sequence[InferenceSetting],
         out_dir: Path,
-    ) -> list[PointEval]:
-        """All prompts x ``eval.images_per_prompt`` seeds under every setting."""
+    ) -> list[PointScores]:
+        """All prompts x ``eval.images_per_prompt`` seeds under every setting, with PRES and a
+        prompts x seeds grid image per setting."""
+        adapter = checkpoint.path
         results = self._evaluate(
             cfg, adapter, settings, self.templates, eval_seeds(cfg), out_dir, self.progress
         )
-        step = _step_of(adapter)
         pres = self._prior_preservation(cfg, adapter, settings, out_dir / "pres")
         points = []
+        (out_dir / "grids").mkdir(parents=True, exist_ok=True)
         for r in results:
-            if self.track is not None:
-                columns = len(eval_seeds(cfg))
-                grid = image_grid([out_dir / i.file for i in r.images], columns=columns)
-                self.track.log_image(f"samples/{r.setting.id}", "prompts x seeds", grid, step)
-                if r.per_prompt:
-                    self.track.log_table(
-                        f"per-prompt/{r.setting.id}",
-                        f"step {step}",
-                        pd.DataFrame(r.per_prompt),
-                        step,
-                    )
+            # Beside the images folder, not in it: that folder is exactly the scored images.
+            grid = out_dir / "grids" / f"{r.setting.id}.png"
+            columns = len(eval_seeds(cfg))
+            image_grid([out_dir / i.file for i in r.images], columns=columns).save(grid)
             if r.setting.id in pres:
                 r.scores["pres"] = pres[r.setting.id]
             extra = {"identifier_policy": r.metadata.get("identifier_policy")}
-            points.append(PointEval(r.setting, r.scores, r.images_dir, len(r.images), extra))
+            points.append(
+                PointScores(
+                    r.setting, r.scores, r.images_dir, len(r.images), r.per_prompt, grid, extra
+                )
+            )
         return points
 
     def _evaluate(
@@ -160,7 +155,7 @@ class HarnessBackend:
         ``real_ceiling``: DINO / CLIP-I among the subject's real photos (self-pairs excluded).
         """
         (base,) = self._evaluate(
-            cfg, None, [setting_from_config(cfg.eval)], self.templates, eval_seeds(cfg), out_dir
+            cfg, None, [cfg.eval.setting], self.templates, eval_seeds(cfg), out_dir
         )
         out = {"baseline": base.scores}
         if len(self.subject.reference) >= 2:
@@ -209,10 +204,3 @@ def evaluation_templates(cfg: HarnessConfig, subject: PreparedSubject) -> list[s
             )
         return list(subject.prompts)
     return list(cfg.eval.prompts)
-
-
-def _step_of(adapter: Path) -> int:
-    try:
-        return int(adapter.name.rsplit("-", 1)[-1])
-    except ValueError:
-        return 0

@@ -10,14 +10,27 @@ paths of the adapter and the images.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-__all__ = ["pareto_rows", "points_frame", "write_results"]
+from harness.sweep.study import objective_names
+
+if TYPE_CHECKING:
+    from harness.config import HarnessConfig
+    from harness.sweep.study import Studies
+
+__all__ = [
+    "pareto_rows",
+    "points_frame",
+    "remove_unkept_adapters",
+    "results_paths",
+    "write_results",
+]
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -76,16 +89,18 @@ def pareto_rows(frame: pd.DataFrame, objectives: list[str]) -> list[dict[str, An
     return list(json.loads(front.to_json(orient="records")))
 
 
-def write_results(
-    study: optuna.Study, out_dir: Path, objectives: list[str], root: Path
-) -> tuple[Path, Path, list[dict[str, Any]]]:
-    """Write ``results.csv``, ``results.parquet`` and ``summary.json``; return the Pareto rows.
+def results_paths(out_dir: Path) -> tuple[Path, Path]:
+    """``(results.csv, results.parquet)`` in ``sweep.dir``."""
+    return out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET
 
-    Adapter paths are relative to ``root``; removed adapters are marked (see
-    :func:`points_frame`)."""
+
+def write_results(
+    frame: pd.DataFrame, out_dir: Path, objectives: list[str]
+) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (point count and Pareto
+    rows) of a :func:`points_frame`; return the two table paths and the Pareto rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame = points_frame(study, objectives, root)
-    csv_path, parquet_path = out_dir / RESULTS_CSV, out_dir / RESULTS_PARQUET
+    csv_path, parquet_path = results_paths(out_dir)
     frame.to_csv(csv_path, index=False)
     frame.to_parquet(parquet_path, index=False)
     pareto = pareto_rows(frame, objectives)
@@ -94,3 +109,23 @@ def write_results(
         encoding="utf-8",
     )
     return csv_path, parquet_path, pareto
+
+
+def remove_unkept_adapters(cfg: HarnessConfig, root: Path, studies: Studies) -> None:
+    """Delete checkpoints of finished runs that ``sweep.keep_adapters`` does not keep (before
+    the final results table is written, so that its rows mark them removed)."""
+    if cfg.sweep.keep_adapters == "all":
+        return
+    objectives = objective_names(cfg)
+    front = pareto_rows(points_frame(studies.points, objectives), objectives)
+    keep_points = front if cfg.sweep.keep_adapters == "pareto" else front[:1]
+    keep = {(root / p["adapter"]).resolve() for p in keep_points if p["adapter"]}
+    for trial in studies.runs.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+    ):
+        run_dir = trial.user_attrs.get("run_dir")
+        if not run_dir:
+            continue
+        for ckpt in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
+            if ckpt.resolve() not in keep and ckpt.is_dir():
+                shutil.rmtree(ckpt, ignore_errors=True)

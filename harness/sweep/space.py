@@ -13,7 +13,6 @@ distributions, so that Optuna's Pareto front and parameter importances cover ste
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +24,13 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from harness.config import HarnessConfig, ParamSpec, SweepConfig
-from harness.generate import InferenceSetting
+from harness.config import (
+    INFERENCE_DIMENSIONS,
+    HarnessConfig,
+    InferenceSetting,
+    ParamSpec,
+    SweepConfig,
+)
 
 __all__ = [
     "EVAL_PREFIX",
@@ -67,16 +71,17 @@ def training_distributions(sweep: SweepConfig) -> dict[str, BaseDistribution]:
 def evaluated_distributions(cfg: HarnessConfig) -> dict[str, BaseDistribution]:
     """Distributions of the evaluated dimensions: checkpoint step and inference settings."""
     grid = cfg.sweep.inference
-    max_steps = _max_possible_steps(cfg)
-    return {
-        EVAL_PREFIX + "steps": IntDistribution(1, max_steps),
-        EVAL_PREFIX + "guidance_scale": _span(grid.guidance_scale),
-        EVAL_PREFIX + "lora_scale": _span(grid.lora_scale),
-        EVAL_PREFIX + "text_encoder_lora_scale": _span(grid.text_encoder_lora_scale),
-        EVAL_PREFIX + "num_inference_steps": IntDistribution(
-            min(grid.num_inference_steps), max(grid.num_inference_steps)
-        ),
+    out: dict[str, BaseDistribution] = {
+        EVAL_PREFIX + "steps": IntDistribution(1, _max_possible_steps(cfg))
     }
+    for name in INFERENCE_DIMENSIONS:
+        values = getattr(grid, name)
+        out[EVAL_PREFIX + name] = (
+            IntDistribution(min(values), max(values))
+            if all(isinstance(v, int) for v in values)
+            else _span(values)
+        )
+    return out
 
 
 def _span(values: list[float]) -> FloatDistribution:
@@ -140,37 +145,15 @@ def with_training_params(cfg: HarnessConfig, params: Mapping[str, Any]) -> Harne
 
 
 def inference_settings(cfg: HarnessConfig) -> list[InferenceSetting]:
-    """Every inference setting of ``sweep.inference`` (Cartesian product, stable order)."""
-    grid = cfg.sweep.inference
-    return [
-        InferenceSetting(
-            guidance_scale=g,
-            lora_scale=u,
-            text_encoder_lora_scale=t,
-            num_inference_steps=n,
-            scheduler=cfg.eval.scheduler,
-        )
-        for g, u, t, n in itertools.product(
-            grid.guidance_scale,
-            grid.lora_scale,
-            grid.text_encoder_lora_scale,
-            grid.num_inference_steps,
-        )
-    ]
+    """Every inference setting of ``sweep.inference`` with ``eval.scheduler`` (stable order)."""
+    return cfg.sweep.inference.settings(cfg.eval.scheduler)
 
 
 def point_params(
     training: Mapping[str, Any], steps: int, setting: InferenceSetting
 ) -> dict[str, Any]:
     """All parameters of one evaluated point, with the study's prefixes."""
-    params = {TRAIN_PREFIX + k: v for k, v in training.items()}
-    params.update(
-        {
-            EVAL_PREFIX + "steps": steps,
-            EVAL_PREFIX + "guidance_scale": float(setting.guidance_scale),
-            EVAL_PREFIX + "lora_scale": float(setting.lora_scale),
-            EVAL_PREFIX + "text_encoder_lora_scale": float(setting.text_encoder_lora_scale),
-            EVAL_PREFIX + "num_inference_steps": setting.num_inference_steps,
-        }
-    )
+    params: dict[str, Any] = {TRAIN_PREFIX + k: v for k, v in training.items()}
+    params[EVAL_PREFIX + "steps"] = steps
+    params.update({EVAL_PREFIX + k: v for k, v in setting.dimensions().items()})
     return params

@@ -1,7 +1,10 @@
-"""After a sweep: the leaderboard, Pareto front, importances and parallel coordinates.
+"""The sweep summary: what a sweep produced, as one :class:`SweepSummary` record.
 
-They go to one ``summary`` tracker task per sweep (so ClearML shows the trials side by side) and
-the headline numbers to ``sweep.dir/metrics.json`` for ``dvc metrics show``.
+It holds the run and point counts, the results frame, the Pareto rows and the reference scores
+(base model, real photos); :func:`summarize` builds it from the studies. The recorder's sinks
+publish it: the results table and ``metrics.json`` (``dvc metrics show``), and the tracker's
+``summary`` task with the leaderboard and the figures made here (Pareto front, importances,
+parallel coordinates).
 """
 
 from __future__ import annotations
@@ -11,21 +14,92 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
-from harness.sweep.runner import SweepSummary
-from harness.sweep.study import objective_names
+from harness.sweep.results import pareto_rows, points_frame, results_paths
+from harness.sweep.study import Studies, objective_names
 
-__all__ = ["figures", "leaderboard", "param_importances", "publish_summary", "write_metrics"]
+__all__ = [
+    "SweepSummary",
+    "figures",
+    "leaderboard",
+    "param_importances",
+    "summarize",
+    "write_metrics",
+]
 
 logger = logging.getLogger(__name__)
 METRICS_JSON = "metrics.json"
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep has produced so far (all workers), and where its results are."""
+
+    study_name: str
+    storage: str
+    runs_total: int
+    runs_completed: int
+    runs_pruned: int
+    runs_failed: int
+    runs_interrupted: int
+    points: int
+    pareto: list[dict[str, Any]]
+    results_csv: Path
+    results_parquet: Path
+    frame: pd.DataFrame = field(repr=False)
+    points_study: optuna.Study = field(repr=False)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
+    started_runs_this_call: int = 0
+
+    def describe(self) -> str:
+        """One human sentence on runs versus evaluated points."""
+        interrupted = (
+            f", {self.runs_interrupted} interrupted and retried" if self.runs_interrupted else ""
+        )
+        return (
+            f"{self.runs_total} training runs ({self.runs_completed} completed, "
+            f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
+            f"{self.points} evaluated "
+            f"points ({self.points / max(self.runs_completed, 1):.1f} per completed run)"
+        )
+
+
+def summarize(
+    cfg: HarnessConfig,
+    root: Path,
+    studies: Studies,
+    references: dict[str, dict[str, float]] | None = None,
+) -> SweepSummary:
+    """Count runs and points of the studies and build the results frame (writes nothing)."""
+    runs = studies.runs.get_trials(deepcopy=False)
+    failed = [t for t in runs if t.state == TrialState.FAIL]
+    objectives = objective_names(cfg)
+    frame = points_frame(studies.points, objectives, root)
+    csv_path, parquet_path = results_paths(root / cfg.sweep.dir)
+    return SweepSummary(
+        study_name=cfg.sweep.study_name,
+        storage=studies.storage_url,
+        runs_total=len(runs),
+        runs_completed=sum(t.state == TrialState.COMPLETE for t in runs),
+        runs_pruned=sum(t.state == TrialState.PRUNED for t in runs),
+        runs_failed=sum("fail_reason" in t.user_attrs for t in failed),
+        runs_interrupted=sum("fail_reason" not in t.user_attrs for t in failed),
+        points=len(frame),
+        pareto=pareto_rows(frame, objectives),
+        results_csv=csv_path,
+        results_parquet=parquet_path,
+        frame=frame,
+        points_study=studies.points,
+        references=dict(references or {}),
+    )
 
 
 def leaderboard(frame: pd.DataFrame, objectives: list[str], top: int = 20) -> pd.DataFrame:
@@ -96,14 +170,9 @@ def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_metrics(
-    cfg: HarnessConfig,
-    root: Path,
-    summary: SweepSummary,
-    references: dict[str, dict[str, float]] | None = None,
-) -> Path:
+def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path:
     """``metrics.json``: run/point counts, best objectives, baseline and real ceiling."""
-    frame = pd.read_parquet(summary.results_parquet)
+    frame = summary.frame
     best = {
         o: float(frame[f"objective.{o}"].max()) if not frame.empty else None
         for o in objective_names(cfg)
@@ -117,41 +186,8 @@ def write_metrics(
         "points": summary.points,
         "pareto_points": len(summary.pareto),
         "best": best,
-        **(references or {}),
+        **summary.references,
     }
     path = root / cfg.sweep.dir / METRICS_JSON
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
-
-
-def publish_summary(
-    cfg: HarnessConfig,
-    root: Path,
-    summary: SweepSummary,
-    tracker: Any,
-    references: dict[str, dict[str, float]] | None = None,
-) -> None:
-    """Write ``metrics.json`` and send the summary task to the tracker."""
-    write_metrics(cfg, root, summary, references)
-    objectives = objective_names(cfg)
-    frame = pd.read_parquet(summary.results_parquet)
-    study = optuna.load_study(study_name=cfg.sweep.study_name, storage=summary.storage)
-    config = cfg.to_dict()
-    with tracker.start_run(
-        f"{cfg.sweep.study_name}/summary",
-        config=config,
-        tags=[f"sweep:{cfg.sweep.study_name}", "summary"],
-        kind="summary",
-        project=f"{cfg.tracking.project}/{cfg.sweep.study_name}",
-    ) as run:
-        run.log_table("leaderboard", "top points", leaderboard(frame, objectives))
-        for title, fig in figures(study, objectives).items():
-            run.log_plotly(title, "sweep", fig)
-        run.log_scalars(
-            {"runs": summary.runs_total, "points": summary.points, "pareto": len(summary.pareto)},
-            0,
-            title="sweep",
-        )
-        for kind, scores in (references or {}).items():
-            run.log_scalars(scores, 0, title=kind)
-        run.upload_artifact("results", summary.results_parquet)

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import NullRun, NullTracker, Run, RunKind, Tracker, TrackingError, TrackingMode
-from .secrets import RedactingFilter, is_secret_key, redact_text, scrub_secrets
+from .secrets import (
+    RedactingFilter,
+    install_log_redaction,
+    is_secret_key,
+    redact_text,
+    scrub_secrets,
+)
 from .server import Reachability, check_reachable
 
 if TYPE_CHECKING:
@@ -42,6 +48,7 @@ __all__ = [
     "create_tracker",
     "default_tags",
     "import_offline_sessions",
+    "install_log_redaction",
     "is_secret_key",
     "redact_text",
     "scrub_secrets",

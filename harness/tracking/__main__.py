@@ -8,7 +8,7 @@ import sys
 
 from harness.errors import HarnessError
 
-from . import import_offline_sessions
+from . import import_offline_sessions, install_log_redaction
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--force", action="store_true", help="re-import zips already imported")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    install_log_redaction()
     try:
         done = import_offline_sessions(args.folder, force=args.force)
     except HarnessError as exc:  # no server, unreachable server: one line, like `harness`

@@ -242,42 +242,18 @@ class ClearMLTracker(Tracker):
         project: str,
         mode: TrackingMode,
     ) -> ClearMLRun:
+        """Open the ClearML task of one run in ``mode``; raises (``start_run`` falls back)."""
         started = time.monotonic()
         offline = mode == "offline"
         restore = _OfflineSwitch(offline)
         restore.enter()
         try:
-            if offline:
-                self.offline_root.mkdir(parents=True, exist_ok=True)
-            # ClearML resolves the offline folder from its cache dir once, inside Task.init.
-            cache_dir = str(self.offline_root.resolve()) if offline else None
-            with _env_set("CLEARML_CACHE_DIR", cache_dir) if offline else contextlib.nullcontext():
-                task: Task = Task.init(
-                    project_name=redact_text(project),
-                    task_name=redact_text(name),
-                    task_type=(
-                        Task.TaskTypes.training if kind == "train" else Task.TaskTypes.custom
-                    ),
-                    tags=[redact_text(t) for t in tags] + ([] if kind == "train" else ["summary"]),
-                    reuse_last_task_id=False,
-                    continue_last_task=False,
-                    auto_connect_arg_parser=False,  # argv may hold secrets; config is connected
-                    auto_connect_frameworks=False,  # no automatic checkpoint uploads
-                    auto_resource_monitoring=True,  # device memory / utilisation scalars
-                    auto_connect_streams=True,
-                )
-                folder = task.get_offline_mode_folder() if offline else None  # pins the folder
+            task, folder = self._init_task(name, tags, kind, project, offline)
         except BaseException:
             restore.exit()
             raise
         secrets = collect_secret_literals(config)
-        clean = scrub_secrets(config)
-        try:
-            task.connect(clean, name="config")
-        except Exception as exc:
-            log.warning(
-                "tracking: connecting the configuration failed (%s: %s)", type(exc).__name__, exc
-            )
+        _connect_config(task, scrub_secrets(config))
         run = ClearMLRun(
             task=task,
             mode=mode,
@@ -300,6 +276,46 @@ class ClearMLTracker(Tracker):
         )
         return run
 
+    def _init_task(
+        self, name: str, tags: Sequence[str], kind: RunKind, project: str, offline: bool
+    ) -> tuple[Task, Path | None]:
+        """``Task.init`` with redacted names, and the task's offline folder (``None`` online)."""
+        if offline:
+            self.offline_root.mkdir(parents=True, exist_ok=True)
+        # ClearML resolves the offline folder from its cache dir once, inside Task.init.
+        cache_dir = str(self.offline_root.resolve()) if offline else None
+        with _env_set("CLEARML_CACHE_DIR", cache_dir) if offline else contextlib.nullcontext():
+            task: Task = Task.init(
+                project_name=redact_text(project),
+                task_name=redact_text(name),
+                task_type=(Task.TaskTypes.training if kind == "train" else Task.TaskTypes.custom),
+                tags=[redact_text(t) for t in tags] + ([] if kind == "train" else ["summary"]),
+                reuse_last_task_id=False,
+                continue_last_task=False,
+                auto_connect_arg_parser=False,  # argv may hold secrets; config is connected
+                auto_connect_frameworks=False,  # no automatic checkpoint uploads
+                auto_resource_monitoring=True,  # device memory / utilisation scalars
+                auto_connect_streams=True,
+            )
+            folder = task.get_offline_mode_folder() if offline else None  # pins the folder
+        return task, folder
+
+
+def _connect_config(task: Task, clean: Mapping[str, Any]) -> None:
+    """Attach the (already scrubbed) configuration as the task's hyperparameters; a failure
+    only warns (tracking never breaks a run)."""
+    try:
+        task.connect(clean, name="config")
+    except Exception as exc:
+        log.warning(
+            "tracking: connecting the configuration failed (%s: %s)", type(exc).__name__, exc
+        )
+
+
+# Task.set_offline() writes CLEARML_OFFLINE_MODE. (Task.init's CLEARML_PROC_MASTER_ID stays:
+# ClearML's exit hook reads it, and without it exits the process without flushing stdout.)
+_ENV_WRITTEN_BY_CLEARML = ("CLEARML_OFFLINE_MODE",)
+
 
 class _OfflineSwitch:
     """Process state one run changes, given back when it closes: ClearML's offline mode with
@@ -312,7 +328,7 @@ class _OfflineSwitch:
 
     def __init__(self, offline: bool) -> None:
         self.offline = offline
-        self._env_before: str | None = None
+        self._env_before: dict[str, str | None] = {}
         self._had_attr = False
         self._attr_before: Any = None
         self._streams: tuple[Any, Any] = (sys.stdout, sys.stderr)
@@ -320,7 +336,7 @@ class _OfflineSwitch:
 
     def enter(self) -> None:
         self._streams = (sys.stdout, sys.stderr)
-        self._env_before = os.environ.get("CLEARML_OFFLINE_MODE")
+        self._env_before = {name: os.environ.get(name) for name in _ENV_WRITTEN_BY_CLEARML}
         self._had_attr = "_report_subprocess_enabled" in vars(Task)
         self._attr_before = vars(Task).get("_report_subprocess_enabled")
         Task.set_offline(self.offline)
@@ -339,12 +355,12 @@ class _OfflineSwitch:
             setattr(Task, "_report_subprocess_enabled", self._attr_before)  # noqa: B010
         elif "_report_subprocess_enabled" in vars(Task):
             delattr(Task, "_report_subprocess_enabled")
-        # Task.set_offline() wrote CLEARML_OFFLINE_MODE; give the user's value back so the next
-        # run's "auto" decision is not polluted by ours.
-        if self._env_before is None:
-            os.environ.pop("CLEARML_OFFLINE_MODE", None)
-        else:
-            os.environ["CLEARML_OFFLINE_MODE"] = self._env_before
+        # The next run's "auto" decision must not see our CLEARML_OFFLINE_MODE.
+        for name, value in self._env_before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class ClearMLRun(Run):

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_KEEP_PATHS",
     "MASK",
     "RedactingFilter",
+    "install_log_redaction",
     "is_secret_key",
     "redact_text",
     "scrub_secrets",
@@ -166,6 +167,9 @@ def collect_secret_literals(
 class RedactingFilter(logging.Filter):
     """Logging filter that masks secrets in every record it sees (attach it to handlers).
 
+    The message (arguments included), a traceback and a stack trace are masked; the record is
+    changed in place, so every later handler sees the masked text.
+
     Example:
         >>> handler = logging.StreamHandler()
         >>> handler.addFilter(RedactingFilter())
@@ -180,4 +184,33 @@ class RedactingFilter(logging.Filter):
         redacted = redact_text(message, self.extra_secrets)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # What logging.Formatter.format would cache on the record, masked first.
+            record.exc_text = _TRACEBACK_FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, self.extra_secrets)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info, self.extra_secrets)
         return True
+
+
+_TRACEBACK_FORMATTER = logging.Formatter()
+
+
+def install_log_redaction() -> None:
+    """Mask secrets in every log line: add a :class:`RedactingFilter` to the root logger's handlers.
+
+    Call it once logging is configured (after ``logging.basicConfig``): records of every logger
+    propagate to these handlers, and a handler filter sees them all (a logger filter would only
+    see that logger's own records). Idempotent: a handler that already has a
+    :class:`RedactingFilter` gets no second one. Handlers added later are not covered.
+
+    Example:
+        >>> logging.basicConfig(level=logging.INFO)
+        >>> install_log_redaction()
+        >>> logging.getLogger("db").info("postgresql://u:pw@h/db")  # doctest: +SKIP
+        INFO:db:postgresql://u:***@h/db
+    """
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

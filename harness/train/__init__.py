@@ -1,4 +1,8 @@
-"""DreamBooth LoRA training for SD 1.x and SDXL.
+"""DreamBooth LoRA training for SD 1.x and SDXL, on accelerate.
+
+The same call trains in one process (the sweep) or data-parallel in every process of
+``accelerate launch --multi_gpu --num_processes N -m harness train`` (see
+:mod:`harness.train.distributed`).
 
 Example:
     >>> from harness.train import train_lora                      # doctest: +SKIP
@@ -10,9 +14,11 @@ Example:
 from __future__ import annotations
 
 from harness.train.cache import CacheStats, ensure_class_images, model_identity
-from harness.train.loop import class_prompt_for, config_hash, train_lora
+from harness.train.fingerprints import config_hash
+from harness.train.inputs import class_prompt_for
+from harness.train.loop import train_lora
 from harness.train.lora import ADAPTER, WEIGHTS_NAME
-from harness.train.types import (
+from harness.train.records import (
     CheckpointInfo,
     NonFiniteLossError,
     TrainingError,

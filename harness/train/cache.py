@@ -27,7 +27,7 @@ from PIL import Image
 from harness.config import HarnessConfig, ModelConfig
 from harness.models import LoadedModel
 from harness.models.tiny import TINY_VERSION, default_cache_root
-from harness.train.io import (
+from harness.train.tensorfiles import (
     atomic_write_json,
     atomic_write_tensors,
     content_hash,
@@ -235,6 +235,21 @@ def cached_prompt_embeddings(
     return out
 
 
+def _sample(model: LoadedModel, spec: dict[str, Any], indices: range) -> list[Any]:
+    """Class images ``indices`` of ``spec`` (image ``i`` seeded with ``spec["seed"] + i``)."""
+    generators = [torch.Generator("cpu").manual_seed(spec["seed"] + i) for i in indices]
+    res = spec["resolution"]
+    images: list[Any] = model.pipeline(
+        prompt=[spec["prompt"]] * len(indices),
+        height=res,
+        width=res,
+        num_inference_steps=spec["steps"],
+        guidance_scale=spec["guidance"],
+        generator=generators,
+    ).images
+    return images
+
+
 def ensure_class_images(
     cfg: HarnessConfig,
     model: LoadedModel,
@@ -275,17 +290,7 @@ def ensure_class_images(
     try:
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            generators = [
-                torch.Generator("cpu").manual_seed(cfg.train.seed + start + i) for i in range(count)
-            ]
-            images = model.pipeline(
-                prompt=[class_prompt] * count,
-                height=res,
-                width=res,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-            ).images
+            images = _sample(model, spec, range(start, start + count))
             for i, image in enumerate(images):
                 image.save(staging / names[start + i])
         atomic_write_json(staging / "meta.json", spec)

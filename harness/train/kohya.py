@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
-from harness.train.io import atomic_write_tensors
+from harness.models.ldm import ldm_unet_module_name
+from harness.train.tensorfiles import atomic_write_tensors
 
 __all__ = ["export_kohya", "kohya_module_name", "kohya_state_dict"]
 
@@ -38,16 +39,6 @@ _TE_PREFIX = {
 }
 _ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 _BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-
-
-def _sgm_unet_module(path: str, unet_config: Mapping[str, Any]) -> str:
-    """diffusers UNet module path -> the original sgm/LDM one (``input_blocks.4.1...``)."""
-    # The renaming tables of the single-file exporter, applied to a module path.
-    from harness.models.ldm import _RESNET, _rename, _unet_prefix_map
-
-    dummy = ".__param__"
-    renamed = _rename(path + dummy, _unet_prefix_map(dict(unet_config)), _RESNET)
-    return renamed.removesuffix(dummy)
 
 
 def kohya_module_name(
@@ -62,7 +53,7 @@ def kohya_module_name(
         if family == "sdxl":
             if unet_config is None:
                 raise ValueError("SDXL UNet names need the UNet config")
-            path = _sgm_unet_module(path, unet_config)
+            path = ldm_unet_module_name(path, dict(unet_config))
         return "lora_unet_" + path.replace(".", "_")
     prefix = _TE_PREFIX.get(family, {}).get(component)
     if prefix is None:

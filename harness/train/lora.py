@@ -125,6 +125,46 @@ def _detach(module: Any, had_peft: bool) -> None:
         module._hf_peft_config_loaded = False
 
 
+def _add_adapter(module: Any, config: LoraConfig) -> None:
+    if _has_peft(module) and ADAPTER in module.peft_config:
+        _detach(module, had_peft=True)  # left over by an earlier crash
+    module.add_adapter(config, adapter_name=ADAPTER)
+
+
+def _make_trainable(module: Any) -> None:
+    """Activate our adapter, its weights in fp32, the module in train mode."""
+    if hasattr(module, "set_adapter"):
+        module.set_adapter(ADAPTER)
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    module.train()
+
+
+def _enable_checkpointing(module: Any, name: str) -> bool:
+    """Gradient (UNet) or activation (text encoders) checkpointing; True when switched on
+    here, so that exit switches it off again."""
+    if name == "unet":
+        if module.is_gradient_checkpointing:
+            return False
+        module.enable_gradient_checkpointing()
+        return True
+    if module.is_activation_checkpointing:
+        return False
+    module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return True
+
+
+def _disable_checkpointing(module: Any, name: str) -> None:
+    if name == "unet":
+        module.disable_gradient_checkpointing()
+        return
+    module.activation_checkpointing_disable()
+    if hasattr(module, "disable_input_require_grads"):
+        with contextlib.suppress(AttributeError):
+            module.disable_input_require_grads()
+
+
 @contextlib.contextmanager
 def attached_lora(
     model: LoadedModel, train: TrainConfig, *, gradient_checkpointing: bool | None = None
@@ -151,38 +191,15 @@ def attached_lora(
         for module in modules.values():
             module.requires_grad_(False)
         for name, config in configs.items():
-            module = modules[name]
-            if _has_peft(module) and ADAPTER in module.peft_config:
-                _detach(module, had_peft=True)  # left over by an earlier crash
-            module.add_adapter(config, adapter_name=ADAPTER)
+            _add_adapter(modules[name], config)
             attached.append(name)
-            if hasattr(module, "set_adapter"):
-                module.set_adapter(ADAPTER)
-            for param in module.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
-            module.train()
-            if checkpointing:
-                if name == "unet":
-                    if not module.is_gradient_checkpointing:
-                        module.enable_gradient_checkpointing()
-                        checkpointed.append(name)
-                elif not module.is_activation_checkpointing:
-                    module.activation_checkpointing_enable(
-                        activation_checkpointing_kwargs={"use_reentrant": False}
-                    )
-                    checkpointed.append(name)
+            _make_trainable(modules[name])
+            if checkpointing and _enable_checkpointing(modules[name], name):
+                checkpointed.append(name)
         yield AttachedLora({n: modules[n] for n in configs}, configs)
     finally:
         for name in checkpointed:
-            module = modules[name]
-            if name == "unet":
-                module.disable_gradient_checkpointing()
-            else:
-                module.activation_checkpointing_disable()
-                if hasattr(module, "disable_input_require_grads"):
-                    with contextlib.suppress(AttributeError):
-                        module.disable_input_require_grads()
+            _disable_checkpointing(modules[name], name)
         for name in attached:
             _detach(modules[name], had_peft=saved[name][2])
         for name, module in modules.items():

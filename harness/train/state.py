@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from harness.errors import HarnessError
 from harness.models import WeightsFileError, check_weights_file
-from harness.train.io import atomic_write_json, atomic_write_tensors, read_json
+from harness.train.tensorfiles import atomic_write_json, atomic_write_tensors, read_json
 
 __all__ = [
     "CHECKPOINT_JSON",

@@ -51,6 +51,10 @@ CLEARML_SERVER_VARS = (
     "TRAINS_API_HOST",
     "TRAINS_CONFIG_FILE",
     "TRAINS_API_ACCESS_KEY",
+    # Set by an in-process Task.init of an earlier test: a subprocess would attach to that task.
+    "CLEARML_PROC_MASTER_ID",
+    "TRAINS_PROC_MASTER_ID",
+    "CLEARML_TASK_ID",
 )
 
 

@@ -33,7 +33,7 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def prepared_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tmp project (tiny-cpu, shrunk) after ``resolve`` and ``prepare``; tests clone it."""
     from harness.config import load_config
-    from harness.pipeline import run_prepare, run_resolve
+    from harness.stages import run_prepare, run_resolve
 
     root = new_project(tmp_path_factory.mktemp("template") / "project")
     cfg = load_config(root / "params.yaml")

@@ -13,7 +13,7 @@ from harness.config import load_config
 from harness.data import load_prepared
 from harness.evaluate import make_scorer
 from harness.models import load_pipeline
-from harness.pipeline import prepared_subject_dir
+from harness.stages import prepared_subject_dir
 from harness.sweep import open_studies, run_sweep
 from harness.sweep.backend import HarnessBackend
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from harness.config import load_config
 from harness.data import load_prepared
 from harness.generate import LORA_WEIGHTS, adapter_loaded
-from harness.pipeline import prepared_subject_dir, run_resolve, run_sweep_stage
+from harness.stages import prepared_subject_dir, run_resolve, run_sweep_stage
 
 from ._helpers import cli_env, clone_project
 

@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from metrics.encoders import ClipEncoder, DinoEncoder, load_clip, load_dino, resolve_device
+from metrics.encoders import (
+    ClipEncoder,
+    DinoEncoder,
+    _hub_safetensors_name,
+    load_clip,
+    load_dino,
+    resolve_device,
+)
 from metrics.errors import MetricsInputError, WeightsUnavailableError
 
 
@@ -115,6 +122,22 @@ def test_offline_hub_fails_fast_with_a_hint(tmp_path: Path) -> None:
     assert "timm/vit_small_patch16_224.dino/model.safetensors" in str(dino_error.value)
     assert "open_clip_model.safetensors" in str(clip_error.value)
     assert "\n" not in str(dino_error.value) and "\n" not in str(clip_error.value)
+
+
+@pytest.mark.parametrize(
+    ("hub", "repo_id", "filename"),
+    [
+        # "org/repo/": the repo's default weights; their safetensors file has its own name.
+        ("timm/vit_b32.openai/", "timm/vit_b32.openai", "open_clip_model.safetensors"),
+        ("laion/b32/open_clip_pytorch_model.bin", "laion/b32", "open_clip_model.safetensors"),
+        # "org/repo/file.bin": a named file; only its safetensors sibling is used.
+        ("org/repo/weights.bin", "org/repo", "weights.safetensors"),
+    ],
+)
+def test_open_clip_hub_entries_name_their_safetensors(
+    hub: str, repo_id: str, filename: str
+) -> None:
+    assert _hub_safetensors_name(hub) == (repo_id, filename)
 
 
 def test_device_resolution() -> None:

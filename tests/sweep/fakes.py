@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.config import HarnessConfig
-from harness.generate import InferenceSetting
-from harness.sweep import Checkpoint, PointEval, TrainOutcome
+from harness.config import HarnessConfig, InferenceSetting
+from harness.sweep import PointScores
+from harness.train import CheckpointInfo, TrainResult
 
 
 class FakeBackend:
@@ -27,24 +27,27 @@ class FakeBackend:
         self,
         cfg: HarnessConfig,
         run_dir: Path,
-        on_checkpoint: Callable[[Checkpoint], bool],
+        on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
-    ) -> TrainOutcome:
+    ) -> TrainResult:
         self.trained.append(cfg.train.model_dump())
+        max_steps = cfg.train.max_steps
         if self.fail_lr is not None and math.isclose(cfg.train.learning_rate, self.fail_lr):
-            return TrainOutcome("failed", reason="loss is NaN at step 3")
+            return TrainResult("failed", run_dir, 3, max_steps, reason="loss is NaN at step 3")
         done = []
         for step in cfg.train.checkpoint_steps:
             path = run_dir / "checkpoints" / f"step-{step:06d}"
             path.mkdir(parents=True, exist_ok=True)
             (path / "pytorch_lora_weights.safetensors").write_bytes(b"x")
             on_log({"loss": 1.0 / step}, step)
-            ckpt = Checkpoint(step, path)
+            ckpt = CheckpointInfo(step, path)
             done.append(ckpt)
             self.checkpoints_seen.append(step)
             if on_checkpoint(ckpt):
-                return TrainOutcome("pruned", done, reason=f"pruned at step {step}")
-        return TrainOutcome("completed", done)
+                return TrainResult(
+                    "pruned", run_dir, step, max_steps, done, reason=f"pruned at step {step}"
+                )
+        return TrainResult("completed", run_dir, max_steps, max_steps, done)
 
     def _quality(self, cfg: HarnessConfig, step: int) -> float:
         lr = cfg.train.learning_rate
@@ -62,14 +65,14 @@ class FakeBackend:
     def evaluate(
         self,
         cfg: HarnessConfig,
-        adapter: Path,
+        checkpoint: CheckpointInfo,
         settings: Sequence[InferenceSetting],
         out_dir: Path,
-    ) -> list[PointEval]:
-        step = int(adapter.name.split("-")[1])
+    ) -> list[PointScores]:
+        step = checkpoint.step
         out = []
         for s in settings:
-            self.evaluated.append((adapter.parent.parent.name, step))
+            self.evaluated.append((checkpoint.path.parent.parent.name, step))
             q = self._quality(cfg, step) * s.lora_scale
             scores = {
                 "dino": q,
@@ -78,5 +81,8 @@ class FakeBackend:
                 "clip_i": q,
                 "clip_t": 0.3 - 0.01 * s.guidance_scale * s.lora_scale,
             }
-            out.append(PointEval(s, scores, out_dir / s.id, n_images=4))
+            out.append(PointScores(s, scores, out_dir / s.id, n_images=4))
         return out
+
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        return {"baseline": {"dino": 0.2, "clip_i": 0.2, "clip_t": 0.31}}

@@ -7,12 +7,11 @@ from typing import Any
 
 import pytest
 
-from harness.config import HarnessConfig
+from harness.config import HarnessConfig, InferenceSetting
 from harness.data import load_prepared, prepare_subject
 from harness.evaluate import evaluate_adapter, make_scorer
-from harness.generate import InferenceSetting
-from harness.sweep import Checkpoint
 from harness.sweep.backend import HarnessBackend, evaluation_templates
+from harness.train import CheckpointInfo
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def test_proxy_scores_the_checkpoint_and_full_eval_scales(setup: Any, tmp_path: 
     proxies: dict[int, dict[str, float]] = {}
     logs: list[int] = []
 
-    def on_checkpoint(ckpt: Checkpoint) -> bool:
+    def on_checkpoint(ckpt: CheckpointInfo) -> bool:
         proxies[ckpt.step] = backend.proxy_scores(cfg, ckpt.path, tmp_path / f"proxy-{ckpt.step}")
         return False
 
@@ -106,7 +105,7 @@ def test_proxy_scores_the_checkpoint_and_full_eval_scales(setup: Any, tmp_path: 
         num_inference_steps=2,
         scheduler="ddim",
     )
-    points = backend.evaluate(cfg, outcome.checkpoints[-1].path, [zero, full], tmp_path / "eval")
+    points = backend.evaluate(cfg, outcome.checkpoints[-1], [zero, full], tmp_path / "eval")
     assert [p.setting for p in points] == [zero, full]
     assert all(p.n_images == 2 for p in points)
     assert {"dino", "clip_i", "clip_t", "dino_lo", "dino_hi", "pres"} <= set(points[0].scores)
@@ -116,6 +115,11 @@ def test_proxy_scores_the_checkpoint_and_full_eval_scales(setup: Any, tmp_path: 
     assert points[0].scores["dino"] == pytest.approx(base_all["dino"], abs=1e-6)  # scale 0 = base
     assert points[1].scores["dino"] != pytest.approx(base_all["dino"], abs=1e-6)
     assert (points[1].images_dir / "manifest.jsonl").is_file()
+    # The backend writes the records' files; it tracks nothing itself.
+    assert points[1].grid is not None and points[1].grid.is_file()
+    assert points[1].grid.parent != points[1].images_dir  # never mixed with the scored images
+    assert [row["prompt"] for row in points[1].per_prompt]
+    assert not hasattr(backend, "track")
 
 
 def test_dataset_prompts_need_a_dataset(setup: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from harness.config import TrackingConfig
 from harness.tracking import (
     RedactingFilter,
     create_tracker,
+    install_log_redaction,
     is_secret_key,
     redact_text,
     scrub_secrets,
@@ -77,6 +80,49 @@ def test_redacting_filter_masks_log_records(
         logger.filters.clear()
     assert DB_PASSWORD not in caplog.text and ENV_TOKEN not in caplog.text
     assert "mysql://u:***@h/db" in caplog.text
+
+
+@pytest.fixture
+def root_handler() -> Iterator[tuple[logging.Handler, io.StringIO]]:
+    """A root-logger handler writing to a string, as ``logging.basicConfig`` would install;
+    every root handler's filters are restored afterwards."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    before = {h: list(h.filters) for h in root.handlers}
+    root.addHandler(handler)
+    try:
+        yield handler, stream
+    finally:
+        root.removeHandler(handler)
+        for other, filters in before.items():
+            other.filters[:] = filters
+
+
+def test_install_log_redaction_masks_every_logger(
+    monkeypatch: pytest.MonkeyPatch, root_handler: tuple[logging.Handler, io.StringIO]
+) -> None:
+    handler, stream = root_handler
+    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
+    install_log_redaction()
+    install_log_redaction()  # idempotent
+    assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
+    logger = logging.getLogger("harness.test.install")  # no filter of its own: propagates
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("storage %s, token %s", f"postgresql://optuna:{DB_PASSWORD}@db/x", ENV_TOKEN)
+        try:
+            raise RuntimeError(f"cannot connect to redis://:{DB_PASSWORD}@cache:6379")
+        except RuntimeError:
+            logger.exception("failed with %s", ENV_TOKEN)
+    finally:
+        logger.setLevel(logging.NOTSET)
+    text = stream.getvalue()
+    assert DB_PASSWORD not in text and ENV_TOKEN not in text
+    assert "INFO harness.test.install: storage postgresql://optuna:***@db/x, token ***" in text
+    assert "ERROR harness.test.install: failed with ***" in text
+    assert "RuntimeError: cannot connect to redis://:***@cache:6379" in text
 
 
 def test_no_secret_in_offline_zip_folder_index_or_logs(

@@ -369,10 +369,10 @@ def test_latent_and_text_caches_are_hit_on_second_run(
 def test_crash_while_saving_keeps_previous_checkpoint(
     sd15: LoadedModel, images: Images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import harness.train.loop as loop
+    import harness.train.checkpointing as checkpointing
 
     calls = {"n": 0}
-    real = loop.save_optimizer
+    real = checkpointing.save_optimizer
 
     def flaky(optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
         calls["n"] += 1
@@ -381,7 +381,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(
             raise OSError("disk full")
         real(optimizer, out_dir)
 
-    monkeypatch.setattr(loop, "save_optimizer", flaky)
+    monkeypatch.setattr(checkpointing, "save_optimizer", flaky)
     cfg = make_cfg(max_steps=4, checkpoint_steps=[2, 4], learning_rate=1e-2)
     run = tmp_path / "run"
     with pytest.raises(OSError, match="disk full"):
@@ -390,7 +390,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # no temp folder left
     viewer = load_tiny()
     viewer.pipeline.load_lora_weights(ckpts / "step-000002")
-    monkeypatch.setattr(loop, "save_optimizer", real)
+    monkeypatch.setattr(checkpointing, "save_optimizer", real)
     resumed = train_lora(cfg, sd15, images(1), run, progress=False)
     assert resumed.status == "completed" and resumed.resumed_from == 2
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.config import InferenceSetting
 from harness.errors import HarnessError
-from harness.generate import InferenceSetting, format_prompt, generate_images
+from harness.generate import format_prompt, generate_images
 from harness.models import WeightsFileError
 
 FAST = InferenceSetting(guidance_scale=5.0, num_inference_steps=2, scheduler="ddim")

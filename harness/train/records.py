@@ -1,4 +1,4 @@
-"""Result types and typed errors of the trainer."""
+"""Result records and typed errors of :func:`harness.train.train_lora`."""
 
 from __future__ import annotations
 

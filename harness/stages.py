@@ -1,4 +1,5 @@
-"""The DVC stages as plain functions (the CLI and ``dvc.yaml`` call these, nothing else).
+"""The DVC stages and CLI commands as plain functions (``dvc.yaml`` runs ``harness <stage>``,
+whose thin command calls one function here).
 
 ``resolve``
     always runs (cheap): writes each resolved config section to ``runs/resolved/<section>.json``
@@ -93,11 +94,14 @@ def _ready_tracker(cfg: HarnessConfig, root: Path) -> Any:
 def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> Any:
     """One training run with the configured settings (``harness train``)."""
     from harness.models import load_pipeline
-    from harness.tracking import default_tags
+    from harness.tracking import NullTracker, default_tags
     from harness.train import train_lora
+    from harness.train.distributed import bind_launched_device, is_main_launched_process
 
     cfg, subject = _load_subject(cfg, root)
-    tracker = _ready_tracker(cfg, root)
+    # Under `accelerate launch` every process trains, but only the first one is tracked.
+    tracker = _ready_tracker(cfg, root) if is_main_launched_process() else NullTracker()
+    bind_launched_device()
     loaded = load_pipeline(cfg.model)
     run_dir = run_dir or root / cfg.train.output_dir
     pairs = list(zip(subject.train_paths, subject.train_captions, strict=True))
@@ -125,7 +129,7 @@ def run_generate(
     DreamBench, the dataset's class). The adapter is checked before the model loads.
     """
     from harness.data.prepare import MANIFEST
-    from harness.generate import eval_seeds, generate_images, resolve_adapter, setting_from_config
+    from harness.generate import eval_seeds, generate_images, resolve_adapter
     from harness.models import load_pipeline
     from harness.sweep.backend import evaluation_templates
 
@@ -144,7 +148,7 @@ def run_generate(
         token=cfg.data.token,
         class_name=cfg.data.class_name or "object",
         seeds=eval_seeds(cfg),
-        settings=[setting_from_config(cfg.eval)],
+        settings=[cfg.eval.setting],
         out_dir=out_dir,
         adapter=adapter,
         resolution=cfg.eval.resolution or cfg.data.resolution,
@@ -161,19 +165,14 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     """
     from harness.evaluate import make_scorer
     from harness.models import load_pipeline, resolve_device
-    from harness.sweep import run_sweep
+    from harness.sweep import open_studies, run_sweep
     from harness.sweep.backend import HarnessBackend
-    from harness.sweep.study import open_studies
-    from harness.sweep.summary import publish_summary
 
     cfg, subject = _load_subject(cfg, root)
-    open_studies(cfg, root)
+    studies = open_studies(cfg, root)
     tracker = _ready_tracker(cfg, root)
     scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
     scorer.load_encoders()
     loaded = load_pipeline(cfg.model)
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
-    summary = run_sweep(cfg, root, backend, tracker)
-    references = backend.references(cfg, root / cfg.sweep.dir / "references")
-    publish_summary(cfg, root, summary, tracker, references)
-    return summary
+    return run_sweep(cfg, root, backend, tracker, studies=studies)

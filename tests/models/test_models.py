@@ -21,7 +21,7 @@ from harness.models import (
     load_pipeline,
     parse_model_ref,
 )
-from harness.models.ldm import save_sd15_single_file
+from harness.models.ldm import ldm_unet_module_name, save_sd15_single_file, unet_to_ldm
 from harness.models.tiny import build_clip_tokenizer, tiny_pipeline_dir
 
 
@@ -116,6 +116,27 @@ def test_single_file_roundtrip(tiny_sd15: Any, tmp_path: Path) -> None:
     for name in ("unet", "vae", "text_encoder"):
         assert same_weights(getattr(loaded.pipeline, name), getattr(tiny_sd15.pipeline, name)), name
     assert np.array_equal(generate(loaded, 3), generate(tiny_sd15, 3))
+
+
+def test_ldm_unet_module_name_matches_the_single_file_layout(tiny_sd15: Any) -> None:
+    unet = tiny_sd15.pipeline.unet
+    config = dict(unet.config)
+    assert (
+        ldm_unet_module_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", config)
+        == "input_blocks.4.1.transformer_blocks.0.attn1.to_k"
+    )
+    assert ldm_unet_module_name("down_blocks.0.resnets.0.conv1", config) == (
+        "input_blocks.1.0.in_layers.2"
+    )
+    assert ldm_unet_module_name("mid_block.attentions.0", config) == "middle_block.1"
+    # Module by module, the same names as the exported checkpoint's parameters.
+    state = unet.state_dict()
+    exported = unet_to_ldm(state, config)
+    for key, ldm_key in zip(state, exported, strict=True):
+        module, _, param = key.rpartition(".")
+        assert ldm_key == f"model.diffusion_model.{ldm_unet_module_name(module, config)}.{param}"
+    with pytest.raises(KeyError, match="no LDM name"):
+        ldm_unet_module_name("not_a_block.0", config)
 
 
 def test_pickle_checkpoints_refused(tmp_path: Path) -> None:

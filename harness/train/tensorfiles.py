@@ -1,4 +1,8 @@
-"""Small on-disk helpers: content hashes, atomic JSON / safetensors writes. Never pickle."""
+"""Atomic on-disk writes of the trainer and its caches: safetensors, JSON, content hashes.
+
+Every write goes to a temp file that is renamed into place, so readers never see half a file.
+Nothing here pickles.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,144 @@
+"""The sweep's vocabulary: one record type per concept, the backend protocol and the sink base.
+
+A sweep point's way through the code::
+
+    config.py          HarnessConfig, InferenceSetting (the one definition of a setting)
+    sweep/runner.py    asks Optuna for a run, drives the backend, emits events
+    sweep/backend.py   trains and evaluates; returns the records below, calls no tracker
+    sweep/recorder.py  fans every event out to the sinks: Optuna studies, tracker, results
+
+The training records are the trainer's own (:class:`harness.train.TrainResult`,
+:class:`harness.train.CheckpointInfo`), never converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from harness.config import HarnessConfig, InferenceSetting
+from harness.train import CheckpointInfo, TrainResult
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "PointScores",
+    "RunEnd",
+    "RunSpec",
+    "ScoredPoint",
+    "SweepBackend",
+    "SweepSink",
+]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the sweep: its trial, sampled parameters and resolved config."""
+
+    number: int  # the trial number in ``S.runs``
+    key: str  # stable id of what is trained (see :func:`harness.sweep.runner.run_key`)
+    params: dict[str, Any]  # sampled ``train.*`` values, without the prefix
+    cfg: HarnessConfig  # the config with ``params`` applied
+    run_dir: Path
+    trial: optuna.Trial = field(repr=False, compare=False)
+
+
+@dataclass
+class PointScores:
+    """What the backend measured for one checkpoint under one inference setting."""
+
+    setting: InferenceSetting
+    scores: dict[str, float]  # metric -> value, with ``<metric>_lo``/``_hi`` intervals
+    images_dir: Path
+    n_images: int
+    per_prompt: list[dict[str, Any]] = field(default_factory=list)
+    grid: Path | None = None  # a prompts x seeds image grid, when the backend wrote one
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the identifier policy
+
+
+@dataclass(frozen=True)
+class ScoredPoint:
+    """An evaluated point: training run x checkpoint step x inference setting, with its
+    objective values. What the studies, the tracker and the results table record."""
+
+    run: RunSpec
+    checkpoint: CheckpointInfo
+    measured: PointScores
+    values: list[float]  # the study's objective values
+
+    @property
+    def key(self) -> str:
+        """``<run key>/<step>/<setting id>``: unique per point, across workers and resumes."""
+        return f"{self.run.key}/{self.checkpoint.step}/{self.measured.setting.id}"
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a training run ended, with its representative point when it was evaluated."""
+
+    status: Literal["completed", "pruned", "failed", "interrupted"]
+    reason: str | None = None
+    best: ScoredPoint | None = None  # highest objective sum (or weighted objective)
+    score: float | None = None  # the scalarised value of ``best``
+
+
+class SweepBackend(Protocol):
+    """Training, generation and scoring (the real one in :mod:`harness.sweep.backend`; tests
+    use fakes). It returns records and reports nothing itself."""
+
+    def train(
+        self,
+        cfg: HarnessConfig,
+        run_dir: Path,
+        on_checkpoint: Callable[[CheckpointInfo], bool],
+        on_log: Callable[[Mapping[str, Any], int], None],
+    ) -> TrainResult:
+        """Train to ``cfg.train.max_steps``; stop early when ``on_checkpoint`` returns True."""
+        ...
+
+    def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
+        """Cheap scores of one checkpoint (few prompts and seeds, the ``eval`` setting)."""
+        ...
+
+    def evaluate(
+        self,
+        cfg: HarnessConfig,
+        checkpoint: CheckpointInfo,
+        settings: Sequence[InferenceSetting],
+        out_dir: Path,
+    ) -> list[PointScores]:
+        """Full evaluation of one checkpoint under every setting."""
+        ...
+
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        """Scores that make the others readable: ``baseline`` (no adapter), ``real_ceiling``."""
+        ...
+
+
+class SweepSink:
+    """Receives the sweep's events; every method is a no-op here, a sink overrides what it
+    records. Subscribe new sinks (a report, a cluster status page) to the recorder instead of
+    adding calls to the runner."""
+
+    def run_started(self, run: RunSpec) -> None:
+        """A training run starts (before training)."""
+
+    def log(self, run: RunSpec, values: Mapping[str, Any], step: int) -> None:
+        """A training log record (loss, learning rates, throughput) at ``step``."""
+
+    def proxy_scored(
+        self, run: RunSpec, step: int, scores: Mapping[str, float], value: float
+    ) -> None:
+        """The proxy evaluation of the checkpoint at ``step``; ``value`` is what prunes."""
+
+    def point_scored(self, point: ScoredPoint) -> None:
+        """One evaluated point."""
+
+    def run_finished(self, run: RunSpec, end: RunEnd) -> None:
+        """The run ended (completed, pruned, failed or interrupted)."""
+
+    def sweep_finished(self, summary: Any) -> None:
+        """This worker's sweep loop ended; ``summary`` is the :class:`SweepSummary`."""

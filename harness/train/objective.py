@@ -1,0 +1,124 @@
+"""The DreamBooth loss of one micro-batch, following diffusers' examples.
+
+Latents are sampled from the cached VAE posteriors, noised at random timesteps and the UNet
+predicts the noise (or the velocity, for v-prediction schedulers); the loss is the MSE, plus
+``prior_loss_weight`` times the class images' MSE with prior preservation. Every random draw
+comes from the trainer's own generator, in a fixed order, so checkpointing that generator
+makes a resumed run repeat the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harness.config import HarnessConfig
+from harness.models import LoadedModel
+from harness.train.cache import encode_prompts
+from harness.train.inputs import Posterior, Shard, TrainInputs, sample_indices
+
+__all__ = ["DenoisingObjective", "MicroLoss"]
+
+MicroLoss = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (total, instance, prior)
+
+
+@dataclass
+class DenoisingObjective:
+    """The loss of micro-batch ``m`` of this process's shard."""
+
+    cfg: HarnessConfig
+    model: LoadedModel
+    inputs: TrainInputs
+    noise_scheduler: Any
+    generator: torch.Generator
+    shard: Shard
+    autocast: Callable[[], AbstractContextManager[Any]]  # the accelerator's mixed precision
+
+    @property
+    def prior(self) -> bool:
+        """Whether class images are mixed into every micro-batch."""
+        return self.cfg.train.prior_preservation
+
+    def loss(self, micro: int) -> MicroLoss:
+        """(total, instance, prior) loss of micro-batch ``micro`` (0-based, over the run)."""
+        latents, prompts = self._batch(micro)
+        noisy, steps, target = self._noised(latents)
+        with self.autocast():
+            pred = self._predict(noisy, steps, prompts)
+        pred, target = pred.float(), target.to(self.model.device).float()
+        if not self.prior:
+            loss = F.mse_loss(pred, target)
+            return loss, loss, None
+        pred_i, pred_p = pred.chunk(2)
+        target_i, target_p = target.chunk(2)
+        inst = F.mse_loss(pred_i, target_i)
+        prior = F.mse_loss(pred_p, target_p)
+        return inst + self.cfg.train.prior_loss_weight * prior, inst, prior
+
+    def _draw(self, pairs: list[Posterior], idx: list[int]) -> torch.Tensor:
+        mean = torch.stack([pairs[i][0] for i in idx])
+        std = torch.stack([pairs[i][1] for i in idx])
+        return mean + std * torch.randn(mean.shape, generator=self.generator)
+
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
+        """Scaled latents and prompts: instance samples, then as many class samples."""
+        t, data, b = self.cfg.train, self.inputs, self.cfg.train.batch_size
+        start = self.shard.start(micro)
+        idx = sample_indices(len(data.latents), start, b, t.seed)
+        prompts = [data.captions[i] for i in idx]
+        latents = self._draw(data.latents, idx)
+        if self.prior:
+            cidx = sample_indices(len(data.class_latents), start, b, t.seed + 1)
+            latents = torch.cat([latents, self._draw(data.class_latents, cidx)])
+            prompts += [data.class_prompt] * b
+        vae_cfg = self.model.pipeline.vae.config
+        shift = vae_cfg.get("shift_factor") or 0.0
+        return (latents - shift) * vae_cfg.scaling_factor, prompts
+
+    def _noised(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps, regression target)."""
+        scheduler = self.noise_scheduler
+        noise = torch.randn(latents.shape, generator=self.generator)
+        steps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator
+        )
+        noisy = scheduler.add_noise(latents, noise, steps)
+        if scheduler.config.prediction_type == "v_prediction":
+            return noisy, steps, scheduler.get_velocity(latents, noise, steps)
+        return noisy, steps, noise
+
+    def _conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.inputs.embeddings is None:
+            return encode_prompts(self.model, prompts)
+        cached = [self.inputs.embeddings[p] for p in prompts]
+        embeds = torch.stack([e.prompt_embeds for e in cached])
+        pooled_list = [e.pooled for e in cached]
+        pooled = (
+            torch.stack([x for x in pooled_list if x is not None])
+            if pooled_list[0] is not None
+            else None
+        )
+        return embeds, pooled
+
+    def _predict(self, noisy: torch.Tensor, steps: torch.Tensor, prompts: list[str]) -> Any:
+        """The UNet's prediction (under the caller's autocast)."""
+        dev, dtype = self.model.device, self.model.dtype
+        embeds, pooled = self._conditioning(prompts)
+        added: dict[str, torch.Tensor] | None = None
+        if self.model.family == "sdxl":
+            res = self.cfg.data.resolution
+            time_ids = torch.tensor([[res, res, 0, 0, res, res]] * noisy.shape[0])
+            assert pooled is not None
+            added = {"text_embeds": pooled.to(dev, dtype), "time_ids": time_ids.to(dev, dtype)}
+        return self.model.pipeline.unet(
+            noisy.to(dev, dtype),
+            steps.to(dev),
+            encoder_hidden_states=embeds.to(dev, dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]

@@ -1,0 +1,132 @@
+"""The runner emits events to one recorder, which fans them out to every sink (issue 10)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.sweep import Recorder, RunEnd, RunSpec, ScoredPoint, SweepSink, run_sweep
+from harness.tracking.base import NullRun, Run, RunKind, Tracker, TrackingMode
+
+from .fakes import FakeBackend
+from .test_sweep_logic import make_cfg
+
+
+class RecordingSink(SweepSink):
+    """Writes down every event it receives, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def run_started(self, run: RunSpec) -> None:
+        self.events.append(("run_started", run.number))
+
+    def log(self, run: RunSpec, values: Mapping[str, Any], step: int) -> None:
+        self.events.append(("log", run.number, step))
+
+    def proxy_scored(
+        self, run: RunSpec, step: int, scores: Mapping[str, float], value: float
+    ) -> None:
+        self.events.append(("proxy_scored", run.number, step))
+
+    def point_scored(self, point: ScoredPoint) -> None:
+        setting = point.measured.setting
+        self.events.append(
+            ("point_scored", point.run.number, point.checkpoint.step, setting.lora_scale)
+        )
+
+    def run_finished(self, run: RunSpec, end: RunEnd) -> None:
+        self.events.append(("run_finished", run.number, end.status))
+
+    def sweep_finished(self, summary: Any) -> None:
+        self.events.append(("sweep_finished", summary.points))
+
+
+class RecordingTracker(Tracker):
+    """A tracker typed on :class:`harness.tracking.base.Tracker` that remembers its runs."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, RunKind]] = []
+        self.scalars: list[tuple[str, str, int]] = []
+
+    @property
+    def mode(self) -> TrackingMode:
+        return TrackingMode("off", "test")
+
+    def start_run(
+        self,
+        name: str,
+        *,
+        config: Mapping[str, Any],
+        tags: Sequence[str] = (),
+        kind: RunKind = "train",
+        project: str | None = None,
+    ) -> Run:
+        self.started.append((name, kind))
+        tracker = self
+
+        class _Run(NullRun):
+            def log_scalar(self, title: str, series: str, value: float, step: int) -> None:
+                tracker.scalars.append((title, series, step))
+
+        return _Run()
+
+
+def test_one_run_emits_the_events_of_its_life_in_order(tmp_path: Path) -> None:
+    cfg = make_cfg(
+        tmp_path, n_trials=1, inference={"guidance_scale": [3.0], "lora_scale": [0.5, 1.0]}
+    )
+    sink = RecordingSink()
+    summary = run_sweep(cfg, tmp_path, FakeBackend(), sinks=[sink])
+    assert sink.events == [
+        ("run_started", 0),
+        ("log", 0, 10),
+        ("proxy_scored", 0, 10),
+        ("log", 0, 20),
+        ("proxy_scored", 0, 20),
+        ("point_scored", 0, 10, 0.5),
+        ("point_scored", 0, 10, 1.0),
+        ("point_scored", 0, 20, 0.5),
+        ("point_scored", 0, 20, 1.0),
+        ("run_finished", 0, "completed"),
+        ("sweep_finished", 4),
+    ]
+    assert summary.points == 4
+
+
+def test_a_failed_run_still_finishes_in_every_sink(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, n_trials=1, space={"learning_rate": {"choices": [2e-4]}})
+    sink = RecordingSink()
+    run_sweep(cfg, tmp_path, FakeBackend(fail_lr=2e-4), sinks=[sink])
+    assert sink.events == [
+        ("run_started", 0),
+        ("run_finished", 0, "failed"),
+        ("sweep_finished", 0),
+    ]
+
+
+def test_the_tracker_hears_the_same_events(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, n_trials=1, inference={"guidance_scale": [3.0], "lora_scale": [1.0]})
+    tracker = RecordingTracker()
+    run_sweep(cfg, tmp_path, FakeBackend(), tracker)
+    assert [kind for _, kind in tracker.started] == ["train", "summary"]
+    assert tracker.started[0][0].startswith("t/run-0000-")
+    titles = {(title, step) for title, _, step in tracker.scalars}
+    assert {("proxy", 10), ("proxy", 20)} <= titles
+    assert any(title.startswith("eval/g3-u1") and step == 20 for title, step in titles)
+
+
+def test_run_finished_reaches_every_sink_when_one_raises() -> None:
+    class Boom(SweepSink):
+        def run_finished(self, run: RunSpec, end: RunEnd) -> None:
+            raise RuntimeError("sink failed")
+
+    after = RecordingSink()
+    recorder = Recorder([Boom(), after])
+    run = RunSpec(7, "k", {}, None, Path(), None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="sink failed"):
+        recorder.run_finished(run, RunEnd("failed", "x"))
+    assert after.events == [("run_finished", 7, "failed")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,9 @@ def _main(
     for noisy in ("urllib3", "filelock", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
-        # diffusers warns on every text-encoder-free LoRA load; that is expected here.
+        # diffusers warns on every text-encoder-free LoRA load; that is expected here. Its logger
+        # is configured from DIFFUSERS_VERBOSITY when diffusers is first imported (later, lazily).
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 

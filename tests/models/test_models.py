@@ -21,8 +21,10 @@ from harness.models import (
     load_pipeline,
     parse_model_ref,
 )
-from harness.models.ldm import ldm_unet_module_name, save_sd15_single_file, unet_to_ldm
+from harness.models.ldm import ldm_unet_module_name
 from harness.models.tiny import build_clip_tokenizer, tiny_pipeline_dir
+
+from .single_file import save_sd15_single_file, unet_to_ldm
 
 
 def generate(loaded: LoadedModel, seed: int, prompt: str = "a photo of sks toy") -> np.ndarray:

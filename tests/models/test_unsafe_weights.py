@@ -93,7 +93,7 @@ def test_model_info_refuses_pickle_model(project: Path, suffix: str) -> None:
 
 
 def test_model_info_refuses_truncated_safetensors(project: Path, tiny_sd15: Any) -> None:
-    from harness.models.ldm import save_sd15_single_file
+    from .single_file import save_sd15_single_file
 
     path = save_sd15_single_file(tiny_sd15.pipeline, project / "model.safetensors")
     path.write_bytes(path.read_bytes()[:4096])

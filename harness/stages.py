@@ -167,6 +167,8 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     from harness.models import load_pipeline, resolve_device
     from harness.sweep import open_studies, run_sweep
     from harness.sweep.backend import HarnessBackend
+    from harness.sweep.progress import SweepProgress
+    from harness.sweep.runner import finished_runs
 
     cfg, subject = _load_subject(cfg, root)
     studies = open_studies(cfg, root)
@@ -175,4 +177,5 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     scorer.load_encoders()
     loaded = load_pipeline(cfg.model)
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
-    return run_sweep(cfg, root, backend, tracker, studies=studies)
+    sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
+    return run_sweep(cfg, root, backend, tracker, studies=studies, sinks=sinks)

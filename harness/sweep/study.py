@@ -231,7 +231,20 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
         pruner=make_pruner(cfg),
         load_if_exists=True,
     )
+    _name_metrics(cfg, points, runs, proxy)
     return Studies(points=points, runs=runs, proxy=proxy, storage_url=url)
+
+
+def _name_metrics(
+    cfg: HarnessConfig, points: optuna.Study, runs: optuna.Study, proxy: optuna.Study
+) -> None:
+    """Objective names for ``optuna-dashboard`` and ``study.metric_names`` (set once)."""
+    names = objective_names(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for study, metric in ((points, names), (runs, names), (proxy, ["proxy score"])):
+            if study.metric_names != metric:
+                study.set_metric_names(metric)
 
 
 @contextlib.contextmanager

@@ -130,3 +130,16 @@ def test_run_finished_reaches_every_sink_when_one_raises() -> None:
     with pytest.raises(RuntimeError, match="sink failed"):
         recorder.run_finished(run, RunEnd("failed", "x"))
     assert after.events == [("run_finished", 7, "failed")]
+
+
+def test_sweep_progress_bar_counts_runs_and_points(tmp_path: Path) -> None:
+    import io
+
+    from harness.sweep.progress import SweepProgress
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    out = io.StringIO()
+    run_sweep(cfg, tmp_path, FakeBackend(), sinks=[SweepProgress(cfg, file=out)])
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "sweep t" in last and "2/2" in last, last
+    assert "16 points" in last, last  # 2 runs x 2 checkpoints x 4 settings

@@ -150,3 +150,12 @@ def test_no_results_row_points_at_a_deleted_adapter(tmp_path: Path, keep: str) -
     summary_json = (tmp_path / "runs/sweep/summary.json").read_text()
     for row in summary.pareto:
         assert row["adapter"] is None or (tmp_path / row["adapter"]).is_dir(), summary_json
+
+
+def test_studies_name_their_objectives_for_optuna_dashboard(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, n_trials=1)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    url = f"sqlite:///{tmp_path / 'runs/sweep/study.db'}"
+    for name, metrics in (("t", ["dino", "clip_t"]), ("t.runs", ["dino", "clip_t"])):
+        assert optuna.load_study(study_name=name, storage=url).metric_names == metrics
+    assert optuna.load_study(study_name="t.proxy", storage=url).metric_names == ["proxy score"]

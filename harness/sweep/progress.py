@@ -1,0 +1,54 @@
+"""A sweep-level progress bar (runs, points, ETA), a sink like any other record consumer."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from harness.config import HarnessConfig
+from harness.sweep._base import RunEnd, RunSpec, ScoredPoint, SweepSink
+
+__all__ = ["SweepProgress"]
+
+
+class SweepProgress(SweepSink):
+    """One bar over the sweep's budget of training runs, above the trainer's per-run bars.
+
+    The budget counts every worker's runs, so the bar starts at the runs already finished and
+    its postfix counts this worker's evaluated points and the last run's status.
+    """
+
+    def __init__(self, cfg: HarnessConfig, done: int = 0, file: IO[str] | None = None) -> None:
+        self._bar = tqdm(
+            total=cfg.sweep.n_trials,
+            initial=done,
+            desc=f"sweep {cfg.sweep.study_name}",
+            unit="run",
+            position=0,
+            dynamic_ncols=True,
+            file=file or sys.stderr,
+        )
+        self._points = 0
+
+    def run_started(self, run: RunSpec) -> None:
+        self._bar.set_postfix_str(f"run {run.number} training, {self._points} points")
+
+    def proxy_scored(
+        self, run: RunSpec, step: int, scores: Mapping[str, float], value: float
+    ) -> None:
+        self._bar.set_postfix_str(f"run {run.number} step {step}, {self._points} points")
+
+    def point_scored(self, point: ScoredPoint) -> None:
+        self._points += 1
+        self._bar.set_postfix_str(f"run {point.run.number} evaluating, {self._points} points")
+
+    def run_finished(self, run: RunSpec, end: RunEnd) -> None:
+        if end.status != "interrupted":  # an interrupted run is retried, not finished
+            self._bar.update(1)
+        self._bar.set_postfix_str(f"run {run.number} {end.status}, {self._points} points")
+
+    def sweep_finished(self, summary: Any) -> None:
+        self._bar.close()

@@ -278,7 +278,7 @@ class TrackerSink(SweepSink):
 
 class ResultsTable(SweepSink):
     """The tidy results table (``results.{csv,parquet}``, ``summary.json``), rewritten after
-    every run so it is current while a sweep runs, and ``metrics.json`` for DVC at the end."""
+    every run so it is current while a sweep runs, and ``reports/metrics.json`` for DVC at the end."""
 
     def __init__(self, cfg: HarnessConfig, root: Path, studies: Studies) -> None:
         self.cfg, self.root, self.studies = cfg, root, studies

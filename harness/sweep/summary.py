@@ -2,7 +2,7 @@
 
 It holds the run and point counts, the results frame, the Pareto rows and the reference scores
 (base model, real photos); :func:`summarize` builds it from the studies. The recorder's sinks
-publish it: the results table and ``metrics.json`` (``dvc metrics show``), and the tracker's
+publish it: the results table and ``reports/metrics.json`` (``dvc metrics show``), and the tracker's
 ``summary`` task with the leaderboard and the figures made here (Pareto front, importances,
 parallel coordinates).
 """
@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-METRICS_JSON = "metrics.json"
+# Git-tracked (not under the ignored runs/), so that `dvc exp show` and `dvc metrics diff` can
+# read it from every commit and experiment.
+METRICS_FILE = "reports/metrics.json"
 
 
 @dataclass
@@ -171,7 +173,7 @@ def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
 
 
 def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path:
-    """``metrics.json``: run/point counts, best objectives, baseline and real ceiling."""
+    """``reports/metrics.json``: run/point counts, best objectives, baseline and real ceiling."""
     frame = summary.frame
     best = {
         o: float(frame[f"objective.{o}"].max()) if not frame.empty else None
@@ -188,6 +190,7 @@ def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path
         "best": best,
         **summary.references,
     }
-    path = root / cfg.sweep.dir / METRICS_JSON
+    path = root / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

@@ -62,7 +62,7 @@ def test_tiny_sweep_points_tables_adapters_and_images(
     csv = pd.read_csv(summary.results_csv)
     assert csv.shape == frame.shape and list(csv.columns) == list(frame.columns)
 
-    metrics = json.loads((root / "runs/sweep/metrics.json").read_text())
+    metrics = json.loads((root / "reports/metrics.json").read_text())
     assert metrics["runs"] == metrics["runs_completed"] == N_RUNS
     assert metrics["runs_pruned"] == metrics["runs_failed"] == 0
     assert metrics["points"] == len(frame)

@@ -67,6 +67,33 @@ class Postgres:
         """SQLAlchemy URL with ``password`` in it (trust auth ignores it)."""
         return f"postgresql+psycopg2://postgres:{password}@127.0.0.1:{self.port}/harness"
 
+    def password_url(self, password: str) -> str:
+        """URL of the role that must authenticate (its real password is PASSWORD_ROLE[1])."""
+        user = PASSWORD_ROLE[0]
+        return f"postgresql+psycopg2://{user}:{password}@127.0.0.1:{self.port}/{user}"
+
+
+# A role with password authentication (scram), for wrong-password tests; everyone else: trust.
+PASSWORD_ROLE = ("harness_pw", "Right-pw-123")
+
+
+def _add_password_role(data: Path, port: int) -> None:
+    """Create PASSWORD_ROLE and make it (only it) authenticate with its password."""
+    user, password = PASSWORD_ROLE
+    made = _as_postgres(
+        *("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"),
+        *("-c", f"CREATE ROLE {user} LOGIN PASSWORD '{password}'"),
+        *("-c", f"CREATE DATABASE {user} OWNER {user}"),  # its own: PG 15 locks schema public
+    )
+    assert made.returncode == 0, f"psql failed:\n{made.stderr}"
+    hba = data / "pg_hba.conf"
+    rule = f"host all {user} 127.0.0.1/32 scram-sha-256\n"
+    # The first matching line wins: the password rule goes before initdb's trust lines.
+    # (Rewritten in place, so the file keeps its owner, postgres.)
+    hba.write_text(rule + hba.read_text())
+    reloaded = _as_postgres("pg_ctl", "-D", str(data), "reload")
+    assert reloaded.returncode == 0, f"pg_ctl reload failed:\n{reloaded.stderr}"
+
 
 def postgres_missing_reason() -> str | None:
     """Why no cluster can be started here, or None."""
@@ -106,6 +133,7 @@ def postgres_server() -> Iterator[Postgres]:
             "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "harness"
         )
         assert created.returncode == 0, f"createdb failed:\n{created.stderr}"
+        _add_password_role(data, port)
         yield Postgres(port)
     finally:
         if started or (data / "postmaster.pid").exists():

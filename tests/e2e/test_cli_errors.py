@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 
 from ._helpers import cli_env, clone_project, harness_cmd
-from .conftest import Postgres
+from .conftest import PASSWORD_ROLE, Postgres
 
 PASSWORD = "Pw-wr0ng-77"
 
@@ -146,3 +146,19 @@ def test_tracking_import_against_a_dead_server_is_one_line(tmp_path: Path) -> No
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = _error_lines(proc)
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], proc.stderr
+
+
+def test_storage_with_a_wrong_password_is_one_line_and_masked(
+    prepared_template: Path, tmp_path: Path, postgres_server: Postgres
+) -> None:
+    project = clone_project(prepared_template, tmp_path / "p")
+    env = cli_env(tmp_path / "home")
+    # The role really authenticates: its right password opens the storage.
+    optuna.storages.RDBStorage(postgres_server.password_url(PASSWORD_ROLE[1]))
+    proc = _run(
+        project, "-S", f"sweep.storage={postgres_server.password_url(PASSWORD)}", "sweep", env=env
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "password authentication failed" in lines[0], proc.stderr[-3000:]
+    assert PASSWORD not in proc.stderr + proc.stdout

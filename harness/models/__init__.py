@@ -21,6 +21,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -297,6 +299,28 @@ def _load(ref: ModelRef, cfg: ModelConfig, dtype: torch.dtype, cache_root: Path 
     )
 
 
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """diffusers' and transformers' per-component loading bars, off while a pipeline loads:
+    a sweep loads and swaps often, and one log line with the load time says what they say."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = (
+        diffusers_logging.is_progress_bar_enabled(),
+        transformers_logging.is_progress_bar_enabled(),
+    )
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedModel:
     """Load the base pipeline named by ``cfg`` onto its device, in eval mode.
 
@@ -313,7 +337,8 @@ def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedMod
     dtype = resolve_dtype(cfg.dtype, device)
     started = time.perf_counter()
     try:
-        pipeline = _load(ref, cfg, dtype, cache_root)
+        with _no_loading_bars():
+            pipeline = _load(ref, cfg, dtype, cache_root)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:

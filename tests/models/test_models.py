@@ -237,3 +237,14 @@ def test_detect_family_from_configs_only() -> None:
     assert detect_family(sd) == "sd15"
     with pytest.raises(ModelLoadError, match="unsupported architecture"):
         detect_family(SimpleNamespace(unet=unet_xl, text_encoder=object(), text_encoder_2=None))
+
+
+def test_loading_shows_no_per_component_bars(capfd: pytest.CaptureFixture[str]) -> None:
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars repeat
+    on every load of a sweep; loading prints none, and leaves the libraries' setting as it was."""
+    from diffusers.utils import logging as diffusers_logging
+
+    load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err, err
+    assert diffusers_logging.is_progress_bar_enabled()

@@ -216,8 +216,6 @@ def generate_images(
     Returns:
         The generated images' records, in generation order.
     """
-    if adapter is not None:
-        resolve_adapter(adapter)  # refuse a missing or unsafe adapter before any work
     jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
     out_dir.mkdir(parents=True, exist_ok=True)
     total = len(jobs) * len(settings)

@@ -312,11 +312,6 @@ def _connect_config(task: Task, clean: Mapping[str, Any]) -> None:
         )
 
 
-# Task.set_offline() writes CLEARML_OFFLINE_MODE. (Task.init's CLEARML_PROC_MASTER_ID stays:
-# ClearML's exit hook reads it, and without it exits the process without flushing stdout.)
-_ENV_WRITTEN_BY_CLEARML = ("CLEARML_OFFLINE_MODE",)
-
-
 class _OfflineSwitch:
     """Process state one run changes, given back when it closes: ClearML's offline mode with
     in-thread reporting, and the console streams.
@@ -328,7 +323,7 @@ class _OfflineSwitch:
 
     def __init__(self, offline: bool) -> None:
         self.offline = offline
-        self._env_before: dict[str, str | None] = {}
+        self._env_before: str | None = None
         self._had_attr = False
         self._attr_before: Any = None
         self._streams: tuple[Any, Any] = (sys.stdout, sys.stderr)
@@ -336,7 +331,7 @@ class _OfflineSwitch:
 
     def enter(self) -> None:
         self._streams = (sys.stdout, sys.stderr)
-        self._env_before = {name: os.environ.get(name) for name in _ENV_WRITTEN_BY_CLEARML}
+        self._env_before = os.environ.get("CLEARML_OFFLINE_MODE")
         self._had_attr = "_report_subprocess_enabled" in vars(Task)
         self._attr_before = vars(Task).get("_report_subprocess_enabled")
         Task.set_offline(self.offline)
@@ -355,12 +350,13 @@ class _OfflineSwitch:
             setattr(Task, "_report_subprocess_enabled", self._attr_before)  # noqa: B010
         elif "_report_subprocess_enabled" in vars(Task):
             delattr(Task, "_report_subprocess_enabled")
-        # The next run's "auto" decision must not see our CLEARML_OFFLINE_MODE.
-        for name, value in self._env_before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        # Task.set_offline() wrote CLEARML_OFFLINE_MODE; give the user's value back so the next
+        # run's "auto" decision is not polluted by ours. (Task.init's CLEARML_PROC_MASTER_ID
+        # stays: ClearML's exit hook reads it, and without it exits without flushing stdout.)
+        if self._env_before is None:
+            os.environ.pop("CLEARML_OFFLINE_MODE", None)
+        else:
+            os.environ["CLEARML_OFFLINE_MODE"] = self._env_before
 
 
 class ClearMLRun(Run):

@@ -25,7 +25,7 @@ from harness.tracking import install_log_redaction
 
 app = typer.Typer(
     name="harness",
-    help="DreamBooth LoRA sweep harness: resolve, prepare, train, generate, sweep.",
+    help="DreamBooth LoRA sweep harness: resolve, prepare, train, generate, sweep, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -138,6 +138,42 @@ def config_validate() -> None:
     typer.echo(f"ok: preset {cfg.preset}, model {cfg.model.pretrained}")
 
 
+@config_app.command("compose")
+def config_compose(
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="Preset to select (default: config.yaml's).")
+    ] = None,
+) -> None:
+    """Write params.yaml from experiments/ exactly as `dvc exp run` composes it (run this after
+    editing experiments/ when you use plain `dvc repro`)."""
+
+    def body() -> tuple[Path, bool]:
+        from harness.compose import compose_params
+
+        return compose_params(project_root(), preset)
+
+    path, changed = run_command(body)
+    typer.echo(f"{'wrote' if changed else 'unchanged:'} {path}")
+
+
+@config_app.command("defaults")
+def config_defaults(
+    write: Annotated[
+        bool, typer.Option("--write", help="Write experiments/defaults.yaml instead of printing.")
+    ] = False,
+) -> None:
+    """Print (or write) every setting with its code default: experiments/defaults.yaml."""
+    from harness.compose import DEFAULTS_FILE, defaults_text
+
+    text = defaults_text()
+    if not write:
+        typer.echo(text, nl=False)
+        return
+    path = project_root() / DEFAULTS_FILE
+    path.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {path}")
+
+
 @app.command("model-info")
 def model_info() -> None:
     """Load the configured base model and print its family, device and size."""
@@ -167,9 +203,13 @@ def resolve_cmd(
     """Write resolved config sections and the raw-photo fingerprint (first DVC stage)."""
 
     def body() -> Path:
+        from harness.compose import check_params
         from harness.stages import run_resolve
 
-        return run_resolve(load(), project_root(), out)
+        cfg = load()
+        for note in check_params(_state.params, project_root()):
+            typer.echo(f"note: {note}", err=True)
+        return run_resolve(cfg, project_root(), out)
 
     typer.echo(f"resolved config and sources in {run_command(body)}")
 
@@ -245,16 +285,38 @@ def sweep_cmd() -> None:
 
         return run_sweep_stage(load(), project_root())
 
+    from harness.sweep.study import safe_storage_url
+
     summary = run_command(body)
     typer.echo(summary.describe())
+    typer.echo(f"study {summary.study_name}: optuna-dashboard {safe_storage_url(summary.storage)}")
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
     for row in summary.pareto[:5]:
-        scores = ", ".join(
-            f"{k[10:]}={v:.3f}" for k, v in row.items() if k.startswith("objective.")
-        )
+        scores = ", ".join(f"{o}={row[f'score.{o}']:.3f}" for o in summary.objectives)
         typer.echo(
-            f"  pareto: run {row['run_key']} step {row['eval.steps']} {row['setting_id']}: {scores}"
+            f"  pareto: run {row['run_key']} step {row['checkpoint_step']} "
+            f"{row['setting_id']}: {scores}"
         )
+
+
+@app.command("evaluate")
+def evaluate_cmd() -> None:
+    """Re-score the sweep's chosen points and the base model on fresh seeds.
+
+    The best of many noisy points overstates its own score (selection bias); the confirmation
+    score on seeds the sweep never used does not. Both are printed and tabled side by side.
+    """
+
+    def body() -> Any:
+        from harness.stages import run_evaluate_stage
+
+        return run_evaluate_stage(load(), project_root())
+
+    confirmation = run_command(body)
+    for line in confirmation.describe():
+        typer.echo(line)
+    typer.echo(f"results: {confirmation.results_csv} and {confirmation.results_parquet}")
+    typer.echo(f"metrics: {confirmation.metrics_path}")
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "EvaluateConfig",
     "HarnessConfig",
     "InferenceGrid",
     "InferenceSetting",
@@ -51,10 +52,11 @@ __all__ = [
     "available_presets",
     "load_config",
     "load_yaml",
+    "seed_overlap",
+    "seed_spans",
     "validate_config",
 ]
 
-PRESETS_DIR = "experiments"
 DEFAULT_PARAMS = "params.yaml"
 
 
@@ -538,6 +540,70 @@ class SweepConfig(_Strict):
         return self
 
 
+class EvaluateConfig(_Strict):
+    """The ``evaluate`` stage: the chosen points and the base model re-scored on fresh seeds.
+
+    The best of many noisy points overstates its own score (selection bias); the same point
+    re-scored on seeds the sweep never used (optionally on held-out prompts) does not.
+    """
+
+    top_k: int = Field(
+        5,
+        ge=1,
+        description="Most points re-scored: the sweep's best point by sweep.weights (when set) "
+        "and its Pareto front, ranked by the sweep's objective sum (see harness.sweep.select). "
+        "Their adapters are never removed by sweep.keep_adapters.",
+    )
+    prompts: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Held-out prompt templates ({token}, {class_name}); default: the sweep's "
+        "evaluation prompts.",
+    )
+    images_per_prompt: int | None = Field(
+        None, ge=1, description="Default: eval.images_per_prompt."
+    )
+    seed: int | None = Field(
+        None,
+        description="First confirmation seed; default: the first seed after every seed the "
+        "sweep uses. Confirmation seeds never overlap the sweep's.",
+    )
+    dir: str = Field("runs/evaluate", description="Confirmation images and results table.")
+
+
+def seed_spans(cfg: HarnessConfig) -> tuple[range, range]:
+    """``(sweep seeds, confirmation seeds)``.
+
+    The sweep uses ``eval.seed`` onwards: ``eval.images_per_prompt`` seeds per prompt, the
+    proxy's ``sweep.proxy.images_per_prompt`` and PRES's ``eval.prior_preservation_images``.
+    The confirmation uses as many (images per prompt, PRES) from ``evaluate.seed``, by default
+    right after the sweep's last seed, so the two never overlap unless a user's seed makes them.
+    """
+    ev = cfg.eval
+    count = max(
+        ev.images_per_prompt, cfg.sweep.proxy.images_per_prompt, ev.prior_preservation_images
+    )
+    swept = range(ev.seed, ev.seed + count)
+    fresh_count = max(
+        cfg.evaluate.images_per_prompt or ev.images_per_prompt, ev.prior_preservation_images
+    )
+    start = swept.stop if cfg.evaluate.seed is None else cfg.evaluate.seed
+    return swept, range(start, start + fresh_count)
+
+
+def seed_overlap(cfg: HarnessConfig) -> str | None:
+    """Why the confirmation seeds overlap the sweep's (a message naming the keys), or None."""
+    swept, fresh = seed_spans(cfg)
+    if fresh.start >= swept.stop or swept.start >= fresh.stop:
+        return None
+    return (
+        f"evaluate.seed={cfg.evaluate.seed} gives confirmation seeds {fresh.start}..{fresh.stop - 1}, "
+        f"which overlap the sweep's seeds {swept.start}..{swept.stop - 1} (eval.seed and its "
+        f"images per prompt, proxy and PRES seeds); use evaluate.seed >= {swept.stop} or "
+        f"<= {swept.start - len(fresh)}, or leave it unset"
+    )
+
+
 class HarnessConfig(_Strict):
     """The whole resolved configuration."""
 
@@ -550,6 +616,14 @@ class HarnessConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # type: ignore[arg-type]
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[arg-type]
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _fresh_confirmation_seeds(self) -> HarnessConfig:
+        problem = seed_overlap(self)
+        if problem:
+            raise _KeysError(("evaluate.seed", "eval.seed"), problem)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict of the resolved configuration."""
@@ -598,8 +672,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def available_presets(root: str | Path = ".") -> list[str]:
-    """Names of the presets in ``<root>/experiments``."""
-    return sorted(p.stem for p in (Path(root) / PRESETS_DIR).glob("*.yaml"))
+    """Names of the presets in ``<root>/experiments/preset``."""
+    from harness.compose import available_presets as names
+
+    return names(root)
 
 
 # Mappings whose values are whole specs ("*" matches any key): a later file replaces such a value
@@ -747,7 +823,13 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     root: str | Path | None = None,
 ) -> HarnessConfig:
-    """Load ``params.yaml`` on top of the preset it names, then validate strictly.
+    """Load ``params.yaml``, then validate strictly.
+
+    A composed ``params.yaml`` (every section, as ``dvc exp run`` or ``harness config compose``
+    writes it) is the whole config and is used as is. A hand-written one with only ``preset:``
+    and a few keys is merged over the composition of ``experiments/`` with that preset. ``-S
+    preset=<name>`` recomposes from ``experiments/`` (params.yaml is then not read), as ``dvc exp
+    run -S preset=<name>`` does. Other overrides apply last.
 
     Args:
         params: path of the params file.
@@ -757,33 +839,65 @@ def load_config(
     Raises:
         ConfigError: with one line per problem, each naming the file and the dotted key path.
     """
+    from harness.compose import compose, is_composed
+
     params = Path(params)
     root = Path(root) if root is not None else params.parent
     user = load_yaml(params)
-    # The preset named on the command line wins over the one params.yaml names.
-    if overrides and "preset" in overrides:
-        preset, preset_source = overrides["preset"], "command line"
-    else:
-        preset, preset_source = user.get("preset", "tiny-cpu"), str(params)
-    if not isinstance(preset, str):
-        raise ConfigError([f"{preset_source}: preset: expected str, got {type(preset).__name__}"])
-    preset_file = root / PRESETS_DIR / f"{preset}.yaml"
-    if not preset_file.is_file():
-        names = ", ".join(available_presets(root)) or "none found"
-        raise ConfigError(
-            [f"{preset_source}: preset: unknown preset {preset!r}; available: {names}"]
-        )
-    preset_label = f"{PRESETS_DIR}/{preset_file.name}"
-    origin: dict[tuple[str, ...], str] = {}
-    base = load_yaml(preset_file)
-    if "preset" in base:
-        raise ConfigError([f"{preset_label}: preset: a preset cannot name another preset"])
-    merged = _merge({}, base, origin, preset_label)
-    merged = _merge(merged, user, origin, str(params))
-    merged["preset"] = preset
+    switching = bool(overrides) and "preset" in (overrides or {})
+    preset, source = (overrides or {}).get("preset"), "command line"
+    if not switching:
+        preset, source = user.get("preset"), str(params)
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError([f"{source}: preset: expected str, got {type(preset).__name__}"])
+    composition = compose(root, preset, source)
+    merged, origin = composition.data, composition.origin
+    if not (switching and is_composed(user)):
+        # A partial params.yaml keeps its overrides across a preset switch; a composed one
+        # belongs to the preset it was composed with.
+        user = {k: v for k, v in user.items() if not (switching and k == "preset")}
+        merged, origin = _apply_params(merged, origin, user, str(params))
     if overrides:
         merged = _merge(merged, overrides, origin, "command line")
     return validate_config(merged, origin, str(params))
+
+
+_MISSING = object()
+
+
+def _value_at(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, Mapping) or key not in data:
+            return _MISSING
+        data = data[key]
+    return data
+
+
+def _apply_params(
+    base: dict[str, Any],
+    origin: dict[tuple[str, ...], str],
+    user: dict[str, Any],
+    label: str,
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``params.yaml`` applied to the composition of ``experiments/``: ``(config, origin)``.
+
+    A composed params.yaml replaces the composition (a key deleted from it stays deleted); its
+    keys that still equal the composition keep their experiments/ file as origin, so an error
+    in a preset's value names the preset. A partial one is merged over the composition.
+    """
+    from harness.compose import is_composed
+
+    if not is_composed(user):
+        return _merge(base, user, origin, label), origin
+    mine: dict[tuple[str, ...], str] = {}
+    _record(mine, user, label, ())
+    same = {
+        path: src
+        for path, src in origin.items()
+        if path in mine and _value_at(user, path) == _value_at(base, path)
+    }
+    # Differing keys come last: in `origin` the last hit is the highest-priority source.
+    return dict(user), {**same, **{p: label for p in mine if p not in same}}
 
 
 def parse_override(item: str) -> dict[str, Any]:

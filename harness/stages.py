@@ -2,14 +2,18 @@
 whose thin command calls one function here).
 
 ``resolve``
-    always runs (cheap): writes each resolved config section to ``runs/resolved/<section>.json``
-    and a fingerprint of the subject's raw photos to ``runs/resolved/source.json``. Later stages
-    depend on these files, so DVC reruns exactly the stages whose inputs really changed, whether
-    the change came from ``params.yaml``, a preset in ``experiments/`` or new photos.
+    always runs (cheap): validates the config, writes each resolved config section to
+    ``runs/resolved/<section>.json`` (secrets masked, for people) and a fingerprint of the
+    subject's raw photos to ``runs/resolved/source.json``, on which ``prepare`` depends (the
+    stages declare their settings as DVC params of ``params.yaml``).
 ``prepare``
     the dataset stage (:mod:`harness.data`).
 ``sweep``
     the Optuna sweep (:mod:`harness.sweep`) with the real backend.
+``evaluate``
+    the sweep's chosen points and the base model re-scored on fresh seeds
+    (:mod:`harness.sweep.confirm`): confirmation scores next to the selection-biased sweep
+    scores, and ``reports/metrics.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from harness.config import HarnessConfig
 __all__ = [
     "RESOLVED_DIR",
     "prepared_subject_dir",
+    "run_evaluate_stage",
     "run_generate",
     "run_prepare",
     "run_resolve",
@@ -179,3 +184,36 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(cfg, root, backend, tracker, studies=studies, sinks=sinks)
+
+
+def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> Any:
+    """The evaluate stage: re-score the sweep's chosen points and the base model on fresh seeds.
+
+    Fails fast, cheapest check first and before any model loads: the prepared subject, the
+    sweep's results table (missing, no points), the selected points' adapters (deleted, unsafe
+    weights), the confirmation seeds, the prompts; then the metric encoders and the model.
+    Returns the :class:`harness.sweep.confirm.Confirmation` (table and paths).
+    """
+    from harness.evaluate import make_scorer
+    from harness.generate import resolve_adapter
+    from harness.models import load_pipeline, resolve_device
+    from harness.sweep.backend import HarnessBackend, evaluation_templates
+    from harness.sweep.confirm import (
+        confirm_points,
+        confirmation_config,
+        read_sweep_results,
+        selected_points,
+        write_confirmation,
+    )
+
+    cfg, subject = _load_subject(cfg, root)
+    selected = selected_points(cfg, root, read_sweep_results(cfg, root))
+    for adapter in selected["adapter"]:
+        resolve_adapter(root / adapter)
+    fresh = confirmation_config(cfg)
+    evaluation_templates(fresh, subject)
+    scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
+    scorer.load_encoders()
+    backend = HarnessBackend(fresh, load_pipeline(cfg.model), subject, scorer, progress=progress)
+    confirmation = confirm_points(cfg, root, selected, backend, progress=progress)
+    return write_confirmation(cfg, root, confirmation)

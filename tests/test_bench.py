@@ -44,8 +44,7 @@ def test_bench_on_the_tiny_preset_prints_positive_finite_ratios(
     for name in ("HARNESS_CACHE_DIR", "METRICS_CACHE_DIR"):
         monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / name)))
     # The real default preset, shrunk to the smallest sizes.
-    (tmp_path / "experiments").mkdir()
-    shutil.copy2(repo_root / "experiments/tiny-cpu.yaml", tmp_path / "experiments")
+    shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
     params = {
         "preset": "tiny-cpu",
         "model": {"device": "cpu"},

@@ -173,15 +173,17 @@ def test_space_entry_in_params_replaces_the_presets_range(project: Path) -> None
         "log": False,
         "step": None,
     }
-    assert space["rank"]["choices"] == [2, 4]  # the preset's other entries stay
+    assert space["dropout"]["choices"] == [0.0, 0.1]  # the preset's other entries stay
     space = show_json(project, "-S", "sweep.space.rank={low: 2, high: 8}")["sweep"]["space"]
     assert (space["rank"]["choices"], space["rank"]["low"], space["rank"]["high"]) == (None, 2, 8)
 
 
 def test_weights_in_params_replace_the_presets(project: Path) -> None:
-    preset = yaml.safe_load((project / "experiments" / "tiny-cpu.yaml").read_text())
+    preset = yaml.safe_load((project / "experiments/preset/tiny-cpu.yaml").read_text())
     preset["sweep"]["weights"] = {"dino": 0.7, "clip_t": 0.3}
-    (project / "experiments" / "weighted.yaml").write_text(yaml.safe_dump(preset))
+    preset["preset"] = "weighted"
+    text = "# @package _global_\n" + yaml.safe_dump(preset)
+    (project / "experiments/preset/weighted.yaml").write_text(text)
     (project / "params.yaml").write_text("preset: weighted\nsweep:\n  weights: {clip_i: 1.0}\n")
     assert show_json(project)["sweep"]["weights"] == {"clip_i": 1.0}
 

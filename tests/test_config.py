@@ -18,10 +18,17 @@ from harness.config import (
 
 
 def write_project(tmp_path: Path, params: str, presets: dict[str, str] | None = None) -> Path:
-    """A minimal project: params.yaml plus experiments/<name>.yaml files."""
-    (tmp_path / "experiments").mkdir()
-    for name, text in (presets or {"base": "train:\n  rank: 4\n"}).items():
-        (tmp_path / "experiments" / f"{name}.yaml").write_text(text)
+    """A minimal project: params.yaml plus a Hydra config dir, experiments/config.yaml selecting
+    the first of experiments/preset/<name>.yaml (each gets the package header and its name)."""
+    folder = tmp_path / "experiments" / "preset"
+    folder.mkdir(parents=True)
+    presets = presets or {"base": "train:\n  rank: 4\n"}
+    for name, text in presets.items():
+        (folder / f"{name}.yaml").write_text(f"# @package _global_\npreset: {name}\n{text}")
+    first = next(iter(presets))
+    (tmp_path / "experiments" / "config.yaml").write_text(
+        f"defaults:\n  - preset: {first}\n  - _self_\n"
+    )
     params_file = tmp_path / "params.yaml"
     params_file.write_text(params)
     return params_file
@@ -79,7 +86,9 @@ def test_params_override_preset(tmp_path: Path) -> None:
 
 def test_error_names_preset_file_and_key(tmp_path: Path) -> None:
     params = write_project(tmp_path, "preset: sd15-lora\n", {"sd15-lora": "train:\n  rank: 0\n"})
-    assert errors_of(params) == ["experiments/sd15-lora.yaml: train.rank: must be >= 1, got 0"]
+    assert errors_of(params) == [
+        "experiments/preset/sd15-lora.yaml: train.rank: must be >= 1, got 0"
+    ]
 
 
 def test_error_names_params_file_when_override_is_bad(tmp_path: Path) -> None:
@@ -324,7 +333,9 @@ def test_section_error_ignores_unrelated_later_keys(tmp_path: Path) -> None:
         {"base": "data:\n  val_fraction: 0.9\n  min_images: 3\n"},
     )
     (problem,) = errors_of(params)
-    assert problem.startswith("experiments/base.yaml: data: val_fraction=0.9 leaves no training")
+    assert problem.startswith(
+        "experiments/preset/base.yaml: data: val_fraction=0.9 leaves no training"
+    )
 
 
 def test_train_section_error_blames_the_command_line(tmp_path: Path) -> None:

@@ -19,9 +19,10 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.sweep._base import RunEnd, RunSpec, ScoredPoint, SweepSink
+from harness.sweep.plots import write_plots
 from harness.sweep.results import points_frame, write_results
 from harness.sweep.space import point_params
-from harness.sweep.study import Studies, objective_names
+from harness.sweep.study import Studies, objective_names, train_settings
 from harness.tracking.base import NullRun, Run, Tracker
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ class StudySink(SweepSink):
             "scores": measured.scores,
             "setting_id": measured.setting.id,
             "scheduler": measured.setting.scheduler,
+            # The run's own training settings, fixed ones too: columns of the results table.
+            "train": train_settings(point.run.cfg),
             **measured.extra,
         }
 
@@ -277,8 +280,9 @@ class TrackerSink(SweepSink):
 
 
 class ResultsTable(SweepSink):
-    """The tidy results table (``results.{csv,parquet}``, ``summary.json``), rewritten after
-    every run so it is current while a sweep runs, and ``reports/metrics.json`` for DVC at the end."""
+    """The tidy results table (``results.{csv,parquet}``, ``summary.json``) and the DVC plot
+    files (:mod:`harness.sweep.plots`), rewritten after every run so they are current while a
+    sweep runs, and the metrics file for DVC at the end."""
 
     def __init__(self, cfg: HarnessConfig, root: Path, studies: Studies) -> None:
         self.cfg, self.root, self.studies = cfg, root, studies
@@ -287,9 +291,11 @@ class ResultsTable(SweepSink):
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
         write_results(frame, self.root / self.cfg.sweep.dir, objectives)
+        write_plots(self.cfg, frame, self.studies.runs, self.root / self.cfg.sweep.dir)
 
     def sweep_finished(self, summary: SweepSummary) -> None:
         from harness.sweep.summary import write_metrics
 
         write_results(summary.frame, self.root / self.cfg.sweep.dir, objective_names(self.cfg))
+        write_plots(self.cfg, summary.frame, self.studies.runs, self.root / self.cfg.sweep.dir)
         write_metrics(self.cfg, self.root, summary)

@@ -1,10 +1,31 @@
 """The tidy results table: one row per evaluated point, written as parquet and CSV.
 
-Columns: ``point`` (trial number in the points study), ``run_trial``, ``run_key``, every
-parameter (``train.*`` and ``eval.*``), the objective values (``objective.<name>``), every score
-with its bootstrap interval (``score.<metric>``, ``score.<metric>_lo``, ``score.<metric>_hi``),
-``pareto`` (on the study's Pareto front, or the best point of a single-objective sweep), and the
-paths of the adapter and the images.
+Columns, left to right:
+
+``point``, ``run_trial``, ``run_key``
+    the trial number in the points study, the training run's trial number in ``S.runs`` and
+    its stable key (:func:`harness.sweep.runner.run_key`).
+``train.<field>``
+    every training setting of the run that changes results: the searched ones (``sweep.space``)
+    from the trial's parameters, the fixed ones from the run's config, leaving out what
+    :func:`harness.sweep.study.train_settings` leaves out (output folders). Rows of two
+    configurations therefore never look alike. Lists (``checkpoint_steps``,
+    ``target_modules``, ...) are JSON strings, so the table stays flat in CSV and parquet and
+    equal strings mean equal lists; ``checkpoint_steps`` is the run's effective list (steps past
+    a sampled ``max_steps`` dropped, ``max_steps`` added).
+``checkpoint_step``
+    the training step of the evaluated checkpoint.
+``eval.<dimension>``
+    the inference setting (guidance, LoRA scales, inference steps).
+``score.<metric>``, ``score.<metric>_lo``, ``score.<metric>_hi``
+    every score with its bootstrap interval. The study's objectives are scores already
+    (``score.dino``, ``score.clip_t``); an objective that is not one gets a score column of its
+    own: ``score.weighted`` in a sweep with ``sweep.weights``.
+``pareto``
+    on the study's Pareto front, or the best point of a single-objective sweep.
+``setting_id``, ``scheduler``, ``n_images``, ``adapter``, ``images_dir``, ``adapter_removed``
+    the inference setting's id and scheduler, the number of scored images, the paths of the
+    adapter and the images, and whether ``sweep.keep_adapters`` removed the adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +39,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from harness.sweep.space import CHECKPOINT_STEP, EVAL_PREFIX, TRAIN_PREFIX
 from harness.sweep.study import objective_names
 
 if TYPE_CHECKING:
@@ -49,7 +71,7 @@ def _front(study: optuna.Study) -> set[int]:
 def points_frame(
     study: optuna.Study, objectives: list[str], root: Path | None = None
 ) -> pd.DataFrame:
-    """All completed points of ``study`` as a DataFrame (stable column order).
+    """All completed points of ``study`` as a DataFrame (columns in the module's order).
 
     With ``root`` (the project root the adapter paths are relative to), a point whose adapter
     was removed (``sweep.keep_adapters``) gets ``adapter`` None and ``adapter_removed`` True,
@@ -64,19 +86,57 @@ def points_frame(
             "run_trial": attrs.get("run_trial"),
             "run_key": attrs.get("run_key"),
         }
-        row.update(dict(sorted(trial.params.items())))
-        assert trial.values is not None
-        row.update({f"objective.{n}": v for n, v in zip(objectives, trial.values, strict=True)})
-        row.update({f"score.{k}": v for k, v in sorted(attrs.get("scores", {}).items())})
+        row.update(_parameters(trial))
+        row.update(_scores(trial, objectives))
         row["pareto"] = trial.number in front
-        for key in ("setting_id", "scheduler", "n_images", "adapter", "images_dir"):
+        for key in _POINT_ATTRS:
             row[key] = attrs.get(key)
         if root is not None:
             row["adapter_removed"] = bool(row["adapter"]) and not (root / row["adapter"]).is_dir()
             if row["adapter_removed"]:
                 row["adapter"] = None
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame[sorted(frame.columns, key=_column_order)]
+
+
+_LEADING = ("point", "run_trial", "run_key")
+_POINT_ATTRS = ("setting_id", "scheduler", "n_images", "adapter", "images_dir")
+_TRAILING = (*_POINT_ATTRS, "adapter_removed")
+
+
+def _column_order(column: str) -> tuple[int, int, str]:
+    """Sort key: identity, ``train.*``, ``checkpoint_step``, ``eval.*``, ``score.*``,
+    ``pareto``, then the setting and the paths."""
+    if column in _LEADING:
+        return 0, _LEADING.index(column), ""
+    for group, prefix in enumerate((TRAIN_PREFIX, CHECKPOINT_STEP, EVAL_PREFIX, "score."), 1):
+        if column.startswith(prefix):
+            return group, 0, column
+    if column == "pareto":
+        return 5, 0, ""
+    return 6, _TRAILING.index(column) if column in _TRAILING else len(_TRAILING), column
+
+
+def _parameters(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """``train.*`` (the run's fixed settings, then the trial's searched ones over them),
+    ``checkpoint_step`` and ``eval.*``; lists and mappings as JSON strings."""
+    params: dict[str, Any] = {
+        TRAIN_PREFIX + k: v for k, v in trial.user_attrs.get("train", {}).items()
+    }
+    params.update(trial.params)
+    return {
+        k: json.dumps(v) if isinstance(v, list | tuple | dict) else v for k, v in params.items()
+    }
+
+
+def _scores(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict[str, Any]:
+    """``score.*`` of the point, plus each objective that is not a score (``weighted``)."""
+    scores = dict(trial.user_attrs.get("scores", {}))
+    assert trial.values is not None
+    for name, value in zip(objectives, trial.values, strict=True):
+        scores.setdefault(name, value)
+    return {f"score.{k}": v for k, v in scores.items()}
 
 
 def pareto_rows(frame: pd.DataFrame, objectives: list[str]) -> list[dict[str, Any]]:
@@ -85,7 +145,7 @@ def pareto_rows(frame: pd.DataFrame, objectives: list[str]) -> list[dict[str, An
         return []
     front = frame[frame["pareto"]]
     if objectives:
-        front = front.sort_values(f"objective.{objectives[0]}", ascending=False)
+        front = front.sort_values(f"score.{objectives[0]}", ascending=False)
     return list(json.loads(front.to_json(orient="records")))
 
 
@@ -113,13 +173,21 @@ def write_results(
 
 def remove_unkept_adapters(cfg: HarnessConfig, root: Path, studies: Studies) -> None:
     """Delete checkpoints of finished runs that ``sweep.keep_adapters`` does not keep (before
-    the final results table is written, so that its rows mark them removed)."""
+    the final results table is written, so that its rows mark them removed).
+
+    The points the ``evaluate`` stage re-scores (:func:`harness.sweep.select.select_points`,
+    at most ``evaluate.top_k``) always keep theirs: ``best`` keeps exactly those, ``pareto``
+    also every point of the study's Pareto front.
+    """
+    from harness.sweep.select import select_points
+
     if cfg.sweep.keep_adapters == "all":
         return
-    objectives = objective_names(cfg)
-    front = pareto_rows(points_frame(studies.points, objectives), objectives)
-    keep_points = front if cfg.sweep.keep_adapters == "pareto" else front[:1]
-    keep = {(root / p["adapter"]).resolve() for p in keep_points if p["adapter"]}
+    frame = points_frame(studies.points, objective_names(cfg))
+    keep_points = [] if frame.empty else [select_points(cfg, frame)]
+    if cfg.sweep.keep_adapters == "pareto" and not frame.empty:
+        keep_points.append(frame[frame["pareto"]])
+    keep = {(root / a).resolve() for rows in keep_points for a in rows["adapter"] if a}
     for trial in studies.runs.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
     ):

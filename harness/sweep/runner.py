@@ -135,7 +135,11 @@ class _Objective:
         params = sample_training_params(trial, self.cfg.sweep)
         run_cfg = with_training_params(self.cfg, params)
         key = run_key(run_cfg)
-        run_dir = self.root / self.cfg.sweep.dir / "runs" / key
+        # Per study: another configuration's run of the same training settings keeps its own
+        # evaluation outputs.
+        run_dir = (
+            self.root / self.cfg.sweep.dir / "runs" / (self.studies.studies.name or "study") / key
+        )
         return RunSpec(trial.number, key, params, run_cfg, run_dir, trial)
 
     def _train_and_evaluate(self, run: RunSpec) -> RunEnd:

@@ -3,9 +3,10 @@
 Two kinds of dimensions exist:
 
 * **training parameters** (``sweep.space``): sampled by the Optuna sampler once per training run;
-* **evaluated dimensions**: the checkpoint step and the inference setting (guidance, LoRA
-  scales, inference steps). They are not sampled: every surviving run evaluates all its
-  checkpoints under every inference setting of ``sweep.inference``, on one loaded pipeline.
+* **evaluated dimensions**: the checkpoint step (``checkpoint_step``) and the inference setting
+  (``eval.<dimension>``: guidance, LoRA scales, inference steps). They are not sampled: every
+  surviving run evaluates all its checkpoints under every inference setting of
+  ``sweep.inference``, on one loaded pipeline.
 
 Every evaluated point is recorded with *all* dimensions as parameters, with fixed, documented
 distributions, so that Optuna's Pareto front and parameter importances cover steps and scales.
@@ -33,7 +34,9 @@ from harness.config import (
 )
 
 __all__ = [
+    "CHECKPOINT_STEP",
     "EVAL_PREFIX",
+    "TRAIN_PREFIX",
     "evaluated_distributions",
     "grid_search_space",
     "inference_settings",
@@ -43,9 +46,11 @@ __all__ = [
     "with_training_params",
 ]
 
-# Evaluated dimensions carry this prefix in the study, training parameters ``train.``.
+# Inference dimensions carry this prefix in the study, training parameters ``train.``; the
+# checkpoint step is a parameter of its own (it is neither an ``eval`` nor a ``train`` setting).
 EVAL_PREFIX = "eval."
 TRAIN_PREFIX = "train."
+CHECKPOINT_STEP = "checkpoint_step"
 
 
 def _distribution(spec: ParamSpec | float | int | bool | str) -> BaseDistribution:
@@ -72,7 +77,7 @@ def evaluated_distributions(cfg: HarnessConfig) -> dict[str, BaseDistribution]:
     """Distributions of the evaluated dimensions: checkpoint step and inference settings."""
     grid = cfg.sweep.inference
     out: dict[str, BaseDistribution] = {
-        EVAL_PREFIX + "steps": IntDistribution(1, _max_possible_steps(cfg))
+        CHECKPOINT_STEP: IntDistribution(1, _max_possible_steps(cfg))
     }
     for name in INFERENCE_DIMENSIONS:
         values = getattr(grid, name)
@@ -150,10 +155,11 @@ def inference_settings(cfg: HarnessConfig) -> list[InferenceSetting]:
 
 
 def point_params(
-    training: Mapping[str, Any], steps: int, setting: InferenceSetting
+    training: Mapping[str, Any], checkpoint_step: int, setting: InferenceSetting
 ) -> dict[str, Any]:
-    """All parameters of one evaluated point, with the study's prefixes."""
+    """All parameters of one evaluated point: ``train.*`` (searched), ``checkpoint_step`` and
+    ``eval.*`` (the inference setting's dimensions)."""
     params: dict[str, Any] = {TRAIN_PREFIX + k: v for k, v in training.items()}
-    params[EVAL_PREFIX + "steps"] = steps
+    params[CHECKPOINT_STEP] = checkpoint_step
     params.update({EVAL_PREFIX + k: v for k, v in setting.dimensions().items()})
     return params

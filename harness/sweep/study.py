@@ -1,6 +1,10 @@
 """Optuna studies of a sweep: storage, samplers, pruners, and the refusal of mismatched resumes.
 
-A sweep named ``S`` keeps three studies in one storage:
+A sweep's identity is ``<sweep.study_name>-<fingerprint>`` (:func:`study_id`), the fingerprint
+hashing everything that changes what an evaluated point means (:func:`study_signature`): a
+changed training, data, model or evaluation setting opens a fresh study (and never reports
+another configuration's results), and switching back resumes the old one. A study ``S`` is
+three studies in one storage:
 
 ``S.runs``
     one trial per training run; the sampler proposes the training parameters here. Its values
@@ -22,8 +26,10 @@ then resumes from the run's last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,8 +56,11 @@ __all__ = [
     "objective_names",
     "open_studies",
     "recover_dead_runs",
+    "safe_storage_url",
     "storage_url",
+    "study_id",
     "study_signature",
+    "train_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +79,7 @@ class Studies:
     runs: optuna.Study
     proxy: optuna.Study
     storage_url: str
+    name: str = ""
 
 
 def objective_names(cfg: HarnessConfig) -> list[str]:
@@ -161,6 +171,12 @@ _SWEEP_EVAL_KEYS = (
 )
 
 
+def train_settings(cfg: HarnessConfig) -> dict[str, Any]:
+    """Every ``train`` setting of ``cfg`` that changes what a point means (JSON values): all
+    but those of the exclusion list :func:`study_signature` uses too (the output folder)."""
+    return cfg.train.model_dump(mode="json", exclude=_NOT_MEANING["train"])
+
+
 def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
     """Everything that changes what an evaluated point means, so a resume cannot mix points of
     two setups: objectives, search space, the fixed training settings (not the searched ones),
@@ -183,12 +199,42 @@ def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
     }
 
 
+def study_id(cfg: HarnessConfig) -> str:
+    """``<sweep.study_name>-<8 hex>``: the study this configuration's points belong to."""
+    payload = json.dumps(study_signature(cfg), sort_keys=True).encode()
+    return f"{cfg.sweep.study_name}-{hashlib.sha256(payload).hexdigest()[:8]}"
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """One line per differing leaf, e.g. ``train.lr_warmup_steps: 0 -> 5``."""
+    from harness.compose import differences
+
     return [
-        f"{key}: study has {json.dumps(old.get(key))}, config has {json.dumps(new.get(key))}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
+        f"{key}: {json.dumps(was)} -> {json.dumps(now)}" for key, now, was in differences(new, old)
     ]
+
+
+def _log_new_study(storage: RDBStorage, prefix: str, name: str, signature: dict[str, Any]) -> None:
+    """Say why a new study starts: what differs from the latest other study of the same
+    ``sweep.study_name`` (its results are kept and come back when the config does)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-[0-9a-f]{{8}}\.runs$")
+    siblings = [
+        s
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if pattern.match(s.study_name) and s.study_name != f"{name}.runs"
+    ]
+    if not siblings:
+        logger.info("new study %s", name)
+        return
+    latest = max(siblings, key=lambda s: (s.datetime_start is not None, s.datetime_start or 0))
+    old = latest.user_attrs.get(SIGNATURE_ATTR) or {}
+    logger.info(
+        "new study %s: the configuration differs from study %s (kept; switching back "
+        "resumes it) in:\n  %s",
+        name,
+        latest.study_name.removesuffix(".runs"),
+        "\n  ".join(_differences(old, signature)),
+    )
 
 
 def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
@@ -203,7 +249,7 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
         storage = _storage(url, cfg)
         # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
         plain = RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-    name = cfg.sweep.study_name
+    name = study_id(cfg)
     signature = study_signature(cfg)
     runs = optuna.create_study(
         study_name=f"{name}.runs",
@@ -214,10 +260,11 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
     runs.sampler = make_sampler(cfg, resumed_runs=len(runs.get_trials(deepcopy=False)))
     stored = runs.user_attrs.get(SIGNATURE_ATTR)
     if stored is None:
+        _log_new_study(storage, cfg.sweep.study_name, name, signature)
         runs.set_user_attr(SIGNATURE_ATTR, signature)
     elif stored != signature:
         raise SweepError(
-            f"sweep.study_name: study {name!r} in {_safe_url(url)} was created with a different "
+            f"sweep.study_name: study {name!r} in {safe_storage_url(url)} was created with a different "
             "configuration; use a new sweep.study_name (or restore the old config) to continue:\n  "
             + "\n  ".join(_differences(stored, signature))
         )
@@ -232,7 +279,7 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
         load_if_exists=True,
     )
     _name_metrics(cfg, points, runs, proxy)
-    return Studies(points=points, runs=runs, proxy=proxy, storage_url=url)
+    return Studies(points=points, runs=runs, proxy=proxy, storage_url=url, name=name)
 
 
 def _name_metrics(
@@ -260,7 +307,7 @@ def _storage_errors(url: str) -> Iterator[None]:
         if password:
             reason = reason.replace(password, "***")
         raise SweepError(
-            f"sweep.storage: cannot open {_safe_url(url)}: {_safe_url(reason)}"
+            f"sweep.storage: cannot open {safe_storage_url(url)}: {safe_storage_url(reason)}"
         ) from None
 
 
@@ -303,7 +350,7 @@ def fail_orphan_proxies(studies: Studies) -> None:
             logger.debug("proxy trial %d finished concurrently", proxy.number)
 
 
-def _safe_url(url: str) -> str:
+def safe_storage_url(url: str) -> str:
     """The storage URL with any password masked (it goes into messages and logs)."""
     from harness.tracking import redact_text
 

@@ -2,8 +2,8 @@
 
 It holds the run and point counts, the results frame, the Pareto rows and the reference scores
 (base model, real photos); :func:`summarize` builds it from the studies. The recorder's sinks
-publish it: the results table and ``reports/metrics.json`` (``dvc metrics show``), and the tracker's
-``summary`` task with the leaderboard and the figures made here (Pareto front, importances,
+publish it: the results table and ``<sweep.dir>/metrics.json`` (the evaluate stage writes
+``reports/metrics.json``), and the tracker's ``summary`` task with the leaderboard and the figures made here (Pareto front, importances,
 parallel coordinates).
 """
 
@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-# Git-tracked (not under the ignored runs/), so that `dvc exp show` and `dvc metrics diff` can
-# read it from every commit and experiment.
-METRICS_FILE = "reports/metrics.json"
+# In sweep.dir (runs/sweep/metrics.json), beside the results table. The git-tracked
+# reports/metrics.json that `dvc exp show` reads belongs to the evaluate stage
+# (harness.sweep.confirm), whose confirmation scores are not selection-biased.
+METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -60,6 +61,7 @@ class SweepSummary:
     points_study: optuna.Study = field(repr=False)
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     started_runs_this_call: int = 0
+    objectives: list[str] = field(default_factory=list)  # their ``score.<name>`` columns
 
     def describe(self) -> str:
         """One human sentence on runs versus evaluated points."""
@@ -87,7 +89,7 @@ def summarize(
     frame = points_frame(studies.points, objectives, root)
     csv_path, parquet_path = results_paths(root / cfg.sweep.dir)
     return SweepSummary(
-        study_name=cfg.sweep.study_name,
+        study_name=studies.name or cfg.sweep.study_name,
         storage=studies.storage_url,
         runs_total=len(runs),
         runs_completed=sum(t.state == TrialState.COMPLETE for t in runs),
@@ -101,14 +103,16 @@ def summarize(
         frame=frame,
         points_study=studies.points,
         references=dict(references or {}),
+        objectives=objectives,
     )
 
 
 def leaderboard(frame: pd.DataFrame, objectives: list[str], top: int = 20) -> pd.DataFrame:
-    """The ``top`` points by mean objective, Pareto points flagged."""
+    """The ``top`` points by mean objective (their ``score.<objective>`` columns), Pareto
+    points flagged."""
     if frame.empty:
         return frame
-    cols = [f"objective.{o}" for o in objectives]
+    cols = [f"score.{o}" for o in objectives]
     ranked = frame.assign(mean_objective=frame[cols].mean(axis=1))
     ranked = ranked.sort_values("mean_objective", ascending=False).head(top)
     keep = [c for c in ranked.columns if not c.endswith(("adapter", "images_dir"))]
@@ -173,13 +177,15 @@ def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
 
 
 def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path:
-    """``reports/metrics.json``: run/point counts, best objectives, baseline and real ceiling."""
+    """``<sweep.dir>/metrics.json``: run/point counts, best objectives, baseline and real
+    ceiling (the sweep's own scores; ``reports/metrics.json`` is the evaluate stage's)."""
     frame = summary.frame
     best = {
-        o: float(frame[f"objective.{o}"].max()) if not frame.empty else None
+        o: float(frame[f"score.{o}"].max()) if not frame.empty else None
         for o in objective_names(cfg)
     }
     data = {
+        "study": summary.study_name,
         "runs": summary.runs_total,
         "runs_completed": summary.runs_completed,
         "runs_pruned": summary.runs_pruned,
@@ -190,7 +196,7 @@ def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path
         "best": best,
         **summary.references,
     }
-    path = root / METRICS_FILE
+    path = root / cfg.sweep.dir / METRICS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

@@ -48,12 +48,10 @@ def _no_run_started(project: Path, name: str) -> None:
     if not db.is_file():
         return
     storage = f"sqlite:///{db}"
-    for suffix in (".runs", ".proxy", ""):
-        try:
-            study = optuna.load_study(study_name=name + suffix, storage=storage)
-        except KeyError:
-            continue
-        assert study.get_trials(deepcopy=False) == [], f"{name}{suffix} has trials"
+    for study_name in optuna.get_all_study_names(storage):  # <name>-<fingerprint>[.runs|.proxy]
+        if study_name.startswith(f"{name}-"):
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            assert study.get_trials(deepcopy=False) == [], f"{study_name} has trials"
     assert not (project / "runs/sweep/runs").exists() or not any(
         (project / "runs/sweep/runs").iterdir()
     )

@@ -1,5 +1,8 @@
-"""``dvc repro`` as a user runs it: every stage in a fresh git repository, a second ``dvc repro``
-that does nothing, and metrics that ``dvc metrics show`` and ``dvc exp show`` read per commit."""
+"""The pipeline as a DVC user drives it, in a fresh git repository: ``dvc repro`` runs every
+stage and a second one nothing; ``dvc exp run -S`` changes any setting (composed from
+``experiments/`` by DVC's Hydra integration) and never reports another configuration's results;
+``dvc exp show``, ``dvc params diff``, ``dvc metrics show`` and ``dvc plots show`` read what
+the stages declare."""
 
 from __future__ import annotations
 
@@ -9,13 +12,24 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
+import yaml
 
-from ._helpers import REPO, VENV_BIN, cli_env, write_params
+from ._helpers import BASE_OVERRIDES, REPO, VENV_BIN, cli_env, deep_merge
 
 pytestmark = pytest.mark.slow
 
 PROJECT = (".gitignore", ".dvcignore", "dvc.yaml", "experiments", "harness", "metrics", "reports")
+# The user's own overrides in experiments/config.yaml: the shrunk tiny preset, 2 runs of 2 points.
+OVERRIDES = deep_merge(
+    BASE_OVERRIDES,
+    {
+        "sweep": {"n_trials": 2, "inference": {"guidance_scale": [5.0], "lora_scale": [1.0]}},
+        "tracking": {"mode": "offline"},
+        "evaluate": {"top_k": 2},
+    },
+)
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -35,6 +49,8 @@ def _git(cwd: Path, env: dict[str, str], *args: str) -> str:
 
 
 def _project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The project's files in a fresh git + DVC repository, the user's overrides written into
+    experiments/config.yaml and params.yaml composed with `harness config compose`."""
     repo = tmp_path / "project"
     repo.mkdir()
     for name in PROJECT:
@@ -43,7 +59,8 @@ def _project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, repo / name)
-    write_params(repo, {"sweep": {"n_trials": 2}, "tracking": {"mode": "offline"}})
+    config = repo / "experiments/config.yaml"
+    config.write_text(config.read_text() + yaml.safe_dump(OVERRIDES, sort_keys=False))
     env = cli_env(
         tmp_path / "home",
         {
@@ -55,43 +72,129 @@ def _project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
             "GIT_COMMITTER_EMAIL": "t@example.com",
         },
     )
+    _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
     _git(repo, env, "init", "-q", "-b", "main")
     _dvc(repo, env, "init", "-q")
+    shutil.copy2(REPO / ".dvc/config", repo / ".dvc/config")  # hydra composition on
+    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")  # the plot templates
     _git(repo, env, "add", "-A")
     _git(repo, env, "commit", "-q", "-m", "project")
     return repo, env
 
 
-def _commit_metrics(exp_show: list[dict[str, Any]]) -> dict[str, Any]:
-    """The metrics ``dvc exp show --json`` reports for the checked-out commit's row."""
+def _rows(exp_show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{name or rev: data}`` for every commit and experiment row of ``dvc exp show --json``."""
+    out: dict[str, dict[str, Any]] = {}
     for row in exp_show:
-        if row.get("rev") != "workspace":
-            metrics = row["data"]["metrics"]["reports/metrics.json"]
-            assert "error" not in metrics, metrics
-            return dict(metrics["data"])
-    raise AssertionError(f"no commit row in {exp_show}")
+        if row.get("rev") == "workspace":
+            continue
+        out[row.get("name") or row["rev"]] = row["data"]
+        for group in row.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                out[rev.get("name") or rev["rev"]] = rev["data"]
+    return out
 
 
-def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_the_metrics(
-    tmp_path: Path,
-) -> None:
+def _metrics(data: dict[str, Any]) -> dict[str, Any]:
+    metrics = data["metrics"]["reports/metrics.json"]
+    assert "error" not in metrics, metrics
+    return dict(metrics["data"])
+
+
+def _params(data: dict[str, Any]) -> dict[str, Any]:
+    return dict(data["params"]["params.yaml"]["data"])
+
+
+def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: Path) -> None:
     repo, env = _project(tmp_path)
     first = _dvc(repo, env, "repro")
-    for stage in ("resolve", "prepare", "sweep"):
+    for stage in ("resolve", "prepare", "sweep", "evaluate"):
         assert f"Running stage '{stage}'" in first, first[-4000:]
     assert "2 training runs (2 completed, 0 pruned, 0 failed)" in first  # closing lines kept
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert metrics["runs_completed"] == 2 and metrics["points"] > 2
+    assert metrics["points_confirmed"] >= 1
+    for name in ("dino", "clip_i", "clip_t"):  # side by side, with the shrinkage
+        assert metrics["shrinkage"][name] == pytest.approx(
+            metrics["sweep"][name] - metrics["confirm"][name], abs=1e-9
+        )
 
     second = _dvc(repo, env, "repro")
-    assert "Running stage 'prepare'" not in second and "Running stage 'sweep'" not in second
-    assert "Stage 'sweep' didn't change, skipping" in second, second[-4000:]
+    for stage in ("prepare", "sweep", "evaluate"):
+        assert f"Running stage '{stage}'" not in second
+        assert f"Stage '{stage}' didn't change, skipping" in second, second[-4000:]
 
     _git(repo, env, "add", "-A")
     _git(repo, env, "commit", "-q", "-m", "sweep results")
     assert _git(repo, env, "status", "--porcelain").strip() == ""  # nothing churns
-    shown = json.loads(_dvc(repo, env, "metrics", "show", "--json"))
-    assert shown  # read from the committed file
-    committed = _commit_metrics(json.loads(_dvc(repo, env, "exp", "show", "--json")))
-    assert committed["best"]["dino"] == metrics["best"]["dino"]
+    assert json.loads(_dvc(repo, env, "metrics", "show", "--json"))
+    (data,) = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json"))).values()
+    committed = _metrics(data)
+    assert committed["confirm"]["dino"] == metrics["confirm"]["dino"]
     assert committed["baseline"]["dino"] == metrics["baseline"]["dino"]
+    assert _params(data)["train"]["lr_warmup_steps"] == 0  # every setting is a param
+
+    _dvc(repo, env, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots/index.html").read_text()
+    for plot in ("pareto_front", "score_vs_checkpoint_step", "training_loss"):
+        assert plot in html
+
+    # A preset edit, recomposed: DVC sees the key and knows which stages it concerns.
+    preset = repo / "experiments/preset/tiny-cpu.yaml"
+    preset.write_text(preset.read_text().replace("  rank: 4\n", "  rank: 6\n"))
+    _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
+    diff = json.loads(_dvc(repo, env, "params", "diff", "--json"))
+    assert (diff["params.yaml"]["train.rank"]["old"], diff["params.yaml"]["train.rank"]["new"]) == (
+        4,
+        6,
+    )
+    status = _dvc(repo, env, "status")
+    assert "sweep:" in status and "prepare:" not in status
+
+
+def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(tmp_path: Path) -> None:
+    repo, env = _project(tmp_path)
+    base_out = _dvc(repo, env, "exp", "run", "-n", "base")
+    assert "2 training runs (2 completed" in base_out
+    rank = _dvc(repo, env, "exp", "run", "-n", "rank8", "-S", "train.rank=8")
+    assert "2 training runs (2 completed" in rank and "Running stage 'prepare'" not in rank
+    warmup = _dvc(repo, env, "exp", "run", "-n", "warmup", "-S", "train.lr_warmup_steps=2")
+    assert "2 training runs (2 completed" in warmup  # trained, not the old results again
+    _dvc(repo, env, "exp", "run", "-n", "back")  # composed again from experiments/: the base
+
+    rows = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json")))
+    assert _params(rows["rank8"])["train"]["rank"] == 8
+    assert _params(rows["warmup"])["train"]["lr_warmup_steps"] == 2
+    studies = {name: _metrics(rows[name])["study"] for name in ("base", "rank8", "warmup", "back")}
+    assert len({studies["base"], studies["rank8"], studies["warmup"]}) == 3
+    assert studies["back"] == studies["base"]
+    assert _metrics(rows["back"])["confirm"] == _metrics(rows["base"])["confirm"]
+    assert _metrics(rows["rank8"])["sweep"] != _metrics(rows["base"])["sweep"]
+    storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"
+    for study in set(studies.values()):  # `back` resumed the base study: nothing trained twice
+        assert len(optuna.load_study(study_name=f"{study}.runs", storage=storage).trials) == 2
+
+    # Another preset: DVC composes it (here only the cheap first stage runs).
+    _dvc(
+        repo,
+        env,
+        "exp",
+        "run",
+        "-n",
+        "sd15",
+        "-S",
+        "preset=sd15-lora",
+        "-S",
+        "data.source=sample",
+        "-S",
+        "data.class_name=toy",
+        "-S",
+        "train.lr_warmup_steps=0",  # the sd15 preset warms up for 50 of its 800 steps
+        "resolve",
+    )
+    rows = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json")))
+    params = _params(rows["sd15"])
+    assert (params["preset"], params["train"]["rank"], params["data"]["resolution"]) == (
+        "sd15-lora",
+        16,
+        512,
+    )

@@ -46,10 +46,10 @@ def test_tiny_sweep_points_tables_adapters_and_images(
     frame = pd.read_parquet(summary.results_parquet)
     assert len(frame) == summary.points
     assert frame["run_key"].nunique() == N_RUNS
-    assert set(frame["eval.steps"]) == STEPS
+    assert set(frame["checkpoint_step"]) == STEPS
     assert set(frame["eval.guidance_scale"]) == GUIDANCE
     assert set(frame["eval.lora_scale"]) == LORA_SCALES
-    assert not frame.duplicated(["run_key", "eval.steps", "setting_id"]).any()
+    assert not frame.duplicated(["run_key", "checkpoint_step", "setting_id"]).any()
     assert (frame.groupby("run_key").size() == len(STEPS) * n_settings).all()
     assert (frame["n_images"] == PROMPTS).all()
     for metric in ("dino", "clip_i", "clip_t"):
@@ -57,25 +57,35 @@ def test_tiny_sweep_points_tables_adapters_and_images(
         assert values.notna().all() and values.map(math.isfinite).all()
         assert (frame[f"score.{metric}_lo"] <= values + 1e-9).all()
         assert (values <= frame[f"score.{metric}_hi"] + 1e-9).all()
-    assert (frame["objective.dino"] == frame["score.dino"]).all()
+    assert not [c for c in frame.columns if c.startswith("objective.")]  # scores appear once
 
     csv = pd.read_csv(summary.results_csv)
     assert csv.shape == frame.shape and list(csv.columns) == list(frame.columns)
 
-    metrics = json.loads((root / "reports/metrics.json").read_text())
+    # DVC plot files: every point, and each run's loss curve from the trainer's own log.
+    plots = root / "runs/sweep/plots"
+    assert len(json.loads((plots / "pareto.json").read_text())) == len(frame)
+    assert len(json.loads((plots / "steps.json").read_text())) == N_RUNS * len(STEPS)
+    loss = json.loads((plots / "loss.json").read_text())
+    assert {r["run_key"] for r in loss} == set(frame["run_key"])
+    assert len(loss) == N_RUNS * max(STEPS) and all(math.isfinite(r["loss"]) for r in loss)
+
+    # The sweep's own metrics; reports/metrics.json is the evaluate stage's (test_evaluate_tiny).
+    metrics = json.loads((root / "runs/sweep/metrics.json").read_text())
+    assert not (root / "reports/metrics.json").exists()
     assert metrics["runs"] == metrics["runs_completed"] == N_RUNS
     assert metrics["runs_pruned"] == metrics["runs_failed"] == 0
     assert metrics["points"] == len(frame)
     assert metrics["pareto_points"] == int(frame["pareto"].sum()) == len(summary.pareto) > 0
-    assert metrics["best"]["dino"] == frame["objective.dino"].max()
-    assert metrics["best"]["clip_t"] == frame["objective.clip_t"].max()
+    assert metrics["best"]["dino"] == frame["score.dino"].max()
+    assert metrics["best"]["clip_t"] == frame["score.clip_t"].max()
 
     # keep_adapters: pareto -> exactly the Pareto points' checkpoints survive, and the rows of
     # the others say so instead of pointing at a deleted folder.
-    runs_dir = root / "runs/sweep/runs"
+    (runs_dir,) = (root / "runs/sweep/runs").iterdir()  # runs/<study>/<run key>
     all_adapters = {
         (runs_dir / key / "checkpoints" / f"step-{step:06d}").resolve()
-        for key, step in zip(frame["run_key"], frame["eval.steps"], strict=True)
+        for key, step in zip(frame["run_key"], frame["checkpoint_step"], strict=True)
     }
     assert frame.loc[frame["pareto"], "adapter"].notna().all()
     pareto_adapters = {(root / a).resolve() for a in frame.loc[frame["pareto"], "adapter"]}

@@ -37,6 +37,14 @@ class TrackedSweep:
     postgres: bool
 
     @property
+    def study(self) -> str:
+        """The Optuna study of the project's config (``<sweep.study_name>-<fingerprint>``)."""
+        from harness.config import load_config
+        from harness.sweep.study import study_id
+
+        return study_id(load_config(self.project / "params.yaml"))
+
+    @property
     def sessions(self) -> list[dict[str, Any]]:
         index = self.project / "runs/clearml/sessions.jsonl"
         return [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
@@ -129,7 +137,7 @@ def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
     assert all(Path(s["zip"]).is_file() for s in sessions)
     assert len({s["zip"] for s in sessions}) == len(sessions)
 
-    runs = optuna.load_study(study_name=f"{STUDY}.runs", storage=sweep.storage)
+    runs = optuna.load_study(study_name=f"{sweep.study}.runs", storage=sweep.storage)
     trials = {t.number: t for t in runs.get_trials(states=(TrialState.COMPLETE,))}
     assert len(trials) == N_RUNS
     frame = pd.read_parquet(sweep.project / "runs/sweep/results.parquet")
@@ -152,7 +160,7 @@ def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
             f"sweep:{STUDY}",
         } <= set(task["tags"])
         params = _hyperparams(task)
-        assert int(params["train/rank"]) == trial.params["train.rank"]
+        assert float(params["train/dropout"]) == trial.params["train.dropout"]
         assert float(params["train/learning_rate"]) == trial.params["train.learning_rate"]
         assert params["train/max_steps"] == "4" and params["data/token"] == "sks"
 
@@ -168,9 +176,9 @@ def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
         rows = frame[frame["run_key"] == key]
         assert len(rows) == len(STEPS) * 2
         for _, row in rows.iterrows():
-            at = (f"eval/{row['setting_id']}", "dino", int(row["eval.steps"]))
+            at = (f"eval/{row['setting_id']}", "dino", int(row["checkpoint_step"]))
             assert abs(scalars[at] - row["score.dino"]) < 1e-6
-            at = (f"eval/{row['setting_id']}", "clip_t", int(row["eval.steps"]))
+            at = (f"eval/{row['setting_id']}", "clip_t", int(row["checkpoint_step"]))
             assert abs(scalars[at] - row["score.clip_t"]) < 1e-6
 
         images = {
@@ -252,7 +260,7 @@ def test_no_secret_in_any_file_or_output(
         f"postgresql+psycopg2://postgres:***@127.0.0.1:{postgres_server.port}/harness"
     )
     assert not (sweep.project / "runs/sweep/study.db").exists()
-    assert len(optuna.load_study(study_name=STUDY, storage=sweep.storage).trials) == 8
+    assert len(optuna.load_study(study_name=sweep.study, storage=sweep.storage).trials) == 8
     assert DB_PASSWORD in (sweep.project / "params.yaml").read_text()  # the user's own input
 
     files = [

@@ -3,6 +3,7 @@ another setup, no trial is left RUNNING, and no results row points at a deleted 
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.config import HarnessConfig
-from harness.sweep import SweepError, open_studies, run_sweep
+from harness.sweep import open_studies, run_sweep
+from harness.sweep.study import study_id
 
 from .fakes import FakeBackend
 from .test_sweep_logic import make_cfg
@@ -46,17 +48,24 @@ def _with(cfg: HarnessConfig, **sections: dict[str, Any]) -> HarnessConfig:
         ({"eval": {"resolution": 32}}, "eval"),
     ],
 )
-def test_resume_with_another_meaning_of_a_point_is_refused(
-    tmp_path: Path, change: dict[str, dict[str, Any]], named: str
+def test_another_meaning_of_a_point_opens_a_new_study(
+    tmp_path: Path,
+    change: dict[str, dict[str, Any]],
+    named: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     cfg = make_cfg(tmp_path, n_trials=1)
     run_sweep(cfg, tmp_path, FakeBackend())
     changed = _with(cfg, **change)
-    with pytest.raises(SweepError) as info:
-        open_studies(changed, tmp_path)
-    lines = str(info.value).splitlines()
-    assert "different configuration" in lines[0]
-    assert any(line.strip().startswith(f"{named}:") for line in lines[1:]), lines
+    assert study_id(changed) != study_id(cfg)
+    with caplog.at_level(logging.INFO, logger="harness.sweep.study"):
+        studies = open_studies(changed, tmp_path)
+    assert studies.name == study_id(changed) and not studies.runs.trials
+    message = caplog.text
+    assert f"differs from study {study_id(cfg)}" in message
+    assert any(line.strip().startswith(f"{named}") for line in message.splitlines()), message
+    # The old study is untouched and comes back with the old config.
+    assert len(open_studies(cfg, tmp_path).runs.trials) == 1
 
 
 @pytest.mark.parametrize(
@@ -78,7 +87,8 @@ def test_resume_with_what_does_not_change_a_point_is_accepted(
 ) -> None:
     cfg = make_cfg(tmp_path, n_trials=1)
     run_sweep(cfg, tmp_path, FakeBackend())
-    open_studies(_with(cfg, **change), tmp_path)
+    assert study_id(_with(cfg, **change)) == study_id(cfg)
+    assert len(open_studies(_with(cfg, **change), tmp_path).runs.trials) == 1
 
 
 def _running(study: optuna.Study) -> list[int]:
@@ -156,6 +166,23 @@ def test_studies_name_their_objectives_for_optuna_dashboard(tmp_path: Path) -> N
     cfg = make_cfg(tmp_path, n_trials=1)
     run_sweep(cfg, tmp_path, FakeBackend())
     url = f"sqlite:///{tmp_path / 'runs/sweep/study.db'}"
-    for name, metrics in (("t", ["dino", "clip_t"]), ("t.runs", ["dino", "clip_t"])):
-        assert optuna.load_study(study_name=name, storage=url).metric_names == metrics
-    assert optuna.load_study(study_name="t.proxy", storage=url).metric_names == ["proxy score"]
+    name = study_id(cfg)
+    for study, metrics in ((name, ["dino", "clip_t"]), (f"{name}.runs", ["dino", "clip_t"])):
+        assert optuna.load_study(study_name=study, storage=url).metric_names == metrics
+    proxy = optuna.load_study(study_name=f"{name}.proxy", storage=url)
+    assert proxy.metric_names == ["proxy score"]
+
+
+def test_a_study_whose_stored_signature_disagrees_is_refused(tmp_path: Path) -> None:
+    """Defence in depth: a study id whose stored configuration differs (a hash collision, a
+    hand-edited study) is refused with every difference listed, never mixed."""
+    from harness.sweep import SweepError
+    from harness.sweep.study import SIGNATURE_ATTR
+
+    cfg = make_cfg(tmp_path, n_trials=1)
+    studies = open_studies(cfg, tmp_path)
+    tampered = {**studies.runs.user_attrs[SIGNATURE_ATTR], "seed": 99}
+    studies.runs.set_user_attr(SIGNATURE_ATTR, tampered)
+    with pytest.raises(SweepError) as info:
+        open_studies(cfg, tmp_path)
+    assert "seed: 99 -> 0" in str(info.value)

@@ -8,11 +8,10 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import pytest
 from optuna.trial import TrialState
 
 from harness.config import HarnessConfig
-from harness.sweep import SweepError, open_studies, run_sweep
+from harness.sweep import open_studies, run_sweep
 from harness.sweep.summary import param_importances
 
 from .fakes import FakeBackend
@@ -50,23 +49,23 @@ def test_more_points_than_runs_over_steps_and_scales(tmp_path: Path) -> None:
     assert summary.points == 4 * 2 * 4 > summary.runs_completed
     assert len(backend.trained) == 4  # one training per run, never per step or scale
     frame = pd.read_parquet(summary.results_parquet)
-    assert set(frame["eval.steps"]) == {10, 20}
+    assert set(frame["checkpoint_step"]) == {10, 20}
     assert set(frame["eval.guidance_scale"]) == {3.0, 7.0}
     assert set(frame["eval.lora_scale"]) == {0.5, 1.0}
     assert {
         "train.learning_rate",
         "train.rank",
-        "objective.dino",
-        "objective.clip_t",
+        "score.dino",
+        "score.clip_t",
         "score.dino_lo",
     } <= set(frame.columns)
     assert frame["pareto"].any()
     assert pd.read_csv(summary.results_csv).shape == frame.shape
-    points = optuna.load_study(study_name="t", storage=summary.storage)
+    points = optuna.load_study(study_name=summary.study_name, storage=summary.storage)
     assert len(points.best_trials) == int(frame["pareto"].sum())
     # Importances can be computed over steps and scales too.
     importances = param_importances(points, ["dino", "clip_t"])["dino"]
-    assert {"eval.steps", "eval.lora_scale", "eval.guidance_scale"} <= set(importances)
+    assert {"checkpoint_step", "eval.lora_scale", "eval.guidance_scale"} <= set(importances)
     assert "4 training runs" in summary.describe() and "32 evaluated points" in summary.describe()
 
 
@@ -101,19 +100,23 @@ def test_resume_does_not_repeat_finished_runs(tmp_path: Path) -> None:
     assert third.trained == [] and again.points == 32
 
 
-def test_mismatched_resume_is_refused(tmp_path: Path) -> None:
-    run_sweep(make_cfg(tmp_path, n_trials=1), tmp_path, FakeBackend())
-    changed = make_cfg(
+def test_changed_config_never_reports_old_results_and_switching_back_resumes(
+    tmp_path: Path,
+) -> None:
+    first = run_sweep(make_cfg(tmp_path, n_trials=1), tmp_path, FakeBackend())
+    old_rows = pd.read_parquet(first.results_parquet)
+    changed_cfg = make_cfg(
         tmp_path, n_trials=2, space={"learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}}
     )
-    with pytest.raises(SweepError) as info:
-        run_sweep(changed, tmp_path, FakeBackend())
-    message = str(info.value)
-    assert "created with a different configuration" in message
-    assert "space:" in message
-    weighted = make_cfg(tmp_path, weights={"dino": 1.0})
-    with pytest.raises(SweepError, match="objectives"):
-        run_sweep(weighted, tmp_path, FakeBackend())
+    backend = FakeBackend()
+    changed = run_sweep(changed_cfg, tmp_path, backend)
+    assert changed.study_name != first.study_name
+    assert len(backend.trained) == 2 and changed.runs_completed == 2  # trained afresh
+    assert not set(pd.read_parquet(changed.results_parquet)["run_key"]) & set(old_rows["run_key"])
+    again = FakeBackend()
+    back = run_sweep(make_cfg(tmp_path, n_trials=1), tmp_path, again)
+    assert back.study_name == first.study_name and not again.trained  # resumed, budget met
+    pd.testing.assert_frame_equal(pd.read_parquet(back.results_parquet), old_rows)
 
 
 def test_grid_sampler_reproduces_grid_exactly(tmp_path: Path) -> None:
@@ -138,7 +141,7 @@ def test_grid_sampler_reproduces_grid_exactly(tmp_path: Path) -> None:
         zip(
             frame["train.learning_rate"],
             frame["train.rank"],
-            frame["eval.steps"],
+            frame["checkpoint_step"],
             frame["eval.guidance_scale"],
             frame["eval.lora_scale"],
             frame["eval.text_encoder_lora_scale"],
@@ -167,18 +170,18 @@ def test_weighted_single_objective(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, weights={"dino": 0.7, "clip_t": 0.3}, n_trials=2)
     summary = run_sweep(cfg, tmp_path, FakeBackend())
     frame = pd.read_parquet(summary.results_parquet)
-    assert "objective.weighted" in frame.columns
+    assert "score.weighted" in frame.columns
     expected = 0.7 * frame["score.dino"] + 0.3 * frame["score.clip_t"]
-    assert (frame["objective.weighted"] - expected).abs().max() < 1e-12
+    assert (frame["score.weighted"] - expected).abs().max() < 1e-12
     assert int(frame["pareto"].sum()) == 1
-    assert (
-        frame.loc[frame["pareto"], "objective.weighted"].item() == frame["objective.weighted"].max()
-    )
+    assert frame.loc[frame["pareto"], "score.weighted"].item() == frame["score.weighted"].max()
 
 
 def test_non_pareto_adapters_removed(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, n_trials=2, keep_adapters="pareto")
     summary = run_sweep(cfg, tmp_path, FakeBackend())
-    kept = {Path(p).resolve() for p in (tmp_path / "runs/sweep/runs").glob("*/checkpoints/step-*")}
+    kept = {
+        Path(p).resolve() for p in (tmp_path / "runs/sweep/runs").glob("*/*/checkpoints/step-*")
+    }
     pareto = {(tmp_path / p["adapter"]).resolve() for p in summary.pareto}
     assert kept == pareto and kept

@@ -1,0 +1,347 @@
+"""The ``evaluate`` stage's core: the sweep's chosen points and the base model, re-scored on
+fresh seeds.
+
+The best of many noisy points overstates its own score: the sweep picked it *because* its
+images happened to score well (selection bias). Re-scoring the same adapter under the same
+inference setting on seeds the sweep never used (:func:`harness.config.seed_spans`; optionally
+on held-out prompts, ``evaluate.prompts``) gives a score that was not selected on. Both are
+recorded side by side, with the difference::
+
+    shrinkage.<metric> = score.<metric> (sweep) - confirm.<metric> (fresh seeds)
+
+Which points: :func:`harness.sweep.select.select_points`. How they are scored: the sweep's own
+protocol (:meth:`harness.sweep.backend.HarnessBackend.evaluate` and ``references``) under a
+config whose ``eval`` section has the confirmation seeds and prompts
+(:func:`confirmation_config`), so the numbers are comparable with the sweep's.
+
+Outputs: ``<evaluate.dir>/results.{csv,parquet}`` (one row per selected point),
+``<evaluate.dir>/references.json`` (baseline, real ceiling, seeds), images under
+``<evaluate.dir>/point-<n>/`` and ``baseline/``, and the git-tracked ``reports/metrics.json``
+that ``dvc metrics show`` and ``dvc exp show`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from harness.config import INFERENCE_DIMENSIONS, HarnessConfig, InferenceSetting, seed_spans
+from harness.errors import HarnessError
+from harness.sweep._base import PointScores
+from harness.sweep.recorder import relative
+from harness.sweep.results import results_paths
+from harness.sweep.runner import scalarize
+from harness.sweep.select import SELECTED_BY, select_points
+from harness.sweep.study import study_id
+from harness.sweep.summary import METRICS_FILE as SWEEP_METRICS
+from harness.train import CheckpointInfo
+
+__all__ = [
+    "METRICS_FILE",
+    "Confirmation",
+    "EvaluateError",
+    "ScoringBackend",
+    "confirm_points",
+    "confirmation_config",
+    "confirmation_seeds",
+    "metrics_summary",
+    "point_setting",
+    "read_sweep_results",
+    "selected_points",
+    "write_confirmation",
+]
+
+# Git-tracked (not under the ignored runs/): `dvc exp show` / `dvc metrics diff` read it per commit.
+METRICS_FILE = "reports/metrics.json"
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+REFERENCES_JSON = "references.json"
+METRICS = ("dino", "clip_i", "clip_t")
+ID_COLUMNS = ("point", "run_key", "checkpoint_step", "setting_id", "scheduler", "adapter")
+REQUIRED_COLUMNS = (
+    *ID_COLUMNS,
+    *(f"eval.{name}" for name in INFERENCE_DIMENSIONS),
+    *(f"score.{m}" for m in METRICS),
+)
+
+
+class EvaluateError(HarnessError):
+    """The evaluate stage cannot run: no sweep results, no points, a needed adapter is gone."""
+
+
+class ScoringBackend(Protocol):
+    """What the confirmation needs of a backend (:class:`harness.sweep.backend.HarnessBackend`;
+    tests use stubs): the sweep's evaluation of a checkpoint, and its reference scores."""
+
+    def evaluate(
+        self,
+        cfg: HarnessConfig,
+        checkpoint: CheckpointInfo,
+        settings: Sequence[InferenceSetting],
+        out_dir: Path,
+    ) -> list[PointScores]:
+        """Score ``checkpoint`` under every setting with ``cfg.eval``'s prompts and seeds."""
+        ...
+
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        """``baseline`` (the base model, ``eval`` setting) and ``real_ceiling`` scores."""
+        ...
+
+
+@dataclass
+class Confirmation:
+    """What the evaluate stage produced: the table, the references and where they are."""
+
+    table: pd.DataFrame = field(repr=False)
+    references: dict[str, dict[str, float]]
+    seeds: list[int]
+    results_csv: Path | None = None
+    results_parquet: Path | None = None
+    metrics_path: Path | None = None
+
+    def describe(self) -> list[str]:
+        """One line per confirmed point (sweep vs confirmation scores) and one for the base."""
+        lines = [
+            f"sweep score -> confirmation on fresh seeds {self.seeds[0]}..{self.seeds[-1]} "
+            "(shrinkage = sweep - confirmation: what selection overstated)"
+        ]
+        for row in self.table.to_dict(orient="records"):
+            scores = ", ".join(
+                f"{m} {row[f'score.{m}']:.3f} -> {row[f'confirm.{m}']:.3f} "
+                f"(shrinkage {row[f'shrinkage.{m}']:+.3f})"
+                for m in METRICS
+            )
+            lines.append(
+                f"point {row['point']} (run {row['run_key']} step {row['checkpoint_step']} "
+                f"{row['setting_id']}, {row[SELECTED_BY]}): {scores}"
+            )
+        base = self.references.get("baseline", {})
+        shown = ", ".join(f"{m} {base[m]:.3f}" for m in METRICS if m in base)
+        lines.append(f"baseline (no adapter, fresh seeds): {shown}")
+        return lines
+
+
+def confirmation_seeds(cfg: HarnessConfig) -> list[int]:
+    """The seeds of the confirmation images (one image per seed and prompt).
+
+    Raises:
+        EvaluateError: naming ``evaluate.seed`` when they overlap the sweep's seeds (the config
+            refuses that already; this is the same check where the seeds are used).
+    """
+    swept, fresh = seed_spans(cfg)
+    shared = sorted(set(swept) & set(fresh))
+    if shared:
+        raise EvaluateError(
+            f"evaluate.seed: confirmation seeds {fresh.start}..{fresh.stop - 1} overlap the "
+            f"sweep's seeds {swept.start}..{swept.stop - 1} (shared: {shared}); leave "
+            f"evaluate.seed unset or use >= {swept.stop}"
+        )
+    count = cfg.evaluate.images_per_prompt or cfg.eval.images_per_prompt
+    return list(fresh)[:count]
+
+
+def confirmation_config(cfg: HarnessConfig) -> HarnessConfig:
+    """``cfg`` whose ``eval`` section has the confirmation seeds (and held-out prompts).
+
+    Everything else of the evaluation protocol (settings, resolution, PRES, metrics) stays the
+    sweep's, so its scores compare with the sweep's.
+    """
+    seeds = confirmation_seeds(cfg)
+    update: dict[str, Any] = {"seed": seeds[0], "images_per_prompt": len(seeds)}
+    if cfg.evaluate.prompts is not None:
+        update.update(prompts=list(cfg.evaluate.prompts), prompt_source="config")
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
+
+
+def read_sweep_results(cfg: HarnessConfig, root: Path) -> pd.DataFrame:
+    """The sweep's results table (``<sweep.dir>/results.parquet``).
+
+    Raises:
+        EvaluateError: it is missing, has no points, or lacks the columns the stage needs.
+    """
+    _, parquet = results_paths(root / cfg.sweep.dir)
+    if not parquet.is_file():
+        raise EvaluateError(
+            f"{parquet}: no sweep results table; run `harness sweep` (the sweep stage) first"
+        )
+    frame = pd.read_parquet(parquet)
+    if frame.empty:
+        raise EvaluateError(
+            f"{parquet}: the sweep has no evaluated points yet (every run pruned or failed?); "
+            "run `harness sweep` until it has some"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise EvaluateError(
+            f"{parquet}: lacks columns {missing} (written by an older harness?); rerun "
+            "`harness sweep` to rewrite it"
+        )
+    _check_same_study(cfg, root, parquet)
+    return frame
+
+
+def _check_same_study(cfg: HarnessConfig, root: Path, parquet: Path) -> None:
+    """The table must be this configuration's study: confirming another configuration's
+    points would report them under these params."""
+    summary = root / cfg.sweep.dir / SWEEP_METRICS
+    study = json.loads(summary.read_text()).get("study") if summary.is_file() else None
+    if study is not None and study != study_id(cfg):
+        raise EvaluateError(
+            f"{parquet}: holds study {study!r}, but this configuration's study is "
+            f"{study_id(cfg)!r}; run `harness sweep` first (dvc repro does)"
+        )
+
+
+def selected_points(cfg: HarnessConfig, root: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`~harness.sweep.select.select_points` of the results, each with its adapter.
+
+    Raises:
+        EvaluateError: no point has scores, or a selected point's adapter was deleted.
+    """
+    selected = select_points(cfg, frame)
+    if selected.empty:
+        raise EvaluateError("the sweep results have no point with scores to re-score")
+    gone = [
+        f"point {row['point']} ({row['adapter'] if isinstance(row['adapter'], str) else 'removed'})"
+        for row in selected.to_dict(orient="records")
+        if not isinstance(row["adapter"], str) or not (root / row["adapter"]).is_dir()
+    ]
+    if gone:
+        raise EvaluateError(
+            f"the adapters of {len(gone)} selected point(s) were deleted: {', '.join(gone)}; "
+            "sweep.keep_adapters keeps those of the points evaluate re-scores, so evaluate.top_k "
+            "was probably raised after the sweep: lower it, or sweep with keep_adapters: all"
+        )
+    return selected
+
+
+def point_setting(cfg: HarnessConfig, row: pd.Series | dict[str, Any]) -> InferenceSetting:
+    """The inference setting of a results row (its ``eval.*`` columns and scheduler)."""
+    values: dict[str, Any] = {}
+    for name in INFERENCE_DIMENSIONS:
+        value = row[f"eval.{name}"]
+        values[name] = int(value) if name == "num_inference_steps" else float(value)
+    setting = InferenceSetting(**values, scheduler=row["scheduler"] or cfg.eval.scheduler)
+    if setting.id != row["setting_id"]:
+        raise EvaluateError(
+            f"point {row['point']}: its eval.* columns give setting {setting.id}, "
+            f"but its setting_id is {row['setting_id']}"
+        )
+    return setting
+
+
+def _fresh_dir(path: Path) -> Path:
+    """``path``, emptied: generation appends to manifests, so a rerun starts clean."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def confirm_points(
+    cfg: HarnessConfig,
+    root: Path,
+    selected: pd.DataFrame,
+    backend: ScoringBackend,
+    progress: bool = True,
+) -> Confirmation:
+    """Re-score every selected point, then the base model, on the confirmation seeds.
+
+    ``backend`` must have been made for :func:`confirmation_config` (its prompts); the table
+    has one row per selected point, in selection order (best first).
+    """
+    fresh, out = confirmation_config(cfg), root / cfg.evaluate.dir
+    rows = []
+    with tqdm(total=len(selected) + 1, desc="evaluate", unit="point", disable=not progress) as bar:
+        for row in selected.to_dict(orient="records"):
+            checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
+            point_dir = _fresh_dir(out / f"point-{int(row['point']):05d}")
+            (measured,) = backend.evaluate(fresh, checkpoint, [point_setting(cfg, row)], point_dir)
+            rows.append(confirmation_row(cfg, root, row, measured))
+            bar.update()
+        references = backend.references(fresh, _fresh_dir(out / "baseline"))
+        bar.update()
+    table = pd.DataFrame(rows)
+    return Confirmation(table, references, confirmation_seeds(cfg))
+
+
+def _metrics(cfg: HarnessConfig) -> list[str]:
+    return [*METRICS, *(["weighted"] if cfg.sweep.weights else [])]
+
+
+def confirmation_row(
+    cfg: HarnessConfig, root: Path, row: dict[str, Any], measured: PointScores
+) -> dict[str, Any]:
+    """One table row: the point's identity, sweep and confirmation scores, shrinkage."""
+    out: dict[str, Any] = {c: row[c] for c in ID_COLUMNS}
+    out.update({SELECTED_BY: row[SELECTED_BY], "selection_rank": row["selection_rank"]})
+    sweep = {k.removeprefix("score."): v for k, v in row.items() if k.startswith("score.")}
+    confirm = dict(measured.scores)
+    if cfg.sweep.weights:
+        sweep["weighted"], confirm["weighted"] = row["selection_score"], scalarize(cfg, confirm)
+    for m in _metrics(cfg):
+        for suffix in ("", "_lo", "_hi"):
+            out[f"score.{m}{suffix}"] = sweep.get(m + suffix)
+        for suffix in ("", "_lo", "_hi"):
+            out[f"confirm.{m}{suffix}"] = confirm.get(m + suffix)
+        out[f"shrinkage.{m}"] = float(sweep[m]) - float(confirm[m])
+    out["confirm.n_images"] = measured.n_images
+    out["confirm.images_dir"] = relative(measured.images_dir, root)
+    out.update({k: v for k, v in row.items() if k.startswith(("train.", "eval."))})
+    return out
+
+
+def metrics_summary(cfg: HarnessConfig, confirmation: Confirmation) -> dict[str, Any]:
+    """``reports/metrics.json``: the best point's sweep and confirmation scores, shrinkage (its
+    own and the mean over every confirmed point), baseline and real ceiling."""
+    table = confirmation.table
+    best = table.iloc[0]  # selection order: the sweep's best point first
+    metrics = _metrics(cfg)
+    confirm_keys = [f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")]
+    data: dict[str, Any] = {
+        "study": study_id(cfg),
+        "points_confirmed": len(table),
+        "best_point": int(best["point"]),
+        "best_checkpoint_step": int(best["checkpoint_step"]),
+        "sweep": {m: float(best[f"score.{m}"]) for m in metrics},
+        "confirm": {k: _number(best[f"confirm.{k}"]) for k in confirm_keys},
+        "shrinkage": {m: float(best[f"shrinkage.{m}"]) for m in metrics},
+        "shrinkage_mean": {m: float(table[f"shrinkage.{m}"].mean()) for m in metrics},
+    }
+    data.update({k: dict(v) for k, v in confirmation.references.items()})
+    return data
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmation) -> Confirmation:
+    """Write the table (CSV, parquet), ``references.json`` and ``reports/metrics.json``; return
+    ``confirmation`` with the paths set."""
+    out = root / cfg.evaluate.dir
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, parquet_path = out / RESULTS_CSV, out / RESULTS_PARQUET
+    confirmation.table.to_csv(csv_path, index=False)
+    confirmation.table.to_parquet(parquet_path, index=False)
+    references = {
+        **confirmation.references,
+        "seeds": confirmation.seeds,
+        "held_out_prompts": cfg.evaluate.prompts,
+    }
+    _write_json(out / REFERENCES_JSON, references)
+    metrics_path = root / METRICS_FILE
+    _write_json(metrics_path, metrics_summary(cfg, confirmation))
+    confirmation.results_csv, confirmation.results_parquet = csv_path, parquet_path
+    confirmation.metrics_path = metrics_path
+    return confirmation
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

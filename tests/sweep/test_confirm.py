@@ -1,0 +1,316 @@
+"""The evaluate stage's core with a stub scoring backend: fresh seeds disjoint from the sweep's,
+confirmation next to sweep scores with their shrinkage, metrics.json, and its clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.config import ConfigError, HarnessConfig, InferenceSetting, seed_spans, validate_config
+from harness.generate import eval_seeds
+from harness.sweep import PointScores
+from harness.sweep.confirm import (
+    EvaluateError,
+    confirm_points,
+    confirmation_config,
+    confirmation_seeds,
+    point_setting,
+    read_sweep_results,
+    selected_points,
+    write_confirmation,
+)
+from harness.train import CheckpointInfo
+
+SETTINGS = [
+    InferenceSetting(guidance_scale=3.0, lora_scale=1.0, num_inference_steps=2),
+    InferenceSetting(guidance_scale=7.5, lora_scale=0.6, num_inference_steps=2),
+]
+DROP = {"dino": 0.10, "clip_i": 0.05, "clip_t": 0.02}  # what the stub's fresh seeds lose
+
+
+def make_cfg(**evaluate: Any) -> HarnessConfig:
+    return validate_config(
+        {
+            "preset": "test",
+            "eval": {"images_per_prompt": 3, "seed": 10, "prior_preservation_images": 1},
+            "sweep": {"proxy": {"images_per_prompt": 2}},
+            "evaluate": {"top_k": 3, **evaluate},
+        }
+    )
+
+
+# --- seeds ---------------------------------------------------------------------------------
+
+
+def test_default_confirmation_seeds_follow_every_sweep_seed() -> None:
+    cfg = make_cfg()
+    swept, fresh = seed_spans(cfg)
+    assert list(swept) == [10, 11, 12] and eval_seeds(cfg) == [10, 11, 12]
+    assert confirmation_seeds(cfg) == [13, 14, 15]
+    assert not set(swept) & set(fresh)
+    more = make_cfg(images_per_prompt=5)  # more confirmation images: still after the sweep's
+    assert confirmation_seeds(more) == [13, 14, 15, 16, 17]
+    pres = validate_config({"preset": "t", "eval": {"seed": 0, "prior_preservation_images": 6}})
+    assert seed_spans(pres)[0] == range(0, 6) and confirmation_seeds(pres)[0] == 6
+
+
+@pytest.mark.parametrize("seed", [8, 10, 12])
+def test_overlapping_user_seed_is_a_config_error_naming_the_key(seed: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_cfg(seed=seed)
+    assert "evaluate.seed" in str(err.value) and "overlap" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("seed", [13, 100, 7, -50])
+def test_disjoint_user_seed_is_used(seed: int) -> None:
+    assert confirmation_seeds(make_cfg(seed=seed)) == [seed, seed + 1, seed + 2]
+
+
+def test_seeds_are_checked_where_they_are_used() -> None:
+    cfg = make_cfg()
+    # model_copy skips validation: the check at the point of use still refuses it.
+    sneaky = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"seed": 11})})
+    with pytest.raises(EvaluateError, match=r"evaluate\.seed"):
+        confirmation_seeds(sneaky)
+
+
+def test_confirmation_config_swaps_only_seeds_and_prompts() -> None:
+    cfg = make_cfg(prompts=["a {token} {class_name} on the moon"])
+    fresh = confirmation_config(cfg)
+    assert eval_seeds(fresh) == confirmation_seeds(cfg)
+    assert fresh.eval.prompts == ["a {token} {class_name} on the moon"]
+    assert fresh.eval.prompt_source == "config"
+    assert fresh.eval.setting == cfg.eval.setting and fresh.train == cfg.train
+    assert confirmation_config(make_cfg()).eval.prompts == cfg.eval.prompts
+
+
+# --- a sweep's results table and a stub backend ---------------------------------------------
+
+
+def sweep_table(root: Path, cfg: HarnessConfig) -> pd.DataFrame:
+    """Four points of one run (two checkpoints x two settings) with adapters on disk;
+    point 3 is dominated, the others are on the (dino, clip_t) front."""
+    scores = [(0.9, 0.8, 0.20), (0.7, 0.7, 0.30), (0.5, 0.6, 0.40), (0.4, 0.5, 0.25)]
+    rows = []
+    for point, (dino, clip_i, clip_t) in enumerate(scores):
+        step, setting = (10, 20)[point // 2], SETTINGS[point % 2]
+        adapter = f"runs/sweep/runs/s/key/checkpoints/step-{step:06d}"
+        (root / adapter).mkdir(parents=True, exist_ok=True)
+        row: dict[str, Any] = {
+            "point": point,
+            "run_key": "key",
+            "checkpoint_step": step,
+            "train.learning_rate": 1e-4,
+            **{f"eval.{k}": v for k, v in setting.dimensions().items()},
+            "setting_id": setting.id,
+            "scheduler": setting.scheduler,
+            "adapter": adapter,
+            "adapter_removed": False,
+            "pareto": point != 3,
+        }
+        for metric, value in (("dino", dino), ("clip_i", clip_i), ("clip_t", clip_t)):
+            row.update({f"score.{metric}": value, f"score.{metric}_lo": value - 0.05})
+            row[f"score.{metric}_hi"] = value + 0.05
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    (root / cfg.sweep.dir).mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(root / cfg.sweep.dir / "results.parquet", index=False)
+    return frame
+
+
+class StubBackend:
+    """Confirmation scores = the sweep's minus :data:`DROP`; records what it was asked."""
+
+    def __init__(self, table: pd.DataFrame, root: Path) -> None:
+        self.table, self.root = table, root
+        self.calls: list[dict[str, Any]] = []
+
+    def evaluate(
+        self,
+        cfg: HarnessConfig,
+        checkpoint: CheckpointInfo,
+        settings: Sequence[InferenceSetting],
+        out_dir: Path,
+    ) -> list[PointScores]:
+        (setting,) = settings
+        self.calls.append(
+            {"seeds": eval_seeds(cfg), "prompts": cfg.eval.prompts, "setting": setting.id}
+        )
+        rel = str(checkpoint.path.relative_to(self.root))
+        row = self.table[(self.table["adapter"] == rel) & (self.table["setting_id"] == setting.id)]
+        assert len(row) == 1 and int(row["checkpoint_step"].item()) == checkpoint.step
+        scores = {}
+        for metric, drop in DROP.items():
+            value = float(row[f"score.{metric}"].item()) - drop
+            scores.update(
+                {metric: value, f"{metric}_lo": value - 0.01, f"{metric}_hi": value + 0.01}
+            )
+        images = out_dir / "images" / setting.id
+        images.mkdir(parents=True)
+        return [PointScores(setting, scores, images, n_images=6)]
+
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        self.calls.append({"seeds": eval_seeds(cfg), "baseline": True})
+        return {
+            "baseline": {"dino": 0.2, "clip_i": 0.3, "clip_t": 0.31},
+            "real_ceiling": {"dino": 0.77, "clip_i": 0.88},
+        }
+
+
+def confirm(root: Path, cfg: HarnessConfig) -> tuple[Any, StubBackend]:
+    table = sweep_table(root, cfg)
+    backend = StubBackend(table, root)
+    selected = selected_points(cfg, root, read_sweep_results(cfg, root))
+    return write_confirmation(
+        cfg, root, confirm_points(cfg, root, selected, backend, False)
+    ), backend
+
+
+def test_confirmation_table_has_sweep_and_fresh_scores_and_shrinkage(tmp_path: Path) -> None:
+    cfg = make_cfg(prompts=["a {token} {class_name} on the moon"])
+    result, backend = confirm(tmp_path, cfg)
+    table = pd.read_csv(tmp_path / "runs/evaluate/results.csv")
+    assert result.results_csv == tmp_path / "runs/evaluate/results.csv"
+    assert pd.read_parquet(result.results_parquet).shape == table.shape
+    # The front (0, 1, 2) ranked by dino + clip_t: 1 (1.0), 0 (1.1)... -> 0, 1, 2.
+    assert table["point"].tolist() == [0, 1, 2]
+    assert table["selected_by"].tolist() == ["pareto"] * 3
+    for column in ("run_key", "checkpoint_step", "setting_id", "adapter", "eval.lora_scale"):
+        assert column in table.columns
+    for metric, drop in DROP.items():
+        for prefix in ("score", "confirm"):
+            assert {f"{prefix}.{metric}{s}" for s in ("", "_lo", "_hi")} <= set(table.columns)
+        shrink = table[f"score.{metric}"] - table[f"confirm.{metric}"]
+        assert (table[f"shrinkage.{metric}"] - shrink).abs().max() < 1e-12
+        assert (table[f"shrinkage.{metric}"] - drop).abs().max() < 1e-12
+    assert (table["confirm.n_images"] == 6).all()
+    assert table["confirm.images_dir"].str.startswith("runs/evaluate/point-").all()
+    # Fresh seeds and the held-out prompts for every point and the baseline; none of the sweep's.
+    assert {tuple(c["seeds"]) for c in backend.calls} == {(13, 14, 15)}
+    assert not {13, 14, 15} & set(eval_seeds(cfg))
+    points = [c for c in backend.calls if "prompts" in c]
+    assert len(points) == 3 and all(c["prompts"] == cfg.evaluate.prompts for c in points)
+    assert [c["setting"] for c in points] == [SETTINGS[0].id, SETTINGS[1].id, SETTINGS[0].id]
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["seeds"] == [13, 14, 15]
+    assert references["held_out_prompts"] == cfg.evaluate.prompts
+
+
+def test_metrics_json_has_best_point_sweep_confirmation_shrinkage_and_references(
+    tmp_path: Path,
+) -> None:
+    result, _ = confirm(tmp_path, make_cfg())
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert result.metrics_path == tmp_path / "reports/metrics.json"
+    assert metrics["best_point"] == 0 and metrics["best_checkpoint_step"] == 10
+    assert metrics["points_confirmed"] == 3
+    assert metrics["sweep"] == pytest.approx({"dino": 0.9, "clip_i": 0.8, "clip_t": 0.2})
+    assert metrics["confirm"]["dino"] == pytest.approx(0.8)
+    assert {"dino_lo", "dino_hi", "clip_i", "clip_t_hi"} <= set(metrics["confirm"])
+    assert metrics["shrinkage"] == pytest.approx(DROP)
+    assert metrics["shrinkage_mean"] == pytest.approx(DROP)
+    assert metrics["baseline"]["dino"] == 0.2 and metrics["real_ceiling"]["clip_i"] == 0.88
+    lines = result.describe()
+    assert "fresh seeds 13..15" in lines[0] and "shrinkage +0.100" in lines[1]
+    assert len(lines) == 1 + 3 + 1 and lines[-1].startswith("baseline")
+
+
+def test_weighted_sweep_adds_the_weighted_score(tmp_path: Path) -> None:
+    cfg = validate_config(
+        {"preset": "t", "sweep": {"weights": {"clip_i": 1.0}}, "evaluate": {"top_k": 1}}
+    )
+    result, _ = confirm(tmp_path, cfg)
+    (row,) = result.table.to_dict(orient="records")
+    assert row["point"] == 0 and row["selected_by"] == "pareto+weighted"
+    assert row["score.weighted"] == pytest.approx(0.8)
+    assert row["confirm.weighted"] == pytest.approx(0.75)
+    assert row["shrinkage.weighted"] == pytest.approx(0.05)
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["shrinkage"]["weighted"] == pytest.approx(0.05)
+
+
+def test_rerun_starts_each_point_folder_clean(tmp_path: Path) -> None:
+    cfg = make_cfg()
+    confirm(tmp_path, cfg)
+    stale = tmp_path / "runs/evaluate/point-00000/manifest.jsonl"
+    stale.write_text("old\n")
+    confirm(tmp_path, cfg)  # the stub would fail on an existing images folder
+    assert not stale.exists()
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_missing_or_empty_results_table(tmp_path: Path) -> None:
+    cfg = make_cfg()
+    with pytest.raises(EvaluateError, match=r"no sweep results table; run `harness sweep`"):
+        read_sweep_results(cfg, tmp_path)
+    table = sweep_table(tmp_path, cfg)
+    table.iloc[:0].to_parquet(tmp_path / "runs/sweep/results.parquet")
+    with pytest.raises(EvaluateError, match="no evaluated points"):
+        read_sweep_results(cfg, tmp_path)
+    table.drop(columns=["checkpoint_step"]).to_parquet(tmp_path / "runs/sweep/results.parquet")
+    with pytest.raises(EvaluateError, match=r"lacks columns.*checkpoint_step"):
+        read_sweep_results(cfg, tmp_path)
+
+
+def test_results_of_another_configurations_study_are_refused(tmp_path: Path) -> None:
+    """A config changed after the sweep ran (no `harness sweep` since) must not confirm the old
+    configuration's points under the new params."""
+    from harness.sweep.study import study_id
+
+    cfg = make_cfg()
+    sweep_table(tmp_path, cfg)
+    summary = tmp_path / "runs/sweep/metrics.json"
+    summary.write_text(json.dumps({"study": study_id(cfg)}))
+    assert not read_sweep_results(cfg, tmp_path).empty
+    summary.write_text(json.dumps({"study": "dreambooth-00000000"}))
+    with pytest.raises(EvaluateError, match=r"holds study 'dreambooth-00000000'.*harness sweep"):
+        read_sweep_results(cfg, tmp_path)
+
+
+def test_a_deleted_adapter_of_a_selected_point_fails_fast(tmp_path: Path) -> None:
+    cfg = make_cfg()
+    table = sweep_table(tmp_path, cfg)
+    shutil.rmtree(tmp_path / table.loc[2, "adapter"])  # step 20: points 2 and 3
+    with pytest.raises(EvaluateError, match=r"1 selected point\(s\) were deleted: point 2"):
+        selected_points(cfg, tmp_path, read_sweep_results(cfg, tmp_path))
+    table.loc[2, ["adapter", "adapter_removed"]] = [None, True]
+    table.to_parquet(tmp_path / "runs/sweep/results.parquet")
+    with pytest.raises(EvaluateError, match=r"point 2 \(removed\)"):
+        selected_points(cfg, tmp_path, read_sweep_results(cfg, tmp_path))
+    # Fewer points re-scored: the kept ones suffice.
+    fewer = make_cfg(top_k=2)
+    assert selected_points(fewer, tmp_path, read_sweep_results(fewer, tmp_path))[
+        "point"
+    ].tolist() == [0, 1]
+
+
+def test_point_setting_comes_from_the_row_and_must_match_its_id(tmp_path: Path) -> None:
+    cfg = make_cfg()
+    row = sweep_table(tmp_path, cfg).iloc[1].to_dict()
+    assert point_setting(cfg, row) == SETTINGS[1]
+    row["eval.lora_scale"] = 0.9
+    with pytest.raises(EvaluateError, match="setting_id"):
+        point_setting(cfg, row)
+
+
+def test_cli_without_sweep_results_is_one_line_exit_2(repo_root: Path, tmp_path: Path) -> None:
+    shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny-cpu\ndata:\n  sample_images: 5\ntracking:\n  mode: 'off'\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["-p", str(params), "prepare"]).exit_code == 0
+    result = runner.invoke(app, ["-p", str(params), "evaluate"])
+    assert result.exit_code == 2
+    assert "no sweep results table" in result.stderr and "harness sweep" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -29,6 +29,7 @@ install: $(STAMP)
 demo: install
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo "report: $(CURDIR)/reports/index.html (summary: reports/summary.md)"
 
 lint: install
 	$(BIN)/ruff check .

@@ -25,7 +25,8 @@ from harness.tracking import install_log_redaction
 
 app = typer.Typer(
     name="harness",
-    help="DreamBooth LoRA sweep harness: resolve, prepare, train, generate, sweep, evaluate.",
+    help="DreamBooth LoRA sweep harness: resolve, prepare, train, generate, sweep, evaluate, "
+    "report.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -317,6 +318,32 @@ def evaluate_cmd() -> None:
         typer.echo(line)
     typer.echo(f"results: {confirmation.results_csv} and {confirmation.results_parquet}")
     typer.echo(f"metrics: {confirmation.metrics_path}")
+
+
+@app.command("report")
+def report_cmd() -> None:
+    """Write the comparison report (reports/index.html, one self-contained page, and
+    reports/summary.md) from the sweep's and the evaluate stage's outputs; the tracker gets
+    both as a summary task."""
+
+    def body() -> Path:
+        from harness.stages import run_report_stage
+
+        return run_report_stage(load(), project_root())
+
+    html = run_command(body)
+    from harness.report import SUMMARY_MD
+
+    typer.echo(f"summary: {_shown_path(html.with_name(SUMMARY_MD))}")
+    typer.echo(f"report: {_shown_path(html)}")
+
+
+def _shown_path(path: Path) -> Path:
+    """``path`` relative to the working directory when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "ParamSpec",
+    "ReportConfig",
     "SweepConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -571,6 +572,34 @@ class EvaluateConfig(_Strict):
     dir: str = Field("runs/evaluate", description="Confirmation images and results table.")
 
 
+class ReportConfig(_Strict):
+    """The ``report`` stage: the comparison report ``<dir>/index.html`` and ``<dir>/summary.md``.
+
+    Report-only settings: no other stage reads them, so changing one reruns only the report.
+    """
+
+    dir: str = Field("reports", min_length=1, description="Folder of index.html and summary.md.")
+    title: str | None = Field(
+        None, min_length=1, description="Report title; default: 'DreamBooth sweep <study>'."
+    )
+    top_k: int = Field(
+        5,
+        ge=2,
+        description="Confirmed points in the paired comparison: the best one and up to "
+        "top_k - 1 others, best first.",
+    )
+    image_size: int = Field(128, ge=16, le=1024, description="Image grid cell size in pixels.")
+    embed_images: bool = Field(
+        True,
+        description="Embed images in index.html as data URIs (one self-contained file); false: "
+        "image files beside it in <dir>/grids/.",
+    )
+    bootstrap_samples: int = Field(
+        2000, ge=100, description="Resamples of the paired bootstrap over prompts."
+    )
+    seed: int = Field(0, description="Seed of the paired bootstrap (the report is deterministic).")
+
+
 def seed_spans(cfg: HarnessConfig) -> tuple[range, range]:
     """``(sweep seeds, confirmation seeds)``.
 
@@ -617,6 +646,7 @@ class HarnessConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[arg-type]
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
+    report: ReportConfig = Field(default_factory=ReportConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fresh_confirmation_seeds(self) -> HarnessConfig:

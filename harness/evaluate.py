@@ -20,20 +20,32 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from harness.config import HarnessConfig, InferenceSetting
+from harness.errors import HarnessError
 from harness.generate import GeneratedImage, generate_images
 from harness.models import LoadedModel
 
 if TYPE_CHECKING:
     from metrics import ScoreResult
 
-__all__ = ["SettingScores", "evaluate_adapter", "image_grid", "make_scorer", "score_dict"]
+__all__ = [
+    "SettingScores",
+    "evaluate_adapter",
+    "image_grid",
+    "image_rows",
+    "make_scorer",
+    "score_dict",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SettingScores:
-    """The scores of one inference setting, with its images and per-prompt table."""
+    """The scores of one inference setting, with its images, per-prompt and per-image tables.
+
+    ``per_image`` has one row per image of ``images`` (same order): ``template``, ``prompt``,
+    ``seed``, ``image`` (``out_dir / file``), ``dino``, ``clip_i``, ``clip_t``.
+    """
 
     setting: InferenceSetting
     scores: dict[str, float]
@@ -41,6 +53,7 @@ class SettingScores:
     images_dir: Path
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    per_image: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_scorer(cfg: HarnessConfig, device: str = "cpu") -> Any:
@@ -125,10 +138,44 @@ def evaluate_adapter(
                 images_dir=out_dir / "images" / setting.id,
                 per_prompt=[dataclasses.asdict(row) for row in result.prompts],
                 metadata=dict(result.metadata),
+                per_image=image_rows(out_dir, mine, result),
             )
         )
         _write_setting_manifest(out_dir, setting, mine)
     return results
+
+
+def image_rows(
+    out_dir: Path, records: Sequence[GeneratedImage], result: ScoreResult
+) -> list[dict[str, Any]]:
+    """One row per generated image: its record joined with its :class:`metrics.ImageScore`.
+
+    The scorer returns its per-image scores in the order of the images it was given (each
+    named by its path); a score is matched to its record by that order and checked by name.
+    A result without per-image scores gives ``[]``.
+
+    Raises:
+        HarnessError: the scores do not line up with the records.
+    """
+    if not result.images:
+        return []
+    paths = [out_dir / r.file for r in records]
+    if [score.name for score in result.images] != [str(path) for path in paths]:
+        raise HarnessError(
+            f"{out_dir}: the scorer's per-image scores do not match the generated images"
+        )
+    return [
+        {
+            "template": record.template,
+            "prompt": record.prompt,
+            "seed": record.seed,
+            "image": str(path),
+            "dino": score.dino,
+            "clip_i": score.clip_i,
+            "clip_t": score.clip_t,
+        }
+        for record, path, score in zip(records, paths, result.images, strict=True)
+    ]
 
 
 def _write_setting_manifest(

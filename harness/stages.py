@@ -14,6 +14,10 @@ whose thin command calls one function here).
     the sweep's chosen points and the base model re-scored on fresh seeds
     (:mod:`harness.sweep.confirm`): confirmation scores next to the selection-biased sweep
     scores, and ``reports/metrics.json``.
+``report``
+    the comparison report (:mod:`harness.report`): ``reports/index.html`` and
+    ``reports/summary.md`` from the sweep's and the evaluate stage's outputs, attached to the
+    tracker.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "run_evaluate_stage",
     "run_generate",
     "run_prepare",
+    "run_report_stage",
     "run_resolve",
     "run_sweep_stage",
     "run_train",
@@ -217,3 +222,21 @@ def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) ->
     backend = HarnessBackend(fresh, load_pipeline(cfg.model), subject, scorer, progress=progress)
     confirmation = confirm_points(cfg, root, selected, backend, progress=progress)
     return write_confirmation(cfg, root, confirmation)
+
+
+def run_report_stage(cfg: HarnessConfig, root: Path) -> Path:
+    """The report stage: ``<report.dir>/index.html`` and ``summary.md``, then a tracker run
+    ``<sweep.study_name>/report`` with both attached; returns the HTML file's path.
+
+    Reads the sweep's and the evaluate stage's tables (a missing evaluate output is one
+    :class:`~harness.report.ReportError` line, before the tracker starts), the run folders for
+    their cost and, read-only when it exists, the sweep's points study for the importances.
+    Loads no model.
+    """
+    from harness.report import build_report, track_report, write_report
+
+    report = build_report(cfg, root)
+    tracker = _ready_tracker(cfg, root)
+    files = write_report(cfg, root, report)
+    track_report(cfg, tracker, files)
+    return files.html

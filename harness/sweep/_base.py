@@ -57,6 +57,9 @@ class PointScores:
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
     grid: Path | None = None  # a prompts x seeds image grid, when the backend wrote one
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the identifier policy
+    # One row per scored image, in generation order: ``template``, ``prompt``, ``seed``,
+    # ``image`` (its path), ``dino``, ``clip_i``, ``clip_t`` (see harness.sweep.per_image).
+    per_image: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from harness.models import LoadedModel
 from harness.sweep._base import PointScores
 from harness.train import CheckpointInfo, TrainResult
 
-__all__ = ["HarnessBackend", "evaluation_templates"]
+__all__ = ["HarnessBackend", "evaluation_templates", "point_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +114,7 @@ class HarnessBackend:
             image_grid([out_dir / i.file for i in r.images], columns=columns).save(grid)
             if r.setting.id in pres:
                 r.scores["pres"] = pres[r.setting.id]
-            extra = {"identifier_policy": r.metadata.get("identifier_policy")}
-            points.append(
-                PointScores(
-                    r.setting, r.scores, r.images_dir, len(r.images), r.per_prompt, grid, extra
-                )
-            )
+            points.append(point_scores(r, grid))
         return points
 
     def _evaluate(
@@ -154,6 +149,13 @@ class HarnessBackend:
         ``baseline``: the base model without adapter, default ``eval`` setting, all prompts.
         ``real_ceiling``: DINO / CLIP-I among the subject's real photos (self-pairs excluded).
         """
+        return self.references_with_baseline(cfg, out_dir)[0]
+
+    def references_with_baseline(
+        self, cfg: HarnessConfig, out_dir: Path
+    ) -> tuple[dict[str, dict[str, float]], PointScores]:
+        """:meth:`references`, and the base model's evaluation as a :class:`PointScores` (its
+        images and per-image scores: the evaluate stage's baseline rows)."""
         (base,) = self._evaluate(
             cfg, None, [cfg.eval.setting], self.templates, eval_seeds(cfg), out_dir
         )
@@ -161,7 +163,7 @@ class HarnessBackend:
         if len(self.subject.reference) >= 2:
             ceiling = self.scorer.real_ceiling(list(self.subject.reference))
             out["real_ceiling"] = {k: float(ceiling[k]) for k in ("dino", "clip_i")}
-        return out
+        return out, point_scores(base)
 
     def _prior_preservation(
         self, cfg: HarnessConfig, adapter: Path, settings: Sequence[InferenceSetting], out_dir: Path
@@ -192,6 +194,20 @@ class HarnessBackend:
             )
             for s in settings
         }
+
+
+def point_scores(result: SettingScores, grid: Path | None = None) -> PointScores:
+    """The sweep's record of one evaluated setting (scores, per-prompt and per-image rows)."""
+    return PointScores(
+        setting=result.setting,
+        scores=result.scores,
+        images_dir=result.images_dir,
+        n_images=len(result.images),
+        per_prompt=result.per_prompt,
+        grid=grid,
+        extra={"identifier_policy": result.metadata.get("identifier_policy")},
+        per_image=result.per_image,
+    )
 
 
 def evaluation_templates(cfg: HarnessConfig, subject: PreparedSubject) -> list[str]:

@@ -15,6 +15,7 @@ config whose ``eval`` section has the confirmation seeds and prompts
 (:func:`confirmation_config`), so the numbers are comparable with the sweep's.
 
 Outputs: ``<evaluate.dir>/results.{csv,parquet}`` (one row per selected point),
+``<evaluate.dir>/per_image.parquet`` (one row per image of every point and of the base model),
 ``<evaluate.dir>/references.json`` (baseline, real ceiling, seeds), images under
 ``<evaluate.dir>/point-<n>/`` and ``baseline/``, and the git-tracked ``reports/metrics.json``
 that ``dvc metrics show`` and ``dvc exp show`` read.
@@ -35,6 +36,12 @@ from tqdm.auto import tqdm
 from harness.config import INFERENCE_DIMENSIONS, HarnessConfig, InferenceSetting, seed_spans
 from harness.errors import HarnessError
 from harness.sweep._base import PointScores
+from harness.sweep.per_image import (
+    EVALUATE_IMAGE_SCHEMA,
+    PER_IMAGE,
+    confirmed_image_rows,
+    write_table,
+)
 from harness.sweep.recorder import relative
 from harness.sweep.results import results_paths
 from harness.sweep.runner import scalarize
@@ -105,6 +112,9 @@ class Confirmation:
     results_csv: Path | None = None
     results_parquet: Path | None = None
     metrics_path: Path | None = None
+    # One row per confirmation image of every point and of the base model (per_image.parquet).
+    per_image: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    per_image_parquet: Path | None = None
 
     def describe(self) -> list[str]:
         """One line per confirmed point (sweep vs confirmation scores) and one for the base."""
@@ -256,18 +266,32 @@ def confirm_points(
     has one row per selected point, in selection order (best first).
     """
     fresh, out = confirmation_config(cfg), root / cfg.evaluate.dir
-    rows = []
+    rows, images = [], []
     with tqdm(total=len(selected) + 1, desc="evaluate", unit="point", disable=not progress) as bar:
         for row in selected.to_dict(orient="records"):
             checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
             point_dir = _fresh_dir(out / f"point-{int(row['point']):05d}")
             (measured,) = backend.evaluate(fresh, checkpoint, [point_setting(cfg, row)], point_dir)
             rows.append(confirmation_row(cfg, root, row, measured))
+            images += confirmed_image_rows(root, measured, row)
             bar.update()
-        references = backend.references(fresh, _fresh_dir(out / "baseline"))
+        references, baseline = _references(backend, fresh, _fresh_dir(out / "baseline"))
+        images += confirmed_image_rows(root, baseline) if baseline is not None else []
         bar.update()
     table = pd.DataFrame(rows)
-    return Confirmation(table, references, confirmation_seeds(cfg))
+    return Confirmation(table, references, confirmation_seeds(cfg), per_image=images)
+
+
+def _references(
+    backend: ScoringBackend, cfg: HarnessConfig, out_dir: Path
+) -> tuple[dict[str, dict[str, float]], PointScores | None]:
+    """The backend's reference scores, and the base model's :class:`PointScores` (its
+    per-image rows) when the backend gives it (``references_with_baseline``, as
+    :class:`~harness.sweep.backend.HarnessBackend` does)."""
+    with_baseline = getattr(backend, "references_with_baseline", None)
+    if with_baseline is None:
+        return backend.references(cfg, out_dir), None
+    return with_baseline(cfg, out_dir)
 
 
 def _metrics(cfg: HarnessConfig) -> list[str]:
@@ -322,13 +346,17 @@ def _number(value: Any) -> float | None:
 
 
 def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmation) -> Confirmation:
-    """Write the table (CSV, parquet), ``references.json`` and ``reports/metrics.json``; return
+    """Write the table (CSV, parquet), the per-image scores (``per_image.parquet``:
+    :mod:`harness.sweep.per_image`), ``references.json`` and ``reports/metrics.json``; return
     ``confirmation`` with the paths set."""
     out = root / cfg.evaluate.dir
     out.mkdir(parents=True, exist_ok=True)
     csv_path, parquet_path = out / RESULTS_CSV, out / RESULTS_PARQUET
     confirmation.table.to_csv(csv_path, index=False)
     confirmation.table.to_parquet(parquet_path, index=False)
+    confirmation.per_image_parquet = write_table(
+        confirmation.per_image, EVALUATE_IMAGE_SCHEMA, out / PER_IMAGE
+    )
     references = {
         **confirmation.references,
         "seeds": confirmation.seeds,

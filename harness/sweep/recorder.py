@@ -19,6 +19,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.sweep._base import RunEnd, RunSpec, ScoredPoint, SweepSink
+from harness.sweep.per_image import write_point_rows, write_score_tables
 from harness.sweep.plots import write_plots
 from harness.sweep.results import points_frame, write_results
 from harness.sweep.space import point_params
@@ -280,22 +281,32 @@ class TrackerSink(SweepSink):
 
 
 class ResultsTable(SweepSink):
-    """The tidy results table (``results.{csv,parquet}``, ``summary.json``) and the DVC plot
-    files (:mod:`harness.sweep.plots`), rewritten after every run so they are current while a
-    sweep runs, and the metrics file for DVC at the end."""
+    """The tidy results table (``results.{csv,parquet}``, ``summary.json``), the per-image and
+    per-prompt score tables (``per_image.parquet``, ``per_prompt.parquet``:
+    :mod:`harness.sweep.per_image`) and the DVC plot files (:mod:`harness.sweep.plots`),
+    rewritten after every run so they are current while a sweep runs, and the metrics file for
+    DVC at the end."""
 
     def __init__(self, cfg: HarnessConfig, root: Path, studies: Studies) -> None:
         self.cfg, self.root, self.studies = cfg, root, studies
+        self.out_dir = root / cfg.sweep.dir
+        # Each point's per-image rows, per study: rebuilt into the tables with the study's points.
+        self.store = self.out_dir / "scores" / studies.points.study_name
+
+    def point_scored(self, point: ScoredPoint) -> None:
+        write_point_rows(self.store, point, self.root)
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
-        write_results(frame, self.root / self.cfg.sweep.dir, objectives)
-        write_plots(self.cfg, frame, self.studies.runs, self.root / self.cfg.sweep.dir)
+        write_results(frame, self.out_dir, objectives)
+        write_score_tables(frame, self.store, self.out_dir)
+        write_plots(self.cfg, frame, self.studies.runs, self.out_dir)
 
     def sweep_finished(self, summary: SweepSummary) -> None:
         from harness.sweep.summary import write_metrics
 
-        write_results(summary.frame, self.root / self.cfg.sweep.dir, objective_names(self.cfg))
-        write_plots(self.cfg, summary.frame, self.studies.runs, self.root / self.cfg.sweep.dir)
+        write_results(summary.frame, self.out_dir, objective_names(self.cfg))
+        write_score_tables(summary.frame, self.store, self.out_dir)
+        write_plots(self.cfg, summary.frame, self.studies.runs, self.out_dir)
         write_metrics(self.cfg, self.root, summary)

@@ -108,7 +108,7 @@ def _params(data: dict[str, Any]) -> dict[str, Any]:
 def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: Path) -> None:
     repo, env = _project(tmp_path)
     first = _dvc(repo, env, "repro")
-    for stage in ("resolve", "prepare", "sweep", "evaluate"):
+    for stage in ("resolve", "prepare", "sweep", "evaluate", "report"):
         assert f"Running stage '{stage}'" in first, first[-4000:]
     assert "2 training runs (2 completed, 0 pruned, 0 failed)" in first  # closing lines kept
     metrics = json.loads((repo / "reports/metrics.json").read_text())
@@ -118,8 +118,10 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: 
             metrics["sweep"][name] - metrics["confirm"][name], abs=1e-9
         )
 
+    _check_report(repo, tmp_path)
+
     second = _dvc(repo, env, "repro")
-    for stage in ("prepare", "sweep", "evaluate"):
+    for stage in ("prepare", "sweep", "evaluate", "report"):
         assert f"Running stage '{stage}'" not in second
         assert f"Stage '{stage}' didn't change, skipping" in second, second[-4000:]
 
@@ -151,10 +153,33 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: 
     assert "sweep:" in status and "prepare:" not in status
 
 
+def _check_report(repo: Path, tmp_path: Path) -> None:
+    """The report `dvc repro` wrote: every section, renders in a real headless Chromium with no
+    console error, no network request and every image decoded; a screenshot is kept."""
+    from report.browser import artifacts_dir, open_in_browser, require_chromium
+
+    html = repo / "reports/index.html"
+    text = html.read_text()
+    for section in ("leaderboard", "pareto", "steps", "importance", "grids", "prompts"):
+        assert f'<section id="{section}"' in text, section
+    for section in ("paired", "cost"):
+        assert f'<section id="{section}"' in text, section
+    assert "http://" not in text and "https://" not in text
+    assert "| " in (repo / "reports/summary.md").read_text()  # the leaderboard table
+    require_chromium()
+    page = open_in_browser(html, screenshot=artifacts_dir("report") / "dvc-repro-first-screen.png")
+    assert page.problems() == []
+    assert page.images and all(image["natural_width"] > 0 for image in page.images)
+
+
 def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(tmp_path: Path) -> None:
     repo, env = _project(tmp_path)
     base_out = _dvc(repo, env, "exp", "run", "-n", "base")
     assert "2 training runs (2 completed" in base_out
+    report_only = _dvc(repo, env, "exp", "run", "-n", "report-only", "-S", "report.top_k=3")
+    assert "Running stage 'report'" in report_only
+    for stage in ("prepare", "sweep", "evaluate"):  # a report setting reruns only the report
+        assert f"Running stage '{stage}'" not in report_only, report_only[-3000:]
     rank = _dvc(repo, env, "exp", "run", "-n", "rank8", "-S", "train.rank=8")
     assert "2 training runs (2 completed" in rank and "Running stage 'prepare'" not in rank
     warmup = _dvc(repo, env, "exp", "run", "-n", "warmup", "-S", "train.lr_warmup_steps=2")

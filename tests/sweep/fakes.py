@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from harness.config import HarnessConfig, InferenceSetting
 from harness.sweep import PointScores
 from harness.train import CheckpointInfo, TrainResult
 
+TEMPLATES = ("a photo of {token} {class_name}", "a {token} {class_name} in the snow")
+PROMPTS = ("a photo of sks toy", "a sks toy in the snow")  # the fake's two prompts, filled in
+OFFSETS = (-0.015, -0.005, 0.005, 0.015)  # per-image deviations from the point's mean
+
 
 class FakeBackend:
-    """Scores are smooth functions of lr, steps and guidance; lr above ``hopeless_lr`` is bad."""
+    """Scores are smooth functions of lr, steps and guidance; lr above ``hopeless_lr`` is bad.
+
+    Every point has four images (two prompts x two seeds) with per-image and per-prompt rows
+    whose means are the point's scores; ``write_images`` also writes them as small PNGs.
+    """
 
     def __init__(
-        self, hopeless_lr: float = 1.0, fail_lr: float | None = None, flat: bool = False
+        self,
+        hopeless_lr: float = 1.0,
+        fail_lr: float | None = None,
+        flat: bool = False,
+        write_images: bool = False,
     ) -> None:
         self.hopeless_lr, self.fail_lr, self.flat = hopeless_lr, fail_lr, flat
+        self.write_images = write_images
         self.trained: list[dict[str, Any]] = []
         self.evaluated: list[tuple[str, int]] = []
         self.checkpoints_seen: list[int] = []
@@ -81,8 +98,48 @@ class FakeBackend:
                 "clip_i": q,
                 "clip_t": 0.3 - 0.01 * s.guidance_scale * s.lora_scale,
             }
-            out.append(PointScores(s, scores, out_dir / s.id, n_images=4))
+            point = PointScores(s, scores, out_dir / s.id, n_images=4)
+            point.per_image = self._images(cfg, point)
+            point.per_prompt = _prompt_rows(point.per_image)
+            out.append(point)
         return out
+
+    def _images(self, cfg: HarnessConfig, point: PointScores) -> list[dict[str, Any]]:
+        """Two prompts x two seeds, the per-image scores spread around the point's means."""
+        rows = []
+        seeds = (cfg.eval.seed, cfg.eval.seed + 1)
+        for k, (index, seed) in enumerate((i, s) for i in range(len(PROMPTS)) for s in seeds):
+            path = point.images_dir / f"{index:03d}-{seed}.png"
+            if self.write_images:
+                _write_image(path)
+            rows.append(
+                {
+                    "template": TEMPLATES[index],
+                    "prompt": PROMPTS[index],
+                    "seed": seed,
+                    "image": str(path),
+                    **{m: point.scores[m] + OFFSETS[k] for m in ("dino", "clip_i", "clip_t")},
+                }
+            )
+        return rows
 
     def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
         return {"baseline": {"dino": 0.2, "clip_i": 0.2, "clip_t": 0.31}}
+
+
+def _prompt_rows(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-prompt means of per-image rows (as the metrics package gives them)."""
+    rows = []
+    for prompt in sorted({row["prompt"] for row in images}):
+        mine = [row for row in images if row["prompt"] == prompt]
+        means = {m: sum(row[m] for row in mine) / len(mine) for m in ("dino", "clip_i", "clip_t")}
+        rows.append({"prompt": prompt, "text": prompt, "n_images": len(mine), **means, "div": 0.1})
+    return rows
+
+
+def _write_image(path: Path) -> None:
+    """A small PNG whose pixels depend on its path (distinct images per point and image)."""
+    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((24, 24), Image.Resampling.NEAREST).save(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,18 +278,33 @@ def generate_cmd(
     typer.echo(f"generated {run_command(body)} images in {out} (manifest.jsonl)")
 
 
-@app.command("sweep")
-def sweep_cmd() -> None:
-    """Run or continue the Optuna sweep (many workers may share one study)."""
+sweep_app = typer.Typer(
+    help="Run the sweep (no sub-command), or work on a shared study: worker, launch, status.",
+    invoke_without_command=True,
+)
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.callback()
+def sweep_cmd(ctx: typer.Context) -> None:
+    """Run or continue the Optuna sweep, then print its summary (what `dvc repro` runs).
+
+    Many workers may share one study: start more with `harness sweep worker` (or `launch`).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
 
     def body() -> Any:
         from harness.stages import run_sweep_stage
 
         return run_sweep_stage(load(), project_root())
 
+    _print_summary(run_command(body))
+
+
+def _print_summary(summary: Any) -> None:
     from harness.sweep.study import safe_storage_url
 
-    summary = run_command(body)
     typer.echo(summary.describe())
     typer.echo(f"study {summary.study_name}: optuna-dashboard {safe_storage_url(summary.storage)}")
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
@@ -298,6 +314,111 @@ def sweep_cmd() -> None:
             f"  pareto: run {row['run_key']} step {row['checkpoint_step']} "
             f"{row['setting_id']}: {scores}"
         )
+
+
+@sweep_app.command("worker")
+def sweep_worker_cmd() -> None:
+    """One worker (one GPU): pull runs of the shared study until its budget is spent."""
+
+    def body() -> Any:
+        from harness.stages import run_sweep_stage
+
+        return run_sweep_stage(load(), project_root())
+
+    summary = run_command(body)
+    typer.echo(
+        f"worker done: {summary.started_runs_this_call} runs trained here; {summary.describe()}"
+    )
+
+
+@sweep_app.command("launch")
+def sweep_launch_cmd(
+    local: Annotated[
+        int | None, typer.Option("--local", min=1, help="Start N workers on this machine.")
+    ] = None,
+    slurm: Annotated[
+        bool, typer.Option("--slurm", help="Write and submit an sbatch array (launch.slurm).")
+    ] = False,
+    clearml_queue: Annotated[
+        str | None, typer.Option("--clearml-queue", help="Enqueue workers for clearml-agent.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-n", min=1, help="Workers (default launch.workers).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write and show what would run; start nothing.")
+    ] = False,
+) -> None:
+    """Start sweep workers on an engine: --local N, --slurm or --clearml-queue Q."""
+    chosen = [
+        name
+        for name, on in (("--local", local), ("--slurm", slurm), ("--clearml-queue", clearml_queue))
+        if on
+    ]
+    if len(chosen) != 1:
+        err_console.print("[bold red]error:[/] choose one of --local N, --slurm, --clearml-queue Q")
+        raise typer.Exit(code=2)
+
+    def body() -> int:
+        cfg, root, params = load(), project_root(), _state.params.resolve()
+        if local is not None:
+            return _launch_local(root, params, local)
+        n = workers or cfg.launch.workers
+        if slurm:
+            return _launch_slurm(cfg, root, params, n, dry_run)
+        assert clearml_queue is not None
+        return _launch_clearml(cfg, root, params, n, clearml_queue, dry_run)
+
+    code = run_command(body)
+    if code:
+        raise typer.Exit(code=code)
+
+
+def _launch_local(root: Path, params: Path, n: int) -> int:
+    from harness.sweep import launch
+
+    codes = launch.launch_local(params, root, n, overrides=_state.overrides)
+    typer.echo(f"{len(codes)} workers finished; exit codes {codes}")
+    return 2 if any(c != 0 for c in codes) else 0
+
+
+def _launch_slurm(cfg: HarnessConfig, root: Path, params: Path, n: int, dry_run: bool) -> int:
+    from harness.sweep import launch
+
+    job = launch.launch_slurm(cfg, root, params, n, overrides=_state.overrides, submit=not dry_run)
+    typer.echo(job.text)
+    typer.echo(f"script: {job.script}")
+    if job.job_id:
+        typer.echo(f"submitted: job {job.job_id} ({n} array tasks)")
+    else:
+        typer.echo("not submitted (--dry-run)")
+    return 0
+
+
+def _launch_clearml(
+    cfg: HarnessConfig, root: Path, params: Path, n: int, queue: str, dry_run: bool
+) -> int:
+    from harness.sweep import launch
+
+    lines = launch.launch_clearml(
+        cfg, root, params, n, queue, overrides=_state.overrides, enqueue=not dry_run
+    )
+    for line in lines:
+        typer.echo(line)
+    return 0
+
+
+@sweep_app.command("status")
+def sweep_status_cmd() -> None:
+    """Runs by state, per worker, and the budget left of this configuration's study."""
+
+    def body() -> Any:
+        from harness.sweep.status import sweep_status
+
+        return sweep_status(load(), project_root())
+
+    for line in run_command(body).lines():
+        typer.echo(line)
 
 
 @app.command("evaluate")
@@ -334,8 +455,11 @@ def report_cmd() -> None:
     html = run_command(body)
     from harness.report import SUMMARY_MD
 
-    typer.echo(f"summary: {_shown_path(html.with_name(SUMMARY_MD))}")
-    typer.echo(f"report: {_shown_path(html)}")
+    # sys.stdout named explicitly: after an offline ClearML task, click's default stdout
+    # stream loses these lines when stdout is a file or a pipe (dvc repro, `> log`); writing
+    # to sys.stdout itself keeps them.
+    typer.echo(f"summary: {_shown_path(html.with_name(SUMMARY_MD))}", file=sys.stdout)
+    typer.echo(f"report: {_shown_path(html)}", file=sys.stdout)
 
 
 def _shown_path(path: Path) -> Path:

@@ -503,6 +503,12 @@ class SweepConfig(_Strict):
         60, ge=1, description="Run heartbeat; a worker silent for grace_period_s is stale."
     )
     grace_period_s: int | None = Field(None, ge=1, description="Default: 2 x heartbeat.")
+    storage_retry_s: float = Field(
+        120.0,
+        ge=0,
+        description="How long a briefly unreachable database is retried (with backoff) before "
+        "the sweep stops with a clear error; nothing finished is lost.",
+    )
 
     @field_validator("space")
     @classmethod
@@ -633,6 +639,35 @@ def seed_overlap(cfg: HarnessConfig) -> str | None:
     )
 
 
+class SlurmConfig(_Strict):
+    """The sbatch array of ``harness sweep launch --slurm`` (one array task per worker)."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str = Field("04:00:00", description="Wall time per worker (sbatch --time).")
+    gpus_per_task: int = Field(1, ge=0, description="0: no GPU request (CPU workers).")
+    cpus_per_task: int = Field(8, ge=1)
+    mem: str | None = Field(None, description="e.g. 64G (sbatch --mem).")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the worker, e.g. 'module load cuda' or "
+        "'source .venv/bin/activate'.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More #SBATCH lines, e.g. '--qos=high'."
+    )
+    python: str | None = Field(
+        None, description="Python of the workers; default: the interpreter that launches."
+    )
+
+
+class LaunchConfig(_Strict):
+    """``harness sweep launch``: how many workers, and the engines' settings."""
+
+    workers: int = Field(2, ge=1, description="Workers of --slurm and --clearml-queue.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)  # type: ignore[arg-type]
+
+
 class HarnessConfig(_Strict):
     """The whole resolved configuration."""
 
@@ -647,6 +682,7 @@ class HarnessConfig(_Strict):
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # type: ignore[arg-type]
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
     report: ReportConfig = Field(default_factory=ReportConfig)  # type: ignore[arg-type]
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _fresh_confirmation_seeds(self) -> HarnessConfig:

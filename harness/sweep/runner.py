@@ -33,11 +33,18 @@ from optuna.trial import TrialState
 
 from harness.config import HarnessConfig
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
+from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
-from harness.sweep.space import inference_settings, sample_training_params, with_training_params
+from harness.sweep.space import (
+    inference_settings,
+    sample_training_params,
+    search_space_size,
+    with_training_params,
+)
 from harness.sweep.study import Studies, fail_orphan_proxies, open_studies, recover_dead_runs
 from harness.sweep.summary import SweepSummary, summarize
+from harness.sweep.worker import Worker
 from harness.tracking.base import NullTracker, Tracker, TrackingError
 from harness.train import CheckpointInfo
 
@@ -48,6 +55,11 @@ logger = logging.getLogger(__name__)
 
 class RunFailed(Exception):
     """A training run failed; recorded with its reason, the sweep goes on."""
+
+
+class NotRun(Exception):
+    """The trial trained nothing: its configuration is another trial's run (a duplicate), or
+    the budget was spent by other workers meanwhile. Recorded as such; costs no budget."""
 
 
 def run_key(cfg: HarnessConfig) -> str:
@@ -103,15 +115,22 @@ class _Objective:
         backend: SweepBackend,
         studies: StudySink,
         recorder: Recorder,
+        claims: Claims,
+        worker: str,
+        budget: _Budget,
     ) -> None:
         self.cfg, self.root, self.backend = cfg, root, backend
         self.studies, self.recorder = studies, recorder
+        self.claims, self.worker, self.budget = claims, worker, budget
         self.settings = inference_settings(cfg)
         self.started = 0
+        self.duplicates_in_a_row = 0
 
     def __call__(self, trial: optuna.Trial) -> list[float] | float:
-        self.started += 1
         run = self._new_run(trial)
+        self._claim(run)
+        self.started += 1
+        self.duplicates_in_a_row = 0
         logger.info("run %d (%s): %s", run.number, run.key, run.params)
         try:
             self.recorder.run_started(run)
@@ -130,6 +149,38 @@ class _Objective:
         if end.status != "completed" or end.best is None:
             raise RunFailed(end.reason)
         return end.best.values if len(end.best.values) > 1 else end.best.values[0]
+
+    def _claim(self, run: RunSpec) -> None:
+        """Own ``run.key`` before training, or raise :class:`NotRun` (see harness.sweep.claims)."""
+        # A retry of a run that never claimed (its worker died first, or an old study) must
+        # not be refused for budget: queued retries always run.
+        limit = None if _is_retry(run.trial) else self.budget.limit
+        outcome = self.claims.claim(run.key, run.number, self.worker, limit)
+        if outcome.status == "claimed":
+            return
+        if outcome.status == "budget":
+            run.trial.set_user_attr("not_run", "budget spent by other workers")
+            raise NotRun("the budget was spent by other workers meanwhile")
+        holder = outcome.holder
+        assert holder is not None
+        if self._is_dead(holder.trial) and self.claims.take_over(
+            run.key, holder.trial, run.number, self.worker
+        ):
+            logger.info("run %d takes over run %d (%s)", run.number, holder.trial, run.key)
+            return
+        self.duplicates_in_a_row += 1
+        run.trial.set_user_attr("duplicate_of", holder.trial)
+        run.trial.set_user_attr("run_key", run.key)
+        raise NotRun(f"configuration {run.key} is run {holder.trial}'s (trained once per study)")
+
+    def _is_dead(self, number: int) -> bool:
+        """Did trial ``number`` stop without a result (interrupted, or its worker died)?"""
+        trial = _trial_by_number(self.studies.studies.runs, number)
+        if trial is None:
+            return True
+        if trial.state == TrialState.WAITING:
+            return True
+        return trial.state == TrialState.FAIL and not _recorded_outcome(trial)
 
     def _new_run(self, trial: optuna.Trial) -> RunSpec:
         params = sample_training_params(trial, self.cfg.sweep)
@@ -179,6 +230,24 @@ class _Objective:
         return ScoredPoint(run, ckpt, measured, objective_values(self.cfg, measured.scores))
 
 
+def _recorded_outcome(trial: optuna.trial.FrozenTrial) -> bool:
+    """A failed trial that is final: failed for a reason, a duplicate, or not run."""
+    return any(k in trial.user_attrs for k in ("fail_reason", "duplicate_of", "not_run"))
+
+
+def _is_retry(trial: optuna.Trial) -> bool:
+    """Is ``trial`` the retry of an interrupted or dead run?"""
+    if "retry_of" in trial.user_attrs:
+        return True
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    return "failed_trial" in frozen.system_attrs
+
+
+def _trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial | None:
+    trials = study.get_trials(deepcopy=False)
+    return trials[number] if 0 <= number < len(trials) else None
+
+
 def finished_runs(study: optuna.Study) -> int:
     """Runs that count against ``n_trials``: completed, pruned, or failed for a reason."""
     return sum(
@@ -195,23 +264,33 @@ def _queued_runs(study: optuna.Study) -> int:
 
 
 class _Budget:
-    """Stop when ``n_trials`` runs have finished, counted across every worker of the study.
+    """``sweep.n_trials`` and ``sweep.timeout_s``, held across every worker of the study.
 
-    A queued run is always run first, even past the budget: it is the retry of a run that
-    started (interrupted, or its worker died) and has not finished yet.
+    A run costs one unit when its worker claims the run key (harness.sweep.claims), so racing
+    workers cannot exceed ``n_trials``; a finite search space (a grid, or only choices) caps it
+    at its size. The time budget counts from the study's first start, whoever started it.
+    A queued run (the retry of an interrupted or dead run) always runs, even past the budget.
     """
 
-    def __init__(self, n_trials: int | None) -> None:
-        self.n_trials = n_trials
+    def __init__(self, cfg: HarnessConfig, studies: Studies, claims: Claims) -> None:
+        self.claims = claims
+        size = search_space_size(cfg.sweep)
+        limit = cfg.sweep.n_trials
+        if size is not None and (limit is None or size < limit):
+            logger.info("the search space has %d configurations: the budget is %d runs", size, size)
+            limit = size
+        self.limit = limit
+        started = studies.runs.user_attrs.get("started_at")
+        if started is None:
+            started = time.time()
+            studies.runs.set_user_attr("started_at", started)
+        self.deadline = None if cfg.sweep.timeout_s is None else started + cfg.sweep.timeout_s
 
-    def reached(self, study: optuna.Study) -> bool:
-        if self.n_trials is None or finished_runs(study) < self.n_trials:
-            return False
-        return _queued_runs(study) == 0
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.reached(study):
-            study.stop()
+    def spent(self) -> bool:
+        """No new run may start (queued retries still may)."""
+        if self.deadline is not None and time.time() >= self.deadline:
+            return True
+        return self.limit is not None and self.claims.used() >= self.limit
 
 
 def run_sweep(
@@ -234,13 +313,17 @@ def run_sweep(
         SweepError: when the stored study was created with a different configuration.
     """
     studies = studies or open_studies(cfg, root)
-    recover_dead_runs(studies)
+    claims = open_claims(studies.storage_url, studies.name)
+    claims.adopt(_runs_before_claims(studies.runs))
+    worker = Worker.join(cfg, studies, claims)
     study_sink = StudySink(cfg, root, studies)
     tracker_sink = TrackerSink(cfg, tracker or NullTracker())
     recorder = Recorder([study_sink, tracker_sink, ResultsTable(cfg, root, studies), *sinks])
-    objective = _Objective(cfg, root, backend, study_sink, recorder)
+    budget = _Budget(cfg, studies, claims)
+    objective = _Objective(cfg, root, backend, study_sink, recorder, claims, worker.name, budget)
     try:
-        _optimize(cfg, studies, objective)
+        with worker.alive():
+            _optimize(cfg, studies, objective, budget, worker)
     finally:
         fail_orphan_proxies(studies)
     remove_unkept_adapters(cfg, root, studies)
@@ -251,19 +334,62 @@ def run_sweep(
     return summary
 
 
-def _optimize(cfg: HarnessConfig, studies: Studies, objective: _Objective) -> None:
-    """Optuna's loop on ``S.runs`` until the budget (every worker's runs) is spent."""
-    budget = _Budget(cfg.sweep.n_trials)
+def _runs_before_claims(study: optuna.Study) -> dict[str, int]:
+    """``{run key: trial}`` of the runs a study holds (claimed again once, for old studies)."""
+    held: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("run_key")
+        skipped = "duplicate_of" in t.user_attrs or "not_run" in t.user_attrs
+        final = t.state != TrialState.FAIL or "fail_reason" in t.user_attrs
+        if key and not skipped and final:
+            held.setdefault(str(key), t.number)
+    return held
+
+
+_MAX_DUPLICATES_IN_A_ROW = 25
+_NOT_RUN_FILTER_INSTALLED = False
+
+
+def _quiet_not_run() -> None:
+    """Optuna logs every caught exception as a failed trial with a warning; a duplicate is
+    not a failure (its own line is logged at info level)."""
+    global _NOT_RUN_FILTER_INSTALLED
+    if not _NOT_RUN_FILTER_INSTALLED:
+        optuna.logging.get_logger("optuna").addFilter(
+            lambda record: "NotRun" not in record.getMessage()
+        )
+        _NOT_RUN_FILTER_INSTALLED = True
+
+
+def _optimize(
+    cfg: HarnessConfig, studies: Studies, objective: _Objective, budget: _Budget, worker: Worker
+) -> None:
+    """Pull runs of the shared study until the budget (every worker's runs) is spent.
+
+    Between runs the worker fails the runs of dead workers (stale heartbeats), which queues
+    their retry, and runs queued retries first. With the budget spent it waits while other
+    workers' runs are still going: if one of those workers dies, this one finishes its run.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_not_run()
     started = time.perf_counter()
-    if not budget.reached(studies.runs):
-        with _sigterm_as_interrupt():
+    poll = min(5.0, max(0.5, cfg.sweep.heartbeat_interval_s / 2))
+    with _sigterm_as_interrupt():
+        while True:
+            recover_dead_runs(studies, worker.dead_runs(studies.runs))
+            if _queued_runs(studies.runs) == 0 and budget.spent():
+                if not worker.live_runs(studies.runs):
+                    break
+                time.sleep(poll)  # other workers' runs: finish them if their workers die
+                continue
             studies.runs.optimize(
-                objective,
-                n_trials=None,  # the budget callback counts runs of every worker
-                timeout=cfg.sweep.timeout_s,
-                callbacks=[budget],
-                catch=(RunFailed,),
-                gc_after_trial=True,
+                objective, n_trials=1, catch=(RunFailed, NotRun), gc_after_trial=True
             )
+            if objective.duplicates_in_a_row >= _MAX_DUPLICATES_IN_A_ROW:
+                logger.warning(
+                    "the sampler proposed %d configurations in a row that already ran; "
+                    "stopping (widen sweep.space or lower sweep.n_trials)",
+                    objective.duplicates_in_a_row,
+                )
+                break
     logger.info("sweep loop finished in %.1fs", time.perf_counter() - started)

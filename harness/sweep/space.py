@@ -42,6 +42,7 @@ __all__ = [
     "inference_settings",
     "point_params",
     "sample_training_params",
+    "search_space_size",
     "training_distributions",
     "with_training_params",
 ]
@@ -120,6 +121,25 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     assert isinstance(dist, FloatDistribution)
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def search_space_size(sweep: SweepConfig) -> int | None:
+    """How many distinct training configurations the space holds (None: unbounded).
+
+    Finite when every dimension is a list of choices, an integer range or a stepped float
+    range: a budget larger than that could only retrain configurations that already ran.
+    """
+    size = 1
+    for dist in training_distributions(sweep).values():
+        if isinstance(dist, CategoricalDistribution):
+            size *= len(dist.choices)
+        elif isinstance(dist, IntDistribution) and not dist.log:
+            size *= (dist.high - dist.low) // dist.step + 1
+        elif isinstance(dist, FloatDistribution) and dist.step is not None:
+            size *= round((dist.high - dist.low) / dist.step) + 1
+        else:
+            return None
+    return size
 
 
 def grid_search_space(sweep: SweepConfig) -> dict[str, list[Any]]:

@@ -29,21 +29,30 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.distributions import distribution_to_json
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
+from harness.sweep.claims import journal_path
+from harness.sweep.retry import RetryingRDBStorage
 from harness.sweep.space import evaluated_distributions, grid_search_space, training_distributions
 
 __all__ = [
@@ -94,16 +103,24 @@ def directions(cfg: HarnessConfig) -> list[optuna.study.StudyDirection]:
     return [optuna.study.StudyDirection.MAXIMIZE] * len(objective_names(cfg))
 
 
+STORAGE_ENV = "HARNESS_SWEEP_STORAGE"
+
+
 def storage_url(cfg: HarnessConfig, root: Path) -> str:
-    """``sweep.storage`` or a SQLite file in ``sweep.dir`` (not a DVC output, so never deleted)."""
-    if cfg.sweep.storage:
-        return cfg.sweep.storage
+    """``$HARNESS_SWEEP_STORAGE``, else ``sweep.storage``, else a SQLite file in ``sweep.dir``
+    (not a DVC output, so never deleted). The variable keeps a password out of params.yaml."""
+    url = os.environ.get(STORAGE_ENV) or cfg.sweep.storage
+    if url:
+        return url
     folder = (root / cfg.sweep.dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'study.db'}"
 
 
-def _storage(url: str, cfg: HarnessConfig) -> RDBStorage:
+def _storage(url: str, cfg: HarnessConfig) -> BaseStorage:
+    journal = journal_path(url)
+    if journal is not None:
+        return _journal_storage(journal)
     interval = cfg.sweep.heartbeat_interval_s
     with warnings.catch_warnings():
         # Heartbeats are "experimental" in Optuna since 2.8; the warning says nothing actionable.
@@ -112,27 +129,58 @@ def _storage(url: str, cfg: HarnessConfig) -> RDBStorage:
 
 
 def _heartbeat_storage(url: str, interval: int, cfg: HarnessConfig) -> RDBStorage:
-    return RDBStorage(
+    storage = RetryingRDBStorage(
         url,
         heartbeat_interval=interval,
         grace_period=cfg.sweep.grace_period_s or 2 * interval,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         engine_kwargs=_engine_kwargs(url),
     )
+    storage.retry_s = cfg.sweep.storage_retry_s
+    return storage
+
+
+def _plain_storage(url: str, cfg: HarnessConfig) -> BaseStorage:
+    """The storage of the studies written by ask/tell (no heartbeat)."""
+    journal = journal_path(url)
+    if journal is not None:
+        return _journal_storage(journal)
+    storage = RetryingRDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    storage.retry_s = cfg.sweep.storage_retry_s
+    return storage
+
+
+def _journal_storage(path: Path) -> JournalStorage:
+    """Optuna's journal file: many workers on a shared file system, no database server."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    return JournalStorage(backend)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any] | None:
-    return None if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        # Several local workers write one file: wait for its lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
 
 
-def make_sampler(cfg: HarnessConfig, resumed_runs: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    cfg: HarnessConfig, resumed_runs: int = 0, worker_slot: int = 0
+) -> optuna.samplers.BaseSampler:
     """The configured sampler for training parameters, seeded.
 
     ``resumed_runs`` offsets the seed: a resumed sweep must not replay the first call's random
-    draws (a reseeded random sampler would propose the same configurations again).
+    draws (a reseeded random sampler would propose the same configurations again). Each worker
+    slot gets its own seed (slot 0 keeps ``sweep.seed + resumed_runs``), so parallel workers
+    draw different configurations.
     """
     sweep = cfg.sweep
     seed = sweep.seed + resumed_runs
+    if worker_slot:
+        digest = hashlib.sha256(f"{sweep.seed}/{worker_slot}/{resumed_runs}".encode()).digest()
+        seed = int.from_bytes(digest[:4], "big") >> 1
     if sweep.sampler == "grid":
         return optuna.samplers.GridSampler(grid_search_space(sweep), seed=seed)
     if sweep.sampler == "random":
@@ -214,7 +262,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def _log_new_study(storage: RDBStorage, prefix: str, name: str, signature: dict[str, Any]) -> None:
+def _log_new_study(storage: BaseStorage, prefix: str, name: str, signature: dict[str, Any]) -> None:
     """Say why a new study starts: what differs from the latest other study of the same
     ``sweep.study_name`` (its results are kept and come back when the config does)."""
     pattern = re.compile(rf"^{re.escape(prefix)}-[0-9a-f]{{8}}\.runs$")
@@ -248,7 +296,7 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
     with _storage_errors(url):
         storage = _storage(url, cfg)
         # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
-        plain = RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        plain = _plain_storage(url, cfg)
     name = study_id(cfg)
     signature = study_signature(cfg)
     runs = optuna.create_study(
@@ -319,15 +367,25 @@ def _url_password(url: str) -> str | None:
         return None
 
 
-def recover_dead_runs(studies: Studies) -> None:
-    """Fail the runs whose worker died (heartbeat stale) now, which queues their retry.
+def recover_dead_runs(studies: Studies, dead: Sequence[FrozenTrial] = ()) -> None:
+    """Fail the runs whose worker died now, which queues their retry (same parameters).
 
-    Optuna does this only when a worker starts a new run; a sweep whose budget is used up
-    starts none, and its dead runs would stay RUNNING forever. Their proxy twins are failed too.
+    Dead are the runs with a stale Optuna heartbeat (databases) and ``dead`` (runs no live
+    worker holds, see harness.sweep.worker: every storage). Optuna checks heartbeats only when
+    a worker starts a new run; a sweep whose budget is used up starts none, and its dead runs
+    would stay RUNNING forever. Their proxy twins are failed too.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(studies.runs)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        for trial in dead:
+            try:
+                studies.runs.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            except (ValueError, RuntimeError):  # finished or failed meanwhile by someone else
+                continue
+            logger.warning("run %d: its worker is gone; it is queued again", trial.number)
+            retry(studies.runs, studies.runs.get_trials(deepcopy=False)[trial.number])
     fail_orphan_proxies(studies)
 
 

@@ -62,17 +62,20 @@ class SweepSummary:
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     started_runs_this_call: int = 0
     objectives: list[str] = field(default_factory=list)  # their ``score.<name>`` columns
+    runs_skipped: int = 0  # trials that trained nothing: duplicates, budget spent meanwhile
 
     def describe(self) -> str:
         """One human sentence on runs versus evaluated points."""
         interrupted = (
             f", {self.runs_interrupted} interrupted and retried" if self.runs_interrupted else ""
         )
+        skipped = f"; {self.runs_skipped} duplicate draws skipped" if self.runs_skipped else ""
         return (
             f"{self.runs_total} training runs ({self.runs_completed} completed, "
             f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
             f"{self.points} evaluated "
             f"points ({self.points / max(self.runs_completed, 1):.1f} per completed run)"
+            f"{skipped}"
         )
 
 
@@ -84,18 +87,24 @@ def summarize(
 ) -> SweepSummary:
     """Count runs and points of the studies and build the results frame (writes nothing)."""
     runs = studies.runs.get_trials(deepcopy=False)
-    failed = [t for t in runs if t.state == TrialState.FAIL]
+    skipped = [t for t in runs if "duplicate_of" in t.user_attrs or "not_run" in t.user_attrs]
+    failed = [
+        t
+        for t in runs
+        if t.state == TrialState.FAIL and t.number not in {s.number for s in skipped}
+    ]
     objectives = objective_names(cfg)
     frame = points_frame(studies.points, objectives, root)
     csv_path, parquet_path = results_paths(root / cfg.sweep.dir)
     return SweepSummary(
         study_name=studies.name or cfg.sweep.study_name,
         storage=studies.storage_url,
-        runs_total=len(runs),
+        runs_total=len(runs) - len(skipped),
         runs_completed=sum(t.state == TrialState.COMPLETE for t in runs),
         runs_pruned=sum(t.state == TrialState.PRUNED for t in runs),
         runs_failed=sum("fail_reason" in t.user_attrs for t in failed),
         runs_interrupted=sum("fail_reason" not in t.user_attrs for t in failed),
+        runs_skipped=len(skipped),
         points=len(frame),
         pareto=pareto_rows(frame, objectives),
         results_csv=csv_path,

@@ -47,6 +47,7 @@ __all__ = [
     "check_reachable",
     "create_tracker",
     "default_tags",
+    "enqueue_worker_task",
     "import_offline_sessions",
     "install_log_redaction",
     "is_secret_key",
@@ -95,3 +96,13 @@ def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[
     from .clearml_backend import import_offline_sessions as _import
 
     return _import(folder, force=force)
+
+
+def enqueue_worker_task(spec: Mapping[str, Any]) -> str:
+    """Create a ClearML task from a worker definition and enqueue it; returns its id.
+
+    See :func:`harness.tracking.clearml_backend.enqueue_worker_task`.
+    """
+    from .clearml_backend import enqueue_worker_task as _enqueue
+
+    return _enqueue(spec)

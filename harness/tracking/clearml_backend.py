@@ -50,6 +50,7 @@ __all__ = [
     "ServerSettings",
     "TrackingError",
     "detect_server",
+    "enqueue_worker_task",
     "import_offline_sessions",
 ]
 
@@ -444,6 +445,7 @@ class ClearMLRun(Run):
             return self._zip
         self.closed = True
         started = time.monotonic()
+        service = _report_service(self._task)
         try:
             self._task.close()
         except Exception as exc:
@@ -453,6 +455,7 @@ class ClearMLRun(Run):
             with _open_lock:
                 if _open_run is self:
                     _open_run = None
+        _drain(service)
         if self._offline_folder is not None:
             self._zip = self._finish_offline(self._offline_folder)
         log.info(
@@ -499,6 +502,32 @@ class ClearMLRun(Run):
         return zip_path
 
 
+def _report_service(task: Task) -> Any:
+    """ClearML's background reporter of ``task`` (private; None when it has none)."""
+    reporter = getattr(task, "_reporter", None)
+    return getattr(reporter, "_report_service", None)
+
+
+def _drain(service: Any, timeout_s: float = 30.0) -> None:
+    """Wait until the reporter thread has written its last events.
+
+    ``Task.close()`` normally stops it; in a process that already closed other tasks it can
+    return with the thread still holding events (seen in a long test session: the offline
+    zip then lacked ``metrics.jsonl``, written a moment later). Stopping the thread makes it
+    write what it holds synchronously; the zip is written after this.
+    """
+    thread = getattr(service, "_thread", None)
+    if not isinstance(thread, threading.Thread) or not thread.is_alive():
+        return
+    try:
+        service._event.set()
+        service._flush_event.set()
+        thread.join(timeout_s)
+        log.debug("tracking: drained ClearML's reporter thread after close")
+    except Exception as exc:  # tracking never breaks a run
+        log.debug("tracking: draining ClearML's reporter failed: %s", exc)
+
+
 def _redact_json_text(text: str, literals: set[str]) -> str:
     """Mask secrets in a text file that may hold JSON (literals appear JSON-escaped there)."""
     escaped = {json.dumps(s)[1:-1] for s in literals}
@@ -531,3 +560,30 @@ def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[
             imported[zip_path] = task_id
             log.info("tracking: imported %s as task %s", zip_path, task_id)
     return imported
+
+
+def enqueue_worker_task(spec: Mapping[str, Any]) -> str:
+    """``Task.create`` a sweep worker from ``spec`` (see harness.sweep.launch) and enqueue it on
+    ``spec["queue"]`` for ``clearml-agent``. Needs a configured, reachable server; untested
+    here (no ClearML server can run in CI), the definition itself is tested offline.
+    """
+    server = detect_server()
+    if not server.configured or not server.api_host:
+        raise TrackingError("no ClearML server configured (clearml.conf or CLEARML_API_HOST)")
+    reach = check_reachable(server.api_host, 10.0)
+    if not reach.ok:
+        raise TrackingError(f"ClearML server {redact_text(server.api_host)}: {reach.detail}")
+    Task.set_offline(False)
+    task: Task = Task.create(
+        project_name=spec["project_name"],
+        task_name=spec["task_name"],
+        task_type=spec["task_type"],
+        module=" ".join(spec["argv"]),  # "harness -p <params> ... sweep worker"
+        working_directory=spec["working_directory"],
+        packages=list(spec["requirements"]),
+        add_task_init_call=False,
+        detect_repository=False,
+    )
+    task.set_tags(list(spec["tags"]))
+    Task.enqueue(task, queue_name=spec["queue"])
+    return str(task.id)

@@ -1,12 +1,19 @@
 """The report attached to ClearML through the tracker: an offline session with the HTML page
-and the Markdown summary as artifacts, the leaderboard table, summary-task tags."""
+and the Markdown summary as artifacts, the leaderboard table, summary-task tags.
+
+The tracked run is made by ``harness report`` in a subprocess: an offline ClearML task leaves
+process-wide state behind (environment variables, its console capture), which would leak into
+later tests of this process.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,65 +22,58 @@ from harness.stages import run_report_stage
 
 from .synthetic import make_cfg, write_project
 
-CLEARML_VARS = [
-    "CLEARML_API_HOST",
-    "CLEARML_WEB_HOST",
-    "CLEARML_FILES_HOST",
-    "CLEARML_API_ACCESS_KEY",
-    "CLEARML_API_SECRET_KEY",
-    "CLEARML_CONFIG_FILE",
-    "CLEARML_OFFLINE_MODE",
-    "TRAINS_API_HOST",
-    "TRAINS_CONFIG_FILE",
-    "TRAINS_OFFLINE_MODE",
-]
-
-pytestmark = [
-    pytest.mark.usefixtures("fake_grids"),
-    pytest.mark.filterwarnings("ignore:'parseAll' argument is deprecated"),
-]
+PARAMS = "preset: tiny-cpu\ntracking:\n  mode: offline\nsweep:\n  study_name: rep\n"
 
 
-@pytest.fixture
-def isolated_clearml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A fresh HOME and cache, no server configured; the whole environment is given back
-    afterwards (an offline ClearML task leaves TRAINS_OFFLINE_MODE and *_PROC_MASTER_ID set,
-    which later trackers in this process would read)."""
-    saved = dict(os.environ)
+def _environment(tmp_path: Path) -> dict[str, str]:
+    """This process's environment without any ClearML server or switch, in a fresh HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
     (tmp_path / "home").mkdir()
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for name in CLEARML_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml-cache"))
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    env.update(HOME=str(tmp_path / "home"), CLEARML_CACHE_DIR=str(tmp_path / "clearml-cache"))
+    return env
 
 
-def test_offline_session_has_the_report_artifacts(tmp_path: Path, isolated_clearml: None) -> None:
+def _read(zip_path: Path) -> tuple[dict[str, bytes], list[dict[str, object]]]:
+    with zipfile.ZipFile(zip_path) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    events: list[dict[str, object]] = []
+    for line in files.get("metrics.jsonl", b"").decode().splitlines():
+        if line.strip():
+            chunk = json.loads(line)
+            events.extend(chunk if isinstance(chunk, list) else [chunk])
+    return files, events
+
+
+def test_offline_session_has_the_report_artifacts(repo_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "project"
-    project = write_project(root, make_cfg(tracking={"mode": "offline"}))
-    html = run_report_stage(project.cfg, root)
+    write_project(root, make_cfg(tracking={"mode": "offline"}))
+    shutil.copytree(repo_root / "experiments", root / "experiments")
+    (root / "params.yaml").write_text(PARAMS, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "-p", str(root / "params.yaml"), "report"],
+        cwd=root,
+        env=_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "report: reports/index.html"
     zips = sorted((root / "runs" / "clearml" / "offline").glob("*.zip"))
     assert len(zips) == 1
-    with zipfile.ZipFile(zips[0]) as zf:
-        files = {name: zf.read(name) for name in zf.namelist()}
+    files, events = _read(zips[0])
     task = json.loads(files["task.json"])
     assert task["name"] == "rep/report" and task["type"] == "custom"
     assert set(task["tags"]) == {"sweep:rep", "report", "summary"}  # a summary task
     artifacts = {a["key"]: a for a in task["execution"]["artifacts"]}
     assert set(artifacts) == {"index.html", "summary.md"}
     page = next(data for name, data in files.items() if name.endswith("/index.html"))
-    assert page == html.read_bytes()
-    events = [
-        event
-        for line in files.get("metrics.jsonl", b"").decode().splitlines()
-        if line.strip()
-        for event in (json.loads(line) if line.startswith("[") else [json.loads(line)])
-    ]
+    assert page == (root / "reports" / "index.html").read_bytes()
     assert "leaderboard" in [e["metric"] for e in events if e["type"] == "plot"]
 
 
+@pytest.mark.usefixtures("fake_grids")
 def test_tracking_off_records_nothing(tmp_path: Path) -> None:
     project = write_project(tmp_path, make_cfg())
     assert run_report_stage(project.cfg, tmp_path).is_file()

@@ -193,3 +193,29 @@ click.echo("closing line on stderr", err=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "closing line on stdout" in proc.stdout.splitlines()
     assert "closing line on stderr" in proc.stderr.splitlines()
+
+
+def test_the_zip_has_every_scalar_when_close_leaves_the_reporter_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_session: Any
+) -> None:
+    """What a long test session showed: ClearML's close() returned with its reporter thread
+    still holding the run's events, and the zip lacked metrics.jsonl. Simulated by a close that
+    neither flushes nor stops the reporter (and a reporter thread that only writes when told)."""
+    from clearml import Task
+    from clearml.backend_interface.metrics.reporter import BackgroundReportService, Reporter
+
+    monkeypatch.setattr(Reporter, "stop", lambda self: None)
+    monkeypatch.setattr(Reporter, "wait_for_events", lambda self, timeout=None: None)
+    monkeypatch.setattr(Task, "flush", lambda self, wait_for_uploads=False: True)
+    monkeypatch.setattr(BackgroundReportService, "flush", lambda self: None)
+    tracker = create_tracker(TrackingConfig(mode="offline"), tmp_path)
+    run = tracker.start_run("trial-0", config={"train": {"rank": 2}}, tags=[])
+    service = run._task._reporter._report_service  # type: ignore[attr-defined]
+    service._wait_timeout = 3600  # the thread writes only when stopped or flushed
+    run.log_scalar("loss", "train", 0.25, 7)
+    zip_path = run.close()
+    assert zip_path is not None
+    _, events = read_session(zip_path)
+    assert {(e["metric"], e["variant"], e["iter"], e["value"]) for e in events if "value" in e} >= {
+        ("loss", "train", 7, 0.25)
+    }

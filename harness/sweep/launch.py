@@ -1,0 +1,322 @@
+"""Launch sweep workers on existing engines: N local processes, a SLURM array, ClearML agents.
+
+Every launcher starts the same thing, ``harness -p <params> sweep worker``: one process (one
+GPU) that pulls runs of the shared study until its budget is spent. The study, the claims and
+the budget live in ``sweep.storage``, so workers need nothing from each other but that URL
+(put a password in ``HARNESS_SWEEP_STORAGE``, never in the generated files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from harness.config import HarnessConfig
+from harness.errors import HarnessError
+
+__all__ = [
+    "LaunchError",
+    "SlurmJob",
+    "clearml_worker_spec",
+    "launch_local",
+    "slurm_script",
+    "submit_slurm",
+    "worker_command",
+]
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(HarnessError):
+    """Workers cannot be launched (wrong storage for the engine, sbatch missing or refusing)."""
+
+
+def worker_command(
+    params: Path, overrides: Sequence[str] = (), python: str | None = None
+) -> list[str]:
+    """The command line of one worker: the launcher's params file and ``-S`` overrides (so
+    every worker opens the same study)."""
+    sets = [arg for item in overrides for arg in ("-S", item)]
+    return [python or sys.executable, "-m", "harness", "-p", str(params), *sets, "sweep", "worker"]
+
+
+def require_shared_storage(cfg: HarnessConfig, url: str, engine: str) -> None:
+    """Workers on several machines need a database server or a shared journal file.
+
+    Raises:
+        LaunchError: for a SQLite URL (one machine only).
+    """
+    if url.startswith("sqlite"):
+        raise LaunchError(
+            f"sweep.storage: {engine} workers may run on several machines, and a SQLite file is "
+            "for one machine only; use a PostgreSQL or MySQL URL (sweep.storage or "
+            "HARNESS_SWEEP_STORAGE), or journal:///<shared path>/study.log on a shared file system"
+        )
+
+
+# -- local ---------------------------------------------------------------------------------
+def _gpu_ids() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch CUDA: CPU workers
+        return []
+
+
+def _pump(stream: IO[str], prefix: str, out: IO[str]) -> None:
+    for line in stream:
+        out.write(f"{prefix}{line}")
+        out.flush()
+
+
+def launch_local(
+    params: Path,
+    root: Path,
+    n_workers: int,
+    *,
+    overrides: Sequence[str] = (),
+    out: IO[str] | None = None,
+) -> list[int]:
+    """Start ``n_workers`` workers here (one GPU each when there are GPUs), wait for all.
+
+    Their output is prefixed ``[w<i>]``; SIGINT/SIGTERM is passed on to every worker (each
+    records its run as interrupted). Returns the workers' exit codes.
+    """
+    out = out or sys.stdout
+    gpus = _gpu_ids()
+    if gpus and n_workers > len(gpus):
+        log.warning("%d workers on %d GPUs: some GPUs run several workers", n_workers, len(gpus))
+    procs: list[subprocess.Popen[str]] = []
+    pumps: list[threading.Thread] = []
+    for i in range(n_workers):
+        env = dict(os.environ, HARNESS_WORKER_ID=f"local-{os.getpid()}-{i}")
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        proc = subprocess.Popen(
+            worker_command(params, overrides),
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        pump = threading.Thread(target=_pump, args=(proc.stdout, f"[w{i}] ", out), daemon=True)
+        pump.start()
+        pumps.append(pump)
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for pump in pumps:
+        pump.join(timeout=5)
+    return codes
+
+
+# -- SLURM ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlurmJob:
+    """A written (and maybe submitted) sbatch array script."""
+
+    script: Path
+    text: str
+    job_id: str | None = None
+
+
+def slurm_script(
+    cfg: HarnessConfig, root: Path, params: Path, n_workers: int, overrides: Sequence[str] = ()
+) -> str:
+    """An sbatch array script: one task per worker, each ``harness sweep worker``."""
+    slurm = cfg.launch.slurm
+    logs = (root / cfg.sweep.dir / "launch").resolve()
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={cfg.sweep.study_name}-sweep",
+        f"#SBATCH --array=0-{n_workers - 1}",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
+        f"#SBATCH --time={slurm.time}",
+        f"#SBATCH --output={logs}/slurm-%A_%a.out",
+    ]
+    if slurm.gpus_per_task:
+        lines.append(f"#SBATCH --gpus-per-task={slurm.gpus_per_task}")
+    if slurm.partition:
+        lines.append(f"#SBATCH --partition={slurm.partition}")
+    if slurm.account:
+        lines.append(f"#SBATCH --account={slurm.account}")
+    if slurm.mem:
+        lines.append(f"#SBATCH --mem={slurm.mem}")
+    lines += [f"#SBATCH {arg}" for arg in slurm.extra_args]
+    lines += [
+        "",
+        "# Written by `harness sweep launch --slurm`: one sweep worker per array task, all on",
+        "# one study in sweep.storage (the password, if any, comes from the environment).",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(root.resolve()))}",
+        *slurm.setup,
+        'export HARNESS_WORKER_ID="slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        "exec " + shlex.join(worker_command(params.resolve(), overrides, slurm.python)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_slurm_script(
+    cfg: HarnessConfig, root: Path, params: Path, n_workers: int, overrides: Sequence[str] = ()
+) -> SlurmJob:
+    """Write the script under ``<sweep.dir>/launch/`` (kept: what ran is on disk)."""
+    text = slurm_script(cfg, root, params, n_workers, overrides)
+    folder = root / cfg.sweep.dir / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.sbatch"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+    return SlurmJob(path, text)
+
+
+def submit_slurm(job: SlurmJob, sbatch: str = "sbatch") -> SlurmJob:
+    """``sbatch --parsable`` the script; the job id, or a :class:`LaunchError` with sbatch's words."""
+    try:
+        proc = subprocess.run(
+            [sbatch, "--parsable", str(job.script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise LaunchError(
+            f"sbatch not found: is this a SLURM login node? The script is {job.script}"
+        ) from None
+    if proc.returncode != 0:
+        reason = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LaunchError(
+            f"sbatch refused {job.script}: {reason[-1] if reason else proc.returncode}"
+        )
+    job_id = proc.stdout.strip().split(";")[0]
+    return SlurmJob(job.script, job.text, job_id)
+
+
+def launch_slurm(
+    cfg: HarnessConfig,
+    root: Path,
+    params: Path,
+    n_workers: int,
+    *,
+    overrides: Sequence[str] = (),
+    submit: bool = True,
+) -> SlurmJob:
+    """Write the sbatch array script and (``submit``) submit it.
+
+    Raises:
+        LaunchError: for a SQLite storage, a missing ``sbatch`` or a refused submission.
+    """
+    from harness.sweep.study import storage_url
+
+    require_shared_storage(cfg, storage_url(cfg, root), "SLURM")
+    job = write_slurm_script(cfg, root, params, n_workers, overrides)
+    return submit_slurm(job) if submit else job
+
+
+# -- ClearML agents ------------------------------------------------------------------------
+def clearml_worker_spec(
+    cfg: HarnessConfig,
+    root: Path,
+    params: Path,
+    queue: str,
+    index: int,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """What one enqueued ClearML worker task runs (``clearml-agent`` executes it).
+
+    The agent runs it in the project's folder (``working_directory``: a shared file system, like
+    the storage) with the project's requirements; the command is a plain ``harness sweep worker``.
+    """
+    params = params.resolve()
+    command = worker_command(params, overrides, python="python")
+    return {
+        "project_name": cfg.tracking.project,
+        "task_name": f"{cfg.sweep.study_name}/worker-{index}",
+        "task_type": "training",
+        "queue": queue,
+        "working_directory": str(root.resolve()),
+        "script": "-m harness",
+        "argv": command[2:],  # after "python -m"
+        "command": shlex.join(command),
+        "requirements": requirements(),
+        "tags": [f"sweep:{cfg.sweep.study_name}", "worker"],
+    }
+
+
+def requirements() -> list[str]:
+    """The installed project's requirements (what the agent installs), extras left out."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("dreambooth-sweep-harness")
+    except metadata.PackageNotFoundError:
+        return []
+    return [r for r in (dist.requires or []) if "extra ==" not in r]
+
+
+def launch_clearml(
+    cfg: HarnessConfig,
+    root: Path,
+    params: Path,
+    n_workers: int,
+    queue: str,
+    *,
+    overrides: Sequence[str] = (),
+    enqueue: bool = True,
+) -> list[str]:
+    """Enqueue ``n_workers`` worker tasks on ClearML queue ``queue``; the definitions are
+    written to ``<sweep.dir>/launch/clearml-*.json`` first. Returns one line per worker.
+
+    Raises:
+        LaunchError: for a SQLite storage, or when ClearML refuses (no server configured).
+    """
+    import json
+
+    from harness.sweep.study import storage_url
+    from harness.tracking import TrackingError, enqueue_worker_task
+
+    require_shared_storage(cfg, storage_url(cfg, root), "ClearML agent")
+    specs = [clearml_worker_spec(cfg, root, params, queue, i, overrides) for i in range(n_workers)]
+    folder = root / cfg.sweep.dir / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"clearml-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    path.write_text(json.dumps(specs, indent=2), encoding="utf-8")
+    lines = [f"definitions: {path}"]
+    if not enqueue:
+        return [*lines, f"not enqueued (--dry-run): {n_workers} workers for queue {queue!r}"]
+    for spec in specs:
+        try:
+            task_id = enqueue_worker_task(spec)
+        except TrackingError as exc:
+            raise LaunchError(f"--clearml-queue {queue}: {exc}") from None
+        lines.append(f"enqueued {spec['task_name']} on {queue!r}: task {task_id}")
+    return lines

@@ -1,0 +1,107 @@
+"""Retries of a storage that is briefly unreachable (a database restart, a network blip).
+
+Every call a worker makes to the study's database is retried with exponential backoff while
+the failure is a lost connection (SQLAlchemy's ``OperationalError``/``InterfaceError``, or a
+disconnect), for at most ``sweep.storage_retry_s`` seconds; then it is a :class:`SweepError`
+that names the storage (password masked) and says that nothing finished is lost: every
+finished run and point is already in the database, the run folders and the results table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from optuna.storages import RDBStorage
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+
+from harness.errors import HarnessError
+
+__all__ = ["RetryingRDBStorage", "StorageUnreachable", "is_transient", "retry_transient"]
+
+logger = logging.getLogger(__name__)
+_MAX_DELAY_S = 15.0
+
+
+class StorageUnreachable(HarnessError):
+    """The sweep's storage stayed unreachable for longer than ``sweep.storage_retry_s``."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lost or refused connection anywhere in the exception's cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OperationalError | InterfaceError | DisconnectionError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    cause: BaseException = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+def retry_transient(call: Callable[[], Any], retry_s: float, what: str = "sweep.storage") -> Any:
+    """``call()``, retried on transient failures for up to ``retry_s`` seconds."""
+    from harness.tracking import redact_text
+
+    delay, deadline = 0.5, time.monotonic() + retry_s
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            reason = redact_text(_first_line(exc))
+            if time.monotonic() + delay > deadline:
+                raise StorageUnreachable(
+                    f"{what}: unreachable for {retry_s:.0f} s ({reason}); every finished run and "
+                    "point is stored: run `harness sweep` again once the database is back"
+                ) from None
+            logger.warning("%s: %s; retrying in %.1f s", what, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_DELAY_S)
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    """``RDBStorage.<name>`` through :func:`retry_transient` (looked up per call)."""
+
+    def wrapper(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(super(RetryingRDBStorage, self), name)
+        return retry_transient(lambda: method(*args, **kwargs), self.retry_s)
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = getattr(RDBStorage, name).__doc__
+    return wrapper
+
+
+class RetryingRDBStorage(RDBStorage):
+    """Optuna's RDB storage whose calls survive a briefly unreachable database.
+
+    Opening it is not retried: a storage that is wrong from the start fails at once with the
+    one-line error of :func:`harness.sweep.study.open_studies`.
+    """
+
+    retry_s: float = 120.0
+
+
+_NOT_WRAPPED = {"get_heartbeat_interval", "get_failed_trial_callback", "remove_session"}
+for _name, _member in list(vars(RDBStorage).items()):
+    if (
+        callable(_member)
+        and not isinstance(_member, staticmethod | classmethod)
+        and not _name.startswith("__")
+        and _name not in _NOT_WRAPPED
+        and (not _name.startswith("_") or _name == "_get_stale_trial_ids")
+    ):
+        setattr(RetryingRDBStorage, _name, _retrying(_name))

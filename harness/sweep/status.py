@@ -1,0 +1,85 @@
+"""``harness sweep status``: where a shared study stands (runs by state, workers, budget)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.config import HarnessConfig
+from harness.sweep.claims import WorkerSlot, open_claims
+from harness.sweep.space import search_space_size
+from harness.sweep.study import open_studies, safe_storage_url
+
+__all__ = ["SweepStatus", "sweep_status"]
+
+
+@dataclass
+class SweepStatus:
+    """Counts of one study, read from its storage (nothing is changed)."""
+
+    study: str
+    storage: str
+    states: dict[str, int]
+    skipped: int
+    budget: int | None
+    used: int
+    workers: list[WorkerSlot] = field(default_factory=list)
+    runs_by_worker: dict[str, Counter[str]] = field(default_factory=dict)
+    grace_s: float = 120.0
+
+    @property
+    def left(self) -> int | None:
+        """Runs that may still start (None: no run-count budget)."""
+        return None if self.budget is None else max(self.budget - self.used, 0)
+
+    def lines(self) -> list[str]:
+        """The report, one line each."""
+        now = time.time()
+        states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "none"
+        left = "no run budget" if self.left is None else f"{self.left} of {self.budget} runs left"
+        out = [
+            f"study {self.study} in {self.storage}",
+            f"runs: {states}"
+            + (f" (+{self.skipped} duplicate draws skipped)" if self.skipped else ""),
+            f"budget: {self.used} runs claimed, {left}",
+            f"workers: {sum(w.alive(now, self.grace_s) for w in self.workers)} live",
+        ]
+        for w in self.workers:
+            alive = w.alive(now, self.grace_s)
+            seen = "live" if alive else f"gone (last seen {max(now - w.seen_at, 0):.0f} s ago)"
+            runs = self.runs_by_worker.get(w.worker, Counter())
+            done = ", ".join(f"{n} {s}" for s, n in sorted(runs.items())) or "no runs"
+            out.append(f"  slot {w.slot}: {w.worker} on {w.host} pid {w.pid}: {seen}; {done}")
+        return out
+
+
+def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
+    """The status of the study of ``cfg`` (opened, never modified beyond creation)."""
+    studies = open_studies(cfg, root)
+    claims = open_claims(studies.storage_url, studies.name)
+    trials = studies.runs.get_trials(deepcopy=False)
+    skipped = [t for t in trials if "duplicate_of" in t.user_attrs or "not_run" in t.user_attrs]
+    skipped_numbers = {t.number for t in skipped}
+    states = Counter(t.state.name for t in trials if t.number not in skipped_numbers)
+    by_trial = {c.trial: c.worker for c in claims.all()}
+    per_worker: dict[str, Counter[str]] = {}
+    for t in trials:
+        if t.number in by_trial:
+            per_worker.setdefault(by_trial[t.number], Counter())[t.state.name.lower()] += 1
+    size = search_space_size(cfg.sweep)
+    budget = cfg.sweep.n_trials
+    if size is not None and (budget is None or size < budget):
+        budget = size
+    return SweepStatus(
+        study=studies.name,
+        storage=safe_storage_url(studies.storage_url),
+        states=dict(states),
+        skipped=len(skipped),
+        budget=budget,
+        used=claims.used(),
+        workers=claims.workers(),
+        runs_by_worker=per_worker,
+        grace_s=float(cfg.sweep.grace_period_s or 2 * cfg.sweep.heartbeat_interval_s),
+    )

@@ -1,0 +1,146 @@
+"""One sweep worker: its slot in the study, its sampler seed, its heartbeat, and dead peers.
+
+A worker registers in the study's claims store (harness.sweep.claims) and keeps its slot alive
+with a heartbeat thread. The slot index seeds the worker's sampler, so two workers never replay
+the same random draws (slot 0 keeps ``sweep.seed``: one worker is reproducible). A run whose
+worker stopped beating is *dead*: any live worker fails it, which queues its retry, and the
+retry resumes from the run's last checkpoint. This works on every storage, the journal file
+included (Optuna's own run heartbeat exists for databases only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.config import HarnessConfig
+from harness.sweep.claims import Claims, WorkerSlot, worker_identity
+from harness.sweep.study import Studies, SweepError, make_sampler, safe_storage_url
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    """This process's membership in a study."""
+
+    name: str
+    slot: WorkerSlot
+    claims: Claims
+    grace_s: float
+    interval_s: float
+
+    @classmethod
+    def join(cls, cfg: HarnessConfig, studies: Studies, claims: Claims) -> Worker:
+        """Register, refuse a SQLite file shared across machines, seed this worker's sampler.
+
+        Raises:
+            SweepError: when live workers of this study run on another host and the storage is
+                a SQLite file.
+        """
+        interval = float(cfg.sweep.heartbeat_interval_s)
+        grace = float(cfg.sweep.grace_period_s or 2 * interval)
+        name = worker_identity()
+        slot = claims.register(name, grace)
+        worker = cls(name, slot, claims, grace, interval)
+        if studies.storage_url.startswith("sqlite"):
+            worker._refuse_other_hosts(studies.storage_url)
+        resumed = len(studies.runs.get_trials(deepcopy=False))
+        studies.runs.sampler = make_sampler(cfg, resumed_runs=resumed, worker_slot=slot.slot)
+        logger.info("worker %s joins study %s as slot %d", name, studies.name, slot.slot)
+        return worker
+
+    def _refuse_other_hosts(self, url: str) -> None:
+        now = time.time()
+        others = sorted(
+            {
+                w.host
+                for w in self.claims.workers()
+                if w.slot != self.slot.slot
+                and w.alive(now, self.grace_s)
+                and w.host != self.slot.host
+            }
+        )
+        if others:
+            self.claims.leave(self.slot.slot)
+            raise SweepError(
+                f"sweep.storage: {safe_storage_url(url)} is a SQLite file, for one machine only, "
+                f"and workers of this study run on {', '.join(others)} too; use a PostgreSQL or "
+                "MySQL URL (sweep.storage or HARNESS_SWEEP_STORAGE) or a journal file on a "
+                "shared file system (journal:///<path>/study.log)"
+            )
+
+    @contextlib.contextmanager
+    def alive(self) -> Iterator[None]:
+        """Beat while the block runs; free the slot at the end (also after errors)."""
+        try:
+            with self.claims.heartbeat(self.slot.slot, self.interval_s):
+                yield
+        finally:
+            with contextlib.suppress(Exception):
+                self.claims.leave(self.slot.slot)
+
+    def _live_workers(self) -> set[str]:
+        now, host = time.time(), self.slot.host
+        live = {
+            w.worker
+            for w in self.claims.workers()
+            if w.alive(now, self.grace_s) and not (w.host == host and _pid_gone(w.pid))
+        }
+        return live | {self.name}
+
+    def _classify(self, study: optuna.Study) -> tuple[list[FrozenTrial], int]:
+        """(dead, live) RUNNING trials of ``study``.
+
+        A claimed run is live while its worker beats (on this host: while its process exists);
+        an unclaimed one (the milliseconds between a trial's start and its claim, or a run of
+        an older study) is dead once older than the grace period, and counts as live before
+        that only while another worker is alive.
+        """
+        now = time.time()
+        live_workers = self._live_workers()
+        owner = {c.trial: c.worker for c in self.claims.all()}
+        others_alive = len(live_workers) > 1
+        dead: list[FrozenTrial] = []
+        live = 0
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = owner.get(trial.number)
+            started = trial.datetime_start.timestamp() if trial.datetime_start else now
+            if worker is not None:
+                if worker in live_workers:
+                    live += 1
+                else:
+                    dead.append(trial)
+            elif now - started > self.grace_s:
+                dead.append(trial)
+            elif others_alive:
+                live += 1
+        return dead, live
+
+    def dead_runs(self, study: optuna.Study) -> list[FrozenTrial]:
+        """RUNNING trials of ``study`` whose worker is gone."""
+        return self._classify(study)[0]
+
+    def live_runs(self, study: optuna.Study) -> int:
+        """RUNNING trials that a live worker is running."""
+        return self._classify(study)[1]
+
+
+def _pid_gone(pid: int) -> bool:
+    """Is there no process ``pid`` on this machine?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process: it exists
+        return False
+    return False

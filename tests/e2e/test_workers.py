@@ -1,0 +1,230 @@
+"""Many workers on one study, as on a cluster: real worker processes on a real PostgreSQL, a
+journal file, and a real one-node SLURM; every configuration trained exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.config import load_config
+from harness.sweep.study import study_id
+
+from ._helpers import cli_env, clone_project, harness_cmd, run_cli, stop_process, wait_for
+from .conftest import Postgres
+from .slurm import Slurm, slurm_cluster
+from .slurm import missing_reason as slurm_missing_reason
+
+pytestmark = pytest.mark.slow
+
+GRID = {"learning_rate": {"choices": [1.0e-4, 3.0e-4]}, "dropout": {"choices": [0.0, 0.1]}}
+
+
+def _overrides(name: str, storage: str, n_trials: int, **sweep: Any) -> dict[str, Any]:
+    return {
+        "sweep": {
+            "study_name": name,
+            "storage": storage,
+            "n_trials": n_trials,
+            "heartbeat_interval_s": 1,
+            "grace_period_s": 3,
+            **sweep,
+        }
+    }
+
+
+def _runs(project: Path, storage: str) -> list[FrozenTrial]:
+    name = study_id(load_config(project / "params.yaml"))
+    study = optuna.load_study(study_name=f"{name}.runs", storage=_optuna_storage(storage))
+    return study.get_trials(deepcopy=False)
+
+
+def _optuna_storage(url: str) -> Any:
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    return url
+
+
+def _trained(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def _assert_each_configuration_once(project: Path, storage: str, n_runs: int) -> list[FrozenTrial]:
+    trials = _runs(project, storage)
+    states = [(t.number, t.state.name, sorted(t.user_attrs)) for t in trials]
+    done = _trained(trials)
+    assert len(done) == n_runs, states
+    keys = [t.user_attrs["run_key"] for t in done]
+    assert len(set(keys)) == n_runs, f"a configuration trained twice: {keys}"
+    assert all(t.state != TrialState.RUNNING for t in trials), states
+    frame = pd.read_parquet(project / "runs/sweep/results.parquet")
+    assert set(frame["run_key"]) == set(keys)
+    assert not frame.duplicated(["run_key", "checkpoint_step", "setting_id"]).any()
+    # No two trials share a run folder unless one is the other's retry.
+    dirs = [t.user_attrs["run_dir"] for t in done]
+    assert len(set(dirs)) == len(dirs)
+    return trials
+
+
+def _start_workers(project: Path, env: dict[str, str], n: int, log_dir: Path) -> list[Any]:
+    procs = []
+    for i in range(n):
+        log = (log_dir / f"worker-{i}.log").open("w")
+        procs.append(
+            subprocess.Popen(
+                harness_cmd(project, "sweep", "worker"),
+                cwd=project,
+                env={**env, "HARNESS_WORKER_ID": f"w{i}"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    return procs
+
+
+def test_three_local_workers_cover_a_grid_once_and_finish_a_killed_workers_run(
+    prepared_template: Path, tmp_path: Path, postgres_server: Postgres
+) -> None:
+    """`harness sweep launch --local 3` on PostgreSQL, a 2x2 grid (n_trials 6: the grid is the
+    budget); one worker is SIGKILLed mid-run: another retries the run and resumes it from its
+    checkpoint, every cell trains exactly once, nothing is left RUNNING."""
+    storage = postgres_server.url("unused-pw")
+    project = clone_project(
+        prepared_template,
+        tmp_path / "project",
+        _overrides("grid", storage, 6, sampler="grid", space=GRID),
+    )
+    env = cli_env(tmp_path / "home")
+    log = tmp_path / "launch.log"
+    with log.open("w") as out:
+        launcher = subprocess.Popen(
+            harness_cmd(project, "sweep", "launch", "--local", "3"),
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        victim = wait_for(
+            "a run past its first checkpoint",
+            lambda: _mid_run(project, storage),
+            300,
+            launcher,
+            log,
+        )
+        pid = _worker_pid(postgres_server, project, victim)
+        os.kill(pid, signal.SIGKILL)
+        code = launcher.wait(timeout=600)
+    finally:
+        stop_process(launcher)
+    text = log.read_text()
+    assert code == 2, text[-3000:]  # the launcher reports the killed worker's exit
+    assert "-9" in text.splitlines()[-1], text[-500:]
+    trials = _assert_each_configuration_once(project, storage, 4)
+    cells = {(t.params["train.learning_rate"], t.params["train.dropout"]) for t in _trained(trials)}
+    assert len(cells) == 4
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL
+    retry = next(t for t in _trained(trials) if t.params == victim.params)
+    result = json.loads((Path(retry.user_attrs["run_dir"]) / "result.json").read_text())
+    assert result["resumed_from"] in (2, 4), result
+    assert all(f"[w{i}]" in text for i in range(3)), text[-2000:]
+    assert "unused-pw" not in text
+    status = run_cli(project, ["sweep", "status"], env, tmp_path / "status.log")
+    report = (tmp_path / "status.log").read_text()
+    assert status.returncode == 0, report
+    assert "runs: 4 complete, 1 fail" in report and "0 of 4 runs left" in report, report
+    assert "unused-pw" not in report
+
+
+def _mid_run(project: Path, storage: str) -> FrozenTrial | None:
+    try:
+        trials = _runs(project, storage)
+    except Exception:  # the study is not created yet
+        return None
+    running = (t for t in trials if t.state == TrialState.RUNNING)
+    return next((t for t in running if "proxy.step-2" in t.user_attrs), None)
+
+
+def _worker_pid(server: Postgres, project: Path, trial: FrozenTrial) -> int:
+    """The pid of the worker process that holds ``trial`` (claims and slots tables)."""
+    import sqlalchemy as sa
+
+    name = study_id(load_config(project / "params.yaml"))
+    engine = sa.create_engine(server.url("x"))
+    query = sa.text(
+        "SELECT w.pid FROM harness_run_claims c JOIN harness_sweep_workers w "
+        "ON w.study = c.study AND w.worker = c.worker WHERE c.study = :s AND c.trial = :t"
+    )
+    with engine.connect() as conn:
+        pid = conn.execute(query, {"s": name, "t": trial.number}).scalar()
+    engine.dispose()
+    assert pid, f"no worker holds run {trial.number}"
+    return int(pid)
+
+
+def test_two_workers_on_one_journal_file(prepared_template: Path, tmp_path: Path) -> None:
+    storage = f"journal://{tmp_path / 'shared' / 'study.log'}"
+    project = clone_project(
+        prepared_template, tmp_path / "project", _overrides("journal", storage, 2, sampler="random")
+    )
+    env = cli_env(tmp_path / "home")
+    procs = _start_workers(project, env, 2, tmp_path)
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            stop_process(p)
+    logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(2))
+    assert codes == [0, 0], logs[-4000:]
+    _assert_each_configuration_once(project, storage, 2)
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[Slurm]:
+    reason = slurm_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        with slurm_cluster() as cluster:
+            yield cluster
+    except RuntimeError as exc:
+        pytest.skip(f"SLURM cannot start on this machine: {exc}")
+
+
+def test_slurm_array_launched_by_the_cli_completes_the_study(
+    prepared_template: Path, tmp_path: Path, postgres_server: Postgres, slurm: Slurm
+) -> None:
+    storage = postgres_server.url("unused-pw")
+    overrides = _overrides("slurm", storage, 2, sampler="random")
+    overrides["launch"] = {"workers": 2, "slurm": {"gpus_per_task": 0, "cpus_per_task": 1}}
+    project = clone_project(prepared_template, tmp_path / "project", overrides)
+    env = cli_env(tmp_path / "home", slurm.env())
+    log = tmp_path / "launch.log"
+    done = run_cli(project, ["sweep", "launch", "--slurm"], env, log, timeout=120)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "#SBATCH --array=0-1" in text and "submitted: job" in text, text
+    assert "unused-pw" not in text
+    script = next((project / "runs/sweep/launch").glob("*.sbatch"))
+    assert "unused-pw" not in script.read_text()
+    wait_for("the SLURM array to finish", lambda: not slurm.jobs(), 600, interval=2)
+    outputs = sorted((project / "runs/sweep/launch").glob("slurm-*.out"))
+    assert len(outputs) == 2, outputs
+    logs = "\n".join(p.read_text() for p in outputs)
+    _assert_each_configuration_once(project, storage, 2)
+    assert logs.count("worker done:") == 2, logs[-3000:]

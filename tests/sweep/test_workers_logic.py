@@ -1,0 +1,221 @@
+"""Workers of one study in one process (fake backend): duplicates trained once, budgets, seeds,
+the SQLite refusal across hosts, the storage variable, retries of a briefly lost database,
+and the launchers' generated files."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
+
+from harness.config import HarnessConfig
+from harness.sweep import open_studies, run_sweep
+from harness.sweep.claims import SqlClaims
+from harness.sweep.launch import (
+    LaunchError,
+    clearml_worker_spec,
+    launch_slurm,
+    slurm_script,
+    worker_command,
+)
+from harness.sweep.retry import StorageUnreachable, retry_transient
+from harness.sweep.space import search_space_size
+from harness.sweep.study import STORAGE_ENV, SweepError, make_sampler, storage_url
+from harness.sweep.worker import Worker
+
+from .fakes import FakeBackend
+from .test_sweep_logic import make_cfg
+
+
+def _runs(cfg: HarnessConfig, root: Path) -> list[optuna.trial.FrozenTrial]:
+    return open_studies(cfg, root).runs.get_trials(deepcopy=False)
+
+
+def test_a_small_space_is_trained_once_per_configuration(tmp_path: Path) -> None:
+    """Two choices, budget 6: the space is the budget, each configuration trains once, and the
+    sampler's repeated draws are recorded as skipped duplicates, not as runs."""
+    cfg = make_cfg(tmp_path, n_trials=6, space={"rank": {"choices": [2, 4]}})
+    assert search_space_size(cfg.sweep) == 2
+    backend = FakeBackend()
+    summary = run_sweep(cfg, tmp_path, backend)
+    assert sorted(p["rank"] for p in backend.trained) == [2, 4]
+    assert summary.runs_completed == 2
+    trials = _runs(cfg, tmp_path)
+    dups = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert all(t.state == TrialState.FAIL for t in dups)
+    assert summary.runs_skipped == len(dups)
+    assert "duplicate draws skipped" in summary.describe() or not dups
+    assert summary.runs_interrupted == 0 and summary.runs_failed == 0
+
+
+def test_a_second_call_trains_nothing_once_the_budget_is_claimed(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, n_trials=2)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    again = FakeBackend()
+    summary = run_sweep(cfg, tmp_path, again)
+    assert again.trained == [] and summary.runs_completed == 2
+    studies = open_studies(cfg, tmp_path)
+    assert SqlClaims(studies.storage_url, studies.name).used() == 2
+
+
+def test_worker_slots_get_their_own_sampler_seeds(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    seeds = [make_sampler(cfg, worker_slot=slot)._rng.rng.randint(1 << 30) for slot in (0, 1, 2)]  # type: ignore[attr-defined]
+    assert len(set(seeds)) == 3
+    again = make_sampler(cfg, worker_slot=1)._rng.rng.randint(1 << 30)  # type: ignore[attr-defined]
+    assert again == seeds[1], "a slot's seed is reproducible"
+
+
+def test_sqlite_shared_by_two_hosts_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(tmp_path, n_trials=1)
+    studies = open_studies(cfg, tmp_path)
+    claims = SqlClaims(studies.storage_url, studies.name)
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-17")
+    claims.register("node-17:99", grace_s=120)  # a live worker on another machine
+    monkeypatch.undo()
+    with pytest.raises(SweepError) as err:
+        Worker.join(cfg, studies, claims)
+    message = str(err.value)
+    assert "SQLite" in message and "node-17" in message
+    assert "PostgreSQL" in message and "journal" in message
+
+
+def test_storage_variable_wins_over_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(tmp_path, storage="sqlite:///from-config.db")
+    assert storage_url(cfg, tmp_path) == "sqlite:///from-config.db"
+    monkeypatch.setenv(STORAGE_ENV, f"sqlite:///{tmp_path / 'env.db'}")
+    assert storage_url(cfg, tmp_path) == f"sqlite:///{tmp_path / 'env.db'}"
+
+
+def test_a_lost_connection_is_retried_then_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        return "ok"
+
+    assert retry_transient(flaky, retry_s=60) == "ok" and calls["n"] == 3
+
+    def down() -> None:
+        raise OperationalError(
+            "SELECT 1", {}, Exception("could not connect to postgresql://u:pw@db/x")
+        )
+
+    with pytest.raises(StorageUnreachable) as err:
+        retry_transient(down, retry_s=5)
+    assert "every finished run and point is stored" in str(err.value)
+    with pytest.raises(ValueError):  # not a connection problem: raised at once
+        retry_transient(lambda: (_ for _ in ()).throw(ValueError("bad")), retry_s=60)
+
+
+def test_the_sweep_survives_a_database_that_drops_for_a_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every storage call of the sweep goes through the retries: a few calls that fail with a
+    lost connection cost nothing."""
+    from optuna.storages import RDBStorage
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    original = RDBStorage.set_trial_user_attr
+    failures = {"left": 3}
+
+    def sometimes(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OperationalError("UPDATE", {}, Exception("connection reset by peer"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_user_attr", sometimes)
+    summary = run_sweep(cfg, tmp_path, FakeBackend())
+    assert failures["left"] == 0 and summary.runs_completed == 2
+
+
+def _launch_cfg(tmp_path: Path, **launch: Any) -> HarnessConfig:
+    data = make_cfg(tmp_path, storage="postgresql+psycopg2://u:s3cret@db.example/sweeps").to_dict()
+    data["launch"] = {"workers": 3, **launch}
+    return HarnessConfig.model_validate(data)
+
+
+def test_slurm_script_runs_one_worker_per_array_task(tmp_path: Path) -> None:
+    cfg = _launch_cfg(
+        tmp_path,
+        slurm={
+            "partition": "gpu",
+            "account": "lab",
+            "time": "02:00:00",
+            "gpus_per_task": 1,
+            "setup": ["module load cuda/12.4"],
+        },
+    )
+    params = tmp_path / "params.yaml"
+    text = slurm_script(cfg, tmp_path, params, 3, overrides=["train.rank=8"])
+    for line in (
+        "#SBATCH --array=0-2",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --time=02:00:00",
+        "module load cuda/12.4",
+    ):
+        assert line in text.splitlines(), text
+    command = shlex.split(text.strip().splitlines()[-1].removeprefix("exec "))
+    assert command[-2:] == ["sweep", "worker"] and command[-4:-2] == ["-S", "train.rank=8"]
+    assert "s3cret" not in text, "the storage password never goes into the script"
+
+
+def test_slurm_and_clearml_refuse_sqlite(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(LaunchError, match="SQLite file is for one machine"):
+        launch_slurm(cfg, tmp_path, tmp_path / "params.yaml", 2, submit=False)
+
+
+def test_slurm_without_sbatch_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    cfg = _launch_cfg(tmp_path)
+    with pytest.raises(LaunchError, match="sbatch not found"):
+        launch_slurm(cfg, tmp_path, tmp_path / "params.yaml", 2)
+    assert list((tmp_path / cfg.sweep.dir / "launch").glob("*.sbatch")), "the script is kept"
+
+
+def test_clearml_worker_definition(tmp_path: Path) -> None:
+    cfg = _launch_cfg(tmp_path)
+    spec = clearml_worker_spec(cfg, tmp_path, tmp_path / "params.yaml", "gpu-queue", 1, ["a=1"])
+    assert spec["queue"] == "gpu-queue"
+    assert spec["task_name"].endswith("/worker-1") and spec["task_type"] == "training"
+    assert spec["argv"] == [
+        "harness",
+        "-p",
+        str(tmp_path / "params.yaml"),
+        "-S",
+        "a=1",
+        "sweep",
+        "worker",
+    ]
+    assert spec["working_directory"] == str(tmp_path.resolve())
+    assert any(r.startswith("optuna") for r in spec["requirements"])
+    assert "s3cret" not in json.dumps(spec)
+
+
+def test_worker_command_passes_overrides_on() -> None:
+    cmd = worker_command(Path("/p/params.yaml"), ["train.rank=8", "sweep.n_trials=3"], "py")
+    assert cmd == [
+        "py", "-m", "harness", "-p", "/p/params.yaml",
+        "-S", "train.rank=8", "-S", "sweep.n_trials=3", "sweep", "worker",
+    ]  # fmt: skip

@@ -48,9 +48,12 @@ def _git(cwd: Path, env: dict[str, str], *args: str) -> str:
     return _run(["git", *args], cwd, env)
 
 
-def _project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The project's files in a fresh git + DVC repository, the user's overrides written into
-    experiments/config.yaml and params.yaml composed with `harness config compose`."""
+def _project(
+    tmp_path: Path, overrides: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, str]]:
+    """The project's files in a fresh git + DVC repository, the user's overrides (OVERRIDES and
+    ``overrides``) written into experiments/config.yaml and params.yaml composed with
+    `harness config compose`."""
     repo = tmp_path / "project"
     repo.mkdir()
     for name in PROJECT:
@@ -60,7 +63,8 @@ def _project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         else:
             shutil.copy2(source, repo / name)
     config = repo / "experiments/config.yaml"
-    config.write_text(config.read_text() + yaml.safe_dump(OVERRIDES, sort_keys=False))
+    user = deep_merge(OVERRIDES, overrides or {})
+    config.write_text(config.read_text() + yaml.safe_dump(user, sort_keys=False))
     env = cli_env(
         tmp_path / "home",
         {
@@ -173,30 +177,43 @@ def _check_report(repo: Path, tmp_path: Path) -> None:
 
 
 def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(tmp_path: Path) -> None:
-    repo, env = _project(tmp_path)
+    # One run per experiment, untracked: what is under test is which stages rerun and which
+    # study each experiment's results come from.
+    repo, env = _project(tmp_path, {"sweep": {"n_trials": 1}, "tracking": {"mode": "off"}})
     base_out = _dvc(repo, env, "exp", "run", "-n", "base")
-    assert "2 training runs (2 completed" in base_out
+    assert "1 training runs (1 completed" in base_out
     report_only = _dvc(repo, env, "exp", "run", "-n", "report-only", "-S", "report.top_k=3")
     assert "Running stage 'report'" in report_only
     for stage in ("prepare", "sweep", "evaluate"):  # a report setting reruns only the report
         assert f"Running stage '{stage}'" not in report_only, report_only[-3000:]
-    rank = _dvc(repo, env, "exp", "run", "-n", "rank8", "-S", "train.rank=8")
-    assert "2 training runs (2 completed" in rank and "Running stage 'prepare'" not in rank
-    warmup = _dvc(repo, env, "exp", "run", "-n", "warmup", "-S", "train.lr_warmup_steps=2")
-    assert "2 training runs (2 completed" in warmup  # trained, not the old results again
+    # Two training settings as a DVC user sets them (plain -S, no '+'): trained, not the old
+    # results again.
+    changed = _dvc(
+        repo,
+        env,
+        "exp",
+        "run",
+        "-n",
+        "changed",
+        "-S",
+        "train.rank=8",
+        "-S",
+        "train.lr_warmup_steps=2",
+    )
+    assert "1 training runs (1 completed" in changed and "Running stage 'prepare'" not in changed
     _dvc(repo, env, "exp", "run", "-n", "back")  # composed again from experiments/: the base
 
     rows = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json")))
-    assert _params(rows["rank8"])["train"]["rank"] == 8
-    assert _params(rows["warmup"])["train"]["lr_warmup_steps"] == 2
-    studies = {name: _metrics(rows[name])["study"] for name in ("base", "rank8", "warmup", "back")}
-    assert len({studies["base"], studies["rank8"], studies["warmup"]}) == 3
+    assert _params(rows["changed"])["train"]["rank"] == 8
+    assert _params(rows["changed"])["train"]["lr_warmup_steps"] == 2
+    studies = {name: _metrics(rows[name])["study"] for name in ("base", "changed", "back")}
+    assert studies["base"] != studies["changed"]
     assert studies["back"] == studies["base"]
     assert _metrics(rows["back"])["confirm"] == _metrics(rows["base"])["confirm"]
-    assert _metrics(rows["rank8"])["sweep"] != _metrics(rows["base"])["sweep"]
+    assert _metrics(rows["changed"])["sweep"] != _metrics(rows["base"])["sweep"]
     storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"
     for study in set(studies.values()):  # `back` resumed the base study: nothing trained twice
-        assert len(optuna.load_study(study_name=f"{study}.runs", storage=storage).trials) == 2
+        assert len(optuna.load_study(study_name=f"{study}.runs", storage=storage).trials) == 1
 
     # Another preset: DVC composes it (here only the cheap first stage runs).
     _dvc(

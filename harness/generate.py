@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -303,7 +305,7 @@ def _generate_batch(
     out = []
     for (index, template, seed), prompt, image in zip(batch, prompts, images, strict=True):
         relative = f"images/{setting.id}/{index:03d}-{seed}.png"
-        image.save(out_dir / relative, format="PNG")
+        _save_png_atomically(image, out_dir / relative)
         out.append(
             GeneratedImage(
                 file=relative,
@@ -321,3 +323,12 @@ def _generate_batch(
 def eval_seeds(cfg: HarnessConfig) -> list[int]:
     """The evaluation seeds: ``images_per_prompt`` consecutive seeds from ``eval.seed``."""
     return [cfg.eval.seed + i for i in range(cfg.eval.images_per_prompt)]
+
+
+def _save_png_atomically(image: Any, path: Path) -> None:
+    """Write to a unique temporary file, then rename: workers that write the same image (the
+    base model's references at the end of every worker's sweep) never let a reader see half
+    a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)

@@ -187,8 +187,11 @@ class SqlClaims(Claims):
     ``url`` is the study's storage URL (SQLite for one machine, PostgreSQL or MySQL for many).
     """
 
-    def __init__(self, url: str, study: str, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, url: str, study: str, *, engine: Engine | None = None, retry_s: float = 120.0
+    ) -> None:
         self.study = study
+        self.retry_s = retry_s
         self.engine = engine or _engine(url)
         self.dialect = self.engine.dialect.name
         _create_tables(self.engine)
@@ -467,12 +470,43 @@ def _claim(run_key: str, held: dict[str, Any]) -> Claim:
     return Claim(run_key, int(held["trial"]), str(held["worker"]), float(held["claimed_at"]))
 
 
-def open_claims(url: str, study: str) -> Claims:
-    """The claims of ``study`` in the storage at ``url`` (SQL database or journal file)."""
+def open_claims(url: str, study: str, retry_s: float = 120.0) -> Claims:
+    """The claims of ``study`` in the storage at ``url`` (SQL database or journal file); a
+    database briefly unreachable is retried for ``retry_s`` seconds (harness.sweep.retry)."""
     journal = journal_path(url)
     if journal is not None:
         return FileClaims(journal, study)
-    return SqlClaims(url, study)
+    return SqlClaims(url, study, retry_s=retry_s)
+
+
+def _with_retries(cls: type[SqlClaims]) -> type[SqlClaims]:
+    """Every public method of ``cls`` through :func:`harness.sweep.retry.retry_transient`."""
+    for name in (
+        "claim",
+        "take_over",
+        "holder",
+        "all",
+        "used",
+        "adopt",
+        "register",
+        "beat",
+        "leave",
+        "workers",
+    ):
+        method = getattr(cls, name)
+
+        def wrapper(self: SqlClaims, *args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            from harness.sweep.retry import retry_transient
+
+            return retry_transient(lambda: _method(self, *args, **kwargs), self.retry_s)
+
+        wrapper.__name__ = wrapper.__qualname__ = name
+        wrapper.__doc__ = method.__doc__
+        setattr(cls, name, wrapper)
+    return cls
+
+
+_with_retries(SqlClaims)
 
 
 def journal_path(url: str) -> Path | None:

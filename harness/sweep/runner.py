@@ -163,6 +163,8 @@ class _Objective:
             raise NotRun("the budget was spent by other workers meanwhile")
         holder = outcome.holder
         assert holder is not None
+        if holder.trial == run.number:  # our own claim, committed before a lost connection
+            return
         if self._is_dead(holder.trial) and self.claims.take_over(
             run.key, holder.trial, run.number, self.worker
         ):
@@ -313,7 +315,7 @@ def run_sweep(
         SweepError: when the stored study was created with a different configuration.
     """
     studies = studies or open_studies(cfg, root)
-    claims = open_claims(studies.storage_url, studies.name)
+    claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
     claims.adopt(_runs_before_claims(studies.runs))
     worker = Worker.join(cfg, studies, claims)
     study_sink = StudySink(cfg, root, studies)

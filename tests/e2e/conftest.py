@@ -62,6 +62,22 @@ class Postgres:
     """A running throwaway cluster on 127.0.0.1 with an empty ``harness`` database."""
 
     port: int
+    data: Path | None = None
+    options: str = ""
+    log: Path | None = None
+
+    def stop(self) -> None:
+        """Stop the server (connections are cut), e.g. to test a database outage."""
+        assert self.data is not None
+        done = _as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        assert done.returncode == 0, done.stderr
+
+    def start(self) -> None:
+        """Start the stopped server again on the same port and data."""
+        assert self.data is not None
+        args = ("pg_ctl", "-D", str(self.data), "-o", self.options, "-l", str(self.log))
+        done = _as_postgres(*args, "-w", "start")
+        assert done.returncode == 0, done.stderr
 
     def url(self, password: str) -> str:
         """SQLAlchemy URL with ``password`` in it (trust auth ignores it)."""
@@ -134,7 +150,7 @@ def postgres_server() -> Iterator[Postgres]:
         )
         assert created.returncode == 0, f"createdb failed:\n{created.stderr}"
         _add_password_role(data, port)
-        yield Postgres(port)
+        yield Postgres(port, data, options, base / "server.log")
     finally:
         if started or (data / "postmaster.pid").exists():
             _as_postgres("pg_ctl", "-D", str(data), "-m", "fast", "stop")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,40 @@ def test_slurm_array_launched_by_the_cli_completes_the_study(
     logs = "\n".join(p.read_text() for p in outputs)
     _assert_each_configuration_once(project, storage, 2)
     assert logs.count("worker done:") == 2, logs[-3000:]
+
+
+def test_a_database_restart_mid_sweep_costs_nothing(
+    prepared_template: Path, tmp_path: Path, postgres_server: Postgres
+) -> None:
+    """PostgreSQL stopped for a few seconds while a run trains: the worker retries its storage
+    calls with backoff and finishes the sweep; every run is recorded once."""
+    storage = postgres_server.url("unused-pw")
+    project = clone_project(
+        prepared_template, tmp_path / "project", _overrides("outage", storage, 2, sampler="random")
+    )
+    env = cli_env(tmp_path / "home")
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            harness_cmd(project, "sweep"),
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for("a run in training", lambda: _mid_run(project, storage), 300, proc, log)
+        postgres_server.stop()
+        try:
+            time.sleep(6)
+        finally:
+            postgres_server.start()
+        code = proc.wait(timeout=600)
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    assert "retrying in" in text, text[-3000:]
+    assert "unused-pw" not in text
+    _assert_each_configuration_once(project, storage, 2)

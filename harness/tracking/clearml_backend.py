@@ -534,13 +534,8 @@ def _redact_json_text(text: str, literals: set[str]) -> str:
     return redact_text(text, literals | escaped)
 
 
-def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[Path, str]:
-    """Upload every offline session zip under ``folder`` to the configured ClearML server.
-
-    Each imported zip gets a ``<zip>.imported`` marker holding the new task id, so running this
-    again skips it (``force=True`` re-imports). Returns ``{zip: task_id}`` of this call.
-    Needs a configured, reachable server (``clearml.conf`` or ``CLEARML_*`` variables).
-    """
+def _require_server() -> None:
+    """Go online, or raise :class:`TrackingError` when no reachable server is configured."""
     server = detect_server()
     if not server.configured or not server.api_host:
         raise TrackingError("no ClearML server configured (clearml.conf or CLEARML_API_HOST)")
@@ -548,6 +543,16 @@ def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[
     if not reach.ok:
         raise TrackingError(f"ClearML server {redact_text(server.api_host)}: {reach.detail}")
     Task.set_offline(False)
+
+
+def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[Path, str]:
+    """Upload every offline session zip under ``folder`` to the configured ClearML server.
+
+    Each imported zip gets a ``<zip>.imported`` marker holding the new task id, so running this
+    again skips it (``force=True`` re-imports). Returns ``{zip: task_id}`` of this call.
+    Needs a configured, reachable server (``clearml.conf`` or ``CLEARML_*`` variables).
+    """
+    _require_server()
     imported: dict[Path, str] = {}
     for zip_path in sorted(Path(folder).rglob("*.zip")):
         marker = zip_path.with_name(zip_path.name + ".imported")
@@ -567,13 +572,7 @@ def enqueue_worker_task(spec: Mapping[str, Any]) -> str:
     ``spec["queue"]`` for ``clearml-agent``. Needs a configured, reachable server; untested
     here (no ClearML server can run in CI), the definition itself is tested offline.
     """
-    server = detect_server()
-    if not server.configured or not server.api_host:
-        raise TrackingError("no ClearML server configured (clearml.conf or CLEARML_API_HOST)")
-    reach = check_reachable(server.api_host, 10.0)
-    if not reach.ok:
-        raise TrackingError(f"ClearML server {redact_text(server.api_host)}: {reach.detail}")
-    Task.set_offline(False)
+    _require_server()
     task: Task = Task.create(
         project_name=spec["project_name"],
         task_name=spec["task_name"],

@@ -11,21 +11,71 @@ Standalone (never imports ``harness``). The scoring entry point is :class:`Score
 Command line: ``python -m metrics score --real DIR --generated DIR [--prompts FILE] [--json OUT]``.
 """
 
-from metrics.api import ImageScore, PromptScore, Scorer, ScorerConfig, ScoreResult
-from metrics.cache import EmbeddingCache, encode_cached
-from metrics.encoders import ClipEncoder, DinoEncoder, ImageEncoder, load_clip, load_dino
-from metrics.errors import MetricsError, MetricsInputError, WeightsUnavailableError
-from metrics.images import ImageInput, load_image
-from metrics.manifest import match_prompts, read_prompts_file
-from metrics.preprocess import dino_crop_box, dino_transform
-from metrics.prompts import IDENTIFIER_POLICIES, IdentifierPolicy, text_for_clip
-from metrics.scores import (
-    all_pairs_mean,
-    bootstrap_ci,
-    diversity,
-    per_row_mean,
-    self_pairs_mean,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded on first use (PEP 562): `metrics.errors` or `metrics.prompts` alone does not import
+# torch, timm or open_clip (a light command of a caller stays light).
+_EXPORTS = {
+    "ImageScore": "api",
+    "PromptScore": "api",
+    "Scorer": "api",
+    "ScorerConfig": "api",
+    "ScoreResult": "api",
+    "EmbeddingCache": "cache",
+    "encode_cached": "cache",
+    "ClipEncoder": "encoders",
+    "DinoEncoder": "encoders",
+    "ImageEncoder": "encoders",
+    "load_clip": "encoders",
+    "load_dino": "encoders",
+    "MetricsError": "errors",
+    "MetricsInputError": "errors",
+    "WeightsUnavailableError": "errors",
+    "ImageInput": "images",
+    "load_image": "images",
+    "match_prompts": "manifest",
+    "read_prompts_file": "manifest",
+    "dino_crop_box": "preprocess",
+    "dino_transform": "preprocess",
+    "IDENTIFIER_POLICIES": "prompts",
+    "IdentifierPolicy": "prompts",
+    "text_for_clip": "prompts",
+    "all_pairs_mean": "scores",
+    "bootstrap_ci": "scores",
+    "diversity": "scores",
+    "per_row_mean": "scores",
+    "self_pairs_mean": "scores",
+}
+
+if TYPE_CHECKING:
+    from metrics.api import ImageScore, PromptScore, Scorer, ScorerConfig, ScoreResult
+    from metrics.cache import EmbeddingCache, encode_cached
+    from metrics.encoders import ClipEncoder, DinoEncoder, ImageEncoder, load_clip, load_dino
+    from metrics.errors import MetricsError, MetricsInputError, WeightsUnavailableError
+    from metrics.images import ImageInput, load_image
+    from metrics.manifest import match_prompts, read_prompts_file
+    from metrics.preprocess import dino_crop_box, dino_transform
+    from metrics.prompts import IDENTIFIER_POLICIES, IdentifierPolicy, text_for_clip
+    from metrics.scores import (
+        all_pairs_mean,
+        bootstrap_ci,
+        diversity,
+        per_row_mean,
+        self_pairs_mean,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'metrics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"metrics.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "IDENTIFIER_POLICIES",

@@ -13,19 +13,48 @@ Example:
 
 from __future__ import annotations
 
-from harness.train.cache import CacheStats, ensure_class_images, model_identity
-from harness.train.fingerprints import config_hash
-from harness.train.inputs import class_prompt_for
-from harness.train.loop import train_lora
-from harness.train.lora import ADAPTER, WEIGHTS_NAME
-from harness.train.records import (
-    CheckpointInfo,
-    NonFiniteLossError,
-    TrainingError,
-    TrainingOOMError,
-    TrainResult,
-    TrainStatus,
-)
+from typing import TYPE_CHECKING, Any
+
+# The names below load on first use (PEP 562): `harness.train.records` and friends stay light,
+# so a stage that only reads records (the report, `harness sweep status`) never imports torch.
+_EXPORTS = {
+    "CacheStats": "cache",
+    "ensure_class_images": "cache",
+    "model_identity": "cache",
+    "config_hash": "fingerprints",
+    "class_prompt_for": "inputs",
+    "train_lora": "loop",
+    "ADAPTER": "lora",
+    "WEIGHTS_NAME": "lora",
+    "CheckpointInfo": "records",
+    "NonFiniteLossError": "records",
+    "TrainingError": "records",
+    "TrainingOOMError": "records",
+    "TrainResult": "records",
+    "TrainStatus": "records",
+}
+
+if TYPE_CHECKING:
+    from harness.train.cache import CacheStats, ensure_class_images, model_identity
+    from harness.train.fingerprints import config_hash
+    from harness.train.inputs import class_prompt_for
+    from harness.train.loop import train_lora
+    from harness.train.lora import ADAPTER, WEIGHTS_NAME
+    from harness.train.records import (
+        CheckpointInfo,
+        NonFiniteLossError,
+        TrainingError,
+        TrainingOOMError,
+        TrainResult,
+        TrainStatus,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    from harness._lazy import load_export
+
+    return load_export(__name__, _EXPORTS, name)
+
 
 __all__ = [
     "ADAPTER",

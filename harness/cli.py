@@ -413,9 +413,9 @@ def sweep_status_cmd() -> None:
     """Runs by state, per worker, and the budget left of this configuration's study."""
 
     def body() -> Any:
-        from harness.sweep.status import sweep_status
+        from harness.stages import run_status
 
-        return sweep_status(load(), project_root())
+        return run_status(load(), project_root())
 
     for line in run_command(body).lines():
         typer.echo(line)

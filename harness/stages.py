@@ -37,6 +37,7 @@ __all__ = [
     "run_prepare",
     "run_report_stage",
     "run_resolve",
+    "run_status",
     "run_sweep_stage",
     "run_train",
 ]
@@ -189,6 +190,17 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(cfg, root, backend, tracker, studies=studies, sinks=sinks)
+
+
+def run_status(cfg: HarnessConfig, root: Path) -> Any:
+    """``harness sweep status``: the study as the sweep opens it (with the prepared subject's
+    class noun and photos, once prepared), see :func:`harness.sweep.status.sweep_status`."""
+    from harness.data.prepare import MANIFEST
+    from harness.sweep.status import sweep_status
+
+    if (prepared_subject_dir(cfg, root) / MANIFEST).is_file():
+        cfg, _ = _load_subject(cfg, root)
+    return sweep_status(cfg, root)
 
 
 def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> Any:

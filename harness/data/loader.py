@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +14,14 @@ from harness.data.errors import DataError
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
 
-__all__ = ["PreparedImage", "PreparedSubject", "load_prepared", "with_subject"]
+__all__ = [
+    "PreparedImage",
+    "PreparedSubject",
+    "load_prepared",
+    "photos_fingerprint",
+    "prepared_fingerprint",
+    "with_subject",
+]
 
 _SCHEMA_VERSION = 1  # must match harness.data.prepare.SCHEMA_VERSION
 
@@ -50,6 +59,44 @@ class PreparedSubject:
     def train_captions(self) -> list[str]:
         """Training captions, aligned with :attr:`train_paths`."""
         return [img.caption for img in self.train]
+
+    @property
+    def fingerprint(self) -> str:
+        """What the photos are (see :func:`photos_fingerprint`)."""
+        return photos_fingerprint(self.manifest)
+
+
+def photos_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """16 hex digits that change when what a run trains on or is scored against changes: each
+    photo's bytes (the source file's sha256), split, reference flag, caption and crop, the
+    prompts, the class noun and the token. Settings are not in it (they are in the config)."""
+    photos = sorted(
+        (
+            str(rec["sha256"]),
+            str(rec["split"]),
+            bool(rec["reference"]),
+            str(rec["caption"]),
+            list(rec.get("crop_box") or []),
+        )
+        for rec in manifest.get("images", [])
+    )
+    payload = {
+        "photos": photos,
+        "prompts": list(manifest.get("prompts", [])),
+        "class_name": manifest.get("class_name"),
+        "token": manifest.get("token"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepared_fingerprint(prepared_subject_dir: Path) -> str | None:
+    """:func:`photos_fingerprint` of a prepared subject's manifest; ``None`` when there is no
+    readable manifest (nothing prepared yet: whatever needs the photos fails on its own)."""
+    try:
+        manifest = json.loads((Path(prepared_subject_dir) / "manifest.json").read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return photos_fingerprint(manifest) if isinstance(manifest, dict) else None
 
 
 def load_prepared(prepared_subject_dir: Path) -> PreparedSubject:

@@ -120,6 +120,10 @@ class SweepBackend(Protocol):
         """Scores that make the others readable: ``baseline`` (no adapter), ``real_ceiling``."""
         ...
 
+    def release(self) -> None:
+        """Free what the last run held (called after every run that trained)."""
+        ...
+
 
 class SweepSink:
     """Receives the sweep's events; every method is a no-op here, a sink overrides what it

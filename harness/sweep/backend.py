@@ -74,6 +74,17 @@ class HarnessBackend:
             progress=self.progress,
         )
 
+    def release(self) -> None:
+        """Collect the finished run's reference cycles (LoRA layers, optimizer state) and hand
+        the CUDA cache back, so the next run starts from the memory the first one had."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
         """Few prompts, few seeds, the default ``eval`` setting, on the checkpoint just saved.
 

@@ -32,7 +32,9 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
+
+from harness.sweep.retry import retry_schema_race
 
 __all__ = [
     "Claim",
@@ -527,11 +529,4 @@ def _engine(url: str) -> Engine:
 
 def _create_tables(engine: Engine) -> None:
     """Create the tables once; two workers creating them at the same moment is fine."""
-    for attempt in range(5):
-        try:
-            _META.create_all(engine, checkfirst=True)
-            return
-        except (IntegrityError, ProgrammingError, OperationalError):
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    retry_schema_race(lambda: _META.create_all(engine, checkfirst=True))

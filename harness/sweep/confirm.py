@@ -202,10 +202,11 @@ def _check_same_study(cfg: HarnessConfig, root: Path, parquet: Path) -> None:
     points would report them under these params."""
     summary = root / cfg.sweep.dir / SWEEP_METRICS
     study = json.loads(summary.read_text()).get("study") if summary.is_file() else None
-    if study is not None and study != study_id(cfg):
+    expected = study_id(cfg, root)
+    if study is not None and study != expected:
         raise EvaluateError(
             f"{parquet}: holds study {study!r}, but this configuration's study is "
-            f"{study_id(cfg)!r}; run `harness sweep` first (dvc repro does)"
+            f"{expected!r}; run `harness sweep` first (dvc repro does)"
         )
 
 
@@ -320,7 +321,9 @@ def confirmation_row(
     return out
 
 
-def metrics_summary(cfg: HarnessConfig, confirmation: Confirmation) -> dict[str, Any]:
+def metrics_summary(
+    cfg: HarnessConfig, confirmation: Confirmation, root: Path | None = None
+) -> dict[str, Any]:
     """``reports/metrics.json``: the best point's sweep and confirmation scores, shrinkage (its
     own and the mean over every confirmed point), baseline and real ceiling."""
     table = confirmation.table
@@ -328,7 +331,7 @@ def metrics_summary(cfg: HarnessConfig, confirmation: Confirmation) -> dict[str,
     metrics = _metrics(cfg)
     confirm_keys = [f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")]
     data: dict[str, Any] = {
-        "study": study_id(cfg),
+        "study": study_id(cfg, root),
         "points_confirmed": len(table),
         "best_point": int(best["point"]),
         "best_checkpoint_step": int(best["checkpoint_step"]),
@@ -364,7 +367,7 @@ def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmatio
     }
     _write_json(out / REFERENCES_JSON, references)
     metrics_path = root / METRICS_FILE
-    _write_json(metrics_path, metrics_summary(cfg, confirmation))
+    _write_json(metrics_path, metrics_summary(cfg, confirmation, root))
     confirmation.results_csv, confirmation.results_parquet = csv_path, parquet_path
     confirmation.metrics_path = metrics_path
     return confirmation

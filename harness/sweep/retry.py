@@ -12,17 +12,46 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from optuna.storages import RDBStorage
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from harness.errors import HarnessError
 
-__all__ = ["RetryingRDBStorage", "StorageUnreachable", "is_transient", "retry_transient"]
+__all__ = [
+    "RetryingRDBStorage",
+    "StorageUnreachable",
+    "is_transient",
+    "retry_schema_race",
+    "retry_transient",
+]
 
 logger = logging.getLogger(__name__)
 _MAX_DELAY_S = 15.0
+T = TypeVar("T")
+
+
+def retry_schema_race(create: Callable[[], T], attempts: int = 6) -> T:
+    """``create()`` (something that creates tables in a new database), again when it lost a
+    race with another process creating the same tables: workers started together on a fresh
+    study all do it (Optuna's schema-version row, PostgreSQL's type names, SQLite's lock). The
+    retry finds the tables the winner made."""
+    for attempt in range(attempts):
+        try:
+            return create()
+        except (IntegrityError, ProgrammingError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class StorageUnreachable(HarnessError):

@@ -23,7 +23,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,10 @@ class _Objective:
         except Exception as exc:
             logger.exception("run %d failed", run.number)
             end = RunEnd("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            # Only after a run that trained (Optuna's gc_after_trial would also collect after
+            # every skipped duplicate draw).
+            self.backend.release()
         self.recorder.run_finished(run, end)
         if end.status == "pruned":
             raise optuna.TrialPruned(end.reason)
@@ -154,7 +158,11 @@ class _Objective:
         """Own ``run.key`` before training, or raise :class:`NotRun` (see harness.sweep.claims)."""
         # A retry of a run that never claimed (its worker died first, or an old study) must
         # not be refused for budget: queued retries always run.
-        limit = None if _is_retry(run.trial) else self.budget.limit
+        retry = _is_retry(run.trial)
+        if not retry and self.budget.past_deadline():  # checked again here: no claim after it
+            run.trial.set_user_attr("not_run", "time budget spent")
+            raise NotRun("the time budget (sweep.timeout_s) is spent")
+        limit = None if retry else self.budget.limit
         outcome = self.claims.claim(run.key, run.number, self.worker, limit)
         if outcome.status == "claimed":
             return
@@ -288,11 +296,13 @@ class _Budget:
             studies.runs.set_user_attr("started_at", started)
         self.deadline = None if cfg.sweep.timeout_s is None else started + cfg.sweep.timeout_s
 
+    def past_deadline(self) -> bool:
+        """``sweep.timeout_s`` has passed since the study's first start."""
+        return self.deadline is not None and time.time() >= self.deadline
+
     def spent(self) -> bool:
         """No new run may start (queued retries still may)."""
-        if self.deadline is not None and time.time() >= self.deadline:
-            return True
-        return self.limit is not None and self.claims.used() >= self.limit
+        return self.past_deadline() or (self.limit is not None and self.claims.used() >= self.limit)
 
 
 def run_sweep(
@@ -329,11 +339,30 @@ def run_sweep(
     finally:
         fail_orphan_proxies(studies)
     remove_unkept_adapters(cfg, root, studies)
-    references = backend.references(cfg, root / cfg.sweep.dir / "references")
+    references = _study_references(
+        studies, lambda: backend.references(cfg, root / cfg.sweep.dir / "references")
+    )
     summary = summarize(cfg, root, studies, references)
     summary.started_runs_this_call = objective.started
     recorder.sweep_finished(summary)
     return summary
+
+
+_REFERENCES_ATTR = "references"
+
+
+def _study_references(
+    studies: Studies, compute: Callable[[], dict[str, dict[str, float]]]
+) -> dict[str, dict[str, float]]:
+    """The base model's and the real photos' scores, computed once per study and kept in it:
+    the study's identity fixes the model, the data settings and the protocol, so every worker's
+    summary shows the same bounds without generating them again."""
+    stored = studies.runs.user_attrs.get(_REFERENCES_ATTR)
+    if isinstance(stored, dict) and stored:
+        return stored
+    references = compute()
+    studies.runs.set_user_attr(_REFERENCES_ATTR, references)
+    return references
 
 
 def _runs_before_claims(study: optuna.Study) -> dict[str, int]:
@@ -363,6 +392,18 @@ def _quiet_not_run() -> None:
         _NOT_RUN_FILTER_INSTALLED = True
 
 
+def _log_budget_spent(budget: _Budget) -> None:
+    if budget.past_deadline():
+        assert budget.deadline is not None
+        logger.info(
+            "the time budget is spent: sweep.timeout_s ran out at %s (counted from the "
+            "study's first start, by any worker)",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)),
+        )
+    else:
+        logger.info("the run budget is spent: %s runs claimed", budget.limit)
+
+
 def _optimize(
     cfg: HarnessConfig, studies: Studies, objective: _Objective, budget: _Budget, worker: Worker
 ) -> None:
@@ -378,14 +419,16 @@ def _optimize(
     poll = min(5.0, max(0.5, cfg.sweep.heartbeat_interval_s / 2))
     with _sigterm_as_interrupt():
         while True:
-            recover_dead_runs(studies, worker.dead_runs(studies.runs))
+            running = worker.running(studies.runs)  # one look per turn: one claims query
+            recover_dead_runs(studies, running.dead)
             if _queued_runs(studies.runs) == 0 and budget.spent():
-                if not worker.live_runs(studies.runs):
+                if not running.live:
+                    _log_budget_spent(budget)
                     break
                 time.sleep(poll)  # other workers' runs: finish them if their workers die
                 continue
             studies.runs.optimize(
-                objective, n_trials=1, catch=(RunFailed, NotRun), gc_after_trial=True
+                objective, n_trials=1, catch=(RunFailed, NotRun), gc_after_trial=False
             )
             if objective.duplicates_in_a_row >= _MAX_DUPLICATES_IN_A_ROW:
                 logger.warning(

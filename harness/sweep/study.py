@@ -52,7 +52,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
 from harness.sweep.claims import journal_path
-from harness.sweep.retry import RetryingRDBStorage
+from harness.sweep.retry import RetryingRDBStorage, retry_schema_race
 from harness.sweep.space import evaluated_distributions, grid_search_space, training_distributions
 
 __all__ = [
@@ -129,12 +129,14 @@ def _storage(url: str, cfg: HarnessConfig) -> BaseStorage:
 
 
 def _heartbeat_storage(url: str, interval: int, cfg: HarnessConfig) -> RDBStorage:
-    storage = RetryingRDBStorage(
-        url,
-        heartbeat_interval=interval,
-        grace_period=cfg.sweep.grace_period_s or 2 * interval,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-        engine_kwargs=_engine_kwargs(url),
+    storage = retry_schema_race(
+        lambda: RetryingRDBStorage(
+            url,
+            heartbeat_interval=interval,
+            grace_period=cfg.sweep.grace_period_s or 2 * interval,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            engine_kwargs=_engine_kwargs(url),
+        )
     )
     storage.retry_s = cfg.sweep.storage_retry_s
     return storage
@@ -145,7 +147,7 @@ def _plain_storage(url: str, cfg: HarnessConfig) -> BaseStorage:
     journal = journal_path(url)
     if journal is not None:
         return _journal_storage(journal)
-    storage = RetryingRDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    storage = retry_schema_race(lambda: RetryingRDBStorage(url, engine_kwargs=_engine_kwargs(url)))
     storage.retry_s = cfg.sweep.storage_retry_s
     return storage
 
@@ -225,10 +227,11 @@ def train_settings(cfg: HarnessConfig) -> dict[str, Any]:
     return cfg.train.model_dump(mode="json", exclude=_NOT_MEANING["train"])
 
 
-def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
+def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, Any]:
     """Everything that changes what an evaluated point means, so a resume cannot mix points of
     two setups: objectives, search space, the fixed training settings (not the searched ones),
-    the data settings, the model, the seed and the evaluation protocol."""
+    the data settings, the model, the seed and the evaluation protocol; with ``root``, also the
+    prepared photos there (other photos with the same settings are another study)."""
     dists = {**training_distributions(cfg.sweep), **evaluated_distributions(cfg)}
     searched = set(cfg.sweep.space)
     eval_section = cfg.eval.model_dump(mode="json")
@@ -244,12 +247,24 @@ def study_signature(cfg: HarnessConfig) -> dict[str, Any]:
         "data": cfg.data.model_dump(mode="json", exclude=_NOT_MEANING["data"]),
         "train": cfg.train.model_dump(mode="json", exclude=_NOT_MEANING["train"] | searched),
         "seed": cfg.seed,
+        **_photos(cfg, root),
     }
 
 
-def study_id(cfg: HarnessConfig) -> str:
-    """``<sweep.study_name>-<8 hex>``: the study this configuration's points belong to."""
-    payload = json.dumps(study_signature(cfg), sort_keys=True).encode()
+def _photos(cfg: HarnessConfig, root: Path | None) -> dict[str, str]:
+    """``{"photos": fingerprint}`` of the prepared subject under ``root``, if prepared."""
+    from harness.data.loader import prepared_fingerprint
+
+    if root is None:
+        return {}
+    found = prepared_fingerprint(root / cfg.data.prepared_dir / cfg.data.subject)
+    return {} if found is None else {"photos": found}
+
+
+def study_id(cfg: HarnessConfig, root: Path | None = None) -> str:
+    """``<sweep.study_name>-<8 hex>``: the study this configuration's points belong to (with
+    ``root``: and the photos prepared there, as the stages open it)."""
+    payload = json.dumps(study_signature(cfg, root), sort_keys=True).encode()
     return f"{cfg.sweep.study_name}-{hashlib.sha256(payload).hexdigest()[:8]}"
 
 
@@ -297,8 +312,8 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
         storage = _storage(url, cfg)
         # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
         plain = _plain_storage(url, cfg)
-    name = study_id(cfg)
-    signature = study_signature(cfg)
+    name = study_id(cfg, root)
+    signature = study_signature(cfg, root)
     runs = optuna.create_study(
         study_name=f"{name}.runs",
         storage=storage,

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -24,7 +25,7 @@ from harness.config import HarnessConfig
 from harness.sweep.claims import Claims, WorkerSlot, worker_identity
 from harness.sweep.study import Studies, SweepError, make_sampler, safe_storage_url
 
-__all__ = ["Worker"]
+__all__ = ["RunningRuns", "Worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class Worker:
         }
         return live | {self.name}
 
-    def _classify(self, study: optuna.Study) -> tuple[list[FrozenTrial], int]:
-        """(dead, live) RUNNING trials of ``study``.
+    def running(self, study: optuna.Study) -> RunningRuns:
+        """The RUNNING trials of ``study``, split into dead ones and a count of live ones.
 
         A claimed run is live while its worker beats (on this host: while its process exists);
         an unclaimed one (the milliseconds between a trial's start and its claim, or a run of
@@ -124,15 +125,14 @@ class Worker:
                 dead.append(trial)
             elif others_alive:
                 live += 1
-        return dead, live
+        return RunningRuns(dead, live)
 
-    def dead_runs(self, study: optuna.Study) -> list[FrozenTrial]:
-        """RUNNING trials of ``study`` whose worker is gone."""
-        return self._classify(study)[0]
 
-    def live_runs(self, study: optuna.Study) -> int:
-        """RUNNING trials that a live worker is running."""
-        return self._classify(study)[1]
+class RunningRuns(NamedTuple):
+    """What :meth:`Worker.running` found: runs whose worker is gone, and runs still going."""
+
+    dead: list[FrozenTrial]
+    live: int
 
 
 def _pid_gone(pid: int) -> bool:

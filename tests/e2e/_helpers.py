@@ -131,6 +131,22 @@ def run_cli(
     return proc
 
 
+def start_cli(
+    project: Path, args: list[str], env: Mapping[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``harness ARGS`` in its own process group (so :func:`stop_process` can kill it and
+    its children), stdout and stderr written to ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            harness_cmd(project, *args),
+            cwd=project,
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def stop_process(proc: subprocess.Popen[Any]) -> None:
     """Kill a started process (and its group) if it is still alive; never raises."""
     if proc.poll() is not None:

@@ -86,6 +86,9 @@ def _project(
     return repo, env
 
 
+_EXPERIMENTS = ("report-only", "changed", "back", "sd15")
+
+
 def _rows(exp_show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``{name or rev: data}`` for every commit and experiment row of ``dvc exp show --json``."""
     out: dict[str, dict[str, Any]] = {}
@@ -109,9 +112,23 @@ def _params(data: dict[str, Any]) -> dict[str, Any]:
     return dict(data["params"]["params.yaml"]["data"])
 
 
-def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
+    """The project after its first `dvc repro`, committed: (repo, env, the repro's output).
+    Shared by the tests below (one pipeline run, the slow part); each leaves it as it found it
+    or works on a copy."""
+    tmp_path = tmp_path_factory.mktemp("dvc")
     repo, env = _project(tmp_path)
     first = _dvc(repo, env, "repro")
+    _git(repo, env, "add", "-A")
+    _git(repo, env, "commit", "-q", "-m", "sweep results")
+    return repo, env, first
+
+
+def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(
+    reproduced: tuple[Path, dict[str, str], str], tmp_path: Path
+) -> None:
+    repo, env, first = reproduced
     for stage in ("resolve", "prepare", "sweep", "evaluate", "report"):
         assert f"Running stage '{stage}'" in first, first[-4000:]
     assert "2 training runs (2 completed, 0 pruned, 0 failed)" in first  # closing lines kept
@@ -128,9 +145,6 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: 
     for stage in ("prepare", "sweep", "evaluate", "report"):
         assert f"Running stage '{stage}'" not in second
         assert f"Stage '{stage}' didn't change, skipping" in second, second[-4000:]
-
-    _git(repo, env, "add", "-A")
-    _git(repo, env, "commit", "-q", "-m", "sweep results")
     assert _git(repo, env, "status", "--porcelain").strip() == ""  # nothing churns
     assert json.loads(_dvc(repo, env, "metrics", "show", "--json"))
     (data,) = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json"))).values()
@@ -146,15 +160,16 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(tmp_path: 
 
     # A preset edit, recomposed: DVC sees the key and knows which stages it concerns.
     preset = repo / "experiments/preset/tiny-cpu.yaml"
-    preset.write_text(preset.read_text().replace("  rank: 4\n", "  rank: 6\n"))
-    _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
-    diff = json.loads(_dvc(repo, env, "params", "diff", "--json"))
-    assert (diff["params.yaml"]["train.rank"]["old"], diff["params.yaml"]["train.rank"]["new"]) == (
-        4,
-        6,
-    )
-    status = _dvc(repo, env, "status")
-    assert "sweep:" in status and "prepare:" not in status
+    try:
+        preset.write_text(preset.read_text().replace("  rank: 4\n", "  rank: 6\n"))
+        _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
+        diff = json.loads(_dvc(repo, env, "params", "diff", "--json"))
+        rank = diff["params.yaml"]["train.rank"]
+        assert (rank["old"], rank["new"]) == (4, 6)
+        status = _dvc(repo, env, "status")
+        assert "sweep:" in status and "prepare:" not in status
+    finally:  # the next test starts from the committed project
+        _git(repo, env, "checkout", "--", "experiments", "params.yaml")
 
 
 def _check_report(repo: Path, tmp_path: Path) -> None:
@@ -176,18 +191,21 @@ def _check_report(repo: Path, tmp_path: Path) -> None:
     assert page.images and all(image["natural_width"] > 0 for image in page.images)
 
 
-def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(tmp_path: Path) -> None:
-    # One run per experiment, untracked: what is under test is which stages rerun and which
-    # study each experiment's results come from.
-    repo, env = _project(tmp_path, {"sweep": {"n_trials": 1}, "tracking": {"mode": "off"}})
-    base_out = _dvc(repo, env, "exp", "run", "-n", "base")
-    assert "1 training runs (1 completed" in base_out
+def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
+    reproduced: tuple[Path, dict[str, str], str], tmp_path: Path
+) -> None:
+    # On a copy of the reproduced project (its study included): the committed results are the
+    # base experiment; what is under test is which stages rerun and which study each
+    # experiment's results come from.
+    repo = tmp_path / "project"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    env = reproduced[1]
     report_only = _dvc(repo, env, "exp", "run", "-n", "report-only", "-S", "report.top_k=3")
     assert "Running stage 'report'" in report_only
     for stage in ("prepare", "sweep", "evaluate"):  # a report setting reruns only the report
         assert f"Running stage '{stage}'" not in report_only, report_only[-3000:]
     # Two training settings as a DVC user sets them (plain -S, no '+'): trained, not the old
-    # results again.
+    # results again (one run: the budget is not part of the study's identity).
     changed = _dvc(
         repo,
         env,
@@ -199,11 +217,16 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(tmp_path: 
         "train.rank=8",
         "-S",
         "train.lr_warmup_steps=2",
+        "-S",
+        "sweep.n_trials=1",
     )
     assert "1 training runs (1 completed" in changed and "Running stage 'prepare'" not in changed
-    _dvc(repo, env, "exp", "run", "-n", "back")  # composed again from experiments/: the base
+    # Composed again from experiments/: the base. DVC may restore the sweep's outputs from its
+    # run cache or rerun the stage, which then resumes the base study (the counts below).
+    _dvc(repo, env, "exp", "run", "-n", "back")
 
     rows = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json")))
+    rows["base"] = rows.pop(next(name for name in rows if name not in _EXPERIMENTS))
     assert _params(rows["changed"])["train"]["rank"] == 8
     assert _params(rows["changed"])["train"]["lr_warmup_steps"] == 2
     studies = {name: _metrics(rows[name])["study"] for name in ("base", "changed", "back")}
@@ -212,8 +235,11 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(tmp_path: 
     assert _metrics(rows["back"])["confirm"] == _metrics(rows["base"])["confirm"]
     assert _metrics(rows["changed"])["sweep"] != _metrics(rows["base"])["sweep"]
     storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"
-    for study in set(studies.values()):  # `back` resumed the base study: nothing trained twice
-        assert len(optuna.load_study(study_name=f"{study}.runs", storage=storage).trials) == 1
+    runs = {  # `back` resumed the base study: nothing trained twice
+        name: len(optuna.load_study(study_name=f"{studies[name]}.runs", storage=storage).trials)
+        for name in ("base", "changed")
+    }
+    assert runs == {"base": 2, "changed": 1}
 
     # Another preset: DVC composes it (here only the cheap first stage runs).
     _dvc(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from harness.config import load_config
 from harness.sweep import open_studies
 from harness.sweep.study import safe_storage_url, storage_url, study_id
 
-from ._helpers import cli_env, clone_project, harness_cmd, run_cli, stop_process, tail, wait_for
+from ._helpers import cli_env, clone_project, run_cli, start_cli, stop_process, tail, wait_for
 
 STEPS = 2  # checkpoints at steps 2 and 4
 SETTINGS = 2  # guidance 3.0 / 7.5 at LoRA scale 1.0
@@ -39,7 +38,7 @@ def _overrides(name: str, n_trials: int, **sweep: Any) -> dict[str, Any]:
 
 def _study_name(project: Path) -> str:
     """The study id of the project's config (``<sweep.study_name>-<fingerprint>``)."""
-    return study_id(load_config(project / "params.yaml"))
+    return study_id(load_config(project / "params.yaml"), project)
 
 
 def _runs_study(project: Path, name: str) -> optuna.Study | None:
@@ -81,15 +80,7 @@ def _start_and_interrupt(
     project = clone_project(template, tmp_path / "project", _overrides(name, n_trials, **sweep))
     env = cli_env(tmp_path / "home")
     log = tmp_path / "sweep.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            harness_cmd(project, "sweep"),
-            cwd=project,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_cli(project, ["sweep"], env, log)
     try:
         study = wait_for("the study", lambda: _runs_study(project, name), 90, proc, log)
         victim = wait_for(
@@ -160,42 +151,13 @@ def test_sigterm_then_rerun_finishes_exactly_the_budget(
     assert retry.user_attrs.get("retry_of") == victim.number
 
 
-def test_sigkill_stale_run_is_retried_after_grace_period(
-    prepared_template: Path, tmp_path: Path
-) -> None:
-    name, n_trials = "e2e-kill", 3
-    project, victim, code = _start_and_interrupt(
-        prepared_template,
-        tmp_path,
-        name,
-        n_trials,
-        signal.SIGKILL,
-        heartbeat_interval_s=1,
-        grace_period_s=2,
-    )
-    assert code == -signal.SIGKILL
-    study = _runs_study(project, name)
-    assert study is not None
-    assert next(t for t in _trials(study) if t.number == victim.number).state == (
-        TrialState.RUNNING
-    )
-    time.sleep(2.5)  # > grace_period_s: the killed run's heartbeat is stale
-    log = tmp_path / "sweep.log"
-    done = run_cli(project, ["sweep"], cli_env(tmp_path / "home"), log, timeout=150)
-    assert done.returncode == 0, tail(log)
-    trials = _assert_resumed_sweep(project, name, n_trials, victim, log)
-    killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state == TrialState.FAIL and "fail_reason" not in killed.user_attrs
-    retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params == victim.params)
-    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
-
-
 def test_dead_run_is_finished_by_a_rerun_whose_budget_is_used_up(
     prepared_template: Path, tmp_path: Path
 ) -> None:
-    """A worker killed hard mid-run, then a `harness sweep` that may start no new run (its
-    budget is spent): it still finishes the dead run from its checkpoint, and no run or proxy
-    trial is left RUNNING."""
+    """A worker killed hard mid-run (SIGKILL: no handler runs, the trial stays RUNNING), then,
+    once its heartbeat is stale, a `harness sweep` that may start no new run (its budget is
+    spent): it still retries the dead run from its checkpoint, and no run or proxy trial is left
+    RUNNING."""
     name = "e2e-kill-budget"
     project, victim, code = _start_and_interrupt(
         prepared_template,
@@ -208,13 +170,22 @@ def test_dead_run_is_finished_by_a_rerun_whose_budget_is_used_up(
     )
     assert code == -signal.SIGKILL
     assert victim.number == 1
+    study = _runs_study(project, name)
+    assert study is not None
+    assert next(t for t in _trials(study) if t.number == victim.number).state == (
+        TrialState.RUNNING
+    )
     time.sleep(2.5)  # > grace_period_s: the killed run's heartbeat is stale
     log = tmp_path / "sweep.log"
     # Run 0 already meets n_trials=1: no new run may start.
     args = ["-S", "sweep.n_trials=1", "sweep"]
     done = run_cli(project, args, cli_env(tmp_path / "home"), log, timeout=150)
     assert done.returncode == 0, tail(log)
-    _assert_resumed_sweep(project, name, 2, victim, log)
+    trials = _assert_resumed_sweep(project, name, 2, victim, log)
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and "fail_reason" not in killed.user_attrs
+    retry = next(t for t in trials if t.state == TrialState.COMPLETE and t.params == victim.params)
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
     proxy = optuna.load_study(
         study_name=f"{_study_name(project)}.proxy",
         storage=f"sqlite:///{project / 'runs/sweep/study.db'}",

@@ -42,7 +42,7 @@ class TrackedSweep:
         from harness.config import load_config
         from harness.sweep.study import study_id
 
-        return study_id(load_config(self.project / "params.yaml"))
+        return study_id(load_config(self.project / "params.yaml"), self.project)
 
     @property
     def sessions(self) -> list[dict[str, Any]]:

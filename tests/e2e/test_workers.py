@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import load_config
 from harness.sweep.study import study_id
 
-from ._helpers import cli_env, clone_project, harness_cmd, run_cli, stop_process, wait_for
+from ._helpers import cli_env, clone_project, run_cli, start_cli, stop_process, wait_for
 from .conftest import Postgres
 from .slurm import Slurm, slurm_cluster
 from .slurm import missing_reason as slurm_missing_reason
@@ -44,7 +43,7 @@ def _overrides(name: str, storage: str, n_trials: int, **sweep: Any) -> dict[str
 
 
 def _runs(project: Path, storage: str) -> list[FrozenTrial]:
-    name = study_id(load_config(project / "params.yaml"))
+    name = study_id(load_config(project / "params.yaml"), project)
     study = optuna.load_study(study_name=f"{name}.runs", storage=_optuna_storage(storage))
     return study.get_trials(deepcopy=False)
 
@@ -80,20 +79,15 @@ def _assert_each_configuration_once(project: Path, storage: str, n_runs: int) ->
 
 
 def _start_workers(project: Path, env: dict[str, str], n: int, log_dir: Path) -> list[Any]:
-    procs = []
-    for i in range(n):
-        log = (log_dir / f"worker-{i}.log").open("w")
-        procs.append(
-            subprocess.Popen(
-                harness_cmd(project, "sweep", "worker"),
-                cwd=project,
-                env={**env, "HARNESS_WORKER_ID": f"w{i}"},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    return [
+        start_cli(
+            project,
+            ["sweep", "worker"],
+            {**env, "HARNESS_WORKER_ID": f"w{i}"},
+            log_dir / f"worker-{i}.log",
         )
-    return procs
+        for i in range(n)
+    ]
 
 
 def test_three_local_workers_cover_a_grid_once_and_finish_a_killed_workers_run(
@@ -110,15 +104,7 @@ def test_three_local_workers_cover_a_grid_once_and_finish_a_killed_workers_run(
     )
     env = cli_env(tmp_path / "home")
     log = tmp_path / "launch.log"
-    with log.open("w") as out:
-        launcher = subprocess.Popen(
-            harness_cmd(project, "sweep", "launch", "--local", "3"),
-            cwd=project,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    launcher = start_cli(project, ["sweep", "launch", "--local", "3"], env, log)
     try:
         victim = wait_for(
             "a run past its first checkpoint",
@@ -165,7 +151,7 @@ def _worker_pid(server: Postgres, project: Path, trial: FrozenTrial) -> int:
     """The pid of the worker process that holds ``trial`` (claims and slots tables)."""
     import sqlalchemy as sa
 
-    name = study_id(load_config(project / "params.yaml"))
+    name = study_id(load_config(project / "params.yaml"), project)
     engine = sa.create_engine(server.url("x"))
     query = sa.text(
         "SELECT w.pid FROM harness_run_claims c JOIN harness_sweep_workers w "
@@ -192,6 +178,19 @@ def test_two_workers_on_one_journal_file(prepared_template: Path, tmp_path: Path
             stop_process(p)
     logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(2))
     assert codes == [0, 0], logs[-4000:]
+    _assert_each_configuration_once(project, storage, 2)
+
+    # A worker joining later with more runs to do but a time budget already spent: the clock
+    # is the study's, started by the first worker, so this one trains nothing.
+    late = run_cli(
+        project,
+        ["-S", "sweep.n_trials=4", "-S", "sweep.timeout_s=1", "sweep", "worker"],
+        env,
+        tmp_path / "late.log",
+    )
+    text = (tmp_path / "late.log").read_text()
+    assert late.returncode == 0, text[-3000:]
+    assert "the time budget is spent" in text and "worker done: 0 runs trained here" in text, text
     _assert_each_configuration_once(project, storage, 2)
 
 
@@ -242,15 +241,7 @@ def test_a_database_restart_mid_sweep_costs_nothing(
     )
     env = cli_env(tmp_path / "home")
     log = tmp_path / "sweep.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            harness_cmd(project, "sweep"),
-            cwd=project,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_cli(project, ["sweep"], env, log)
     try:
         wait_for("a run in training", lambda: _mid_run(project, storage), 300, proc, log)
         postgres_server.stop()

@@ -39,6 +39,7 @@ class FakeBackend:
         self.trained: list[dict[str, Any]] = []
         self.evaluated: list[tuple[str, int]] = []
         self.checkpoints_seen: list[int] = []
+        self.released = 0  # release() calls: one per run that trained
 
     def train(
         self,
@@ -125,6 +126,9 @@ class FakeBackend:
 
     def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
         return {"baseline": {"dino": 0.2, "clip_i": 0.2, "clip_t": 0.31}}
+
+    def release(self) -> None:
+        self.released += 1
 
 
 def _prompt_rows(images: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -186,3 +186,50 @@ def test_a_study_whose_stored_signature_disagrees_is_refused(tmp_path: Path) -> 
     with pytest.raises(SweepError) as info:
         open_studies(cfg, tmp_path)
     assert "seed: 99 -> 0" in str(info.value)
+
+
+def _photos(folder: Path, seeds: list[int]) -> None:
+    """Distinct phone-sized photos (noise: no two are near duplicates)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        pixels = np.random.default_rng(seed).integers(0, 255, (96, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo-{seed}.png")
+
+
+def test_other_photos_with_the_same_settings_open_a_new_study(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Photos replaced in data/raw and prepared again, every setting unchanged: the next sweep
+    trains afresh instead of reporting the old photos' runs, and says why. (Bug: the study's
+    identity held only settings, so the old results came back.)"""
+    from harness.data import prepare_subject
+
+    data = {"source": "folder", "subject": "toy", "class_name": "toy", "resolution": 32}
+    cfg = _with(make_cfg(tmp_path, n_trials=1), data={**data, "min_side": 32})
+    raw = tmp_path / "data/raw/toy"
+    _photos(raw, [1, 2, 3, 4])
+    prepare_subject(cfg.data, tmp_path, progress=False)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    old = study_id(cfg, tmp_path)
+
+    (raw / "photo-4.png").unlink()
+    _photos(raw, [5])
+    prepare_subject(cfg.data, tmp_path, progress=False)
+    backend = FakeBackend()
+    with caplog.at_level(logging.INFO, logger="harness.sweep.study"):
+        summary = run_sweep(cfg, tmp_path, backend)
+    assert len(backend.trained) == 1 and summary.runs_completed == 1
+    assert study_id(cfg, tmp_path) != old
+    assert f"differs from study {old}" in caplog.text
+    assert "photos" in caplog.text.split("differs from study")[1], caplog.text
+    # The same photos again: the first study, resumed.
+    (raw / "photo-5.png").unlink()
+    _photos(raw, [4])
+    prepare_subject(cfg.data, tmp_path, progress=False)
+    assert study_id(cfg, tmp_path) == old
+    again = FakeBackend()
+    run_sweep(cfg, tmp_path, again)
+    assert again.trained == []

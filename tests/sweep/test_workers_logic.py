@@ -5,6 +5,8 @@ and the launchers' generated files."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import shlex
 import socket
 import time
@@ -48,6 +50,7 @@ def test_a_small_space_is_trained_once_per_configuration(tmp_path: Path) -> None
     summary = run_sweep(cfg, tmp_path, backend)
     assert sorted(p["rank"] for p in backend.trained) == [2, 4]
     assert summary.runs_completed == 2
+    assert backend.released == 2  # memory freed after each trained run, not after a skip
     trials = _runs(cfg, tmp_path)
     dups = [t for t in trials if "duplicate_of" in t.user_attrs]
     assert all(t.state == TrialState.FAIL for t in dups)
@@ -219,3 +222,94 @@ def test_worker_command_passes_overrides_on() -> None:
         "py", "-m", "harness", "-p", "/p/params.yaml",
         "-S", "train.rank=8", "-S", "sweep.n_trials=3", "sweep", "worker",
     ]  # fmt: skip
+
+
+class _SlowBackend(FakeBackend):
+    """Training takes a moment, as real training does: workers overlap in time."""
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return super().train(*args, **kwargs)
+
+
+def _timed_worker(root: str, name: str, start: float, out: Any) -> None:
+    os.environ["HARNESS_WORKER_ID"] = name
+    while time.time() < start:
+        time.sleep(0.01)
+    backend = _SlowBackend()
+    try:
+        run_sweep(_timed_cfg(Path(root)), Path(root), backend)
+        out.put((name, len(backend.trained), ""))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        out.put((name, -1, repr(exc)))
+
+
+def _timed_cfg(root: Path) -> HarnessConfig:
+    return make_cfg(
+        root, n_trials=None, timeout_s=3.0, space={"learning_rate": {"low": 1e-5, "high": 1e-3}}
+    )
+
+
+def test_the_time_budget_holds_across_workers_that_start_at_different_times(
+    tmp_path: Path,
+) -> None:
+    """Three worker processes, ``sweep.timeout_s: 3`` and no run budget: the first starts the
+    clock, the second joins a second later and stops at the same deadline, and the third, started
+    past it, trains nothing. No run is claimed after the deadline and none is left running."""
+    open_studies(_timed_cfg(tmp_path), tmp_path)  # the study exists before the workers race
+    ctx = mp.get_context("fork")  # fork: no re-import of the project in each child
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    t0 = time.time() + 0.5
+    procs = [
+        ctx.Process(target=_timed_worker, args=(str(tmp_path), f"w{i}", t0 + delay, out))
+        for i, delay in enumerate((0.0, 1.0, 4.5))
+    ]
+    for p in procs:
+        p.start()
+    results = {
+        name: (trained, error) for name, trained, error in (out.get(timeout=120) for _ in procs)
+    }
+    for p in procs:
+        p.join(timeout=30)
+    assert all(error == "" for _, error in results.values()), results
+    assert results["w2"][0] == 0, results  # started past the deadline
+    assert results["w0"][0] >= 2 and results["w1"][0] >= 1, results
+    studies = open_studies(_timed_cfg(tmp_path), tmp_path)
+    deadline = studies.runs.user_attrs["started_at"] + 3.0
+    claims = SqlClaims(studies.storage_url, studies.name).all()
+    assert len(claims) == results["w0"][0] + results["w1"][0]
+    assert max(c.claimed_at for c in claims) < deadline, [c.claimed_at - deadline for c in claims]
+    trials = studies.runs.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == len(claims)
+
+
+def _open_at(root: str, start: float, out: Any) -> None:
+    while time.time() < start:
+        time.sleep(0.0005)
+    try:
+        studies = open_studies(make_cfg(Path(root)), Path(root))
+        SqlClaims(studies.storage_url, studies.name).used()
+        out.put("")
+    except BaseException as exc:  # reported to the parent, which fails the test
+        out.put(repr(exc))
+
+
+def test_workers_starting_together_on_a_fresh_database_all_open_it(tmp_path: Path) -> None:
+    """`harness sweep launch --local 3` on a new SQLite file: the workers create its tables at
+    the same moment. (Bug: the loser of Optuna's schema-version insert failed with 'UNIQUE
+    constraint failed: alembic_version.version_num'.)"""
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    errors = []
+    for round_ in range(6):  # the window is milliseconds wide: several fresh files
+        root = tmp_path / f"r{round_}"
+        root.mkdir()
+        start = time.time() + 0.3
+        procs = [ctx.Process(target=_open_at, args=(str(root), start, out)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        errors += [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+    assert [e for e in errors if e] == []

@@ -441,6 +441,27 @@ def evaluate_cmd() -> None:
     typer.echo(f"metrics: {confirmation.metrics_path}")
 
 
+@app.command("bench")
+def bench_cmd(
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Timed passes per path, after a warm-up.")
+    ] = 3,
+) -> None:
+    """Seconds per evaluated point: the harness against diffusers' example scripts (naive
+    path), same points, prompts and seeds; the last line is ``ratio=<float>``."""
+
+    def body() -> list[str]:
+        import tempfile
+
+        from harness.bench import run_bench
+
+        with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
+            return run_bench(load(), Path(tmp), repeats)
+
+    for line in run_command(body):
+        typer.echo(line)
+
+
 @app.command("report")
 def report_cmd() -> None:
     """Write the comparison report (reports/index.html, one self-contained page, and

@@ -1,4 +1,5 @@
-"""``python -m harness.bench``: every line is a ratio against a named reference (no timings)."""
+"""``harness bench``: both paths over the same points, interleaved repeats, median/min/max
+figures and a machine-readable last line."""
 
 from __future__ import annotations
 
@@ -6,66 +7,88 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness.bench import Comparison, main
+from harness.bench.stats import Figure, interleaved
 
-# "<measured> vs <reference>   <ref>s -> <measured>s   x<ratio> <what the ratio counts>"
-LINE = re.compile(
-    r"^(?P<name>\S.*? vs \S.*?)\s+(?P<ref>\d+\.\d{3})s -> \s*(?P<measured>\d+\.\d{3})s"
-    r"\s+x\s*(?P<ratio>\d+\.\d{2}) (?P<what>\S.*)$"
+FIGURE = re.compile(
+    r"^(?P<name>\S.*?, (?P<path>naive|harness))\s+(?P<median>\S+) (?P<unit>\S+)\s+"
+    r"\(min (?P<min>\S+), max (?P<max>\S+), n=(?P<n>\d+)\)$"
 )
-NAMES = [
-    "generate batch 2 vs 1",
-    "train warm vs cold caches",
-    "score warm vs cold real cache",
-    "training run vs evaluated point",
-]
 
 
-def test_comparison_line_states_both_times_and_the_ratio() -> None:
-    comparison = Comparison("train warm vs cold caches", 3.0, 1.5, "speed-up")
-    assert comparison.ratio == 2.0
-    line = comparison.line()
-    assert line == f"{'train warm vs cold caches':<34}    3.000s ->    1.500s   x  2.00 speed-up"
-    assert LINE.match(line)
+def test_interleaved_warms_up_then_alternates_the_order() -> None:
+    calls: list[str] = []
+    runs = {name: (lambda name=name: calls.append(name) or len(calls)) for name in ("a", "b")}
+    out = interleaved(runs, repeats=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert out == {"a": [3, 6, 7], "b": [4, 5, 8]}  # the warm-up results are dropped
+    with pytest.raises(ValueError):
+        interleaved(runs, repeats=0)
 
 
-def test_bench_on_the_tiny_preset_prints_positive_finite_ratios(
-    repo_root: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # The benchmark points the cache variables into its work folder: restore them afterwards.
-    for name in ("HARNESS_CACHE_DIR", "METRICS_CACHE_DIR"):
-        monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / name)))
-    # The real default preset, shrunk to the smallest sizes.
+def test_figure_is_the_median_with_min_and_max() -> None:
+    figure = Figure("seconds per evaluated point, naive", "s", (3.0, 1.0, 10.0))
+    assert figure.median == 3.0
+    match = FIGURE.match(figure.line())
+    assert match and (match["min"], match["max"], match["n"]) == ("1", "10", "3")
+
+
+def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> None:
+    """Through the CLI, as a user runs it: every figure for both paths, positive and finite,
+    the same number of points, and ``ratio=`` last."""
     shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
     params = {
         "preset": "tiny-cpu",
-        "model": {"device": "cpu"},
-        "data": {"sample_images": 4},
-        "train": {"max_steps": 2, "checkpoint_steps": [2]},
+        "data": {"sample_images": 3},
+        "train": {"max_steps": 2, "checkpoint_steps": [1, 2]},
         "eval": {
             "prompts": ["a photo of {token} {class_name}", "a {token} {class_name} on a table"],
             "images_per_prompt": 1,
-            "num_inference_steps": 1,
             "batch_size": 2,
+        },
+        "sweep": {
+            "inference": {
+                "guidance_scale": [3.0, 7.5],
+                "lora_scale": [1.0],
+                "num_inference_steps": [1],
+            }
         },
         "metrics": {"bootstrap_samples": 10},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    main(["-p", str(tmp_path / "params.yaml")])
-    lines = capsys.readouterr().out.splitlines()
-    matches = [LINE.match(line) for line in lines]
-    assert all(matches), lines
-    assert [m["name"].rstrip() for m in matches if m] == NAMES  # each names its reference
-    for m in matches:
-        assert m is not None
-        ratio = float(m["ratio"])
-        assert math.isfinite(ratio) and ratio > 0, m.string
-    assert [m["what"] for m in matches if m] == ["speed-up"] * 3 + ["points per training run"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "-p", "params.yaml", "bench", "--repeats", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("4 points per path (2 checkpoints x 2 inference settings)"), lines
+    assert "2 prompts x 1 seeds" in lines[0] and "device cpu" in lines[0]
+    figures = [FIGURE.match(line) for line in lines[1:-1]]
+    assert all(figures), lines
+    names = [m["name"] for m in figures if m]
+    for title in (
+        "seconds per evaluated point",
+        "training steps/s",
+        "generation images/s",
+        "scoring images/s",
+    ):
+        assert f"{title}, naive" in names and f"{title}, harness" in names, names
+    for m in figures:
+        assert m is not None and m["n"] == "1"  # one timed pass (the minimum), for speed
+        low, median, high = float(m["min"]), float(m["median"]), float(m["max"])
+        assert math.isfinite(median) and 0 < low <= median <= high, m.string
+    last = re.fullmatch(r"ratio=(\d+\.\d+)", lines[-1])
+    assert last and float(last[1]) > 0, lines[-1]

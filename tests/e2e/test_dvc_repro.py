@@ -2,17 +2,19 @@
 stage and a second one nothing; ``dvc exp run -S`` changes any setting (composed from
 ``experiments/`` by DVC's Hydra integration) and never reports another configuration's results;
 ``dvc exp show``, ``dvc params diff``, ``dvc metrics show`` and ``dvc plots show`` read what
-the stages declare."""
+the stages declare; the evaluate stage confirms the chosen points on fresh seeds."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 
@@ -22,12 +24,17 @@ pytestmark = pytest.mark.slow
 
 PROJECT = (".gitignore", ".dvcignore", "dvc.yaml", "experiments", "harness", "metrics", "reports")
 # The user's own overrides in experiments/config.yaml: the shrunk tiny preset, 2 runs of 2 points.
+HELD_OUT = ["a {token} {class_name} in the snow"]  # the evaluate stage's own prompt
 OVERRIDES = deep_merge(
     BASE_OVERRIDES,
     {
-        "sweep": {"n_trials": 2, "inference": {"guidance_scale": [5.0], "lora_scale": [1.0]}},
+        "sweep": {
+            "n_trials": 2,
+            "keep_adapters": "best",
+            "inference": {"guidance_scale": [5.0], "lora_scale": [1.0]},
+        },
         "tracking": {"mode": "offline"},
-        "evaluate": {"top_k": 2},
+        "evaluate": {"top_k": 2, "prompts": HELD_OUT},
     },
 )
 
@@ -170,6 +177,49 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(
         assert "sweep:" in status and "prepare:" not in status
     finally:  # the next test starts from the committed project
         _git(repo, env, "checkout", "--", "experiments", "params.yaml")
+
+
+def test_the_evaluate_stage_confirms_the_chosen_points_on_fresh_seeds(
+    reproduced: tuple[Path, dict[str, str], str],
+) -> None:
+    """What `dvc repro`'s evaluate stage wrote: the chosen points re-scored on fresh seeds and
+    the held-out prompt, side by side with their sweep scores, and reports/metrics.json."""
+    repo, _, first = reproduced
+    sweep = pd.read_parquet(repo / "runs/sweep/results.parquet")
+    assert json.loads((repo / "runs/sweep/metrics.json").read_text())["points"] == len(sweep)
+    output = first.split("Running stage 'evaluate'", 1)[1]
+    assert "shrinkage" in output and "runs/evaluate/results.csv" in output
+
+    table = pd.read_csv(repo / "runs/evaluate/results.csv")
+    assert 1 <= len(table) <= 2 and table["selection_rank"].tolist() == [*range(1, len(table) + 1)]
+    for metric in ("dino", "clip_i", "clip_t"):
+        for column in (f"score.{metric}", f"confirm.{metric}", f"shrinkage.{metric}"):
+            assert table[column].map(math.isfinite).all(), column
+        shrink = table[f"score.{metric}"] - table[f"confirm.{metric}"]
+        assert (shrink - table[f"shrinkage.{metric}"]).abs().max() < 1e-9
+    # Each row's sweep scores are its point's, from the sweep's table.
+    merged = table.merge(sweep, on="point", suffixes=("", ".sweep"))
+    assert (merged["score.dino"] == merged["score.dino.sweep"]).all()
+    assert (merged["checkpoint_step"] == merged["checkpoint_step.sweep"]).all()
+
+    # Fresh seeds (the sweep used seed 0 only) on the held-out prompt, one image per point.
+    for row in table.to_dict(orient="records"):
+        manifest = repo / row["confirm.images_dir"] / "manifest.jsonl"
+        entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+        assert [e["seed"] for e in entries] == [1]
+        assert [e["prompt"] for e in entries] == ["a sks toy in the snow"]
+        assert (repo / row["adapter"]).is_dir()  # keep_adapters: best kept what was needed
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    best = table.iloc[0]
+    assert metrics["best_point"] == best["point"]
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert math.isclose(metrics["sweep"][metric], best[f"score.{metric}"])
+        assert math.isclose(metrics["confirm"][metric], best[f"confirm.{metric}"])
+        assert math.isclose(metrics["shrinkage"][metric], best[f"shrinkage.{metric}"])
+        assert metrics["confirm"][f"{metric}_lo"] <= metrics["confirm"][metric] + 1e-9
+        assert math.isfinite(metrics["baseline"][metric])
+    assert set(metrics["real_ceiling"]) == {"dino", "clip_i"}
 
 
 def _check_report(repo: Path, tmp_path: Path) -> None:

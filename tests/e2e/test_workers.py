@@ -180,19 +180,6 @@ def test_two_workers_on_one_journal_file(prepared_template: Path, tmp_path: Path
     assert codes == [0, 0], logs[-4000:]
     _assert_each_configuration_once(project, storage, 2)
 
-    # A worker joining later with more runs to do but a time budget already spent: the clock
-    # is the study's, started by the first worker, so this one trains nothing.
-    late = run_cli(
-        project,
-        ["-S", "sweep.n_trials=4", "-S", "sweep.timeout_s=1", "sweep", "worker"],
-        env,
-        tmp_path / "late.log",
-    )
-    text = (tmp_path / "late.log").read_text()
-    assert late.returncode == 0, text[-3000:]
-    assert "the time budget is spent" in text and "worker done: 0 runs trained here" in text, text
-    _assert_each_configuration_once(project, storage, 2)
-
 
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[Slurm]:

@@ -5,6 +5,7 @@ and the launchers' generated files."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import shlex
@@ -251,7 +252,7 @@ def _timed_cfg(root: Path) -> HarnessConfig:
 
 
 def test_the_time_budget_holds_across_workers_that_start_at_different_times(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Three worker processes, ``sweep.timeout_s: 3`` and no run budget: the first starts the
     clock, the second joins a second later and stops at the same deadline, and the third, started
@@ -282,6 +283,13 @@ def test_the_time_budget_holds_across_workers_that_start_at_different_times(
     trials = studies.runs.get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
     assert sum(t.state == TrialState.COMPLETE for t in trials) == len(claims)
+    # One more worker, with runs left in n_trials: the study's clock is spent, and it says so.
+    late = make_cfg(tmp_path, n_trials=50, timeout_s=3.0, space=_timed_cfg(tmp_path).sweep.space)
+    backend = _SlowBackend()
+    with caplog.at_level(logging.INFO, logger="harness.sweep.runner"):
+        run_sweep(late, tmp_path, backend)
+    assert backend.trained == []
+    assert "the time budget is spent: sweep.timeout_s ran out" in caplog.text
 
 
 def _open_at(root: str, start: float, out: Any) -> None:

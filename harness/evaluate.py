@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class SettingScores:
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     per_image: list[dict[str, Any]] = field(default_factory=list)
+    # Wall seconds: ``generate`` (this setting's share of the checkpoint's generation, which
+    # runs every setting with the adapter loaded once) and ``score``.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def make_scorer(cfg: HarnessConfig, device: str = "cpu") -> Any:
@@ -107,6 +111,7 @@ def evaluate_adapter(
 
     Returns one :class:`SettingScores` per setting, in the order of ``settings``.
     """
+    started = time.perf_counter()
     records = generate_images(
         loaded,
         templates=templates,
@@ -120,9 +125,11 @@ def evaluate_adapter(
         batch_size=cfg.eval.batch_size,
         progress=progress,
     )
+    generate_s = (time.perf_counter() - started) / max(1, len(settings))
     results = []
     for setting in settings:
         mine = [r for r in records if r.setting == setting]
+        started = time.perf_counter()
         result = scorer.score(
             real=list(reference),
             generated=[out_dir / r.file for r in mine],
@@ -139,6 +146,7 @@ def evaluate_adapter(
                 per_prompt=[dataclasses.asdict(row) for row in result.prompts],
                 metadata=dict(result.metadata),
                 per_image=image_rows(out_dir, mine, result),
+                seconds={"generate": generate_s, "score": time.perf_counter() - started},
             )
         )
         _write_setting_manifest(out_dir, setting, mine)

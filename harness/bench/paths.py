@@ -81,20 +81,6 @@ def bench_settings(cfg: HarnessConfig) -> tuple[InferenceSetting, ...]:
     return tuple(inference_settings(cfg))
 
 
-class _TimedScorer:
-    """The scorer, with the seconds spent in ``score`` added up (generation is the rest)."""
-
-    def __init__(self, scorer: Any) -> None:
-        self.scorer, self.seconds, self.images = scorer, 0.0, 0
-
-    def score(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        result = self.scorer.score(*args, **kwargs)
-        self.seconds += time.perf_counter() - started
-        self.images += len(kwargs.get("generated") or args[1])
-        return result
-
-
 @contextmanager
 def peak_memory(device: Any) -> Iterator[list[int | None]]:
     """Yields a one-item list that holds the peak CUDA memory (bytes) of the block on exit;
@@ -130,18 +116,17 @@ def harness_path(inputs: BenchInputs, loaded: LoadedModel, scorer: Any, work: Pa
 
     cfg = inputs.cfg
     shutil.rmtree(work, ignore_errors=True)
-    timed = _TimedScorer(scorer)
+    results = []
     with peak_memory(loaded.device) as peak:
         started = time.perf_counter()
         result = train_lora(cfg, loaded, inputs.pairs, work / "run", resume=False, progress=False)
         _sync(loaded.device)
         train_s = time.perf_counter() - started
-        started = time.perf_counter()
         for ckpt in result.checkpoints:
-            evaluate_adapter(
+            results += evaluate_adapter(
                 cfg,
                 loaded,
-                timed,
+                scorer,
                 reference=inputs.subject.reference,
                 token=inputs.subject.token,
                 class_name=inputs.class_name,
@@ -152,18 +137,15 @@ def harness_path(inputs: BenchInputs, loaded: LoadedModel, scorer: Any, work: Pa
                 out_dir=work / "eval" / f"step-{ckpt.step}",
             )
         _sync(loaded.device)
-        evaluate_s = time.perf_counter() - started
-    images = (
-        len(result.checkpoints) * len(inputs.settings) * len(inputs.prompts) * len(inputs.seeds)
-    )
+    images = sum(len(r.images) for r in results)
     return PathRun(
-        points=len(result.checkpoints) * len(inputs.settings),
+        points=len(results),
         train_s=train_s,
         train_steps=cfg.train.max_steps,
-        generate_s=evaluate_s - timed.seconds,
+        generate_s=sum(r.seconds["generate"] for r in results),
         images=images,
-        score_s=timed.seconds,
-        scored=timed.images,
+        score_s=sum(r.seconds["score"] for r in results),
+        scored=images,
         peak_bytes=peak[0],
     )
 

@@ -60,6 +60,10 @@ class PointScores:
     # One row per scored image, in generation order: ``template``, ``prompt``, ``seed``,
     # ``image`` (its path), ``dino``, ``clip_i``, ``clip_t`` (see harness.sweep.per_image).
     per_image: list[dict[str, Any]] = field(default_factory=list)
+    # Wall seconds per phase; the backend gives ``generate`` and ``score`` (or ``evaluate``),
+    # the runner adds ``train`` (the run's, shared by its points) and ``proxy`` (the
+    # checkpoint's). The results table's ``seconds.*`` columns.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,7 @@ def point_scores(result: SettingScores, grid: Path | None = None) -> PointScores
         grid=grid,
         extra={"identifier_policy": result.metadata.get("identifier_policy")},
         per_image=result.per_image,
+        seconds=dict(result.seconds),
     )
 
 

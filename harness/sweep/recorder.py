@@ -149,6 +149,7 @@ class StudySink(SweepSink):
             "images_dir": relative(measured.images_dir, self.root),
             "n_images": measured.n_images,
             "scores": measured.scores,
+            "seconds": measured.seconds,
             "setting_id": measured.setting.id,
             "scheduler": measured.setting.scheduler,
             # The run's own training settings, fixed ones too: columns of the results table.

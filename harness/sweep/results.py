@@ -21,6 +21,12 @@ Columns, left to right:
     every score with its bootstrap interval. The study's objectives are scores already
     (``score.dino``, ``score.clip_t``); an objective that is not one gets a score column of its
     own: ``score.weighted`` in a sweep with ``sweep.weights``.
+``seconds.<phase>``
+    wall seconds: ``seconds.train`` (the run's training, proxy evaluations excluded; shared by
+    the run's points), ``seconds.proxy`` (the proxy evaluation at the point's checkpoint),
+    ``seconds.generate`` (the point's share of its checkpoint's generation) and
+    ``seconds.score`` (its scoring); a backend that does not split the two gives
+    ``seconds.evaluate``.
 ``pareto``
     on the study's Pareto front, or the best point of a single-objective sweep.
 ``setting_id``, ``scheduler``, ``n_images``, ``adapter``, ``images_dir``, ``adapter_removed``
@@ -88,6 +94,7 @@ def points_frame(
         }
         row.update(_parameters(trial))
         row.update(_scores(trial, objectives))
+        row.update({f"seconds.{k}": v for k, v in attrs.get("seconds", {}).items()})
         row["pareto"] = trial.number in front
         for key in _POINT_ATTRS:
             row[key] = attrs.get(key)
@@ -107,15 +114,16 @@ _TRAILING = (*_POINT_ATTRS, "adapter_removed")
 
 def _column_order(column: str) -> tuple[int, int, str]:
     """Sort key: identity, ``train.*``, ``checkpoint_step``, ``eval.*``, ``score.*``,
-    ``pareto``, then the setting and the paths."""
+    ``seconds.*``, ``pareto``, then the setting and the paths."""
     if column in _LEADING:
         return 0, _LEADING.index(column), ""
-    for group, prefix in enumerate((TRAIN_PREFIX, CHECKPOINT_STEP, EVAL_PREFIX, "score."), 1):
+    prefixes = (TRAIN_PREFIX, CHECKPOINT_STEP, EVAL_PREFIX, "score.", "seconds.")
+    for group, prefix in enumerate(prefixes, 1):
         if column.startswith(prefix):
             return group, 0, column
     if column == "pareto":
-        return 5, 0, ""
-    return 6, _TRAILING.index(column) if column in _TRAILING else len(_TRAILING), column
+        return 6, 0, ""
+    return 7, _TRAILING.index(column) if column in _TRAILING else len(_TRAILING), column
 
 
 def _parameters(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -204,29 +204,52 @@ class _Objective:
         return RunSpec(trial.number, key, params, run_cfg, run_dir, trial)
 
     def _train_and_evaluate(self, run: RunSpec) -> RunEnd:
+        proxy_s: dict[int, float] = {}
+
         def on_checkpoint(ckpt: CheckpointInfo) -> bool:
+            started = time.perf_counter()
             out_dir = run.run_dir / "proxy" / f"step-{ckpt.step}"
             scores = self.backend.proxy_scores(run.cfg, ckpt.path, out_dir)
             self.recorder.proxy_scored(run, ckpt.step, scores, scalarize(self.cfg, scores))
+            proxy_s[ckpt.step] = time.perf_counter() - started
             return self.studies.should_prune(run)
 
         def on_log(values: Mapping[str, Any], step: int) -> None:
             self.recorder.log(run, values, step)
 
+        started = time.perf_counter()
         outcome = self.backend.train(run.cfg, run.run_dir, on_checkpoint, on_log)
+        train_s = time.perf_counter() - started - sum(proxy_s.values())
         if outcome.status == "pruned":
             return RunEnd("pruned", outcome.reason or "proxy score below the pruner's bar")
         if outcome.status == "failed":  # recorded like any other failure of the run
             raise RuntimeError(outcome.reason or "training failed")
-        best = self._evaluate(run, outcome.checkpoints)
+        best = self._evaluate(run, outcome.checkpoints, train_s, proxy_s)
         return RunEnd("completed", best=best, score=scalarize(self.cfg, best.measured.scores))
 
-    def _evaluate(self, run: RunSpec, checkpoints: Sequence[CheckpointInfo]) -> ScoredPoint:
-        """Evaluate every checkpoint under every setting; return the representative point."""
+    def _evaluate(
+        self,
+        run: RunSpec,
+        checkpoints: Sequence[CheckpointInfo],
+        train_s: float,
+        proxy_s: Mapping[int, float],
+    ) -> ScoredPoint:
+        """Evaluate every checkpoint under every setting; return the representative point.
+
+        Each point's ``seconds`` get the run's training time and its checkpoint's proxy time
+        (this call trained the run; a resumed run counts what this call trained)."""
         best: tuple[float, ScoredPoint] | None = None
         for ckpt in checkpoints:
             out_dir = run.run_dir / "eval" / f"step-{ckpt.step:06d}"
-            for measured in self.backend.evaluate(run.cfg, ckpt, self.settings, out_dir):
+            started = time.perf_counter()
+            measured_all = self.backend.evaluate(run.cfg, ckpt, self.settings, out_dir)
+            evaluate_s = (time.perf_counter() - started) / max(1, len(measured_all))
+            for measured in measured_all:
+                measured.seconds = {
+                    "train": train_s,
+                    "proxy": proxy_s.get(ckpt.step, 0.0),
+                    **(measured.seconds or {"evaluate": evaluate_s}),
+                }
                 point = self._point(run, ckpt, measured)
                 self.recorder.point_scored(point)
                 score = scalarize(self.cfg, measured.scores)

@@ -58,6 +58,10 @@ def test_tiny_sweep_points_tables_adapters_and_images(
         assert (frame[f"score.{metric}_lo"] <= values + 1e-9).all()
         assert (values <= frame[f"score.{metric}_hi"] + 1e-9).all()
     assert not [c for c in frame.columns if c.startswith("objective.")]  # scores appear once
+    # Seconds per phase: the real backend splits generation from scoring.
+    for phase in ("train", "proxy", "generate", "score"):
+        assert (frame[f"seconds.{phase}"] > 0).all(), phase
+    assert "seconds.evaluate" not in frame.columns
 
     csv = pd.read_csv(summary.results_csv)
     assert csv.shape == frame.shape and list(csv.columns) == list(frame.columns)

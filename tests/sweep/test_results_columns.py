@@ -105,8 +105,19 @@ def test_column_order_reads_left_to_right(tmp_path: Path) -> None:
     assert columns[:3] == ["point", "run_trial", "run_key"]
     first = {
         kind: min(i for i, c in enumerate(columns) if c.startswith(kind))
-        for kind in ("train.", "checkpoint_step", "eval.", "score.", "pareto")
+        for kind in ("train.", "checkpoint_step", "eval.", "score.", "seconds.", "pareto")
     }
     assert list(first.values()) == sorted(first.values()), first
     for key in ("setting_id", "scheduler", "n_images", "adapter", "adapter_removed", "images_dir"):
         assert key in columns
+
+
+def test_seconds_per_phase_of_every_point(tmp_path: Path) -> None:
+    """The runner times training (proxy excluded) and the proxy per checkpoint; a backend that
+    does not split generation from scoring gets ``seconds.evaluate``."""
+    frame = _frame(tmp_path, _cfg())
+    assert {"seconds.train", "seconds.proxy", "seconds.evaluate"} <= set(frame.columns)
+    assert (frame[["seconds.train", "seconds.proxy", "seconds.evaluate"]] >= 0).all().all()
+    assert (frame.groupby("run_key")["seconds.train"].nunique() == 1).all()  # the run's, shared
+    per_checkpoint = frame.groupby(["run_key", "checkpoint_step"])["seconds.proxy"].nunique()
+    assert (per_checkpoint == 1).all()

@@ -47,11 +47,22 @@ def retry_schema_race(create: Callable[[], T], attempts: int = 6) -> T:
     for attempt in range(attempts):
         try:
             return create()
-        except (IntegrityError, ProgrammingError, OperationalError):
-            if attempt == attempts - 1:
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            if attempt == attempts - 1 or not _is_schema_race(exc):
                 raise
             time.sleep(0.1 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+_RACE_WORDS = ("already exists", "duplicate", "unique constraint", "locked")
+
+
+def _is_schema_race(exc: BaseException) -> bool:
+    """Another process created the same table, type or row first (or holds SQLite's lock);
+    not a wrong password, a missing database or a host that does not answer."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return any(word in str(exc).lower() for word in _RACE_WORDS)
 
 
 class StorageUnreachable(HarnessError):

@@ -321,3 +321,25 @@ def test_workers_starting_together_on_a_fresh_database_all_open_it(tmp_path: Pat
         for p in procs:
             p.join(timeout=30)
     assert [e for e in errors if e] == []
+
+
+def test_only_creation_races_are_retried() -> None:
+    from harness.sweep.retry import retry_schema_race
+
+    calls = {"n": 0}
+
+    def refused() -> None:
+        calls["n"] += 1
+        raise OperationalError("connect", {}, Exception('password authentication failed for "u"'))
+
+    with pytest.raises(OperationalError):
+        retry_schema_race(refused)
+    assert calls["n"] == 1  # a real error is raised at once, not after six tries
+
+    def raced() -> str:
+        calls["n"] += 1
+        if calls["n"] < 4:
+            raise OperationalError("CREATE TABLE", {}, Exception("table studies already exists"))
+        return "opened"
+
+    assert retry_schema_race(raced) == "opened" and calls["n"] == 4

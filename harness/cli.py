@@ -27,7 +27,7 @@ from harness.tracking import install_log_redaction
 app = typer.Typer(
     name="harness",
     help="DreamBooth LoRA sweep harness: resolve, prepare, train, generate, sweep, evaluate, "
-    "report.",
+    "report, bench.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harness.bench.stats import Figure, interleaved
@@ -39,11 +40,9 @@ def test_figure_is_the_median_with_min_and_max() -> None:
     assert match and (match["min"], match["max"], match["n"]) == ("1", "10", "3")
 
 
-def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> None:
-    """Through the CLI, as a user runs it: every figure for both paths, positive and finite,
-    the same number of points, and ``ratio=`` last."""
-    shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
-    params = {
+def _tiny_params() -> dict[str, object]:
+    """The default preset at its smallest: 2 checkpoints x 2 settings, 2 prompts, 1 seed."""
+    return {
         "preset": "tiny-cpu",
         "data": {"sample_images": 3},
         "train": {"max_steps": 2, "checkpoint_steps": [1, 2]},
@@ -61,7 +60,13 @@ def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> No
         },
         "metrics": {"bootstrap_samples": 10},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> None:
+    """Through the CLI, as a user runs it: every figure for both paths, positive and finite,
+    the same number of points, and ``ratio=`` last."""
+    shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path / "home")}
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "-p", "params.yaml", "bench", "--repeats", "1"],
@@ -92,3 +97,23 @@ def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> No
         assert math.isfinite(median) and 0 < low <= median <= high, m.string
     last = re.fullmatch(r"ratio=(\d+\.\d+)", lines[-1])
     assert last and float(last[1]) > 0, lines[-1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_on_cuda_names_the_card_and_reports_peak_memory(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA path: synchronised timings, the card's name and each path's peak memory."""
+    from harness.bench import run_bench
+    from harness.config import load_config
+
+    for name in ("HARNESS_CACHE_DIR", "METRICS_CACHE_DIR"):  # the bench points them at its folder
+        monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / name)))
+    shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
+    params = {**_tiny_params(), "model": {"device": "cuda"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    lines = run_bench(load_config(tmp_path / "params.yaml"), tmp_path / "work", repeats=1)
+    assert f"device cuda ({torch.cuda.get_device_name(0)})" in lines[0]
+    peaks = [FIGURE.match(line) for line in lines if line.startswith("peak CUDA memory")]
+    assert [m["path"] for m in peaks if m] == ["naive", "harness"]
+    assert all(m and float(m["median"]) > 0 for m in peaks)

@@ -117,3 +117,20 @@ def test_bench_on_cuda_names_the_card_and_reports_peak_memory(
     peaks = [FIGURE.match(line) for line in lines if line.startswith("peak CUDA memory")]
     assert [m["path"] for m in peaks if m] == ["naive", "harness"]
     assert all(m and float(m["median"]) > 0 for m in peaks)
+
+
+def test_module_entry_point_fails_in_one_line_on_a_missing_params_file(tmp_path: Path) -> None:
+    """``python -m harness.bench`` is the ``harness bench`` command: a bad params file is one
+    line naming it, not a traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.bench", "-p", str(tmp_path / "nope.yaml")],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "nope.yaml" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -14,11 +14,9 @@ line, ``ratio=<float>`` (naive seconds per point / harness seconds per point), i
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 
 from harness.bench.paths import BenchInputs, PathRun, bench_settings, fill_prompts, harness_path
 from harness.bench.stats import Figure, interleaved
-from harness.config import HarnessConfig, load_config
+from harness.config import HarnessConfig
 from harness.errors import HarnessError
 
 __all__ = ["BenchInputs", "Figure", "PathRun", "main", "run_bench", "summarize"]
@@ -154,13 +152,27 @@ def run_bench(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
     return summarize(*measure(cfg, work, repeats))
 
 
+def cli_args(argv: Sequence[str]) -> list[str]:
+    """``python -m harness.bench`` arguments as ``harness`` arguments: ``-p``/``--params``
+    before the ``bench`` command, the rest (``--repeats N``) after it."""
+    before: list[str] = []
+    after: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-p", "--params"):
+            before += [arg, next(args, "")]
+        elif arg.startswith("--params="):
+            before.append(arg)
+        else:
+            after.append(arg)
+    return [*before, "bench", *after]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m harness.bench [-p params.yaml] [--repeats N]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-p", "--params", default="params.yaml", type=Path)
-    parser.add_argument("--repeats", default=3, type=int, help="timed passes per path (>= 1)")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.params)
-    with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
-        for line in run_bench(cfg, Path(tmp), args.repeats):
-            print(line, flush=True)
+    """``python -m harness.bench [-p params.yaml] [--repeats N]``: the ``harness bench`` command
+    (its logging, and bad input as one line instead of a traceback)."""
+    import sys
+
+    from harness.cli import app
+
+    app(args=cli_args(sys.argv[1:] if argv is None else argv), prog_name="harness")

@@ -264,7 +264,11 @@ def _photos(cfg: HarnessConfig, root: Path | None) -> dict[str, str]:
 def study_id(cfg: HarnessConfig, root: Path | None = None) -> str:
     """``<sweep.study_name>-<8 hex>``: the study this configuration's points belong to (with
     ``root``: and the photos prepared there, as the stages open it)."""
-    payload = json.dumps(study_signature(cfg, root), sort_keys=True).encode()
+    return _study_name(cfg, study_signature(cfg, root))
+
+
+def _study_name(cfg: HarnessConfig, signature: dict[str, Any]) -> str:
+    payload = json.dumps(signature, sort_keys=True).encode()
     return f"{cfg.sweep.study_name}-{hashlib.sha256(payload).hexdigest()[:8]}"
 
 
@@ -312,8 +316,8 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
         storage = _storage(url, cfg)
         # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
         plain = _plain_storage(url, cfg)
-    name = study_id(cfg, root)
-    signature = study_signature(cfg, root)
+    signature = study_signature(cfg, root)  # once: it reads the prepared manifest
+    name = _study_name(cfg, signature)
     runs = optuna.create_study(
         study_name=f"{name}.runs",
         storage=storage,

@@ -17,12 +17,20 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.bench.paths import BenchInputs, PathRun, bench_settings, fill_prompts, harness_path
+from harness.bench.paths import (
+    BenchInputs,
+    PathRun,
+    bench_settings,
+    fill_prompts,
+    harness_path,
+    is_cuda,
+)
 from harness.bench.stats import Figure, interleaved
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
@@ -111,7 +119,7 @@ def _logged(name: str, run: Callable[[], PathRun], repeats: int) -> Callable[[],
 def _device_name(device: Any) -> str:
     import torch
 
-    if getattr(device, "type", "") == "cuda":
+    if is_cuda(device):
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
@@ -141,8 +149,8 @@ def summarize(inputs: BenchInputs, runs: dict[str, list[PathRun]], device: str) 
         if peaks:
             gib = tuple(p / 2**30 for p in peaks)
             lines.append(Figure(f"peak CUDA memory, {path}", "GiB", gib).line())
-    naive = Figure("", "s", tuple(r.per_point_s for r in runs["naive"])).median
-    mine = Figure("", "s", tuple(r.per_point_s for r in runs["harness"])).median
+    naive = statistics.median(r.per_point_s for r in runs["naive"])
+    mine = statistics.median(r.per_point_s for r in runs["harness"])
     lines.append(f"ratio={naive / mine:.4f}")
     return lines
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.bench.paths import BenchInputs, PathRun, _sync, peak_memory
+from harness.bench.paths import BenchInputs, PathRun, peak_memory, sync_device
 
 __all__ = ["naive_path"]
 
@@ -32,11 +32,11 @@ def naive_path(inputs: BenchInputs, load: Any, scorer: Any, work: Path, device: 
     with peak_memory(device) as peak:
         started = time.perf_counter()
         checkpoints = _train(inputs, train_pipe, work / "train", device)
-        _sync(device)
+        sync_device(device)
         train_s = time.perf_counter() - started
         started = time.perf_counter()
         points = _generate(inputs, infer_pipe, checkpoints, work / "images", device)
-        _sync(device)
+        sync_device(device)
         generate_s = time.perf_counter() - started
         started = time.perf_counter()
         scored = 0

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from harness.data import PreparedSubject
     from harness.models import LoadedModel
 
-__all__ = ["BenchInputs", "PathRun", "bench_settings", "harness_path", "peak_memory"]
+__all__ = [
+    "BenchInputs",
+    "PathRun",
+    "bench_settings",
+    "harness_path",
+    "is_cuda",
+    "peak_memory",
+    "sync_device",
+]
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def peak_memory(device: Any) -> Iterator[list[int | None]]:
     import torch
 
     out: list[int | None] = [None]
-    cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
+    cuda = is_cuda(device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -100,10 +108,18 @@ def peak_memory(device: Any) -> Iterator[list[int | None]]:
             out[0] = int(torch.cuda.max_memory_allocated())
 
 
-def _sync(device: Any) -> None:
+def is_cuda(device: Any) -> bool:
+    """Is ``device`` (a ``torch.device`` or its name) a CUDA device on this machine?"""
     import torch
 
-    if getattr(device, "type", str(device)) == "cuda":
+    return getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
+
+
+def sync_device(device: Any) -> None:
+    """Wait for queued CUDA work, so a clock read after it counts that work (no-op on CPU)."""
+    import torch
+
+    if is_cuda(device):
         torch.cuda.synchronize()
 
 
@@ -120,7 +136,7 @@ def harness_path(inputs: BenchInputs, loaded: LoadedModel, scorer: Any, work: Pa
     with peak_memory(loaded.device) as peak:
         started = time.perf_counter()
         result = train_lora(cfg, loaded, inputs.pairs, work / "run", resume=False, progress=False)
-        _sync(loaded.device)
+        sync_device(loaded.device)
         train_s = time.perf_counter() - started
         for ckpt in result.checkpoints:
             results += evaluate_adapter(
@@ -136,7 +152,7 @@ def harness_path(inputs: BenchInputs, loaded: LoadedModel, scorer: Any, work: Pa
                 seeds=inputs.seeds,
                 out_dir=work / "eval" / f"step-{ckpt.step}",
             )
-        _sync(loaded.device)
+        sync_device(loaded.device)
     images = sum(len(r.images) for r in results)
     return PathRun(
         points=len(results),

@@ -27,10 +27,19 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.errors import HarnessError
 
@@ -472,6 +481,61 @@ class ProxyConfig(_Strict):
     images_per_prompt: int = Field(1, ge=1)
 
 
+class Rung(_Strict):
+    """One cheap evaluation of adaptive evaluation: the first prompts and seeds of the full
+    protocol (so its images are the full protocol's own, reused on promotion)."""
+
+    prompts: int = Field(ge=1, description="First N evaluation prompts.")
+    images_per_prompt: int = Field(1, ge=1, description="First N evaluation seeds.")
+
+
+class AdaptiveEvaluation(_Strict):
+    """Successive halving over a run's points (checkpoint x inference setting).
+
+    Every point gets ``rungs[0]``; the best ``keep_fraction`` of them (by ``rank_by``, at least
+    ``min_keep``) get ``rungs[1]``, and so on; the survivors of the last rung get the full
+    protocol (all prompts, ``eval.images_per_prompt`` seeds). Only those are full-fidelity
+    points: the Pareto front, the report and the evaluate stage use them alone.
+    """
+
+    rungs: list[Rung] = Field(min_length=1, description="Cheap evaluations, cheapest first.")
+    keep_fraction: float = Field(
+        gt=0, le=1, description="Fraction of a rung's points promoted to the next one."
+    )
+    min_keep: int = Field(1, ge=1, description="Points of a run promoted at least, per rung.")
+    rank_by: Literal["auto", "pareto", "weighted"] = Field(
+        "auto",
+        description="Promotion order: Pareto rank (ties by the weighted objective), or the "
+        "weighted objective alone; auto: weighted when sweep.weights is set, else pareto.",
+    )
+
+    @field_validator("rungs")
+    @classmethod
+    def _growing(cls, rungs: list[Rung]) -> list[Rung]:
+        for i, (a, b) in enumerate(itertools.pairwise(rungs), 1):
+            if b.prompts < a.prompts or b.images_per_prompt < a.images_per_prompt or b == a:
+                raise ValueError(
+                    f"rung {i} ({b.prompts} prompts x {b.images_per_prompt}) must hold rung "
+                    f"{i - 1} ({a.prompts} x {a.images_per_prompt}) and more: each rung "
+                    "reuses the images of the one before"
+                )
+        return rungs
+
+
+def _evaluation_kind(value: Any) -> str:
+    return "<adaptive>" if isinstance(value, Mapping | AdaptiveEvaluation) else "<exhaustive>"
+
+
+# ``exhaustive`` or the adaptive mapping; the discriminator picks the member from the value's
+# type, so a bad mapping is reported against AdaptiveEvaluation alone (not once per member).
+# The tags in ``<...>`` are left out of the key paths of error messages.
+Evaluation = Annotated[
+    Annotated[Literal["exhaustive"], Tag("<exhaustive>")]
+    | Annotated[AdaptiveEvaluation, Tag("<adaptive>")],
+    Discriminator(_evaluation_kind),
+]
+
+
 class SweepConfig(_Strict):
     """Optuna sweep: search space, objectives, sampler, pruning, budget and storage."""
 
@@ -498,6 +562,11 @@ class SweepConfig(_Strict):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
     space: dict[str, ParamSpec | float | int | bool | str] = Field(default_factory=dict)
     inference: InferenceGrid = Field(default_factory=InferenceGrid)
+    evaluation: Evaluation = Field(
+        "exhaustive",
+        description="exhaustive: every point gets the full protocol; or {rungs, keep_fraction}: "
+        "adaptive (successive halving over each run's points).",
+    )
     keep_adapters: Literal["pareto", "best", "all"] = "pareto"
     heartbeat_interval_s: int = Field(
         60, ge=1, description="Run heartbeat; a worker silent for grace_period_s is stale."
@@ -639,6 +708,28 @@ def seed_overlap(cfg: HarnessConfig) -> str | None:
     )
 
 
+def rung_problem(cfg: HarnessConfig, n_prompts: int | None = None) -> str | None:
+    """Why ``sweep.evaluation``'s rungs do not fit the full protocol, or None.
+
+    Each rung must be cheaper than the full protocol: at most its ``n_prompts`` prompts (by
+    default ``eval.prompts``; dataset prompts are counted once the subject is prepared) and
+    ``eval.images_per_prompt`` seeds, and not all of both."""
+    evaluation = cfg.sweep.evaluation
+    if evaluation == "exhaustive":
+        return None
+    if n_prompts is None and cfg.eval.prompt_source == "config":
+        n_prompts = len(cfg.eval.prompts)
+    seeds = cfg.eval.images_per_prompt
+    full = f"{n_prompts} prompts x eval.images_per_prompt={seeds}"
+    for i, rung in enumerate(evaluation.rungs):
+        size = f"rung {i} ({rung.prompts} prompts x {rung.images_per_prompt} images)"
+        if (n_prompts is not None and rung.prompts > n_prompts) or rung.images_per_prompt > seeds:
+            return f"{size} exceeds the full protocol ({full})"
+        if rung.prompts == n_prompts and rung.images_per_prompt == seeds:
+            return f"{size} is the full protocol itself ({full}); a rung must be cheaper"
+    return None
+
+
 class SlurmConfig(_Strict):
     """The sbatch array of ``harness sweep launch --slurm`` (one array task per worker)."""
 
@@ -683,6 +774,13 @@ class HarnessConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
     report: ReportConfig = Field(default_factory=ReportConfig)  # type: ignore[arg-type]
     launch: LaunchConfig = Field(default_factory=LaunchConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _rungs_below_full(self) -> HarnessConfig:
+        problem = rung_problem(self)
+        if problem:
+            raise _KeysError(("sweep.evaluation.rungs",), problem)
+        return self
 
     @model_validator(mode="after")
     def _fresh_confirmation_seeds(self) -> HarnessConfig:
@@ -747,7 +845,11 @@ def available_presets(root: str | Path = ".") -> list[str]:
 # Mappings whose values are whole specs ("*" matches any key): a later file replaces such a value
 # as a unit instead of merging keys into it, so a ``{choices: [...]}`` entry in params.yaml does not
 # inherit the preset's ``low``/``high`` and a user's ``weights`` do not keep the preset's keys.
-ATOMIC_PATHS: tuple[tuple[str, ...], ...] = (("sweep", "space", "*"), ("sweep", "weights"))
+ATOMIC_PATHS: tuple[tuple[str, ...], ...] = (
+    ("sweep", "space", "*"),
+    ("sweep", "weights"),
+    ("sweep", "evaluation"),
+)
 
 
 def _is_atomic(path: tuple[str, ...]) -> bool:
@@ -857,11 +959,23 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
     model: type[BaseModel] = HarnessConfig
     for part in loc[:-1]:
         field = model.model_fields.get(part)
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        found = _model_in(field.annotation) if field else None
+        if found is None:
             return []
-        model = ann
+        model = found
     return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section an annotation holds: itself, or the section member of a union
+    (``sweep.evaluation``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def validate_config(
@@ -875,11 +989,11 @@ def validate_config(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(str(p) for p in err["loc"])
+            loc = tuple(str(p) for p in err["loc"] if not str(p).startswith("<"))
             cause = (err.get("ctx") or {}).get("error")
             keys = cause.keys if isinstance(cause, _KeysError) else ()
             src = _source_of(loc, origin or {}, default_source, keys)
-            where = ".".join(loc) if loc else "(top level)"
+            where = ".".join(loc) if loc else ", ".join(keys) or "(top level)"
             problems.append(f"{src}: {where}: {_describe(err, _fields_at(loc))}")
         raise ConfigError(problems) from None
 

@@ -106,11 +106,19 @@ def evaluate_adapter(
     seeds: Sequence[int],
     out_dir: Path,
     progress: bool = False,
+    reuse: Sequence[GeneratedImage] = (),
 ) -> list[SettingScores]:
     """Generate ``templates x seeds`` for every setting with ``adapter`` loaded once, then score.
 
+    ``reuse``: images of the same adapter and out_dir generated before (an adaptive rung's):
+    those of the wanted prompts, seeds and settings are scored again, not generated again.
+    An image's noise depends only on (adapter, prompt, seed, setting), never on its batch, so
+    the scores equal those of generating everything afresh (to float rounding).
+
     Returns one :class:`SettingScores` per setting, in the order of ``settings``.
     """
+    wanted = {(s.id, i, seed) for s in settings for i in range(len(templates)) for seed in seeds}
+    kept = [r for r in reuse if (r.setting.id, r.prompt_index, r.seed) in wanted]
     started = time.perf_counter()
     records = generate_images(
         loaded,
@@ -124,33 +132,52 @@ def evaluate_adapter(
         resolution=cfg.eval.resolution or cfg.data.resolution,
         batch_size=cfg.eval.batch_size,
         progress=progress,
+        skip={(r.setting.id, r.prompt_index, r.seed) for r in kept},
     )
     generate_s = (time.perf_counter() - started) / max(1, len(settings))
     results = []
     for setting in settings:
-        mine = [r for r in records if r.setting == setting]
-        started = time.perf_counter()
-        result = scorer.score(
-            real=list(reference),
-            generated=[out_dir / r.file for r in mine],
-            prompts=[r.prompt for r in mine],
-            token=token,
-            class_name=class_name,
+        # In the order of a fresh generation (prompt, then seed): the scores' bootstrap
+        # resamples prompts in order, so reused images score as fresh ones do.
+        mine = sorted(
+            (r for r in [*kept, *records] if r.setting == setting),
+            key=lambda r: (r.prompt_index, seeds.index(r.seed)),
         )
-        results.append(
-            SettingScores(
-                setting=setting,
-                scores=score_dict(result),
-                images=mine,
-                images_dir=out_dir / "images" / setting.id,
-                per_prompt=[dataclasses.asdict(row) for row in result.prompts],
-                metadata=dict(result.metadata),
-                per_image=image_rows(out_dir, mine, result),
-                seconds={"generate": generate_s, "score": time.perf_counter() - started},
-            )
-        )
+        result = _score_setting(scorer, reference, token, class_name, setting, mine, out_dir)
+        result.seconds["generate"] = generate_s
+        results.append(result)
         _write_setting_manifest(out_dir, setting, mine)
     return results
+
+
+def _score_setting(
+    scorer: Any,
+    reference: Sequence[Path],
+    token: str,
+    class_name: str,
+    setting: InferenceSetting,
+    images: list[GeneratedImage],
+    out_dir: Path,
+) -> SettingScores:
+    """Score one setting's images against the reference photos and their prompts."""
+    started = time.perf_counter()
+    result = scorer.score(
+        real=list(reference),
+        generated=[out_dir / r.file for r in images],
+        prompts=[r.prompt for r in images],
+        token=token,
+        class_name=class_name,
+    )
+    return SettingScores(
+        setting=setting,
+        scores=score_dict(result),
+        images=images,
+        images_dir=out_dir / "images" / setting.id,
+        per_prompt=[dataclasses.asdict(row) for row in result.prompts],
+        metadata=dict(result.metadata),
+        per_image=image_rows(out_dir, images, result),
+        seconds={"score": time.perf_counter() - started},
+    )
 
 
 def image_rows(

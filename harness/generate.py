@@ -3,8 +3,9 @@
 The base pipeline is loaded once; LoRA adapters are loaded under a name, scaled per component
 (UNet and text encoders separately) and deleted again, so a sweep evaluates many checkpoints and
 scales without reloading the model. Every image has its own seeded generator, so an image depends
-only on (adapter, prompt, seed, setting) — never on the batch it was generated in — and the same
-seed gives paired images across settings.
+only on (adapter, prompt, seed, setting) — never on the batch it was generated in, up to float
+rounding in batched kernels (a pixel level or two) — and the same seed gives paired images
+across settings.
 
 Output layout (``out_dir``)::
 
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,6 +203,7 @@ def generate_images(
     resolution: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    skip: Collection[tuple[str, int, int]] = (),
 ) -> list[GeneratedImage]:
     """Generate ``len(templates) x len(seeds)`` images for every setting and write a manifest.
 
@@ -214,16 +216,22 @@ def generate_images(
         adapter: LoRA checkpoint folder or ``.safetensors`` file; ``None`` is the base model.
         resolution: image side in pixels (default: the model's native size).
         batch_size: images per forward pass.
+        skip: ``(setting id, prompt index, seed)`` of images that exist already (an earlier,
+            smaller evaluation of the same adapter): not generated, not in the result.
 
     Returns:
         The generated images' records, in generation order.
     """
     jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
+    todo = {
+        setting.id: [job for job in jobs if (setting.id, job[0], job[2]) not in skip]
+        for setting in settings
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    total = len(jobs) * len(settings)
+    total = sum(len(mine) for mine in todo.values())
     with tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False) as bar:
         records = _generate_settings(
-            loaded, jobs, token, class_name, settings, out_dir, adapter, resolution, batch_size, bar
+            loaded, todo, token, class_name, settings, out_dir, adapter, resolution, batch_size, bar
         )
     _append_manifest(out_dir, records)
     return records
@@ -231,7 +239,7 @@ def generate_images(
 
 def _generate_settings(
     loaded: LoadedModel,
-    jobs: Sequence[tuple[int, str, int]],
+    jobs: Mapping[str, Sequence[tuple[int, str, int]]],
     token: str,
     class_name: str,
     settings: Sequence[InferenceSetting],
@@ -241,7 +249,8 @@ def _generate_settings(
     batch_size: int,
     bar: tqdm[Any],
 ) -> list[GeneratedImage]:
-    """Every (prompt index, template, seed) job under every setting, with ``adapter`` loaded once.
+    """Each setting's (prompt index, template, seed) jobs (``jobs[setting.id]``), with
+    ``adapter`` loaded once.
 
     Each setting gets its LoRA scales and scheduler; the pipeline's own scheduler is put back.
     """
@@ -255,12 +264,14 @@ def _generate_settings(
             torch.inference_mode(),
         ):
             for setting in settings:
+                if not jobs[setting.id]:
+                    continue
                 if active:
                     set_lora_scales(
                         pipeline, ADAPTER_NAME, setting.lora_scale, setting.text_encoder_lora_scale
                     )
                 pipeline.scheduler = make_scheduler(setting.scheduler, base_scheduler.config)
-                for batch in _batches(jobs, batch_size):
+                for batch in _batches(jobs[setting.id], batch_size):
                     records += _generate_batch(
                         loaded, batch, token, class_name, setting, out_dir, adapter, resolution
                     )

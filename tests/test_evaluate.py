@@ -186,3 +186,71 @@ def test_setting_manifest_reproduces_the_scores_with_the_metrics_cli(
             assert (lo, hi) == pytest.approx(
                 (result.scores[f"{name}_lo"], result.scores[f"{name}_hi"]), abs=1e-6
             )
+
+
+def test_a_rungs_images_are_reused_and_the_scores_equal_a_fresh_evaluation(
+    cfg: HarnessConfig,
+    evaluated: tuple[list[SettingScores], Path, Path],
+    tiny_sd15: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Adaptive evaluation's promotion: a 1 prompt x 1 seed rung, then the full protocol on top
+    of it, generates only the missing images and scores exactly like evaluating afresh."""
+    fresh, fresh_dir, real = evaluated
+    common: dict[str, Any] = dict(
+        reference=sorted(real.iterdir()), token="sks", class_name="toy", adapter=None
+    )
+    scorer = make_scorer(cfg)
+    rung = evaluate_adapter(
+        cfg,
+        tiny_sd15,
+        scorer,
+        **common,
+        settings=SETTINGS,
+        templates=TEMPLATES[:1],
+        seeds=SEEDS[:1],
+        out_dir=tmp_path,
+    )
+    assert [len(r.images) for r in rung] == [1, 1]
+    first = {r.setting.id: (tmp_path / r.images[0].file).read_bytes() for r in rung}
+
+    calls: list[int] = []
+    pipeline = tiny_sd15.pipeline
+    original = type(pipeline).__call__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["prompt"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", counting)
+    full = evaluate_adapter(
+        cfg,
+        tiny_sd15,
+        scorer,
+        **common,
+        settings=SETTINGS,
+        templates=TEMPLATES,
+        seeds=SEEDS,
+        out_dir=tmp_path,
+        reuse=[image for r in rung for image in r.images],
+    )
+    n_images = len(TEMPLATES) * len(SEEDS)
+    assert sum(calls) == len(SETTINGS) * (n_images - 1)  # the rung's image is not redone
+    for again, before in zip(full, fresh, strict=True):
+        assert [(i.prompt_index, i.seed) for i in again.images] == [
+            (i.prompt_index, i.seed) for i in before.images
+        ]
+        # The same noise per image; other batch neighbours move a pixel by a level at most
+        # (float rounding in batched kernels), so the scores agree to rounding.
+        for a, b in zip(again.images, before.images, strict=True):
+            pixels = [
+                np.asarray(Image.open(d / i.file), dtype=int)
+                for d, i in ((tmp_path, a), (fresh_dir, b))
+            ]
+            assert np.abs(pixels[0] - pixels[1]).max() <= 2
+        assert again.scores == pytest.approx(before.scores, rel=1e-3)
+        assert [row["dino"] for row in again.per_image] == pytest.approx(
+            [row["dino"] for row in before.per_image], rel=1e-3
+        )
+        assert (tmp_path / again.images[0].file).read_bytes() == first[again.setting.id]

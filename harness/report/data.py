@@ -18,6 +18,7 @@ import pandas as pd
 
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
+from harness.sweep.results import full_fidelity
 
 __all__ = [
     "PER_IMAGE",
@@ -104,7 +105,8 @@ def load_inputs(cfg: HarnessConfig, root: Path) -> ReportInputs:
     if "selection_rank" in evaluate:
         evaluate = evaluate.sort_values("selection_rank").reset_index(drop=True)
     return ReportInputs(
-        sweep=pd.read_parquet(sweep_path),
+        # Full-fidelity points only: adaptive evaluation's cheap rungs rank nothing here.
+        sweep=full_fidelity(pd.read_parquet(sweep_path)),
         evaluate=evaluate,
         references=_read_json(references_path),
         sweep_metrics=sweep_metrics,

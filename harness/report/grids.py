@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from harness.config import INFERENCE_DIMENSIONS, SEARCHABLE_TRAIN_PARAMS
 from harness.sweep.per_image import BASELINE_POINT, PER_IMAGE
-from harness.sweep.results import RESULTS_PARQUET
+from harness.sweep.results import RESULTS_PARQUET, full_fidelity
 from harness.sweep.select import selection_scores
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ def make_grids(cfg: HarnessConfig, root: Path, out_dir: Path) -> list[GridFigure
 def load_sources(cfg: HarnessConfig, root: Path) -> Sources:
     """Read the sweep's and the evaluate stage's tables (missing ones as empty frames)."""
     sweep_dir, evaluate_dir = root / cfg.sweep.dir, root / cfg.evaluate.dir
-    points = _ranked_points(cfg, _read(sweep_dir / RESULTS_PARQUET))
+    points = _ranked_points(cfg, full_fidelity(_read(sweep_dir / RESULTS_PARQUET)))
     images = _sweep_images(root, sweep_dir, points)
     confirmed = _read(evaluate_dir / PER_IMAGE)
     return Sources(root, points, images, confirmed, _confirmed_best(evaluate_dir, confirmed))

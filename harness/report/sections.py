@@ -332,6 +332,20 @@ def _cost_sentences(costs: pd.DataFrame, points: int) -> list[str]:
     ]
 
 
+def _adaptive_sentences(metrics: dict[str, Any]) -> list[str]:
+    """What adaptive evaluation saved (from the sweep's metrics.json), when it ran."""
+    points, full = metrics.get("points"), metrics.get("points_full")
+    images, exhaustive = metrics.get("images"), metrics.get("images_exhaustive")
+    if not (points and full is not None and images and exhaustive) or full >= points:
+        return []
+    return [
+        f"Adaptive evaluation (sweep.evaluation): {full} of {points} points were promoted to "
+        f"the full protocol, the others scored at a cheap rung only; {images} images were "
+        f"generated instead of {exhaustive} ({images / exhaustive:.0%}). Only full-protocol "
+        "points are ranked in this report."
+    ]
+
+
 def cost_section(cfg: HarnessConfig, root: Path, inputs: ReportInputs) -> Section:
     """PRES and DIV where measured, and the training cost of each confirmed point's run."""
     merged, measured, missing = _quality(inputs)
@@ -345,6 +359,7 @@ def cost_section(cfg: HarnessConfig, root: Path, inputs: ReportInputs) -> Sectio
             f"The base model's DIV on the fresh seeds: {format_value(base_div, 'score')}."
         )
     paragraphs += _cost_sentences(costs, len(inputs.sweep))
+    paragraphs += _adaptive_sentences(inputs.sweep_metrics)
     cost_columns = ["train_s", "processes", "device_s", "points_of_run", "device_s_per_point"]
     columns = [*_ids(table, ("point", "run_key")), *[f"score.{m}" for m in measured]]
     columns += [c for c in [*cost_columns, "device", "peak_mib"] if c in table]

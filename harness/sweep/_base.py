@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from harness.config import HarnessConfig, InferenceSetting
+from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.train import CheckpointInfo, TrainResult
 
 if TYPE_CHECKING:
@@ -64,6 +64,14 @@ class PointScores:
     # the runner adds ``train`` (the run's, shared by its points) and ``proxy`` (the
     # checkpoint's). The results table's ``seconds.*`` columns.
     seconds: dict[str, float] = field(default_factory=dict)
+    # Adaptive evaluation (``sweep.evaluation``): the share of the full protocol's images the
+    # scores rest on (1: the full protocol), the rung that measured them (None: the full
+    # protocol), the scores of the point's earlier rungs, and the backend's own image records,
+    # which the next rung reuses instead of generating them again.
+    fidelity: float = 1.0
+    rung: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    generated: list[Any] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -116,8 +124,13 @@ class SweepBackend(Protocol):
         checkpoint: CheckpointInfo,
         settings: Sequence[InferenceSetting],
         out_dir: Path,
+        rung: Rung | None = None,
+        reuse: Sequence[PointScores] = (),
     ) -> list[PointScores]:
-        """Full evaluation of one checkpoint under every setting."""
+        """Evaluation of one checkpoint under every setting: the full protocol, or with
+        ``rung`` its first prompts and seeds only. ``reuse`` holds earlier rungs' points of
+        the same checkpoint, whose images need not be generated again. Only adaptive
+        evaluation passes ``rung`` and ``reuse``."""
         ...
 
     def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:

@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.config import HarnessConfig, InferenceSetting
+from harness.config import HarnessConfig, InferenceSetting, Rung, rung_problem
 from harness.data import PreparedSubject
 from harness.errors import HarnessError
 from harness.evaluate import SettingScores, evaluate_adapter, image_grid
-from harness.generate import eval_seeds, generate_images
+from harness.generate import GeneratedImage, eval_seeds, generate_images
 from harness.models import LoadedModel
 from harness.sweep._base import PointScores
 from harness.train import CheckpointInfo, TrainResult
@@ -108,24 +108,42 @@ class HarnessBackend:
         checkpoint: CheckpointInfo,
         settings: Sequence[InferenceSetting],
         out_dir: Path,
+        rung: Rung | None = None,
+        reuse: Sequence[PointScores] = (),
     ) -> list[PointScores]:
         """All prompts x ``eval.images_per_prompt`` seeds under every setting, with PRES and a
-        prompts x seeds grid image per setting."""
-        adapter = checkpoint.path
+        prompts x seeds grid image per setting; with ``rung``, its first prompts and seeds
+        (no PRES). Images of ``reuse`` (earlier rungs) are scored, not generated again."""
+        adapter, templates, seeds = checkpoint.path, self.templates, eval_seeds(cfg)
+        full = len(templates) * len(seeds)
+        if rung is not None:
+            problem = rung_problem(cfg, len(templates))
+            if problem:
+                raise HarnessError(f"sweep.evaluation.rungs: {problem}")
+            templates, seeds = templates[: rung.prompts], seeds[: rung.images_per_prompt]
         results = self._evaluate(
-            cfg, adapter, settings, self.templates, eval_seeds(cfg), out_dir, self.progress
+            cfg,
+            adapter,
+            settings,
+            templates,
+            seeds,
+            out_dir,
+            self.progress,
+            reuse=[image for point in reuse for image in point.generated],
         )
-        pres = self._prior_preservation(cfg, adapter, settings, out_dir / "pres")
+        pres = {} if rung else self._prior_preservation(cfg, adapter, settings, out_dir / "pres")
         points = []
         (out_dir / "grids").mkdir(parents=True, exist_ok=True)
         for r in results:
             # Beside the images folder, not in it: that folder is exactly the scored images.
-            grid = out_dir / "grids" / f"{r.setting.id}.png"
-            columns = len(eval_seeds(cfg))
-            image_grid([out_dir / i.file for i in r.images], columns=columns).save(grid)
+            suffix = "" if rung is None else f".{len(templates)}x{len(seeds)}"
+            grid = out_dir / "grids" / f"{r.setting.id}{suffix}.png"
+            image_grid([out_dir / i.file for i in r.images], columns=len(seeds)).save(grid)
             if r.setting.id in pres:
                 r.scores["pres"] = pres[r.setting.id]
-            points.append(point_scores(r, grid))
+            point = point_scores(r, grid)
+            point.fidelity = len(r.images) / full
+            points.append(point)
         return points
 
     def _evaluate(
@@ -137,6 +155,7 @@ class HarnessBackend:
         seeds: Sequence[int],
         out_dir: Path,
         progress: bool = False,
+        reuse: Sequence[GeneratedImage] = (),
     ) -> list[SettingScores]:
         """:func:`evaluate_adapter` on this worker's pipeline, scorer and subject."""
         return evaluate_adapter(
@@ -152,6 +171,7 @@ class HarnessBackend:
             seeds=seeds,
             out_dir=out_dir,
             progress=progress,
+            reuse=reuse,
         )
 
     def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
@@ -219,6 +239,7 @@ def point_scores(result: SettingScores, grid: Path | None = None) -> PointScores
         extra={"identifier_policy": result.metadata.get("identifier_policy")},
         per_image=result.per_image,
         seconds=dict(result.seconds),
+        generated=list(result.images),
     )
 
 

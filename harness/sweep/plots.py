@@ -4,6 +4,9 @@ Three JSON files (lists of flat records with the same keys, as DVC reads them; J
 CSV keeps numbers and booleans typed for Vega-Lite) in ``<sweep.dir>/plots/``, rewritten with
 the results table after every run and at the end of the sweep:
 
+Only full-fidelity points are plotted (adaptive evaluation's cheap rungs are in the results
+table, with their ``fidelity``):
+
 ``pareto.json``
     every evaluated point: ``subject_score`` (``sweep.subject_metric``, named in
     ``subject_metric``) versus ``prompt_score`` (``sweep.prompt_metric``), ``pareto`` marking
@@ -163,9 +166,10 @@ def write_plots(
 ) -> list[Path]:
     """Write the three plot files of a results frame and the runs study into
     ``<out_dir>/plots``; return their paths."""
+    from harness.sweep.results import full_fidelity
     from harness.sweep.study import objective_names
 
-    sweep = cfg.sweep
+    sweep, frame = cfg.sweep, full_fidelity(frame)
     folder = plots_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     files = {

@@ -124,10 +124,14 @@ class StudySink(SweepSink):
         return self._proxy[run.number].should_prune()
 
     def point_scored(self, point: ScoredPoint) -> None:
+        """A COMPLETE trial for a full-fidelity point; a point that stopped at an adaptive
+        rung is PRUNED, with its values, so Optuna's Pareto front holds full-fidelity points
+        alone."""
         recorded = self._recorded.setdefault(point.run.number, set())
         if point.key in recorded:
             return
         recorded.add(point.key)
+        full = point.measured.rung is None
         self.studies.points.add_trial(
             optuna.trial.create_trial(
                 params=point_params(
@@ -135,6 +139,7 @@ class StudySink(SweepSink):
                 ),
                 distributions=self.distributions,
                 values=point.values,
+                state=TrialState.COMPLETE if full else TrialState.PRUNED,
                 user_attrs=self._point_attrs(point),
             )
         )
@@ -152,6 +157,9 @@ class StudySink(SweepSink):
             "seconds": measured.seconds,
             "setting_id": measured.setting.id,
             "scheduler": measured.setting.scheduler,
+            "fidelity": measured.fidelity,
+            **({} if measured.rung is None else {"rung": measured.rung}),
+            **({"rungs": measured.history} if measured.history else {}),
             # The run's own training settings, fixed ones too: columns of the results table.
             "train": train_settings(point.run.cfg),
             **measured.extra,
@@ -199,7 +207,7 @@ def relative(path: Path, root: Path) -> str:
 def _recorded_point_keys(study: optuna.Study, key: str) -> set[str]:
     return {
         str(t.user_attrs.get("point_key"))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         if t.user_attrs.get("run_key") == key
     }
 
@@ -243,6 +251,10 @@ class TrackerSink(SweepSink):
     def point_scored(self, point: ScoredPoint) -> None:
         track, measured, step = self._run(point.run), point.measured, point.checkpoint.step
         setting = measured.setting.id
+        if measured.rung is not None:  # stopped at an adaptive rung: its scores, no media
+            for name, score in measured.scores.items():
+                track.log_scalar(f"eval-rung-{measured.rung}/{setting}", name, score, step)
+            return
         for name, score in measured.scores.items():
             track.log_scalar(f"eval/{setting}", name, score, step)
         if measured.grid is not None and measured.grid.is_file():

@@ -27,8 +27,14 @@ Columns, left to right:
     ``seconds.generate`` (the point's share of its checkpoint's generation) and
     ``seconds.score`` (its scoring); a backend that does not split the two gives
     ``seconds.evaluate``.
+``fidelity``
+    the share of the full protocol's images behind the point's scores: 1 for the full
+    protocol, less for a point that adaptive evaluation (``sweep.evaluation``) stopped at a
+    cheap rung. Such points are the study's PRUNED trials; :func:`full_fidelity` leaves them
+    out, as the Pareto front, the report and the evaluate stage do.
 ``pareto``
-    on the study's Pareto front, or the best point of a single-objective sweep.
+    on the study's Pareto front (full-fidelity points only), or the best point of a
+    single-objective sweep.
 ``setting_id``, ``scheduler``, ``n_images``, ``adapter``, ``images_dir``, ``adapter_removed``
     the inference setting's id and scheduler, the number of scored images, the paths of the
     adapter and the images, and whether ``sweep.keep_adapters`` removed the adapter.
@@ -53,6 +59,7 @@ if TYPE_CHECKING:
     from harness.sweep.study import Studies
 
 __all__ = [
+    "full_fidelity",
     "pareto_rows",
     "points_frame",
     "remove_unkept_adapters",
@@ -74,10 +81,19 @@ def _front(study: optuna.Study) -> set[int]:
     return {study.best_trial.number}
 
 
+def full_fidelity(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a results frame measured with the full protocol (``fidelity`` 1; a table
+    without the column, written before adaptive evaluation, has only those)."""
+    if frame.empty or "fidelity" not in frame.columns:
+        return frame
+    return frame[frame["fidelity"].astype(float) >= 1.0 - 1e-9]
+
+
 def points_frame(
     study: optuna.Study, objectives: list[str], root: Path | None = None
 ) -> pd.DataFrame:
-    """All completed points of ``study`` as a DataFrame (columns in the module's order).
+    """All evaluated points of ``study`` as a DataFrame (columns in the module's order): the
+    completed ones, and those adaptive evaluation stopped at a rung (``fidelity`` < 1).
 
     With ``root`` (the project root the adapter paths are relative to), a point whose adapter
     was removed (``sweep.keep_adapters``) gets ``adapter`` None and ``adapter_removed`` True,
@@ -85,8 +101,10 @@ def points_frame(
     """
     front = _front(study)
     rows: list[dict[str, Any]] = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         attrs = trial.user_attrs
+        if trial.state == TrialState.PRUNED and "fidelity" not in attrs:
+            continue  # not a point of this harness's
         row: dict[str, Any] = {
             "point": trial.number,
             "run_trial": attrs.get("run_trial"),
@@ -95,6 +113,7 @@ def points_frame(
         row.update(_parameters(trial))
         row.update(_scores(trial, objectives))
         row.update({f"seconds.{k}": v for k, v in attrs.get("seconds", {}).items()})
+        row["fidelity"] = float(attrs.get("fidelity", 1.0))
         row["pareto"] = trial.number in front
         for key in _POINT_ATTRS:
             row[key] = attrs.get(key)
@@ -121,8 +140,8 @@ def _column_order(column: str) -> tuple[int, int, str]:
     for group, prefix in enumerate(prefixes, 1):
         if column.startswith(prefix):
             return group, 0, column
-    if column == "pareto":
-        return 6, 0, ""
+    if column in ("fidelity", "pareto"):
+        return 6, ("fidelity", "pareto").index(column), ""
     return 7, _TRAILING.index(column) if column in _TRAILING else len(_TRAILING), column
 
 

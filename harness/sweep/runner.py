@@ -7,7 +7,8 @@ For each run the worker
 3. at every checkpoint runs a cheap proxy evaluation and lets the pruner (on ``S.proxy``) stop
    hopeless runs early;
 4. for a surviving run, evaluates every checkpoint under every inference setting of
-   ``sweep.inference`` on the same loaded pipeline;
+   ``sweep.inference`` on the same loaded pipeline (``sweep.evaluation``: all at the full
+   protocol, or adaptively, see :mod:`harness.sweep.adaptive`);
 5. tells ``S.runs`` the values of the run's representative point (the highest objective sum,
    or weighted objective).
 
@@ -31,8 +32,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.config import HarnessConfig
+from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
+from harness.sweep.adaptive import evaluate_adaptively
 from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
@@ -234,27 +236,52 @@ class _Objective:
         train_s: float,
         proxy_s: Mapping[int, float],
     ) -> ScoredPoint:
-        """Evaluate every checkpoint under every setting; return the representative point.
+        """Evaluate every checkpoint under every setting (``sweep.evaluation``: all of them at
+        the full protocol, or adaptively); return the representative point, the best
+        full-fidelity one.
 
         Each point's ``seconds`` get the run's training time and its checkpoint's proxy time
         (this call trained the run; a resumed run counts what this call trained)."""
         best: tuple[float, ScoredPoint] | None = None
-        for ckpt in checkpoints:
+
+        def evaluate(
+            ckpt: CheckpointInfo,
+            settings: Sequence[InferenceSetting],
+            rung: Rung | None,
+            reuse: Sequence[PointScores],
+        ) -> list[PointScores]:
             out_dir = run.run_dir / "eval" / f"step-{ckpt.step:06d}"
+            # Only adaptive evaluation passes these (a backend may implement only the full
+            # protocol, for exhaustive sweeps).
+            extra: dict[str, Any] = {"rung": rung} if rung is not None else {}
+            if reuse:
+                extra["reuse"] = reuse
             started = time.perf_counter()
-            measured_all = self.backend.evaluate(run.cfg, ckpt, self.settings, out_dir)
+            measured_all = self.backend.evaluate(run.cfg, ckpt, settings, out_dir, **extra)
             evaluate_s = (time.perf_counter() - started) / max(1, len(measured_all))
             for measured in measured_all:
-                measured.seconds = {
-                    "train": train_s,
-                    "proxy": proxy_s.get(ckpt.step, 0.0),
-                    **(measured.seconds or {"evaluate": evaluate_s}),
-                }
-                point = self._point(run, ckpt, measured)
-                self.recorder.point_scored(point)
-                score = scalarize(self.cfg, measured.scores)
-                if best is None or score > best[0]:
-                    best = (score, point)
+                measured.seconds = dict(measured.seconds or {"evaluate": evaluate_s})
+            return measured_all
+
+        def record(ckpt: CheckpointInfo, measured: PointScores) -> None:
+            nonlocal best
+            measured.seconds = {
+                "train": train_s,
+                "proxy": proxy_s.get(ckpt.step, 0.0),
+                **measured.seconds,
+            }
+            point = self._point(run, ckpt, measured)
+            self.recorder.point_scored(point)
+            score = scalarize(self.cfg, measured.scores)
+            if measured.rung is None and (best is None or score > best[0]):
+                best = (score, point)
+
+        if self.cfg.sweep.evaluation == "exhaustive":
+            for ckpt in checkpoints:
+                for measured in evaluate(ckpt, self.settings, None, ()):
+                    record(ckpt, measured)
+        else:
+            evaluate_adaptively(self.cfg, checkpoints, self.settings, evaluate, record)
         if best is None:
             raise RuntimeError("training produced no checkpoint to evaluate")
         return best[1]

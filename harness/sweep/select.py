@@ -56,13 +56,16 @@ def select_points(cfg: HarnessConfig, frame: pd.DataFrame) -> pd.DataFrame:
     ``selected_by``, ``selection_rank`` (1 = best) and ``selection_score`` added.
 
     ``frame`` needs ``point`` and the ``score.<metric>`` columns of both objectives (and of
-    every weighted metric); points with a missing score are never selected. Empty in, empty
-    out.
+    every weighted metric); points with a missing score, or scored below the full protocol
+    (``fidelity`` < 1: adaptive evaluation stopped them at a rung), are never selected. Empty
+    in, empty out.
     """
+    from harness.sweep.results import full_fidelity
+
     objectives = [f"score.{cfg.sweep.subject_metric}", f"score.{cfg.sweep.prompt_metric}"]
     weighted = list(cfg.sweep.weights or {})
     needed = [*objectives, *(f"score.{m}" for m in weighted)]
-    scored = frame.dropna(subset=needed).copy()
+    scored = full_fidelity(frame).dropna(subset=needed).copy()
     if scored.empty:
         return scored.assign(**{SELECTED_BY: [], RANK: [], SCORE: []})
     scored[SCORE] = selection_scores(cfg, scored)

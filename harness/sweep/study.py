@@ -230,8 +230,8 @@ def train_settings(cfg: HarnessConfig) -> dict[str, Any]:
 def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, Any]:
     """Everything that changes what an evaluated point means, so a resume cannot mix points of
     two setups: objectives, search space, the fixed training settings (not the searched ones),
-    the data settings, the model, the seed and the evaluation protocol; with ``root``, also the
-    prepared photos there (other photos with the same settings are another study)."""
+    the data settings, the model, the seed and the evaluation protocol (adaptive evaluation's
+    rungs included); with ``root``, also the prepared photos there (other photos with the same settings are another study)."""
     dists = {**training_distributions(cfg.sweep), **evaluated_distributions(cfg)}
     searched = set(cfg.sweep.space)
     eval_section = cfg.eval.model_dump(mode="json")
@@ -247,6 +247,13 @@ def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, A
         "data": cfg.data.model_dump(mode="json", exclude=_NOT_MEANING["data"]),
         "train": cfg.train.model_dump(mode="json", exclude=_NOT_MEANING["train"] | searched),
         "seed": cfg.seed,
+        # Which points get the full protocol. Only when adaptive, so exhaustive studies keep
+        # the names they had before the key existed.
+        **(
+            {}
+            if cfg.sweep.evaluation == "exhaustive"
+            else {"evaluation": cfg.sweep.evaluation.model_dump(mode="json")}
+        ),
         **_photos(cfg, root),
     }
 

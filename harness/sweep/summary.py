@@ -23,7 +23,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
-from harness.sweep.results import pareto_rows, points_frame, results_paths
+from harness.sweep.results import full_fidelity, pareto_rows, points_frame, results_paths
 from harness.sweep.study import Studies, objective_names
 
 __all__ = [
@@ -63,6 +63,12 @@ class SweepSummary:
     started_runs_this_call: int = 0
     objectives: list[str] = field(default_factory=list)  # their ``score.<name>`` columns
     runs_skipped: int = 0  # trials that trained nothing: duplicates, budget spent meanwhile
+    # Adaptive evaluation: points scored with the full protocol (the others stopped at a cheap
+    # rung), images generated for all points, and what the full protocol for every point
+    # would have generated. Equal counts for an exhaustive sweep.
+    points_full: int = 0
+    images: int = 0
+    images_exhaustive: int = 0
 
     def describe(self) -> str:
         """One human sentence on runs versus evaluated points."""
@@ -70,12 +76,19 @@ class SweepSummary:
             f", {self.runs_interrupted} interrupted and retried" if self.runs_interrupted else ""
         )
         skipped = f"; {self.runs_skipped} duplicate draws skipped" if self.runs_skipped else ""
+        adaptive = ""
+        if self.points_full < self.points:
+            share = self.images / max(self.images_exhaustive, 1)
+            adaptive = (
+                f", {self.points_full} of them with the full protocol ({self.images} of "
+                f"{self.images_exhaustive} images, {share:.0%})"
+            )
         return (
             f"{self.runs_total} training runs ({self.runs_completed} completed, "
             f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
             f"{self.points} evaluated "
             f"points ({self.points / max(self.runs_completed, 1):.1f} per completed run)"
-            f"{skipped}"
+            f"{adaptive}{skipped}"
         )
 
 
@@ -106,6 +119,7 @@ def summarize(
         runs_interrupted=sum("fail_reason" not in t.user_attrs for t in failed),
         runs_skipped=len(skipped),
         points=len(frame),
+        **_image_counts(frame),
         pareto=pareto_rows(frame, objectives),
         results_csv=csv_path,
         results_parquet=parquet_path,
@@ -116,9 +130,28 @@ def summarize(
     )
 
 
+def _image_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """``points_full``, ``images`` and ``images_exhaustive`` of a results frame.
+
+    A promoted point's ``n_images`` counts its rungs' images too (it reused them), so the sum
+    of ``n_images`` is what was generated; ``n_images / fidelity`` is a point's full protocol.
+    """
+    if frame.empty:
+        return {"points_full": 0, "images": 0, "images_exhaustive": 0}
+    full = len(full_fidelity(frame))
+    n_images = frame["n_images"].astype(float)
+    fidelity = frame["fidelity"].astype(float) if "fidelity" in frame else 1.0
+    return {
+        "points_full": full,
+        "images": round(float(n_images.sum())),
+        "images_exhaustive": round(float((n_images / fidelity).sum())),
+    }
+
+
 def leaderboard(frame: pd.DataFrame, objectives: list[str], top: int = 20) -> pd.DataFrame:
-    """The ``top`` points by mean objective (their ``score.<objective>`` columns), Pareto
-    points flagged."""
+    """The ``top`` full-fidelity points by mean objective (their ``score.<objective>``
+    columns), Pareto points flagged."""
+    frame = full_fidelity(frame)
     if frame.empty:
         return frame
     cols = [f"score.{o}" for o in objectives]
@@ -188,7 +221,7 @@ def figures(study: optuna.Study, objectives: list[str]) -> dict[str, Any]:
 def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path:
     """``<sweep.dir>/metrics.json``: run/point counts, best objectives, baseline and real
     ceiling (the sweep's own scores; ``reports/metrics.json`` is the evaluate stage's)."""
-    frame = summary.frame
+    frame = full_fidelity(summary.frame)
     best = {
         o: float(frame[f"score.{o}"].max()) if not frame.empty else None
         for o in objective_names(cfg)
@@ -201,6 +234,9 @@ def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path
         "runs_failed": summary.runs_failed,
         "runs_interrupted": summary.runs_interrupted,
         "points": summary.points,
+        "points_full": summary.points_full,
+        "images": summary.images,
+        "images_exhaustive": summary.images_exhaustive,
         "pareto_points": len(summary.pareto),
         "best": best,
         **summary.references,

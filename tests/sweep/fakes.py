@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harness.config import HarnessConfig, InferenceSetting
+from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.sweep import PointScores
 from harness.train import CheckpointInfo, TrainResult
 
@@ -33,6 +33,7 @@ class FakeBackend:
         fail_lr: float | None = None,
         flat: bool = False,
         write_images: bool = False,
+        rung_error: float = 0.02,
     ) -> None:
         self.hopeless_lr, self.fail_lr, self.flat = hopeless_lr, fail_lr, flat
         self.write_images = write_images
@@ -40,6 +41,9 @@ class FakeBackend:
         self.evaluated: list[tuple[str, int]] = []
         self.checkpoints_seen: list[int] = []
         self.released = 0  # release() calls: one per run that trained
+        self.generated_images = 0  # images a real backend would generate (reuse excluded)
+        self.rungs_evaluated: list[tuple[int, tuple[int, int] | None, int]] = []
+        self.rung_error = rung_error  # how far a rung's scores are off (divided by its size)
 
     def train(
         self,
@@ -86,8 +90,18 @@ class FakeBackend:
         checkpoint: CheckpointInfo,
         settings: Sequence[InferenceSetting],
         out_dir: Path,
+        rung: Rung | None = None,
+        reuse: Sequence[PointScores] = (),
     ) -> list[PointScores]:
+        """Full protocol: two prompts x two seeds. A rung scores its first prompts and seeds,
+        off the full score by a deterministic error that shrinks with its size; images of
+        ``reuse`` are not counted again in ``generated_images``."""
         step = checkpoint.step
+        prompts, seeds = (2, 2) if rung is None else (rung.prompts, rung.images_per_prompt)
+        held = {p.setting.id: set(p.generated) for p in reuse}
+        self.rungs_evaluated.append(
+            (step, None if rung is None else (prompts, seeds), len(settings))
+        )
         out = []
         for s in settings:
             self.evaluated.append((checkpoint.path.parent.parent.name, step))
@@ -99,17 +113,26 @@ class FakeBackend:
                 "clip_i": q,
                 "clip_t": 0.3 - 0.01 * s.guidance_scale * s.lora_scale,
             }
-            point = PointScores(s, scores, out_dir / s.id, n_images=4)
-            point.per_image = self._images(cfg, point)
+            if rung is not None:
+                error = self.rung_error * (zlib.crc32(f"{step}/{s.id}".encode()) % 200 - 100) / 100
+                scores = {k: v + error / (prompts * seeds) for k, v in scores.items()}
+            point = PointScores(s, scores, out_dir / s.id, n_images=prompts * seeds)
+            point.fidelity = prompts * seeds / 4
+            point.generated = [(i, seed) for i in range(prompts) for seed in range(seeds)]
+            self.generated_images += len(set(point.generated) - held.get(s.id, set()))
+            point.per_image = self._images(cfg, point, prompts, seeds)
             point.per_prompt = _prompt_rows(point.per_image)
             out.append(point)
         return out
 
-    def _images(self, cfg: HarnessConfig, point: PointScores) -> list[dict[str, Any]]:
-        """Two prompts x two seeds, the per-image scores spread around the point's means."""
+    def _images(
+        self, cfg: HarnessConfig, point: PointScores, prompts: int = 2, n_seeds: int = 2
+    ) -> list[dict[str, Any]]:
+        """Two prompts x two seeds (or a rung's first ones), the per-image scores spread around
+        the point's means."""
         rows = []
-        seeds = (cfg.eval.seed, cfg.eval.seed + 1)
-        for k, (index, seed) in enumerate((i, s) for i in range(len(PROMPTS)) for s in seeds):
+        seeds = (cfg.eval.seed, cfg.eval.seed + 1)[:n_seeds]
+        for k, (index, seed) in enumerate((i, s) for i in range(prompts) for s in seeds):
             path = point.images_dir / f"{index:03d}-{seed}.png"
             if self.write_images:
                 _write_image(path)

@@ -446,6 +446,28 @@ def bench_cmd(
     repeats: Annotated[
         int, typer.Option("--repeats", min=1, help="Timed passes per path, after a warm-up.")
     ] = 3,
+    agreement: Annotated[
+        bool,
+        typer.Option(
+            "--agreement",
+            help="Instead: does the configured sampler rank the points as --reference does? "
+            "Last line agreement=<spearman>.",
+        ),
+    ] = False,
+    generation: Annotated[
+        bool,
+        typer.Option(
+            "--generation",
+            help="Instead: images/s with the LoRA scaled at run time, fused (eval.fuse_lora) "
+            "and with regional torch.compile (eval.compile).",
+        ),
+    ] = False,
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference", help="The reference sampler of --agreement: <scheduler>:<steps>."
+        ),
+    ] = "ddim:50",
 ) -> None:
     """Seconds per evaluated point: the harness against diffusers' example scripts (naive
     path), same points, prompts and seeds; the last line is ``ratio=<float>``."""
@@ -453,9 +475,15 @@ def bench_cmd(
     def body() -> list[str]:
         import tempfile
 
-        from harness.bench import run_bench
+        from harness.bench import run_agreement, run_bench, run_generation
 
+        if agreement and generation:
+            raise HarnessError("bench: --agreement and --generation are two benchmarks; pick one")
         with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
+            if agreement:
+                return run_agreement(load(), Path(tmp), reference)
+            if generation:
+                return run_generation(load(), Path(tmp), repeats)
             return run_bench(load(), Path(tmp), repeats)
 
     for line in run_command(body):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from harness.config import HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
-from harness.generate import GeneratedImage, generate_images
+from harness.generate import GeneratedImage, Speed, generate_images
 from harness.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ def evaluate_adapter(
         batch_size=cfg.eval.batch_size,
         progress=progress,
         skip={(r.setting.id, r.prompt_index, r.seed) for r in kept},
+        speed=Speed.of(cfg),
     )
     generate_s = (time.perf_counter() - started) / max(1, len(settings))
     results = []

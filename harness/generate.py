@@ -37,9 +37,12 @@ from harness.models import PICKLE_SUFFIXES, LoadedModel, check_weights_file
 __all__ = [
     "ADAPTER_NAME",
     "GeneratedImage",
+    "Speed",
     "adapter_loaded",
+    "compiled_blocks",
     "format_prompt",
     "generate_images",
+    "lora_fused",
     "make_scheduler",
     "resolve_adapter",
 ]
@@ -90,6 +93,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         PNDMScheduler,
+        UniPCMultistepScheduler,
     )
 
     if name == "dpmsolver++":
@@ -100,6 +104,7 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         "euler": EulerDiscreteScheduler,
         "euler_a": EulerAncestralDiscreteScheduler,
         "pndm": PNDMScheduler,
+        "unipc": UniPCMultistepScheduler,
     }
     if name not in classes:
         raise HarnessError(f"eval.scheduler: unknown scheduler {name!r}")
@@ -185,6 +190,79 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
         pipeline.unload_lora_weights()
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How generation runs, never what it produces: ``eval.fuse_lora`` and ``eval.compile``."""
+
+    fuse_lora: bool = False
+    compile: bool = False
+
+    @classmethod
+    def of(cls, cfg: HarnessConfig) -> Speed:
+        """The ``eval`` section's choices."""
+        return cls(fuse_lora=cfg.eval.fuse_lora, compile=cfg.eval.compile)
+
+
+@contextmanager
+def lora_fused(pipeline: Any, enabled: bool, name: str = ADAPTER_NAME) -> Iterator[None]:
+    """Fuse adapter ``name``, at the scales :func:`set_lora_scales` set, into the base weights
+    for the block, then unfuse it and put the base weights back bit for bit.
+
+    Unfusing subtracts the delta again, which in bf16 or fp16 leaves rounding error in the base
+    weights; over a sweep's many fuse/unfuse cycles on one pipeline that error would build up,
+    so the touched weights are copied before and restored after.
+    """
+    if not enabled:
+        yield
+        return
+    components = _adapter_components(pipeline, name)
+    saved = _base_weights(pipeline, components)
+    pipeline.fuse_lora(components=components, lora_scale=1.0, adapter_names=[name])
+    try:
+        yield
+    finally:
+        pipeline.unfuse_lora(components=components)
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)
+
+
+def _base_weights(pipeline: Any, components: Sequence[str]) -> list[tuple[Any, Any]]:
+    """``(parameter, copy)`` of every base weight and bias under a LoRA layer of ``components``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    saved = []
+    for component in components:
+        for module in getattr(pipeline, component).modules():
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                saved += [(p, p.detach().clone()) for p in base.parameters(recurse=False)]
+    return saved
+
+
+@contextmanager
+def compiled_blocks(pipeline: Any, enabled: bool) -> Iterator[None]:
+    """Regional ``torch.compile`` of the denoiser's repeated blocks (diffusers'
+    ``_repeated_blocks``, e.g. ``BasicTransformerBlock``) for the block; eager again after it,
+    so training on the same pipeline is never compiled."""
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    names = set(getattr(denoiser, "_repeated_blocks", None) or ())
+    if not enabled or denoiser is None or not names:
+        if enabled:
+            logger.warning("eval.compile: %s has no repeated blocks to compile", type(denoiser))
+        yield
+        return
+    blocks = [m for m in denoiser.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile()
+    try:
+        yield
+    finally:
+        for block in blocks:
+            # What nn.Module.compile() sets; None is the module's eager forward again.
+            block._compiled_call_impl = None
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -204,6 +282,7 @@ def generate_images(
     batch_size: int = 4,
     progress: bool = True,
     skip: Collection[tuple[str, int, int]] = (),
+    speed: Speed | None = None,
 ) -> list[GeneratedImage]:
     """Generate ``len(templates) x len(seeds)`` images for every setting and write a manifest.
 
@@ -218,23 +297,49 @@ def generate_images(
         batch_size: images per forward pass.
         skip: ``(setting id, prompt index, seed)`` of images that exist already (an earlier,
             smaller evaluation of the same adapter): not generated, not in the result.
+        speed: fused LoRA and regional compilation (``eval.fuse_lora``, ``eval.compile``);
+            default: neither.
 
     Returns:
         The generated images' records, in generation order.
     """
-    jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
-    todo = {
-        setting.id: [job for job in jobs if (setting.id, job[0], job[2]) not in skip]
-        for setting in settings
-    }
+    todo = _jobs(templates, seeds, settings, skip)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(len(mine) for mine in todo.values())
-    with tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False) as bar:
+    speed = speed or Speed()
+    with (
+        tqdm(total=total, desc="generate", unit="img", disable=not progress, leave=False) as bar,
+        compiled_blocks(loaded.pipeline, speed.compile),
+    ):
         records = _generate_settings(
-            loaded, todo, token, class_name, settings, out_dir, adapter, resolution, batch_size, bar
+            loaded,
+            todo,
+            token,
+            class_name,
+            settings,
+            out_dir,
+            adapter,
+            resolution,
+            batch_size,
+            bar,
+            speed.fuse_lora,
         )
     _append_manifest(out_dir, records)
     return records
+
+
+def _jobs(
+    templates: Sequence[str],
+    seeds: Sequence[int],
+    settings: Sequence[InferenceSetting],
+    skip: Collection[tuple[str, int, int]],
+) -> dict[str, list[tuple[int, str, int]]]:
+    """Per setting id, its ``(prompt index, template, seed)`` jobs that ``skip`` lacks."""
+    jobs = [(i, t, s) for i, t in enumerate(templates) for s in seeds]
+    return {
+        setting.id: [job for job in jobs if (setting.id, job[0], job[2]) not in skip]
+        for setting in settings
+    }
 
 
 def _generate_settings(
@@ -248,6 +353,7 @@ def _generate_settings(
     resolution: int | None,
     batch_size: int,
     bar: tqdm[Any],
+    fuse: bool = False,
 ) -> list[GeneratedImage]:
     """Each setting's (prompt index, template, seed) jobs (``jobs[setting.id]``), with
     ``adapter`` loaded once.
@@ -271,11 +377,12 @@ def _generate_settings(
                         pipeline, ADAPTER_NAME, setting.lora_scale, setting.text_encoder_lora_scale
                     )
                 pipeline.scheduler = make_scheduler(setting.scheduler, base_scheduler.config)
-                for batch in _batches(jobs[setting.id], batch_size):
-                    records += _generate_batch(
-                        loaded, batch, token, class_name, setting, out_dir, adapter, resolution
-                    )
-                    bar.update(len(batch))
+                with lora_fused(pipeline, active and fuse):
+                    for batch in _batches(jobs[setting.id], batch_size):
+                        records += _generate_batch(
+                            loaded, batch, token, class_name, setting, out_dir, adapter, resolution
+                        )
+                        bar.update(len(batch))
     finally:
         pipeline.scheduler = base_scheduler
     return records

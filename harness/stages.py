@@ -140,7 +140,7 @@ def run_generate(
     DreamBench, the dataset's class). The adapter is checked before the model loads.
     """
     from harness.data.prepare import MANIFEST
-    from harness.generate import eval_seeds, generate_images, resolve_adapter
+    from harness.generate import Speed, eval_seeds, generate_images, resolve_adapter
     from harness.models import load_pipeline
     from harness.sweep.backend import evaluation_templates
 
@@ -164,6 +164,7 @@ def run_generate(
         adapter=adapter,
         resolution=cfg.eval.resolution or cfg.data.resolution,
         batch_size=cfg.eval.batch_size,
+        speed=Speed.of(cfg),
     )
 
 

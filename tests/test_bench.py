@@ -10,16 +10,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
+from harness.bench.generation import VARIANTS
+from harness.bench.paths import PathRun, adaptive_recall
 from harness.bench.stats import Figure, interleaved
 
 FIGURE = re.compile(
-    r"^(?P<name>\S.*?, (?P<path>naive|harness))\s+(?P<median>\S+) (?P<unit>\S+)\s+"
+    r"^(?P<name>\S.*?, (?P<path>naive|harness exhaustive|harness))\s+(?P<median>\S+) (?P<unit>\S+)\s+"
     r"\(min (?P<min>\S+), max (?P<max>\S+), n=(?P<n>\d+)\)$"
+)
+
+GENERATION = re.compile(
+    r"^(?P<name>generation, .+?)\s+(?P<median>\S+) images/s\s+\(min \S+, max \S+, n=1\)$"
 )
 
 
@@ -62,14 +69,56 @@ def _tiny_params() -> dict[str, object]:
     }
 
 
-def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> None:
-    """Through the CLI, as a user runs it: every figure for both paths, positive and finite,
-    the same number of points, and ``ratio=`` last."""
+def test_the_exhaustive_summary_has_two_paths_and_the_ratio_last() -> None:
+    """``summarize`` for a config with exhaustive evaluation (the default preset): the header,
+    every figure of both paths, no adaptive lines, ``ratio=`` naive over harness."""
+    from types import SimpleNamespace
+
+    from harness.bench import summarize
+    from harness.config import HarnessConfig, InferenceSetting
+
+    cfg = HarnessConfig.model_validate(
+        {"preset": "t", "train": {"max_steps": 2, "checkpoint_steps": [1, 2]}}
+    )
+    settings = (InferenceSetting(guidance_scale=3.0), InferenceSetting(guidance_scale=7.5))
+    inputs = SimpleNamespace(cfg=cfg, settings=settings, prompts=("a", "b"), seeds=(0,))
+    naive = [PathRun(4, 8.0, 2, 8.0, 8, 4.0, 8), PathRun(4, 10.0, 2, 8.0, 8, 6.0, 8)]
+    mine = [PathRun(4, 2.0, 2, 4.0, 8, 2.0, 8), PathRun(4, 2.0, 2, 6.0, 8, 2.0, 8)]
+    lines = summarize(inputs, {"naive": naive, "harness": mine}, "cpu (test)")  # type: ignore[arg-type]
+    assert lines[0] == (
+        "4 points per path (2 checkpoints x 2 inference settings), 2 prompts x 1 seeds each; "
+        "harness evaluation exhaustive; 2 training steps; device cpu (test); median of 2 "
+        "interleaved repeats after a warm-up"
+    )
+    names = [m["name"] for m in map(FIGURE.match, lines[1:-1]) if m]
+    assert len(names) == len(lines) - 2 == 8
+    assert names[:2] == [
+        "seconds per evaluated point, naive",
+        "seconds per evaluated point, harness",
+    ]
+    # naive per point: 5.0 and 6.0 s, median 5.5; harness 2.0 and 2.5 s, median 2.25.
+    assert lines[-1] == f"ratio={5.5 / 2.25:.4f}"
+
+
+def _in_process(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The tiny bench config, for an in-process run (the CLI path has its own test); the
+    bench points the cache variables at its folder, which the test puts back afterwards."""
+    from harness.config import load_config
+
+    for name in ("HARNESS_CACHE_DIR", "METRICS_CACHE_DIR"):
+        monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / name)))
     shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
+    return load_config(tmp_path / "params.yaml")
+
+
+def _bench(tmp_path: Path, repo_root: Path, params: dict[str, object], *args: str) -> list[str]:
+    """``harness -p params.yaml bench --repeats 1 ARGS`` in a tmp project; its stdout lines."""
+    shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path / "home")}
     proc = subprocess.run(
-        [sys.executable, "-m", "harness", "-p", "params.yaml", "bench", "--repeats", "1"],
+        [sys.executable, "-m", "harness", "-p", "params.yaml", "bench", "--repeats", "1", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -78,10 +127,29 @@ def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> No
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    return proc.stdout.strip().splitlines()
+
+
+def test_harness_bench_with_adaptive_evaluation(repo_root: Path, tmp_path: Path) -> None:
+    """Through the CLI, as a user runs it. With ``sweep.evaluation`` adaptive, a third path
+    evaluates exhaustively: every figure for the three paths, positive and finite, then the
+    recall of the exhaustive top-5, the images generated against the exhaustive count, both
+    ratios, ``ratio=`` last."""
+    params = _tiny_params()
+    params["eval"] = {**params["eval"], "images_per_prompt": 2}  # type: ignore[dict-item]
+    params["sweep"] = {
+        "inference": {
+            "guidance_scale": [3.0, 7.5],
+            "lora_scale": [1.0],
+            "num_inference_steps": [1],
+        },
+        "evaluation": {"rungs": [{"prompts": 1}], "keep_fraction": 0.25},
+    }
+    lines = _bench(tmp_path, repo_root, params)
+    assert "harness evaluation adaptive (rungs 1x1, keep_fraction 0.25)" in lines[0], lines[0]
     assert lines[0].startswith("4 points per path (2 checkpoints x 2 inference settings)"), lines
-    assert "2 prompts x 1 seeds" in lines[0] and "device cpu" in lines[0]
-    figures = [FIGURE.match(line) for line in lines[1:-1]]
+    assert "2 prompts x 2 seeds" in lines[0] and "device cpu" in lines[0]
+    figures = [FIGURE.match(line) for line in lines[1:-3]]
     assert all(figures), lines
     names = [m["name"] for m in figures if m]
     for title in (
@@ -90,13 +158,113 @@ def test_harness_bench_on_the_tiny_preset(repo_root: Path, tmp_path: Path) -> No
         "generation images/s",
         "scoring images/s",
     ):
-        assert f"{title}, naive" in names and f"{title}, harness" in names, names
+        for path in ("naive", "harness", "harness exhaustive"):
+            assert f"{title}, {path}" in names, names
     for m in figures:
         assert m is not None and m["n"] == "1"  # one timed pass (the minimum), for speed
         low, median, high = float(m["min"]), float(m["median"]), float(m["max"])
         assert math.isfinite(median) and 0 < low <= median <= high, m.string
-    last = re.fullmatch(r"ratio=(\d+\.\d+)", lines[-1])
-    assert last and float(last[1]) > 0, lines[-1]
+    # 4 points of 4 images: 1 image each at the rung, then 3 more for the one promoted; the
+    # top holds the 4 points, 1 of them full-fidelity: recall 1/4 at most.
+    adaptive = re.fullmatch(
+        r"adaptive evaluation: recall of the exhaustive top-4 (0\.00|0\.25); "
+        r"7 of 16 images generated \(43\.8%\)",
+        lines[-3],
+    )
+    assert adaptive, lines[-3]
+    assert re.fullmatch(r"ratio with exhaustive evaluation=\d+\.\d+", lines[-2]), lines[-2]
+    assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1]), lines[-1]
+
+
+def test_harness_bench_agreement_of_the_sampler_with_a_reference(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``harness bench --agreement``: the same 4 points evaluated with the config's sampler
+    (DPM-Solver++, 1 step) and with DDIM at 3 steps; rank agreement, top overlap, differences,
+    speed, and ``agreement=`` last."""
+    from harness.bench import run_agreement
+
+    lines = run_agreement(_in_process(tmp_path, repo_root, monkeypatch), tmp_path / "w", "ddim:3")
+    assert lines[0].startswith("4 points, dpmsolver++ 1 steps against ddim 3 steps"), lines
+    assert "device cpu" in lines[0]
+    assert re.fullmatch(
+        r"rank agreement of the weighted score: spearman -?\d\.\d{3}; top-4 overlap 1\.00",
+        lines[1],
+    ), lines[1]
+    diffs = re.fullmatch(r"mean \|difference\|: dino (\S+), clip_i (\S+), clip_t (\S+)", lines[2])
+    assert diffs and all(float(d) > 0 for d in diffs.groups()), lines[2]  # other images
+    assert re.fullmatch(r"generation seconds per image: \S+ against \S+ \(x\S+ faster\)", lines[3])
+    last = re.fullmatch(r"agreement=(-?\d\.\d{4})", lines[-1])
+    assert last and -1.0 <= float(last[1]) <= 1.0, lines[-1]
+
+
+def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``harness bench --generation``: images/s of the runtime-scaled LoRA, the fused LoRA and
+    regional compilation on the same images, and their ratios (``compile_ratio=`` last)."""
+    from harness.bench import run_generation
+
+    lines = run_generation(_in_process(tmp_path, repo_root, monkeypatch), tmp_path / "w", 1)
+    assert lines[0].startswith("4 images per pass (2 prompts x 1 seeds x 2 inference settings")
+    figures = {m["name"]: float(m["median"]) for m in map(GENERATION.match, lines) if m}
+    assert set(figures) == {f"generation, {v}" for v in VARIANTS}, lines
+    assert all(math.isfinite(v) and v > 0 for v in figures.values())
+    base = figures["generation, runtime LoRA"]
+    fused = re.fullmatch(r"fused_ratio=(\d+\.\d{4})", lines[-2])
+    compiled = re.fullmatch(r"compile_ratio=(\d+\.\d{4})", lines[-1])
+    assert fused and float(fused[1]) == pytest.approx(
+        figures["generation, fused LoRA"] / base, 1e-3
+    )
+    assert compiled and float(compiled[1]) == pytest.approx(
+        figures["generation, regional compile"] / base, 1e-3
+    )
+
+
+def test_a_bad_reference_is_refused_naming_the_expected_form() -> None:
+    from harness.bench.agreement import parse_reference
+    from harness.errors import HarnessError
+
+    assert parse_reference("unipc:20") == ("unipc", 20)
+    for bad in ("ddim", "ddim:0", "heun:20", "ddim:x"):
+        with pytest.raises(HarnessError, match="--reference: expected <scheduler>:<steps>"):
+            parse_reference(bad)
+
+
+def test_agreement_lines_rank_identical_and_reversed_points() -> None:
+    from harness.bench.agreement import Agreement, agreement_lines
+    from harness.config import HarnessConfig
+
+    cfg = HarnessConfig(preset="test")
+    keys = [(10, f"s{i}") for i in range(6)]
+    scores = {k: {"dino": 0.1 * i, "clip_i": 0.1 * i, "clip_t": 0.2} for i, k in enumerate(keys)}
+    same = Agreement(scores, scores, 0.5, 2.0, "dpmsolver++ 20 steps", "ddim 50 steps")
+    lines = agreement_lines(cfg, same)
+    assert lines[1] == "rank agreement of the weighted score: spearman 1.000; top-5 overlap 1.00"
+    assert lines[2] == "mean |difference|: dino 0.0000, clip_i 0.0000, clip_t 0.0000"
+    assert lines[3].endswith("(x4.00 faster)") and lines[-1] == "agreement=1.0000"
+    flipped = {k: {**v, "dino": -v["dino"]} for k, v in scores.items()}
+    reversed_ = agreement_lines(cfg, Agreement(flipped, scores, 1.0, 1.0, "a", "b"))
+    assert reversed_[-1] == "agreement=-1.0000"
+    assert "top-5 overlap 0.80" in reversed_[1]  # 6 points: the two top-5s share four
+
+
+def _run(scores: dict[tuple[int, str], tuple[float, float]]) -> PathRun:
+    return PathRun(1, 1.0, 1, 1.0, 1, 1.0, 1, scores=scores)
+
+
+def test_adaptive_recall_counts_the_exhaustive_top_among_the_full_fidelity_top() -> None:
+    exhaustive = _run({(1, str(i)): (float(i), 1.0) for i in range(10)})  # top-5: 5..9
+    adaptive = _run(
+        {
+            **{(1, str(i)): (float(i), 1.0) for i in (9, 8, 7, 2, 1, 0)},
+            # a cheap point that scored high does not count, whatever its score
+            (1, "6"): (100.0, 0.25),
+        }
+    )
+    # The adaptive top-5 full-fidelity points are 9, 8, 7, 2, 1: three of the exhaustive five.
+    assert adaptive_recall(exhaustive, adaptive) == (0.6, 5)
+    assert adaptive_recall(_run({(1, "a"): (1.0, 1.0)}), _run({(1, "a"): (1.0, 1.0)})) == (1.0, 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -117,6 +285,18 @@ def test_bench_on_cuda_names_the_card_and_reports_peak_memory(
     peaks = [FIGURE.match(line) for line in lines if line.startswith("peak CUDA memory")]
     assert [m["path"] for m in peaks if m] == ["naive", "harness"]
     assert all(m and float(m["median"]) > 0 for m in peaks)
+    from harness.bench.flops import peak_flops
+
+    if peak_flops(torch.cuda.get_device_name(0)) is None:
+        assert any("bf16 peak of" in line and "not known" in line for line in lines), lines
+    else:
+        mfu = [m for m in map(FIGURE.match, lines) if m and "MFU" in m["name"]]
+        assert [m["name"] for m in mfu] == [
+            f"{kind} MFU, {path}"
+            for kind in ("training", "generation")
+            for path in ("naive", "harness")
+        ]
+        assert all(0 < float(m["median"]) < 100 for m in mfu)
 
 
 def test_module_entry_point_fails_in_one_line_on_a_missing_params_file(tmp_path: Path) -> None:

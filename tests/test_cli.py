@@ -219,5 +219,5 @@ def test_set_unknown_preset_is_blamed_on_the_command_line(project: Path) -> None
     assert code == 2
     assert err.strip() == (
         "error: command line: preset: unknown preset 'nope'; available: sd15-lora, sdxl-lora, "
-        "tiny-cpu"
+        "tiny-adaptive, tiny-cpu"
     )

@@ -147,3 +147,92 @@ def test_format_prompt_both_placeholder_styles() -> None:
     assert format_prompt("a {0} {1} on the beach", "sks", "dog") == "a sks dog on the beach"
     with pytest.raises(HarnessError, match="unknown placeholder"):
         format_prompt("a {subject}", "sks", "dog")
+
+
+def test_every_configurable_scheduler_builds_from_the_models_config(tiny_sd15: Any) -> None:
+    """Each ``eval.scheduler`` value gives its diffusers class, built from the model's own
+    scheduler config (UniPC and DPM-Solver++ are the fast evaluation samplers)."""
+    from typing import get_args
+
+    from harness.config import Scheduler
+    from harness.generate import make_scheduler
+
+    base = tiny_sd15.pipeline.scheduler.config
+    built = {name: make_scheduler(name, base) for name in get_args(Scheduler)}
+    expected = {
+        "ddim": "DDIMScheduler",
+        "dpmsolver++": "DPMSolverMultistepScheduler",
+        "unipc": "UniPCMultistepScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler",
+        "pndm": "PNDMScheduler",
+        "ddpm": "DDPMScheduler",
+    }
+    assert {name: type(s).__name__ for name, s in built.items()} == expected
+    assert built["dpmsolver++"].config.algorithm_type == "dpmsolver++"
+    assert all(s.config.num_train_timesteps == base.num_train_timesteps for s in built.values())
+
+
+def test_fused_lora_gives_the_unfused_images_and_restores_the_base_exactly(
+    tiny_sd15: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``eval.fuse_lora``: each setting's adapter, at its own scale, fused into the weights
+    gives the images of the runtime-scaled adapter; the base weights are bit-identical after."""
+    from harness.generate import Speed
+
+    lora = random_lora(tiny_sd15.pipeline, tmp_path / "lora")
+    settings = [
+        InferenceSetting(guidance_scale=5.0, num_inference_steps=2, scheduler="ddim", lora_scale=s)
+        for s in (0.4, 1.0)
+    ]
+    before = {k: v.clone() for k, v in tiny_sd15.pipeline.unet.state_dict().items()}
+    plain = run(tiny_sd15, tmp_path / "plain", seeds=[3], settings=settings, adapter=lora)
+    merged: list[bool] = []  # per pipeline call: were the UNet's LoRA layers merged?
+    pipeline_type = type(tiny_sd15.pipeline)
+    original = pipeline_type.__call__
+
+    def spying(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        merged.append(bool(layers) and all(m.merged for m in layers))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_type, "__call__", spying)
+    fused = run(
+        tiny_sd15,
+        tmp_path / "fused",
+        seeds=[3],
+        settings=settings,
+        adapter=lora,
+        speed=Speed(fuse_lora=True),
+    )
+    monkeypatch.undo()
+    assert merged == [True, True]  # one batch per setting, each with the adapter fused
+    for a, b in zip(plain, fused, strict=True):
+        diff = np.abs(pixels(tmp_path / "plain", a).astype(int) - pixels(tmp_path / "fused", b))
+        assert diff.max() <= 2, (a.setting.id, diff.max())  # the same maths, other rounding
+    # The two scales still differ: each setting fused its own scale, not the first one's.
+    assert not np.array_equal(
+        pixels(tmp_path / "fused", fused[0]), pixels(tmp_path / "fused", fused[2])
+    )
+    after = tiny_sd15.pipeline.unet.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compiled_blocks_are_compiled_only_while_generating(tiny_sd15: Any) -> None:
+    """``eval.compile``: the denoiser's repeated transformer blocks are compiled inside the
+    block and eager again after it (training on the same pipeline never runs compiled)."""
+    from harness.generate import compiled_blocks
+
+    unet = tiny_sd15.pipeline.unet
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks
+    with compiled_blocks(tiny_sd15.pipeline, True):
+        assert all(b._compiled_call_impl is not None for b in blocks)
+        others = [m for m in unet.modules() if m not in blocks]
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in others)
+    assert all(b._compiled_call_impl is None for b in blocks)
+    with compiled_blocks(tiny_sd15.pipeline, False):
+        assert all(b._compiled_call_impl is None for b in blocks)

@@ -10,6 +10,18 @@ setting) on the same prompts and seeds. Each path runs once to warm up, then ``-
 times, interleaved (A B, B A, ...); every figure is the median of the repeats, with min and
 max. Absolute figures depend on the machine (the header says which); the ratio on the last
 line, ``ratio=<float>`` (naive seconds per point / harness seconds per point), is the result.
+
+With adaptive evaluation configured (``sweep.evaluation: {rungs, keep_fraction}``) the harness
+path evaluates adaptively and a third path, ``harness exhaustive``, evaluates every point at
+the full protocol: the bench then also prints the recall of the exhaustive top-5 among the
+adaptive top-5 full-fidelity points, the share of the images generated, and the ratio with
+exhaustive evaluation. The ``tiny-adaptive`` preset is a grid where that comparison is
+affordable on a CPU: ``harness -S preset=tiny-adaptive bench``.
+
+``harness bench --agreement [--reference ddim:50]`` checks instead that the configured sampler
+ranks the points as a many-step reference does (:mod:`harness.bench.agreement`);
+``harness bench --generation`` measures fused LoRA and regional compilation against the
+runtime-scaled LoRA (:mod:`harness.bench.generation`).
 """
 
 from __future__ import annotations
@@ -21,23 +33,38 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.bench.paths import (
     BenchInputs,
     PathRun,
+    adaptive_recall,
     bench_settings,
     fill_prompts,
     harness_path,
     is_cuda,
 )
 from harness.bench.stats import Figure, interleaved
-from harness.config import HarnessConfig
+from harness.config import AdaptiveEvaluation, HarnessConfig
 from harness.errors import HarnessError
 
-__all__ = ["BenchInputs", "Figure", "PathRun", "main", "run_bench", "summarize"]
+if TYPE_CHECKING:
+    from harness.bench.flops import ModelFlops
+    from harness.models import LoadedModel
 
-PATHS = ("naive", "harness")
+__all__ = [
+    "BenchInputs",
+    "Figure",
+    "PathRun",
+    "main",
+    "run_agreement",
+    "run_bench",
+    "run_generation",
+    "summarize",
+]
+
+EXHAUSTIVE = "harness exhaustive"
+PATHS = ("naive", "harness", EXHAUSTIVE)
 logger = logging.getLogger(__name__)
 
 
@@ -62,30 +89,41 @@ def _inputs(cfg: HarnessConfig, work: Path) -> BenchInputs:
     )
 
 
-def measure(
-    cfg: HarnessConfig, work: Path, repeats: int = 3
-) -> tuple[BenchInputs, dict[str, list[PathRun]], str]:
-    """Run both paths (warm-up, then ``repeats`` interleaved passes) inside ``work``.
+def _setup(cfg: HarnessConfig, work: Path) -> tuple[BenchInputs, LoadedModel, Any]:
+    """The prepared inputs, the loaded pipeline and a scorer with its encoders loaded.
 
     Points ``HARNESS_CACHE_DIR`` and ``METRICS_CACHE_DIR`` of this process into ``work``.
-    Returns the inputs, the passes of each path and the device's name.
     """
-    from harness.bench.naive import naive_path
     from harness.evaluate import make_scorer
     from harness.models import load_pipeline
-    from metrics import Scorer
 
     os.environ["HARNESS_CACHE_DIR"] = str(work / "cache")
     os.environ["METRICS_CACHE_DIR"] = str(work / "metrics-cache")
     inputs = _inputs(cfg, work)
     loaded = load_pipeline(inputs.cfg.model)
+    scorer = make_scorer(inputs.cfg, device=str(loaded.device))
+    scorer.load_encoders()
+    return inputs, loaded, scorer
+
+
+def measure(
+    cfg: HarnessConfig, work: Path, repeats: int = 3
+) -> tuple[BenchInputs, dict[str, list[PathRun]], str, ModelFlops | None]:
+    """Run both paths (warm-up, then ``repeats`` interleaved passes) inside ``work``.
+
+    Returns the inputs, the passes of each path, the device's name and, on CUDA, the model's
+    counted FLOPs.
+    """
+    from harness.bench.naive import naive_path
+    from harness.models import load_pipeline
+    from metrics import Scorer
+
+    inputs, loaded, scorer = _setup(cfg, work)
     if loaded.family != "sd15":
         raise HarnessError(
             f"model.pretrained: {inputs.cfg.model.pretrained} is {loaded.family}; the benchmark's "
             "naive path is diffusers' SD 1.x example script (use an SD 1.x model)"
         )
-    scorer = make_scorer(inputs.cfg, device=str(loaded.device))
-    scorer.load_encoders()
     uncached = Scorer(replace(scorer.config, use_cache=False))
     uncached.load_encoders()
     paths = {
@@ -98,8 +136,22 @@ def measure(
         ),
         "harness": lambda: harness_path(inputs, loaded, scorer, work / "harness"),
     }
+    if inputs.cfg.sweep.evaluation != "exhaustive":
+        # The exhaustive reference: its seconds, and the top points adaptive must find.
+        paths[EXHAUSTIVE] = lambda: harness_path(
+            inputs, loaded, scorer, work / "exhaustive", evaluation="exhaustive"
+        )
     runs = interleaved({name: _logged(name, run, repeats) for name, run in paths.items()}, repeats)
-    return inputs, runs, _device_name(loaded.device)
+    return inputs, runs, _device_name(loaded.device), _model_flops(inputs, loaded)
+
+
+def _model_flops(inputs: BenchInputs, loaded: LoadedModel) -> ModelFlops | None:
+    """Counted model FLOPs for the MFU lines, on CUDA only (no peak to compare with on CPU)."""
+    from harness.bench.flops import count_flops
+
+    if not is_cuda(loaded.device):
+        return None
+    return count_flops(loaded.pipeline, inputs.cfg.eval.resolution or inputs.cfg.data.resolution)
 
 
 def _logged(name: str, run: Callable[[], PathRun], repeats: int) -> Callable[[], PathRun]:
@@ -124,14 +176,23 @@ def _device_name(device: Any) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def summarize(inputs: BenchInputs, runs: dict[str, list[PathRun]], device: str) -> list[str]:
-    """The report: a header, one line per figure and path, then ``ratio=<float>``."""
-    first = runs["harness"][0]
+def summarize(
+    inputs: BenchInputs,
+    runs: dict[str, list[PathRun]],
+    device: str,
+    flops: ModelFlops | None = None,
+) -> list[str]:
+    """The report: a header, one line per figure and path (with ``flops``, the model FLOP
+    utilisation of training and generation too), then ``ratio=<float>``."""
+    first, paths = runs["harness"][0], [p for p in PATHS if p in runs]
+    evaluation = inputs.cfg.sweep.evaluation
+    mode = "exhaustive" if evaluation == "exhaustive" else f"adaptive {_describe(evaluation)}"
     header = (
         f"{first.points} points per path ({len(inputs.cfg.train.checkpoint_steps)} checkpoints x "
         f"{len(inputs.settings)} inference settings), {len(inputs.prompts)} prompts x "
-        f"{len(inputs.seeds)} seeds each; {inputs.cfg.train.max_steps} training steps; "
-        f"device {device}; median of {len(runs['harness'])} interleaved repeats after a warm-up"
+        f"{len(inputs.seeds)} seeds each; harness evaluation {mode}; "
+        f"{inputs.cfg.train.max_steps} training steps; device {device}; median of "
+        f"{len(runs['harness'])} interleaved repeats after a warm-up"
     )
     lines = [header]
     figures = {
@@ -141,23 +202,97 @@ def summarize(inputs: BenchInputs, runs: dict[str, list[PathRun]], device: str) 
         "scoring images/s": ("images/s", lambda r: r.scored / r.score_s),
     }
     for title, (unit, value) in figures.items():
-        for path in PATHS:
+        for path in paths:
             samples = tuple(value(r) for r in runs[path])
             lines.append(Figure(f"{title}, {path}", unit, samples).line())
-    for path in PATHS:
+    for path in paths:
         peaks = [r.peak_bytes for r in runs[path] if r.peak_bytes is not None]
         if peaks:
             gib = tuple(p / 2**30 for p in peaks)
             lines.append(Figure(f"peak CUDA memory, {path}", "GiB", gib).line())
+    if flops is not None:
+        lines += _mfu_lines(inputs, runs, paths, device, flops)
     naive = statistics.median(r.per_point_s for r in runs["naive"])
+    if EXHAUSTIVE in runs:
+        lines += _adaptive_lines(runs, naive)
     mine = statistics.median(r.per_point_s for r in runs["harness"])
     lines.append(f"ratio={naive / mine:.4f}")
     return lines
 
 
+def _mfu_lines(
+    inputs: BenchInputs,
+    runs: dict[str, list[PathRun]],
+    paths: Sequence[str],
+    device: str,
+    flops: ModelFlops,
+) -> list[str]:
+    """Training and generation MFU per path against the card's bf16 peak (a line saying so
+    when the card is not in :data:`harness.bench.flops.PEAK_BF16`)."""
+    from harness.bench.flops import mfu, peak_flops
+
+    peak = peak_flops(device)
+    if peak is None:
+        return [f"model FLOP utilisation: the bf16 peak of {device} is not known"]
+    step = flops.train_step(inputs.cfg.train.batch_size)
+    image = statistics.mean(
+        flops.image(s.num_inference_steps, s.guidance_scale > 1.0) for s in inputs.settings
+    )
+    lines = []
+    for title, work, seconds in (
+        ("training MFU", lambda r: step * r.train_steps, lambda r: r.train_s),
+        ("generation MFU", lambda r: image * r.images, lambda r: r.generate_s),
+    ):
+        for path in paths:
+            samples = tuple(100 * mfu(work(r), seconds(r), peak) for r in runs[path])
+            lines.append(Figure(f"{title}, {path}", "%", samples).line())
+    return lines
+
+
+def _describe(evaluation: AdaptiveEvaluation) -> str:
+    rungs = ", ".join(f"{r.prompts}x{r.images_per_prompt}" for r in evaluation.rungs)
+    return f"(rungs {rungs}, keep_fraction {evaluation.keep_fraction:g})"
+
+
+def _adaptive_lines(runs: dict[str, list[PathRun]], naive: float) -> list[str]:
+    """Recall of the exhaustive top-5 and the images generated, from the last passes (every
+    pass trains the same seeded run), and the exhaustive ratio."""
+    exhaustive, adaptive = runs[EXHAUSTIVE][-1], runs["harness"][-1]
+    recall, top = adaptive_recall(exhaustive, adaptive)
+    share = adaptive.images / max(exhaustive.images, 1)
+    full = statistics.median(r.per_point_s for r in runs[EXHAUSTIVE])
+    return [
+        f"adaptive evaluation: recall of the exhaustive top-{top} {recall:.2f}; "
+        f"{adaptive.images} of {exhaustive.images} images generated ({share:.1%})",
+        f"ratio with exhaustive evaluation={naive / full:.4f}",
+    ]
+
+
 def run_bench(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
     """Measure both paths on ``cfg`` inside ``work``; return the report lines."""
     return summarize(*measure(cfg, work, repeats))
+
+
+def run_generation(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
+    """``harness bench --generation``: runtime-scaled LoRA, fused LoRA and regional compile
+    on the same images (:mod:`harness.bench.generation`)."""
+    from harness.bench.generation import generation_lines, measure_generation
+
+    inputs, loaded, _ = _setup(cfg, work)
+    runs = measure_generation(inputs, loaded, work / "generation", repeats)
+    return generation_lines(inputs, runs, _device_name(loaded.device))
+
+
+def run_agreement(cfg: HarnessConfig, work: Path, reference: str = "ddim:50") -> list[str]:
+    """``harness bench --agreement``: the config's samplers against ``reference``
+    (``<scheduler>:<steps>``) on the same points (:mod:`harness.bench.agreement`)."""
+    from harness.bench.agreement import agreement_lines, measure_agreement, parse_reference
+
+    wanted = parse_reference(reference)  # before loading anything: a typo fails at once
+    inputs, loaded, scorer = _setup(cfg, work)
+    agreement = measure_agreement(inputs, loaded, scorer, work / "agreement", wanted)
+    lines = agreement_lines(inputs.cfg, agreement)
+    return [f"{lines[0]}; device {_device_name(loaded.device)}", *lines[1:]]
 
 
 def cli_args(argv: Sequence[str]) -> list[str]:

@@ -12,19 +12,23 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.config import HarnessConfig, InferenceSetting
 
 if TYPE_CHECKING:
+    from harness.config import Rung
     from harness.data import PreparedSubject
     from harness.models import LoadedModel
+    from harness.sweep._base import PointScores
+    from harness.train import CheckpointInfo
 
 __all__ = [
     "BenchInputs",
     "PathRun",
+    "adaptive_recall",
     "bench_settings",
     "harness_path",
     "is_cuda",
@@ -71,6 +75,9 @@ class PathRun:
     score_s: float
     scored: int
     peak_bytes: int | None = None
+    # ``{(checkpoint step, setting id): (weighted score, fidelity)}`` of the harness paths:
+    # what the recall of adaptive evaluation is computed from.
+    scores: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
 
     @property
     def total_s(self) -> float:
@@ -123,47 +130,105 @@ def sync_device(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def harness_path(inputs: BenchInputs, loaded: LoadedModel, scorer: Any, work: Path) -> PathRun:
+def harness_path(
+    inputs: BenchInputs,
+    loaded: LoadedModel,
+    scorer: Any,
+    work: Path,
+    evaluation: str = "configured",
+) -> PathRun:
     """The harness: :func:`harness.train.train_lora` (latent and text-embedding caches,
-    checkpoints in one run), then per checkpoint every setting generated in batches with the
-    adapter loaded once, scored with the real photos' embeddings cached."""
-    from harness.evaluate import evaluate_adapter
+    checkpoints in one run), then the sweep backend's evaluation of every point: per
+    checkpoint every setting generated in batches with the adapter loaded once, scored with the
+    real photos' embeddings cached, with ``sweep.evaluation`` (``evaluation="exhaustive"``:
+    every point at the full protocol whatever the config says). PRES is off, as on the naive
+    path."""
+    from harness.sweep.runner import scalarize
     from harness.train import train_lora
 
-    cfg = inputs.cfg
+    cfg = _harness_config(inputs.cfg, evaluation)
     shutil.rmtree(work, ignore_errors=True)
-    results = []
     with peak_memory(loaded.device) as peak:
         started = time.perf_counter()
         result = train_lora(cfg, loaded, inputs.pairs, work / "run", resume=False, progress=False)
         sync_device(loaded.device)
         train_s = time.perf_counter() - started
-        for ckpt in result.checkpoints:
-            results += evaluate_adapter(
-                cfg,
-                loaded,
-                scorer,
-                reference=inputs.subject.reference,
-                token=inputs.subject.token,
-                class_name=inputs.class_name,
-                adapter=ckpt.path,
-                settings=inputs.settings,
-                templates=inputs.templates,
-                seeds=inputs.seeds,
-                out_dir=work / "eval" / f"step-{ckpt.step}",
-            )
+        points = _evaluate_points(cfg, inputs, loaded, scorer, result.checkpoints, work / "eval")
         sync_device(loaded.device)
-    images = sum(len(r.images) for r in results)
+    measured = [p for _, p in points]
     return PathRun(
-        points=len(results),
+        points=len(points),
         train_s=train_s,
         train_steps=cfg.train.max_steps,
-        generate_s=sum(r.seconds["generate"] for r in results),
-        images=images,
-        score_s=sum(r.seconds["score"] for r in results),
-        scored=images,
+        generate_s=sum(p.seconds["generate"] for p in measured),
+        # A promoted point's images include its rungs' (reused, generated once); its rungs'
+        # scoring scored them again.
+        images=sum(p.n_images for p in measured),
+        score_s=sum(p.seconds["score"] for p in measured),
+        scored=sum(p.n_images + sum(h["n_images"] for h in p.history) for p in measured),
         peak_bytes=peak[0],
+        scores={(step, p.setting.id): (scalarize(cfg, p.scores), p.fidelity) for step, p in points},
     )
+
+
+def _evaluate_points(
+    cfg: HarnessConfig,
+    inputs: BenchInputs,
+    loaded: LoadedModel,
+    scorer: Any,
+    checkpoints: Sequence[CheckpointInfo],
+    out_dir: Path,
+) -> list[tuple[int, PointScores]]:
+    """Every point through the sweep backend, exhaustively or adaptively as ``cfg`` says."""
+    from harness.sweep.adaptive import evaluate_adaptively
+    from harness.sweep.backend import HarnessBackend
+
+    backend = HarnessBackend(cfg, loaded, inputs.subject, scorer, progress=False)
+    points: list[tuple[int, PointScores]] = []
+
+    def evaluate(
+        ckpt: CheckpointInfo,
+        settings: Sequence[InferenceSetting],
+        rung: Rung | None,
+        reuse: Sequence[PointScores],
+    ) -> list[PointScores]:
+        step_dir = out_dir / f"step-{ckpt.step}"
+        return backend.evaluate(cfg, ckpt, settings, step_dir, rung=rung, reuse=reuse)
+
+    def record(ckpt: CheckpointInfo, point: PointScores) -> None:
+        points.append((ckpt.step, point))
+
+    if cfg.sweep.evaluation == "exhaustive":
+        for ckpt in checkpoints:
+            for point in evaluate(ckpt, inputs.settings, None, ()):
+                record(ckpt, point)
+    else:
+        evaluate_adaptively(cfg, checkpoints, inputs.settings, evaluate, record)
+    return points
+
+
+def _harness_config(cfg: HarnessConfig, evaluation: str) -> HarnessConfig:
+    """``cfg`` without PRES (the naive path has none) and, for ``"exhaustive"``, with
+    ``sweep.evaluation: exhaustive``."""
+    sweep = cfg.sweep
+    if evaluation == "exhaustive":
+        sweep = sweep.model_copy(update={"evaluation": "exhaustive"})
+    return cfg.model_copy(
+        update={
+            "eval": cfg.eval.model_copy(update={"prior_preservation_images": 0}),
+            "sweep": sweep,
+        }
+    )
+
+
+def adaptive_recall(exhaustive: PathRun, adaptive: PathRun, top: int = 5) -> tuple[float, int]:
+    """Recall of the exhaustive top-``top`` points (by the weighted score) among the adaptive
+    path's top-``top`` full-fidelity points, and how many points that top holds."""
+    top = min(top, len(exhaustive.scores))
+    best = sorted(exhaustive.scores, key=lambda k: -exhaustive.scores[k][0])[:top]
+    full = [k for k, (_, fidelity) in adaptive.scores.items() if fidelity >= 1.0 - 1e-9]
+    found = sorted(full, key=lambda k: -adaptive.scores[k][0])[:top]
+    return len(set(best) & set(found)) / max(top, 1), top
 
 
 def fill_prompts(templates: Sequence[str], token: str, class_name: str) -> tuple[str, ...]:

@@ -4,6 +4,8 @@ A model reference (``model.pretrained``) is one of
 
 * ``tiny://sd15`` or ``tiny://sdxl``: tiny seeded random pipelines, cached on disk as diffusers
   folders (see :mod:`harness.models.tiny`);
+* ``random://sd15``: the full-size SD 1.5 architecture with random weights, built in memory on
+  its device (for ``harness bench`` on a GPU: speed does not depend on the weights);
 * a local diffusers folder (holds ``model_index.json``);
 * a single-file ``.safetensors`` checkpoint in the original (LDM) layout;
 * a Hugging Face hub id (``owner/name``), with ``model.revision`` and ``model.variant``.
@@ -32,7 +34,7 @@ import torch
 
 from harness.config import ModelConfig
 from harness.errors import HarnessError
-from harness.models.tiny import TINY_KINDS, tiny_pipeline_dir
+from harness.models.tiny import TINY_KINDS, build_random_sd15, tiny_pipeline_dir
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -52,7 +54,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Family = Literal["sd15", "sdxl"]
-RefKind = Literal["tiny", "local_dir", "single_file", "hub"]
+RefKind = Literal["tiny", "random", "local_dir", "single_file", "hub"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl"})
@@ -140,6 +142,12 @@ def parse_model_ref(pretrained: str) -> ModelRef:
                 + " or ".join(f"tiny://{k}" for k in TINY_KINDS)
             )
         return ModelRef("tiny", name)
+    if pretrained.startswith("random://"):
+        if pretrained != "random://sd15":
+            raise ModelLoadError(
+                f"model.pretrained: unknown random model {pretrained!r}; use random://sd15"
+            )
+        return ModelRef("random", "sd15")
     path = Path(pretrained).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         check_weights_file(path, "model.pretrained")  # raises: pickle-based
@@ -268,6 +276,9 @@ def _load(ref: ModelRef, cfg: ModelConfig, dtype: torch.dtype, cache_root: Path 
     if ref.kind == "tiny":
         folder = tiny_pipeline_dir(ref.value, cache_root)  # type: ignore[arg-type]
         return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
+    if ref.kind == "random":
+        # Built where it runs (a GPU initialises a billion weights in a blink), never saved.
+        return build_random_sd15(device=resolve_device(cfg.device)).to(dtype=dtype)
     if ref.kind == "local_dir":
         return DiffusionPipeline.from_pretrained(
             ref.value, local_files_only=True, safety_checker=None, **common

@@ -122,15 +122,11 @@ _TINY_UNET: dict[str, Any] = {
 }
 
 
-def _tiny_sd15(tokenizer_dir: Path) -> Any:
-    """The SD 1.x pipeline: one CLIP text encoder, DDIM (components drawn in this order)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def sd_scheduler() -> Any:
+    """DDIM with Stable Diffusion's noise schedule (scaled linear betas 0.00085..0.012)."""
+    from diffusers import DDIMScheduler
 
-    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32)
-    vae = _vae()
-    text_encoder = CLIPTextModel(_text_config(projection=False))
-    scheduler = DDIMScheduler(
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -138,12 +134,22 @@ def _tiny_sd15(tokenizer_dir: Path) -> Any:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def _tiny_sd15(tokenizer_dir: Path) -> Any:
+    """The SD 1.x pipeline: one CLIP text encoder, DDIM (components drawn in this order)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32)
+    vae = _vae()
+    text_encoder = CLIPTextModel(_text_config(projection=False))
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(tokenizer_dir),
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -206,3 +212,66 @@ def tiny_pipeline_dir(kind: TinyKind, cache_root: Path | None = None, seed: int 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# The Stable Diffusion 1.5 architecture (its published component configs), for benchmarks:
+# speed does not depend on the weights' values, so a random model times like the real one.
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+SD15_VAE: dict[str, Any] = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+}
+SD15_TEXT: dict[str, Any] = {  # CLIP ViT-L/14's text tower
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+}
+
+
+def build_random_sd15(seed: int = 0, device: str | torch.device = "cpu") -> Any:
+    """An SD 1.5-architecture pipeline with random weights, built on ``device`` (``meta``:
+    shapes only, instantly). Nothing is downloaded; the tokenizer is the offline CLIP BPE."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="quick_gelu",
+        **SD15_TEXT,
+    )
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, **SD15_VAE)
+        text_encoder = CLIPTextModel(text)
+    with tempfile.TemporaryDirectory() as tmp:
+        return StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=build_clip_tokenizer(Path(tmp)),
+            scheduler=sd_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

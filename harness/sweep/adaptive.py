@@ -19,6 +19,7 @@ full-fidelity points alone.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -32,7 +33,9 @@ from harness.train import CheckpointInfo
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["evaluate_adaptively", "promotion_order"]
+__all__ = ["evaluate_adaptively", "kept", "promotion_order"]
+
+logger = logging.getLogger(__name__)
 
 # (checkpoint, settings, rung or None for the full protocol, earlier rungs' points) -> points
 EvaluateFn = Callable[
@@ -94,6 +97,17 @@ def evaluate_adaptively(
     latest: dict[tuple[int, str], PointScores] = {}
     for index, rung in enumerate(evaluation.rungs):
         measured = _measure(checkpoints, alive, latest, evaluate, rung)
+        if all(point.fidelity >= 1.0 - 1e-9 for _, point in measured):
+            logger.info(
+                "sweep.evaluation: rung %d (%d prompts x %d images) is the whole evaluation "
+                "protocol here; its points are full-fidelity points",
+                index,
+                rung.prompts,
+                rung.images_per_prompt,
+            )
+            for ckpt, point in measured:
+                record(ckpt, point)
+            return
         for _, point in measured:
             point.rung = index
         order = promotion_order(cfg, [point.scores for _, point in measured])

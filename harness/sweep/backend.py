@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.config import HarnessConfig, InferenceSetting, Rung, rung_problem
+from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.data import PreparedSubject
 from harness.errors import HarnessError
 from harness.evaluate import SettingScores, evaluate_adapter, image_grid
-from harness.generate import GeneratedImage, eval_seeds, generate_images
+from harness.generate import GeneratedImage, Speed, eval_seeds, generate_images
 from harness.models import LoadedModel
 from harness.sweep._base import PointScores
 from harness.train import CheckpointInfo, TrainResult
@@ -117,9 +117,6 @@ class HarnessBackend:
         adapter, templates, seeds = checkpoint.path, self.templates, eval_seeds(cfg)
         full = len(templates) * len(seeds)
         if rung is not None:
-            problem = rung_problem(cfg, len(templates))
-            if problem:
-                raise HarnessError(f"sweep.evaluation.rungs: {problem}")
             templates, seeds = templates[: rung.prompts], seeds[: rung.images_per_prompt]
         results = self._evaluate(
             cfg,
@@ -215,6 +212,7 @@ class HarnessBackend:
             resolution=cfg.eval.resolution or cfg.data.resolution,
             batch_size=cfg.eval.batch_size,
             progress=False,
+            speed=Speed.of(cfg),
         )
         return {
             s.id: float(

@@ -83,6 +83,15 @@ def _pump(stream: IO[str], prefix: str, out: IO[str]) -> None:
         out.flush()
 
 
+def worker_threads(n_workers: int) -> int | None:
+    """CPU threads per local worker: the cores shared out (at least 1), or None when the user
+    set ``OMP_NUM_THREADS``. Every PyTorch process would otherwise start one thread per core,
+    and N workers on the same cores slow each other down many times over."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+
+
 def launch_local(
     params: Path,
     root: Path,
@@ -91,7 +100,8 @@ def launch_local(
     overrides: Sequence[str] = (),
     out: IO[str] | None = None,
 ) -> list[int]:
-    """Start ``n_workers`` workers here (one GPU each when there are GPUs), wait for all.
+    """Start ``n_workers`` workers here (one GPU each when there are GPUs, the CPU cores shared
+    out: :func:`worker_threads`), wait for all.
 
     Their output is prefixed ``[w<i>]``; SIGINT/SIGTERM is passed on to every worker (each
     records its run as interrupted). Returns the workers' exit codes.
@@ -102,10 +112,13 @@ def launch_local(
         log.warning("%d workers on %d GPUs: some GPUs run several workers", n_workers, len(gpus))
     procs: list[subprocess.Popen[str]] = []
     pumps: list[threading.Thread] = []
+    threads = worker_threads(n_workers)
     for i in range(n_workers):
         env = dict(os.environ, HARNESS_WORKER_ID=f"local-{os.getpid()}-{i}")
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         proc = subprocess.Popen(
             worker_command(params, overrides),
             cwd=root,

@@ -83,7 +83,8 @@ def _start_workers(project: Path, env: dict[str, str], n: int, log_dir: Path) ->
         start_cli(
             project,
             ["sweep", "worker"],
-            {**env, "HARNESS_WORKER_ID": f"w{i}"},
+            # The cores shared out, as `harness sweep launch --local` does.
+            {**env, "HARNESS_WORKER_ID": f"w{i}", "OMP_NUM_THREADS": "1"},
             log_dir / f"worker-{i}.log",
         )
         for i in range(n)

@@ -174,30 +174,43 @@ def test_kept_is_the_ceiling_of_the_fraction_and_at_least_min_keep(tmp_path: Pat
     assert [kept(evaluation, n) for n in (1, 2, 3, 10, 11)] == [1, 2, 2, 3, 4]
 
 
-def test_rungs_that_are_not_cheaper_than_the_full_protocol_are_refused(tmp_path: Path) -> None:
+def test_a_rung_that_is_the_whole_protocol_evaluates_every_point_fully(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A preset's rung can meet a protocol shrunk with ``-S``: no error, every point is then a
+    full-fidelity point (and the log says why)."""
+    cfg = adaptive_cfg(
+        tmp_path,
+        {"rungs": [{"prompts": 2, "images_per_prompt": 2}], "keep_fraction": 0.25},
+        n_trials=1,
+    )
+    with caplog.at_level("INFO", logger="harness.sweep.adaptive"):
+        summary = run_sweep(cfg, tmp_path, FakeBackend())
+    frame = pd.read_parquet(summary.results_parquet)
+    assert len(frame) == POINTS_PER_RUN and (frame["fidelity"] == 1.0).all()
+    assert summary.points_full == POINTS_PER_RUN
+    assert "rung 0 (2 prompts x 2 images) is the whole evaluation protocol here" in caplog.text
+
+
+def test_bad_adaptive_settings_are_refused_naming_the_key(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(
-        "preset: tiny-cpu\n"
-        "eval: {images_per_prompt: 2}\n"
-        "sweep:\n  evaluation:\n    rungs: [{prompts: 4, images_per_prompt: 2}]\n"
-        "    keep_fraction: 0.25\n",
-        encoding="utf-8",
-    )
     root = Path(__file__).resolve().parents[2]
-    with pytest.raises(ConfigError) as err:
-        load_config(params, root=root)
-    assert f"{params}: sweep.evaluation.rungs: rung 0 (4 prompts x 2 images) is the full" in str(
-        err.value
-    )
-    params.write_text(
-        "preset: tiny-cpu\nsweep: {evaluation: {rungs: [{prompts: 1}], keep_fraction: 0}}\n",
-        encoding="utf-8",
-    )
-    with pytest.raises(ConfigError, match=r"sweep\.evaluation\.keep_fraction: must be > 0"):
-        load_config(params, root=root)
-    params.write_text("preset: tiny-cpu\nsweep: {evaluation: halving}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"sweep\.evaluation: must be one of 'exhaustive'"):
-        load_config(params, root=root)
+    cases = {
+        "{rungs: [{prompts: 1}], keep_fraction: 0}": r"sweep\.evaluation\.keep_fraction: must be > 0",
+        "{rungs: [], keep_fraction: 0.5}": r"sweep\.evaluation\.rungs: List should have at least 1",
+        "{rungs: [{prompts: 2}, {prompts: 1}], keep_fraction: 0.5}": (
+            r"sweep\.evaluation\.rungs: rung 1 \(1 prompts x 1\) must hold rung 0"
+        ),
+        "{rungs: [{prompts: 1}], keep_fraction: 0.5, keep: 2}": (
+            r"sweep\.evaluation\.keep: unknown key.*allowed: keep_fraction, min_keep, rank_by, rungs"
+        ),
+        "halving": r"sweep\.evaluation: must be one of 'exhaustive', got 'halving'",
+    }
+    for value, message in cases.items():
+        params.write_text(f"preset: tiny-cpu\nsweep: {{evaluation: {value}}}\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(params, root=root)
+        assert str(params) in str(err.value)
 
 
 def _scores(row: pd.Series) -> dict[str, float]:

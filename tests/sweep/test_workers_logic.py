@@ -343,3 +343,33 @@ def test_only_creation_races_are_retried() -> None:
         return "opened"
 
     assert retry_schema_race(raced) == "opened" and calls["n"] == 4
+
+
+def test_local_workers_share_the_cpu_cores_unless_the_user_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`harness sweep launch --local N` gives each worker cores / N threads (PyTorch starts one
+    per core in every process otherwise); a user's OMP_NUM_THREADS is passed on untouched."""
+    import io
+    import subprocess
+
+    from harness.sweep import launch
+
+    envs: list[dict[str, str]] = []
+    real_popen = subprocess.Popen
+
+    def fake_popen(cmd: Any, **kwargs: Any) -> Any:  # a worker that exits at once
+        envs.append(kwargs["env"])
+        return real_popen(["true"], stdout=subprocess.PIPE, text=True)
+
+    monkeypatch.setattr(launch.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(launch, "_gpu_ids", lambda: [])
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    codes = launch.launch_local(tmp_path / "params.yaml", tmp_path, 3, out=io.StringIO())
+    assert codes == [0, 0, 0]
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["2", "2", "2"]  # 8 cores // 3 workers
+    envs.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    launch.launch_local(tmp_path / "params.yaml", tmp_path, 2, out=io.StringIO())
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["6", "6"]

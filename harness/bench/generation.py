@@ -1,0 +1,91 @@
+"""``harness bench --generation``: the generation options against each other, measured.
+
+One run is trained with the config's steps; its last checkpoint generates the evaluation
+prompts x seeds under every ``sweep.inference`` setting, three ways, interleaved after a
+warm-up (which also pays for compilation):
+
+- ``runtime LoRA``: peft scales the adapter at run time (the default);
+- ``fused LoRA``: ``eval.fuse_lora``, the scaled adapter fused into the weights per setting;
+- ``regional compile``: ``eval.compile``, the denoiser's repeated blocks under torch.compile.
+
+Printed: images/s of each (median, min, max) and each option's speed-up over the default; the
+last line is ``compile_ratio=<float>``. The same images come out of all three (to rounding),
+so the faster option can be switched on without changing any score.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.bench.paths import BenchInputs, sync_device
+from harness.bench.stats import Figure, interleaved
+
+if TYPE_CHECKING:
+    from harness.models import LoadedModel
+
+__all__ = ["VARIANTS", "generation_lines", "measure_generation"]
+
+VARIANTS = {
+    "runtime LoRA": {},
+    "fused LoRA": {"fuse_lora": True},
+    "regional compile": {"compile": True},
+}
+
+
+def measure_generation(
+    inputs: BenchInputs, loaded: LoadedModel, work: Path, repeats: int
+) -> dict[str, list[float]]:
+    """Images/s of each variant over ``repeats`` interleaved passes (after a warm-up)."""
+    from harness.generate import Speed, generate_images
+    from harness.train import train_lora
+
+    cfg = inputs.cfg
+    trained = train_lora(cfg, loaded, inputs.pairs, work / "run", resume=False, progress=False)
+    adapter = trained.checkpoints[-1].path
+    passes = [0]
+
+    def variant(name: str, options: dict[str, Any]) -> Any:
+        def run() -> float:
+            passes[0] += 1
+            sync_device(loaded.device)
+            started = time.perf_counter()
+            records = generate_images(
+                loaded,
+                templates=inputs.templates,
+                token=inputs.subject.token,
+                class_name=inputs.class_name,
+                seeds=inputs.seeds,
+                settings=inputs.settings,
+                out_dir=work / "images" / f"{passes[0]:03d}",
+                adapter=adapter,
+                resolution=cfg.eval.resolution or cfg.data.resolution,
+                batch_size=cfg.eval.batch_size,
+                progress=False,
+                speed=Speed(**options),
+            )
+            sync_device(loaded.device)
+            return len(records) / (time.perf_counter() - started)
+
+        return run
+
+    return interleaved({n: variant(n, o) for n, o in VARIANTS.items()}, repeats)
+
+
+def generation_lines(inputs: BenchInputs, runs: dict[str, list[float]], device: str) -> list[str]:
+    """The report: a header, images/s per variant, the speed-ups, ``compile_ratio=`` last."""
+    images = len(inputs.templates) * len(inputs.seeds) * len(inputs.settings)
+    lines = [
+        f"{images} images per pass ({len(inputs.templates)} prompts x {len(inputs.seeds)} seeds "
+        f"x {len(inputs.settings)} inference settings, one checkpoint); device {device}; "
+        f"median of {len(runs['runtime LoRA'])} interleaved repeats after a warm-up"
+    ]
+    lines += [
+        Figure(f"generation, {name}", "images/s", tuple(r)).line() for name, r in runs.items()
+    ]
+    base = statistics.median(runs["runtime LoRA"])
+    fused = statistics.median(runs["fused LoRA"]) / base
+    compiled = statistics.median(runs["regional compile"]) / base
+    return [*lines, f"fused_ratio={fused:.4f}", f"compile_ratio={compiled:.4f}"]

@@ -180,7 +180,7 @@ def _evaluate_points(
     out_dir: Path,
 ) -> list[tuple[int, PointScores]]:
     """Every point through the sweep backend, exhaustively or adaptively as ``cfg`` says."""
-    from harness.sweep.adaptive import evaluate_adaptively
+    from harness.sweep.adaptive import evaluate_points
     from harness.sweep.backend import HarnessBackend
 
     backend = HarnessBackend(cfg, loaded, inputs.subject, scorer, progress=False)
@@ -198,12 +198,7 @@ def _evaluate_points(
     def record(ckpt: CheckpointInfo, point: PointScores) -> None:
         points.append((ckpt.step, point))
 
-    if cfg.sweep.evaluation == "exhaustive":
-        for ckpt in checkpoints:
-            for point in evaluate(ckpt, inputs.settings, None, ()):
-                record(ckpt, point)
-    else:
-        evaluate_adaptively(cfg, checkpoints, inputs.settings, evaluate, record)
+    evaluate_points(cfg, checkpoints, inputs.settings, evaluate, record)
     return points
 
 

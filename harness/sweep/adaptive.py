@@ -33,7 +33,7 @@ from harness.train import CheckpointInfo
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["evaluate_adaptively", "kept", "promotion_order"]
+__all__ = ["evaluate_adaptively", "evaluate_points", "kept", "promotion_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,23 @@ def kept(evaluation: AdaptiveEvaluation, n: int) -> int:
     """How many of a rung's ``n`` points go on: ``ceil(keep_fraction * n)``, at least
     ``min_keep``, at most ``n``."""
     return min(n, max(evaluation.min_keep, math.ceil(evaluation.keep_fraction * n - 1e-9)))
+
+
+def evaluate_points(
+    cfg: HarnessConfig,
+    checkpoints: Sequence[CheckpointInfo],
+    settings: Sequence[InferenceSetting],
+    evaluate: EvaluateFn,
+    record: RecordFn,
+) -> None:
+    """Every point of ``checkpoints x settings`` as ``sweep.evaluation`` says: each at the full
+    protocol (one ``evaluate`` call per checkpoint), or :func:`evaluate_adaptively`."""
+    if cfg.sweep.evaluation != "exhaustive":
+        evaluate_adaptively(cfg, checkpoints, settings, evaluate, record)
+        return
+    for ckpt in checkpoints:
+        for point in evaluate(ckpt, settings, None, ()):
+            record(ckpt, point)
 
 
 def evaluate_adaptively(

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 
 from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
-from harness.sweep.adaptive import evaluate_adaptively
+from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
@@ -276,12 +276,7 @@ class _Objective:
             if measured.rung is None and (best is None or score > best[0]):
                 best = (score, point)
 
-        if self.cfg.sweep.evaluation == "exhaustive":
-            for ckpt in checkpoints:
-                for measured in evaluate(ckpt, self.settings, None, ()):
-                    record(ckpt, measured)
-        else:
-            evaluate_adaptively(self.cfg, checkpoints, self.settings, evaluate, record)
+        evaluate_points(self.cfg, checkpoints, self.settings, evaluate, record)
         if best is None:
             raise RuntimeError("training produced no checkpoint to evaluate")
         return best[1]

@@ -29,7 +29,7 @@ class Figure:
         """``name  median unit  (min .., max .., n=..)``."""
         low, high = min(self.samples), max(self.samples)
         return (
-            f"{self.name:<40} {self.median:12.4g} {self.unit:<10} "
+            f"{self.name:<48} {self.median:12.4g} {self.unit:<10} "
             f"(min {low:.4g}, max {high:.4g}, n={len(self.samples)})"
         )
 

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.config import HarnessConfig
 from harness.report.data import ReportInputs, load_inputs
@@ -74,12 +74,20 @@ def header(cfg: HarnessConfig, inputs: ReportInputs, generated: datetime) -> dic
         "subject": cfg.data.subject,
         "model": cfg.model.pretrained,
         "objectives": ", ".join(label(o) for o in objective_names(cfg)) + " (maximised)",
-        "sweep": f"{counts.get('runs', '?')} training runs -> {len(inputs.sweep)} evaluated points",
+        "sweep": _sweep_counts(counts, len(inputs.sweep)),
         "confirmed": f"{len(inputs.evaluate)} points on fresh seeds "
         + (f"{seeds[0]}..{seeds[-1]}" if seeds else "(not recorded)"),
         "generated": generated.strftime("%Y-%m-%d %H:%M UTC"),
     }
     return facts
+
+
+def _sweep_counts(counts: dict[str, Any], full: int) -> str:
+    """``4 training runs -> 32 evaluated points``, and how many of them have the full
+    protocol when adaptive evaluation stopped others at a rung (the report ranks only those)."""
+    points = int(counts.get("points", full))
+    text = f"{counts.get('runs', '?')} training runs -> {points} evaluated points"
+    return f"{text} ({full} with the full protocol)" if points > full else text
 
 
 def build_report(cfg: HarnessConfig, root: Path, generated: datetime | None = None) -> Report:

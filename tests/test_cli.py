@@ -218,6 +218,6 @@ def test_set_unknown_preset_is_blamed_on_the_command_line(project: Path) -> None
     )
     assert code == 2
     assert err.strip() == (
-        "error: command line: preset: unknown preset 'nope'; available: sd15-lora, sdxl-lora, "
-        "tiny-adaptive, tiny-cpu"
+        "error: command line: preset: unknown preset 'nope'; available: sd15-bench, sd15-lora, "
+        "sdxl-lora, tiny-adaptive, tiny-cpu"
     )

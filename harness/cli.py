@@ -225,13 +225,13 @@ def prepare_cmd() -> None:
 
         return run_prepare(load(), project_root())
 
-    result = run_command(body)
-    typer.echo(
-        f"prepared {result.n_train} train / {result.n_val} val photos "
-        f"({result.n_rejected} rejected) in {result.out_dir}"
-    )
-    for warning in getattr(result, "warnings", []):
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for result in run_command(body):
+        typer.echo(
+            f"prepared {result.n_train} train / {result.n_val} val photos "
+            f"({result.n_rejected} rejected) in {result.out_dir}"
+        )
+        for warning in getattr(result, "warnings", []):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command("train")

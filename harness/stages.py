@@ -57,14 +57,14 @@ def _write_json(path: Path, data: Any) -> None:
 
 def run_resolve(cfg: HarnessConfig, root: Path, out_dir: Path | None = None) -> Path:
     """Write the resolved config sections (secrets masked) and the raw-photo fingerprint."""
-    from harness.data import scan_source
+    from harness.data.subjects import scan_subjects
     from harness.tracking import scrub_secrets
 
     out = out_dir or root / RESOLVED_DIR
     data = scrub_secrets(cfg.to_dict())
     for section in SECTIONS:
         _write_json(out / f"{section}.json", {"seed": data["seed"], section: data[section]})
-    _write_json(out / "source.json", scan_source(cfg.data, root))
+    _write_json(out / "source.json", scan_subjects(cfg.data, root))
     return out
 
 
@@ -73,11 +73,12 @@ def prepared_subject_dir(cfg: HarnessConfig, root: Path) -> Path:
     return root / cfg.data.prepared_dir / cfg.data.subject
 
 
-def run_prepare(cfg: HarnessConfig, root: Path, progress: bool = True) -> Any:
-    """Prepare the configured subject (see :func:`harness.data.prepare_subject`)."""
-    from harness.data import prepare_subject
+def run_prepare(cfg: HarnessConfig, root: Path, progress: bool = True) -> list[Any]:
+    """Prepare the configured subject, or every subject of ``data.subjects`` (see
+    :func:`harness.data.prepare_subject`); one result per subject."""
+    from harness.data.subjects import prepare_subjects
 
-    return prepare_subject(cfg.data, root, progress=progress)
+    return prepare_subjects(cfg.data, root, progress=progress)
 
 
 def _load_subject(cfg: HarnessConfig, root: Path) -> tuple[HarnessConfig, Any]:
@@ -88,9 +89,55 @@ def _load_subject(cfg: HarnessConfig, root: Path) -> tuple[HarnessConfig, Any]:
     Cheap (reads the manifest), so it runs before anything slow and fails fast.
     """
     from harness.data import load_prepared, with_subject
+    from harness.data.subjects import is_multi_subject
 
+    if is_multi_subject(cfg.data):
+        return cfg, _load_subjects(cfg, root)
     subject = load_prepared(prepared_subject_dir(cfg, root))
     return with_subject(cfg, subject), subject
+
+
+def _load_subjects(cfg: HarnessConfig, root: Path) -> dict[str, Any]:
+    """``{subject: prepared subject}`` of ``data.subjects``, each checked (cheap: manifests).
+
+    Raises:
+        DataError: one line per subject that is not prepared (its prepare failed, e.g. every
+            photo was rejected, or it never ran), before anything slow starts.
+    """
+    from harness.data import DataError, load_prepared
+    from harness.data.subjects import subject_names
+
+    found, missing = {}, []
+    for name in subject_names(cfg.data, root):
+        try:
+            found[name] = load_prepared(root / cfg.data.prepared_dir / name)
+        except DataError as exc:
+            missing.append(f"subject {name!r}: {exc}")
+    if missing:
+        raise DataError("\n".join(missing))
+    return found
+
+
+def _backend(
+    cfg: HarnessConfig, root: Path, loaded: Any, scorer: Any, progress: bool, subject: Any
+) -> Any:
+    """The sweep's backend: :class:`~harness.sweep.backend.HarnessBackend` on the prepared
+    ``subject``, or for ``data.subjects`` a
+    :class:`~harness.sweep.subjects.SubjectsBackend` with one per subject (sharing the
+    pipeline and the scorer)."""
+    from harness.data import with_subject
+    from harness.data.subjects import is_multi_subject
+    from harness.sweep.backend import HarnessBackend
+    from harness.sweep.subjects import SubjectsBackend, subject_config
+
+    if not is_multi_subject(cfg.data):
+        return HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
+    backends, classes = {}, {}
+    for name, prepared in _load_subjects(cfg, root).items():
+        one = with_subject(subject_config(cfg, name), prepared)
+        backends[name] = HarnessBackend(one, loaded, prepared, scorer, progress=progress)
+        classes[name] = prepared.class_name
+    return SubjectsBackend(backends, classes)
 
 
 def _ready_tracker(cfg: HarnessConfig, root: Path) -> Any:
@@ -109,6 +156,7 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
     from harness.train import train_lora
     from harness.train.distributed import bind_launched_device, is_main_launched_process
 
+    _one_subject(cfg, "train")
     cfg, subject = _load_subject(cfg, root)
     # Under `accelerate launch` every process trains, but only the first one is tracked.
     tracker = _ready_tracker(cfg, root) if is_main_launched_process() else NullTracker()
@@ -144,6 +192,7 @@ def run_generate(
     from harness.models import load_pipeline
     from harness.sweep.backend import evaluation_templates
 
+    _one_subject(cfg, "generate")
     if adapter is not None:
         resolve_adapter(adapter)  # missing or unsafe weights: one line, before any model loads
     templates = list(cfg.eval.prompts)
@@ -178,7 +227,6 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     from harness.evaluate import make_scorer
     from harness.models import load_pipeline, resolve_device
     from harness.sweep import open_studies, run_sweep
-    from harness.sweep.backend import HarnessBackend
     from harness.sweep.progress import SweepProgress
     from harness.sweep.runner import finished_runs
 
@@ -188,7 +236,7 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
     scorer.load_encoders()
     loaded = load_pipeline(cfg.model)
-    backend = HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
+    backend = _backend(cfg, root, loaded, scorer, progress, subject)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(cfg, root, backend, tracker, studies=studies, sinks=sinks)
 
@@ -215,7 +263,7 @@ def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) ->
     from harness.evaluate import make_scorer
     from harness.generate import resolve_adapter
     from harness.models import load_pipeline, resolve_device
-    from harness.sweep.backend import HarnessBackend, evaluation_templates
+    from harness.sweep.backend import evaluation_templates
     from harness.sweep.confirm import (
         confirm_points,
         confirmation_config,
@@ -226,15 +274,45 @@ def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) ->
 
     cfg, subject = _load_subject(cfg, root)
     selected = selected_points(cfg, root, read_sweep_results(cfg, root))
+    subjects = subject if isinstance(subject, dict) else {None: subject}
     for adapter in selected["adapter"]:
-        resolve_adapter(root / adapter)
+        for one in _point_adapters(root / adapter, subjects):
+            resolve_adapter(one)
     fresh = confirmation_config(cfg)
-    evaluation_templates(fresh, subject)
+    for prepared in subjects.values():
+        evaluation_templates(fresh, prepared)
     scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
     scorer.load_encoders()
-    backend = HarnessBackend(fresh, load_pipeline(cfg.model), subject, scorer, progress=progress)
+    backend = _backend(fresh, root, load_pipeline(cfg.model), scorer, progress, subject)
     confirmation = confirm_points(cfg, root, selected, backend, progress=progress)
     return write_confirmation(cfg, root, confirmation)
+
+
+def _point_adapters(adapter: Path, subjects: dict[Any, Any]) -> list[Path]:
+    """The adapter folders behind a results row's ``adapter``: itself, or for a multi-subject
+    sweep each subject's (a subject of the config the checkpoint lacks is an error)."""
+    from harness.errors import HarnessError
+    from harness.sweep.subjects import subject_adapters
+
+    if None in subjects:
+        return [adapter]
+    adapters = subject_adapters(adapter)
+    lacking = sorted(set(subjects) - set(adapters))
+    if lacking:
+        raise HarnessError(f"{adapter}: no adapter for subject(s) {', '.join(lacking)}")
+    return [adapters[name] for name in subjects]
+
+
+def _one_subject(cfg: HarnessConfig, command: str) -> None:
+    """``harness train``/``generate`` work on one subject: refuse ``data.subjects``."""
+    from harness.data.subjects import is_multi_subject
+    from harness.errors import HarnessError
+
+    if is_multi_subject(cfg.data):
+        raise HarnessError(
+            f"data.subjects: harness {command} works on one subject; add "
+            "-S data.subjects=null -S data.subject=<name>"
+        )
 
 
 def run_report_stage(cfg: HarnessConfig, root: Path) -> Path:

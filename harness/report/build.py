@@ -30,6 +30,7 @@ from harness.report.sections import (
     pareto_section,
     steps_section,
 )
+from harness.report.subjects import dreambench_section, subjects_section
 from harness.sweep.study import objective_names
 
 if TYPE_CHECKING:
@@ -64,14 +65,26 @@ def report_dir(cfg: HarnessConfig, root: Path) -> Path:
     return root / cfg.report.dir
 
 
-def header(cfg: HarnessConfig, inputs: ReportInputs, generated: datetime) -> dict[str, str]:
+def _subjects(cfg: HarnessConfig, root: Path) -> str:
+    """``dog``, or for ``data.subjects`` ``4 subjects (mean): backpack, cat2, dog, teapot``."""
+    from harness.data.subjects import is_multi_subject, subject_names
+
+    if not is_multi_subject(cfg.data):
+        return cfg.data.subject
+    names = subject_names(cfg.data, root)
+    return f"{len(names)} subjects (scores: the mean over them): {', '.join(names)}"
+
+
+def header(
+    cfg: HarnessConfig, inputs: ReportInputs, generated: datetime, root: Path
+) -> dict[str, str]:
     """The facts at the top: study, preset, subject, model, objectives, counts, seeds, date."""
     counts = inputs.sweep_metrics
     seeds = inputs.references.get("seeds") or []
     facts = {
         "study": inputs.study,
         "preset": cfg.preset,
-        "subject": cfg.data.subject,
+        "subject": _subjects(cfg, root),
         "model": cfg.model.pretrained,
         "objectives": ", ".join(label(o) for o in objective_names(cfg)) + " (maximised)",
         "sweep": _sweep_counts(counts, len(inputs.sweep)),
@@ -97,8 +110,10 @@ def build_report(cfg: HarnessConfig, root: Path, generated: datetime | None = No
         ReportError: the evaluate output (or the sweep's table) is missing.
     """
     inputs = load_inputs(cfg, root)
+    optional = [dreambench_section(cfg, inputs), subjects_section(cfg, inputs)]
     sections = [
         leaderboard_section(cfg, inputs),
+        *(section for section in optional if section is not None),
         pareto_section(cfg, inputs),
         steps_section(cfg, inputs),
         importance_section(cfg, root, inputs),
@@ -108,7 +123,7 @@ def build_report(cfg: HarnessConfig, root: Path, generated: datetime | None = No
         cost_section(cfg, root, inputs),
     ]
     title = cfg.report.title or f"DreamBooth sweep {inputs.study}"
-    facts = header(cfg, inputs, generated or datetime.now(UTC))
+    facts = header(cfg, inputs, generated or datetime.now(UTC), root)
     return Report(title, facts, sections, leaderboard=sections[0].tables[0].shown())
 
 

@@ -72,6 +72,9 @@ class PointScores:
     rung: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     generated: list[Any] = field(default_factory=list, repr=False)
+    # A multi-subject sweep (``data.subjects``): each subject's own record of the point, whose
+    # mean the scores are (see harness.sweep.subjects).
+    subjects: dict[str, PointScores] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

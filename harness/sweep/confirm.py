@@ -71,6 +71,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 REFERENCES_JSON = "references.json"
 METRICS = ("dino", "clip_i", "clip_t")
+EXTRA_METRICS = ("div", "pres")
 ID_COLUMNS = ("point", "run_key", "checkpoint_step", "setting_id", "scheduler", "adapter")
 REQUIRED_COLUMNS = (
     *ID_COLUMNS,
@@ -153,12 +154,13 @@ def confirmation_seeds(cfg: HarnessConfig) -> list[int]:
             f"sweep's seeds {swept.start}..{swept.stop - 1} (shared: {shared}); leave "
             f"evaluate.seed unset or use >= {swept.stop}"
         )
-    count = cfg.evaluate.images_per_prompt or cfg.eval.images_per_prompt
+    count = cfg.evaluate.images_per_prompt_for(cfg.eval.images_per_prompt)
     return list(fresh)[:count]
 
 
 def confirmation_config(cfg: HarnessConfig) -> HarnessConfig:
-    """``cfg`` whose ``eval`` section has the confirmation seeds (and held-out prompts).
+    """``cfg`` whose ``eval`` section has the confirmation seeds (and held-out prompts, or
+    with ``evaluate.protocol: dreambench`` each subject's DreamBench prompts).
 
     Everything else of the evaluation protocol (settings, resolution, PRES, metrics) stays the
     sweep's, so its scores compare with the sweep's.
@@ -167,6 +169,8 @@ def confirmation_config(cfg: HarnessConfig) -> HarnessConfig:
     update: dict[str, Any] = {"seed": seeds[0], "images_per_prompt": len(seeds)}
     if cfg.evaluate.prompts is not None:
         update.update(prompts=list(cfg.evaluate.prompts), prompt_source="config")
+    if cfg.evaluate.protocol == "dreambench":  # each subject's own DreamBench prompt list
+        update["prompt_source"] = "dataset"
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
 
 
@@ -315,6 +319,9 @@ def confirmation_row(
         for suffix in ("", "_lo", "_hi"):
             out[f"confirm.{m}{suffix}"] = confirm.get(m + suffix)
         out[f"shrinkage.{m}"] = float(sweep[m]) - float(confirm[m])
+    for m in EXTRA_METRICS:  # the paper's DIV and PRES, when measured
+        if m in confirm:
+            out.update({f"confirm.{m}{s}": confirm.get(m + s) for s in ("", "_lo", "_hi")})
     out["confirm.n_images"] = measured.n_images
     out["confirm.images_dir"] = relative(measured.images_dir, root)
     out.update({k: v for k, v in row.items() if k.startswith(("train.", "eval."))})

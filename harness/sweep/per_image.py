@@ -6,10 +6,12 @@ The sweep (``<sweep.dir>``, rewritten with ``results.parquet``):
     one row per scored image of every evaluated point: ``point`` (the points-study trial
     number, as in ``results.parquet``), ``run_key``, ``checkpoint_step``, ``setting_id``,
     ``template``, ``prompt``, ``seed``, ``image`` (the path, relative to the project root),
-    ``dino``, ``clip_i``, ``clip_t``.
+    ``dino``, ``clip_i``, ``clip_t``, ``subject`` (the image's subject in a multi-subject
+    sweep, ``data.subjects``; null otherwise).
 ``per_prompt.parquet``
     one row per prompt of every point: ``point``, ``run_key``, ``checkpoint_step``,
-    ``setting_id``, ``prompt``, ``n_images``, ``dino``, ``clip_i``, ``clip_t``, ``div``.
+    ``setting_id``, ``prompt``, ``n_images``, ``dino``, ``clip_i``, ``clip_t``, ``div``,
+    ``subject`` (one row per prompt and subject in a multi-subject sweep).
 
 The evaluate stage (``<evaluate.dir>/per_image.parquet``): the same columns plus ``baseline``;
 the base model's rows have ``point`` -1 and null ``run_key`` / ``checkpoint_step``.
@@ -74,6 +76,7 @@ IMAGE_SCHEMA = pa.schema(
         ("dino", pa.float64()),
         ("clip_i", pa.float64()),
         ("clip_t", pa.float64()),
+        ("subject", pa.string()),
     ]
 )
 EVALUATE_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field("baseline", pa.bool_()))
@@ -86,10 +89,11 @@ PROMPT_SCHEMA = pa.schema(
         ("clip_i", pa.float64()),
         ("clip_t", pa.float64()),
         ("div", pa.float64()),
+        ("subject", pa.string()),
     ]
 )
-_IMAGE_FIELDS = ("template", "prompt", "seed", "image", "dino", "clip_i", "clip_t")
-_PROMPT_FIELDS = ("prompt", "n_images", "dino", "clip_i", "clip_t", "div")
+_IMAGE_FIELDS = ("template", "prompt", "seed", "image", "dino", "clip_i", "clip_t", "subject")
+_PROMPT_FIELDS = ("prompt", "n_images", "dino", "clip_i", "clip_t", "div", "subject")
 
 PointRows = dict[str, list[dict[str, Any]]]  # {"images": [...], "prompts": [...]}
 

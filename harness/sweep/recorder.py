@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from harness.sweep._base import RunEnd, RunSpec, ScoredPoint, SweepSink
 from harness.sweep.per_image import write_point_rows, write_score_tables
 from harness.sweep.plots import write_plots
-from harness.sweep.results import points_frame, write_results
+from harness.sweep.results import points_frame, write_results, write_subject_results
 from harness.sweep.space import point_params
 from harness.sweep.study import Studies, objective_names, train_settings
 from harness.tracking.base import NullRun, Run, Tracker
@@ -162,7 +162,23 @@ class StudySink(SweepSink):
             **({"rungs": measured.history} if measured.history else {}),
             # The run's own training settings, fixed ones too: columns of the results table.
             "train": train_settings(point.run.cfg),
+            **({"subjects": self._subject_attrs(point)} if measured.subjects else {}),
             **measured.extra,
+        }
+
+    def _subject_attrs(self, point: ScoredPoint) -> dict[str, dict[str, Any]]:
+        """Each subject's scores of a multi-subject point, with its adapter and images."""
+        from harness.sweep.subjects import subject_adapters
+
+        adapters = subject_adapters(point.checkpoint.path)
+        return {
+            name: {
+                "scores": one.scores,
+                "adapter": relative(adapters[name], self.root),
+                "images_dir": relative(one.images_dir, self.root),
+                "n_images": one.n_images,
+            }
+            for name, one in point.measured.subjects.items()
         }
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
@@ -257,6 +273,9 @@ class TrackerSink(SweepSink):
             return
         for name, score in measured.scores.items():
             track.log_scalar(f"eval/{setting}", name, score, step)
+        for subject, one in measured.subjects.items():
+            for name, score in one.scores.items():
+                track.log_scalar(f"eval-subject/{subject}/{setting}", name, score, step)
         if measured.grid is not None and measured.grid.is_file():
             track.log_image(f"samples/{setting}", "prompts x seeds", measured.grid, step)
         if measured.per_prompt:
@@ -273,7 +292,7 @@ class TrackerSink(SweepSink):
 
     def sweep_finished(self, summary: SweepSummary) -> None:
         """The ``summary`` task: leaderboard, figures, counts, references, the results file."""
-        from harness.sweep.summary import figures, leaderboard
+        from harness.sweep.summary import figures, leaderboard, subject_breakdown
 
         name, objectives = self.cfg.sweep.study_name, objective_names(self.cfg)
         with self.tracker.start_run(
@@ -284,6 +303,10 @@ class TrackerSink(SweepSink):
             project=f"{self.cfg.tracking.project}/{name}",
         ) as run:
             run.log_table("leaderboard", "top points", leaderboard(summary.frame, objectives))
+            metric = self.cfg.sweep.subject_metric
+            by_subject = subject_breakdown(summary.points_study, summary.frame, metric)
+            if not by_subject.empty:  # a sweep across subjects: where each point is weak
+                run.log_table("subjects", f"{metric} per subject", by_subject)
             for title, fig in figures(summary.points_study, objectives).items():
                 run.log_plotly(title, "sweep", fig)
             counts = {"runs": summary.runs_total, "points": summary.points}
@@ -313,6 +336,7 @@ class ResultsTable(SweepSink):
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
         write_results(frame, self.out_dir, objectives)
+        write_subject_results(self.studies.points, frame, self.out_dir)
         write_score_tables(frame, self.store, self.out_dir)
         write_plots(self.cfg, frame, self.studies.runs, self.out_dir)
 
@@ -320,6 +344,7 @@ class ResultsTable(SweepSink):
         from harness.sweep.summary import write_metrics
 
         write_results(summary.frame, self.out_dir, objective_names(self.cfg))
+        write_subject_results(self.studies.points, summary.frame, self.out_dir)
         write_score_tables(summary.frame, self.store, self.out_dir)
         write_plots(self.cfg, summary.frame, self.studies.runs, self.out_dir)
         write_metrics(self.cfg, self.root, summary)

@@ -38,6 +38,15 @@ Columns, left to right:
 ``setting_id``, ``scheduler``, ``n_images``, ``adapter``, ``images_dir``, ``adapter_removed``
     the inference setting's id and scheduler, the number of scored images, the paths of the
     adapter and the images, and whether ``sweep.keep_adapters`` removed the adapter.
+``subjects``
+    a multi-subject sweep (``data.subjects``) only: how many subjects the point's scores are
+    the mean of. Its ``score.<metric>_lo``/``_hi`` are then the 95% interval across subjects,
+    and ``adapter`` is the configuration's checkpoint folder (one adapter per subject, see
+    :mod:`harness.sweep.subjects`).
+
+A multi-subject sweep also writes ``subjects.{csv,parquet}`` (:func:`subject_frame`): the same
+columns plus ``subject``, one row per (point, subject) with that subject's own scores, adapter
+and images, and the point's aggregated row with ``subject`` ``mean``.
 """
 
 from __future__ import annotations
@@ -59,17 +68,23 @@ if TYPE_CHECKING:
     from harness.sweep.study import Studies
 
 __all__ = [
+    "MEAN_SUBJECT",
     "full_fidelity",
     "pareto_rows",
     "points_frame",
     "remove_unkept_adapters",
     "results_paths",
+    "subject_frame",
     "write_results",
+    "write_subject_results",
 ]
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 SUMMARY_JSON = "summary.json"
+SUBJECTS_CSV = "subjects.csv"
+SUBJECTS_PARQUET = "subjects.parquet"
+MEAN_SUBJECT = "mean"  # the ``subject`` of a point's aggregated row in subjects.parquet
 
 
 def _front(study: optuna.Study) -> set[int]:
@@ -117,6 +132,8 @@ def points_frame(
         row["pareto"] = trial.number in front
         for key in _POINT_ATTRS:
             row[key] = attrs.get(key)
+        if "subjects" in attrs:
+            row["subjects"] = len(attrs["subjects"])
         if root is not None:
             row["adapter_removed"] = bool(row["adapter"]) and not (root / row["adapter"]).is_dir()
             if row["adapter_removed"]:
@@ -128,7 +145,7 @@ def points_frame(
 
 _LEADING = ("point", "run_trial", "run_key")
 _POINT_ATTRS = ("setting_id", "scheduler", "n_images", "adapter", "images_dir")
-_TRAILING = (*_POINT_ATTRS, "adapter_removed")
+_TRAILING = (*_POINT_ATTRS, "adapter_removed", "subjects")
 
 
 def _column_order(column: str) -> tuple[int, int, str]:
@@ -223,4 +240,60 @@ def remove_unkept_adapters(cfg: HarnessConfig, root: Path, studies: Studies) -> 
             continue
         for ckpt in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
             if ckpt.resolve() not in keep and ckpt.is_dir():
-                shutil.rmtree(ckpt, ignore_errors=True)
+                _remove_checkpoint(ckpt)
+
+
+def _remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint folder; a multi-subject one with every subject's adapter in it."""
+    from harness.sweep.subjects import SUBJECTS_FILE, subject_adapters
+
+    if (ckpt / SUBJECTS_FILE).is_file():
+        for adapter in subject_adapters(ckpt).values():
+            shutil.rmtree(adapter, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def subject_frame(study: optuna.Study, frame: pd.DataFrame) -> pd.DataFrame:
+    """A multi-subject sweep's per-subject table from its results ``frame``
+    (:func:`points_frame` of ``study``): per point, its aggregated row (``subject``
+    :data:`MEAN_SUBJECT`) and one row per subject with that subject's scores, adapter, images
+    and image count. Empty when no point has per-subject scores."""
+    if frame.empty:
+        return pd.DataFrame()
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    rows: list[dict[str, Any]] = []
+    for row in frame.to_dict(orient="records"):
+        subjects = trials[int(row["point"])].user_attrs.get("subjects")
+        if not subjects:
+            continue
+        rows.append({**row, "subject": MEAN_SUBJECT})
+        plain = {k: v for k, v in row.items() if not k.startswith("score.")}
+        for name, record in subjects.items():
+            rows.append(
+                {
+                    **plain,
+                    "subject": name,
+                    **{f"score.{m}": v for m, v in record.get("scores", {}).items()},
+                    "adapter": record.get("adapter"),
+                    "images_dir": record.get("images_dir"),
+                    "n_images": record.get("n_images"),
+                    "subjects": 1,
+                }
+            )
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    order = sorted((c for c in table.columns if c != "subject"), key=_column_order)
+    return table[[*order[:3], "subject", *order[3:]]]
+
+
+def write_subject_results(study: optuna.Study, frame: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Write ``subjects.{csv,parquet}`` (:func:`subject_frame`) in ``out_dir`` for a
+    multi-subject sweep; return the parquet path, or None (one subject: nothing written)."""
+    table = subject_frame(study, frame)
+    if table.empty:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / SUBJECTS_CSV, index=False)
+    table.to_parquet(out_dir / SUBJECTS_PARQUET, index=False)
+    return out_dir / SUBJECTS_PARQUET

@@ -258,14 +258,23 @@ def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, A
     }
 
 
-def _photos(cfg: HarnessConfig, root: Path | None) -> dict[str, str]:
-    """``{"photos": fingerprint}`` of the prepared subject under ``root``, if prepared."""
+def _photos(cfg: HarnessConfig, root: Path | None) -> dict[str, Any]:
+    """``{"photos": fingerprint}`` of the prepared subject under ``root``, if prepared; for
+    ``data.subjects``, ``{"photos": {subject: fingerprint}}`` of the prepared ones."""
     from harness.data.loader import prepared_fingerprint
+    from harness.data.subjects import is_multi_subject, subject_names
 
     if root is None:
         return {}
-    found = prepared_fingerprint(root / cfg.data.prepared_dir / cfg.data.subject)
-    return {} if found is None else {"photos": found}
+    if not is_multi_subject(cfg.data):
+        found = prepared_fingerprint(root / cfg.data.prepared_dir / cfg.data.subject)
+        return {} if found is None else {"photos": found}
+    prints = {
+        name: prepared_fingerprint(root / cfg.data.prepared_dir / name)
+        for name in subject_names(cfg.data, root)
+    }
+    kept = {name: found for name, found in prints.items() if found is not None}
+    return {"photos": kept} if kept else {}
 
 
 def study_id(cfg: HarnessConfig, root: Path | None = None) -> str:

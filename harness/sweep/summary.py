@@ -161,6 +161,23 @@ def leaderboard(frame: pd.DataFrame, objectives: list[str], top: int = 20) -> pd
     return ranked[keep].reset_index(drop=True)
 
 
+def subject_breakdown(
+    study: optuna.Study, frame: pd.DataFrame, metric: str, top: int = 20
+) -> pd.DataFrame:
+    """A multi-subject sweep's per-subject view of its :func:`leaderboard`'s points: one row
+    per point (``point``, ``mean``, then each subject's ``metric``); empty for one subject."""
+    from harness.sweep.results import MEAN_SUBJECT, subject_frame
+
+    board = leaderboard(frame, [metric], top)
+    table = subject_frame(study, frame)
+    if board.empty or table.empty or f"score.{metric}" not in table:
+        return pd.DataFrame()
+    wide = table.pivot_table(index="point", columns="subject", values=f"score.{metric}")
+    ordered = wide.reindex(board["point"])
+    subjects = [c for c in ordered.columns if c != MEAN_SUBJECT]
+    return ordered[[MEAN_SUBJECT, *subjects]].reset_index()
+
+
 def _objective(index: int) -> Callable[[FrozenTrial], float]:
     return lambda trial: trial.values[index]
 

@@ -38,7 +38,7 @@ def prepared_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = new_project(tmp_path_factory.mktemp("template") / "project")
     cfg = load_config(root / "params.yaml")
     run_resolve(cfg, root)
-    result = run_prepare(cfg, root, progress=False)
+    (result,) = run_prepare(cfg, root, progress=False)
     assert result.n_train + result.n_val == 5
     return root
 

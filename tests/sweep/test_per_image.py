@@ -48,6 +48,7 @@ IMAGE_COLUMNS = [
     "dino",
     "clip_i",
     "clip_t",
+    "subject",  # null in a single-subject sweep
 ]
 PROMPT_COLUMNS = [
     "point",
@@ -60,6 +61,7 @@ PROMPT_COLUMNS = [
     "clip_i",
     "clip_t",
     "div",
+    "subject",
 ]
 INT_COLUMNS = ("point", "checkpoint_step", "seed")
 

@@ -1,0 +1,171 @@
+"""Issue 15: a sweep across the four shared DreamBench subjects through the CLI, as a user runs
+it (`harness prepare`, `sweep`, `evaluate`, `report` on the real tiny models), and a subject
+whose photos all fail stopping the sweep before anything trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.data.sample import make_sample_subject
+
+from ._helpers import cli_env, new_project, run_cli, tail
+
+SUBJECTS = {"backpack": "backpack", "cat2": "cat", "dog": "dog", "teapot": "teapot"}
+LIVE = {"cat2", "dog"}
+POINTS = 2  # 2 checkpoints x 1 inference setting (kept small: 4 subjects on 2 CPU cores)
+ONE_SETTING = {"guidance_scale": [3.0], "lora_scale": [1.0]}
+
+
+def _overrides(bench: Path, **data: object) -> dict[str, object]:
+    return {
+        "data": {
+            "source": "dreambench",
+            "dreambench_dir": str(bench),
+            "subjects": "all",
+            "min_side": 64,
+            **data,
+        },
+        "sweep": {
+            "study_name": "e2e-subjects",
+            "n_trials": 1,
+            "keep_adapters": "all",
+            "inference": ONE_SETTING,
+        },
+        "evaluate": {"top_k": 1},
+        "report": {"bootstrap_samples": 100},
+    }
+
+
+def test_a_sweep_over_four_dreambench_subjects_scores_each_point_by_their_mean(
+    tmp_path: Path, dreambench_dir: Path
+) -> None:
+    project = new_project(tmp_path / "project", _overrides(dreambench_dir))
+    env, log = cli_env(tmp_path / "home"), tmp_path / "cli.log"
+    for args in (["prepare"], ["sweep"], ["evaluate"], ["report"]):
+        done = run_cli(project, args, env, log, timeout=400)
+        assert done.returncode == 0, tail(log)
+
+    # Every subject prepared with its own class and DreamBench's prompt list for its kind.
+    manifests = {
+        name: json.loads((project / "data/prepared" / name / "manifest.json").read_text())
+        for name in SUBJECTS
+    }
+    for name, noun in SUBJECTS.items():
+        assert manifests[name]["class_name"] == noun
+        prompts = manifests[name]["prompts"]
+        assert len(prompts) == 25
+        assert ("a {token} {class_name} wearing a red hat" in prompts) == (name in LIVE)
+        assert ("a {token} {class_name} on top of a mirror" in prompts) == (name not in LIVE)
+
+    # One training run per subject for the one configuration.
+    (run_dir,) = (project / "runs/sweep/runs").glob("*/*")
+    for name in SUBJECTS:
+        assert sorted(p.name for p in (run_dir / "subjects" / name / "checkpoints").iterdir()) == [
+            "step-000002",
+            "step-000004",
+        ]
+
+    # The aggregated score of every point is the mean of its per-subject scores.
+    frame = pd.read_csv(project / "runs/sweep/results.csv")
+    assert len(frame) == POINTS and (frame["subjects"] == 4).all()
+    table = pd.read_csv(project / "runs/sweep/subjects.csv")
+    assert len(table) == POINTS * 5
+    for _, rows in table.groupby("point"):
+        per = rows[rows["subject"] != "mean"]
+        assert sorted(per["subject"]) == sorted(SUBJECTS)
+        point = frame[frame["point"] == rows["point"].iloc[0]].iloc[0]
+        for metric in ("dino", "clip_i", "clip_t"):
+            assert point[f"score.{metric}"] == pytest.approx(per[f"score.{metric}"].mean())
+
+    # Each subject's images were generated with its own class noun.
+    images = pd.read_parquet(project / "runs/sweep/per_image.parquet")
+    for name, noun in SUBJECTS.items():
+        mine = images[images["subject"] == name]
+        assert len(mine) == POINTS * 2 and mine["prompt"].str.contains(f"sks {noun}").all()
+
+    # The evaluate stage re-scored the chosen point on every subject; the report shows them.
+    confirmed = pd.read_parquet(project / "runs/evaluate/results.parquet")
+    assert len(confirmed) == 1
+    confirmed_images = pd.read_parquet(project / "runs/evaluate/per_image.parquet")
+    assert set(confirmed_images["subject"]) == set(SUBJECTS)
+    summary = (project / "reports" / "summary.md").read_text(encoding="utf-8")
+    assert "4 subjects (scores: the mean over them): backpack, cat2, dog, teapot" in summary
+    subjects = summary.split("## Subjects")[1].split("\n## ")[0]
+    for name in SUBJECTS:  # a row per subject, base model and confirmed point side by side
+        assert any(line.startswith(f"| {name} |") for line in subjects.splitlines()), subjects
+    assert f"point {confirmed['point'].iloc[0]}: weakest on" in subjects
+    paper = summary.split("## DreamBench table")[1].split("\n## ")[0]
+    assert "| Real images |" in paper and "| Base model (no adapter) |" in paper
+    assert "each score the mean over 4 subject(s)" in paper
+
+
+def test_a_subject_whose_photos_all_fail_stops_the_sweep_before_training(tmp_path: Path) -> None:
+    bench = tmp_path / "bench"
+    make_sample_subject(bench / "good", 5, seed=1)
+    (bench / "broken").mkdir(parents=True)
+    for i in range(5):
+        (bench / "broken" / f"{i:02d}.jpg").write_bytes(b"not a jpeg")
+    (bench / "prompts_and_classes.txt").write_text(
+        "Classes\nsubject_name,class\ngood,toy\nbroken,toy\n\n"
+        "Object Prompts\nprompt_list = [\n'a {0} {1}'.format(unique_token, class_token)\n]\n"
+        "Live Subject Prompts\nprompt_list = [\n'a {0} {1}'.format(unique_token, class_token)\n]\n",
+        encoding="utf-8",
+    )
+    project = new_project(tmp_path / "project", _overrides(bench))
+    env, log = cli_env(tmp_path / "home"), tmp_path / "cli.log"
+
+    prepared = run_cli(project, ["prepare"], env, log, timeout=120)
+    text = log.read_text()
+    assert prepared.returncode == 2, tail(log)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "subject 'broken'" in errors[0], text
+    assert "(1 other(s) prepared)" in errors[0]
+    assert (project / "data/prepared/good/manifest.json").is_file()  # nothing done is lost
+    assert "Traceback" not in text
+
+    log.write_text("")
+    swept = run_cli(project, ["sweep"], env, log, timeout=120)
+    text = log.read_text()
+    assert swept.returncode == 2, tail(log)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "subject 'broken'" in errors[0], text
+    assert not (project / "runs/sweep/runs").exists()  # nothing trained
+
+
+def test_two_workers_share_a_subject_sweep_and_train_each_configuration_once_per_subject(
+    tmp_path: Path, dreambench_dir: Path
+) -> None:
+    """`harness sweep launch --local 2` on a journal file: two configurations over two
+    subjects, each trained exactly once per subject, one aggregated point per cell."""
+    overrides = _overrides(dreambench_dir, subjects=["dog", "teapot"])
+    overrides["sweep"] = {
+        "study_name": "e2e-subject-workers",
+        "n_trials": 2,
+        "sampler": "grid",
+        "space": {"learning_rate": {"choices": [1.0e-4, 3.0e-4]}},
+        "storage": f"journal://{tmp_path / 'shared' / 'study.log'}",
+        "inference": ONE_SETTING,
+    }
+    project = new_project(tmp_path / "project", overrides)
+    env, log = cli_env(tmp_path / "home"), tmp_path / "cli.log"
+    for args in (["prepare"], ["sweep", "launch", "--local", "2"]):
+        done = run_cli(project, args, env, log, timeout=500)
+        assert done.returncode == 0, tail(log)
+
+    frame = pd.read_csv(project / "runs/sweep/results.csv")
+    assert frame["run_key"].nunique() == 2 and len(frame) == 2 * 2  # 2 runs x 2 checkpoints
+    table = pd.read_csv(project / "runs/sweep/subjects.csv")
+    per = table[table["subject"] != "mean"]
+    assert not per.duplicated(["run_key", "checkpoint_step", "setting_id", "subject"]).any()
+    assert len(per) == 2 * 2 * 2
+    run_dirs = sorted((project / "runs/sweep/runs").glob("*/*"))
+    assert len(run_dirs) == 2 and frame["run_trial"].nunique() == 2
+    for run_dir in run_dirs:  # each subject trained once, from scratch, to the end
+        for name in ("dog", "teapot"):
+            result = json.loads((run_dir / "subjects" / name / "result.json").read_text())
+            assert result["status"] == "completed" and result["resumed_from"] is None
+            assert result["steps_done"] == 4

@@ -38,8 +38,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two test processes (most tests wait on subprocesses and imports: one core idles in a serial
+# run), each module on one of them; then the real cluster tests (PostgreSQL, SLURM, worker
+# processes) alone on a quiet machine, since their timing is what they check.
+TEST_PROCESSES ?= 2
 unit: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope -m "not cluster"
+	$(BIN)/python -m pytest -m cluster
 
 test: lint typecheck unit
 

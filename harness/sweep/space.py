@@ -40,6 +40,7 @@ __all__ = [
     "evaluated_distributions",
     "grid_search_space",
     "inference_settings",
+    "max_possible_steps",
     "point_params",
     "sample_training_params",
     "search_space_size",
@@ -78,7 +79,7 @@ def evaluated_distributions(cfg: HarnessConfig) -> dict[str, BaseDistribution]:
     """Distributions of the evaluated dimensions: checkpoint step and inference settings."""
     grid = cfg.sweep.inference
     out: dict[str, BaseDistribution] = {
-        CHECKPOINT_STEP: IntDistribution(1, _max_possible_steps(cfg))
+        CHECKPOINT_STEP: IntDistribution(1, max_possible_steps(cfg))
     }
     for name in INFERENCE_DIMENSIONS:
         values = getattr(grid, name)
@@ -96,7 +97,9 @@ def _span(values: list[float]) -> FloatDistribution:
     return FloatDistribution(low, high if high > low else low + 1e-9)
 
 
-def _max_possible_steps(cfg: HarnessConfig) -> int:
+def max_possible_steps(cfg: HarnessConfig) -> int:
+    """The largest ``train.max_steps`` any run of the sweep can have (the top of a searched
+    ``max_steps``)."""
     spec = cfg.sweep.space.get("max_steps")
     if spec is None:
         return cfg.train.max_steps

@@ -56,15 +56,11 @@ def subject_config(cfg: HarnessConfig, name: str, class_name: str | None = None)
 
 
 def step_stride(cfg: HarnessConfig) -> int:
-    """The largest ``train.max_steps`` any run of the sweep can have (the searched range's
-    top when ``max_steps`` is searched): subject ``i``'s steps are reported from ``i x``
-    this, so two subjects' steps never meet."""
-    top = cfg.train.max_steps
-    space = cfg.sweep.space.get("max_steps")
-    if space is not None:
-        bounds = [getattr(space, "high", None), *(getattr(space, "choices", None) or [])]
-        top = max([top, *(int(b) for b in bounds if isinstance(b, int | float))])
-    return int(top)
+    """The largest ``train.max_steps`` any run of the sweep can have: subject ``i``'s steps are
+    reported from ``i x`` this, so two subjects' steps never meet."""
+    from harness.sweep.space import max_possible_steps
+
+    return max_possible_steps(cfg)
 
 
 def subject_adapters(checkpoint: Path) -> dict[str, Path]:

@@ -70,6 +70,14 @@ class SweepSummary:
     images: int = 0
     images_exhaustive: int = 0
 
+    @property
+    def subjects(self) -> int:
+        """How many subjects each point's scores are the mean of (1: one subject)."""
+        column = self.frame.get("subjects") if not self.frame.empty else None
+        if column is None or not column.notna().any():
+            return 1
+        return int(column.max())
+
     def describe(self) -> str:
         """One human sentence on runs versus evaluated points."""
         interrupted = (
@@ -83,6 +91,9 @@ class SweepSummary:
                 f", {self.points_full} of them with the full protocol ({self.images} of "
                 f"{self.images_exhaustive} images, {share:.0%})"
             )
+        subjects = self.subjects
+        if subjects > 1:
+            skipped += f"; each run trained on {subjects} subjects, every score their mean"
         return (
             f"{self.runs_total} training runs ({self.runs_completed} completed, "
             f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
@@ -256,6 +267,8 @@ def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path
         "images_exhaustive": summary.images_exhaustive,
         "pareto_points": len(summary.pareto),
         "best": best,
+        # Only a sweep across subjects says how many (a one-subject metrics file is unchanged).
+        **({"subjects": summary.subjects} if summary.subjects > 1 else {}),
         **summary.references,
     }
     path = root / cfg.sweep.dir / METRICS_FILE

@@ -24,7 +24,8 @@ from .conftest import Postgres
 from .slurm import Slurm, slurm_cluster
 from .slurm import missing_reason as slurm_missing_reason
 
-pytestmark = pytest.mark.slow
+# Run alone after the other tests (`make test`): heartbeats and grace periods are timed.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 GRID = {"learning_rate": {"choices": [1.0e-4, 3.0e-4]}, "dropout": {"choices": [0.0, 0.1]}}
 

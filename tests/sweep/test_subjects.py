@@ -188,7 +188,7 @@ def test_mean_over_subjects_interval_and_rows() -> None:
     assert one.scores["dino"] == one.scores["dino_lo"] == one.scores["dino_hi"] == 0.1
 
 
-def test_bad_subject_lists_are_errors_naming_the_key(tmp_path: Path) -> None:
+def test_bad_subject_lists_and_protocols_are_errors_naming_the_key(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     root = Path(__file__).resolve().parents[2]
     cases = {
@@ -198,8 +198,23 @@ def test_bad_subject_lists_are_errors_naming_the_key(tmp_path: Path) -> None:
         "{source: folder, subjects: [../etc]}": r"data\.subjects\.0: String should match",
         "{source: folder, subjects: every}": r"data\.subjects: .*'all'",
     }
+    cases = {f"data: {value}": message for value, message in cases.items()}
+    cases.update(
+        {
+            "evaluate: {protocol: dreambench}": (
+                r"evaluate\.protocol 'dreambench' needs data\.source"
+            ),
+            "evaluate: {protocol: paper}": (
+                r"evaluate\.protocol: must be one of 'sweep' or 'dreambench'"
+            ),
+            (
+                "data: {source: dreambench, dreambench_dir: b}\n"
+                "evaluate: {protocol: dreambench, prompts: ['a {token}']}"
+            ): r"leave evaluate\.prompts unset",
+        }
+    )
     for value, message in cases.items():
-        params.write_text(f"preset: tiny-cpu\ndata: {value}\n", encoding="utf-8")
+        params.write_text(f"preset: tiny-cpu\n{value}\n", encoding="utf-8")
         with pytest.raises(ConfigError, match=message) as err:
             load_config(params, root=root)
         assert str(params) in str(err.value)
@@ -209,12 +224,28 @@ def test_the_tracker_gets_each_subjects_scores_and_the_summary_a_breakdown(
     tmp_path: Path,
 ) -> None:
     from harness.sweep.summary import subject_breakdown
+    from harness.tracking.base import NullRun, Run
 
     from .test_recorder import RecordingTracker
 
+    tables: dict[str, pd.DataFrame] = {}
+
+    class TablesTracker(RecordingTracker):
+        def start_run(self, name: str, **kwargs: Any) -> Run:
+            inner = super().start_run(name, **kwargs)
+
+            class _Run(type(inner)):  # type: ignore[misc]
+                def log_table(self, title: str, series: str, table: Any, step: int = 0) -> None:
+                    tables[title] = table
+
+            assert isinstance(inner, NullRun)
+            return _Run()
+
     cfg = subjects_cfg(tmp_path, n_trials=1)
-    tracker = RecordingTracker()
+    tracker = TablesTracker()
     summary = run_sweep(cfg, tmp_path, SubjectsBackend(backends()), tracker)
+    # The summary task's per-subject table: where each top point is weak.
+    assert list(tables["subjects"].columns) == ["point", MEAN_SUBJECT, *sorted(SUBJECTS)]
     titles = {title for title, _, _ in tracker.scalars}
     for name in SUBJECTS:
         assert any(t.startswith(f"eval-subject/{name}/") for t in titles), titles
@@ -246,19 +277,26 @@ def test_the_dreambench_protocol_confirms_on_each_subjects_prompts_with_four_ima
     assert confirmation_config(HarnessConfig.model_validate(data)).eval.images_per_prompt == 2
 
 
-def test_the_dreambench_protocol_needs_a_dreambench_source(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    root = Path(__file__).resolve().parents[2]
-    cases = {
-        "evaluate: {protocol: dreambench}": r"evaluate\.protocol 'dreambench' needs data\.source",
-        "evaluate: {protocol: paper}": r"evaluate\.protocol: must be one of 'sweep' or 'dreambench'",
-        (
-            "data: {source: dreambench, dreambench_dir: b}\n"
-            "evaluate: {protocol: dreambench, prompts: ['a {token}']}"
-        ): r"leave evaluate\.prompts unset",
-    }
-    for value, message in cases.items():
-        params.write_text(f"preset: tiny-cpu\n{value}\n", encoding="utf-8")
-        with pytest.raises(ConfigError, match=message) as err:
-            load_config(params, root=root)
-        assert str(params) in str(err.value)
+def test_adaptive_evaluation_promotes_on_the_mean_and_reuses_each_subjects_images(
+    tmp_path: Path,
+) -> None:
+    data = subjects_cfg(tmp_path, n_trials=1).to_dict()
+    data["sweep"]["evaluation"] = {"rungs": [{"prompts": 1}], "keep_fraction": 0.25}
+    data["eval"].update(prompts=["a photo of {token} {class_name}", "a {token} on a beach"])
+    data["eval"]["images_per_prompt"] = 2
+    cfg = HarnessConfig.model_validate(data)
+    fakes = backends()
+    summary = run_sweep(cfg, tmp_path, SubjectsBackend(fakes))
+
+    frame = pd.read_parquet(summary.results_parquet)
+    full = frame[frame["fidelity"] == 1.0]
+    assert len(frame) == POINTS_PER_RUN and len(full) == 2  # ceil(0.25 x 8)
+    assert (full["n_images"] == 4 * len(SUBJECTS)).all()
+    # Every subject generated 1 image per point at the rung, then the 3 each promoted point
+    # lacked: the rung's image was reused on every subject.
+    assert all(f.generated_images == POINTS_PER_RUN + 2 * 3 for f in fakes.values())
+    table = pd.read_parquet(tmp_path / cfg.sweep.dir / "subjects.parquet")
+    for point in full["point"]:
+        rows = table[(table["point"] == point) & (table["subject"] != MEAN_SUBJECT)]
+        row = full[full["point"] == point].iloc[0]
+        assert row["score.dino"] == pytest.approx(rows["score.dino"].mean())

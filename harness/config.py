@@ -309,6 +309,28 @@ class TrainConfig(_Strict):
     class_guidance_scale: float = Field(7.5, ge=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's and "
+        "kohya's usual value): each sample's loss times min(SNR, gamma) / SNR (v-prediction: "
+        "/ (SNR + 1)). None: plain MSE.",
+    )
+    noise_offset: float = Field(
+        0.0,
+        ge=0.0,
+        description="Offset noise: adds noise_offset x N(0, 1) per sample and channel to the "
+        "training noise (diffusers' --noise_offset, kohya's; ~0.05 lets images get darker "
+        "and brighter). 0: off.",
+    )
+    random_flip: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of mirroring a training photo horizontally (both "
+        "orientations are encoded once and cached). Off by default: it mirrors asymmetric "
+        "subjects (text, a logo, a one-sided marking).",
+    )
     seed: int = 0
     export_kohya: bool = False
     output_dir: str = "runs/train"
@@ -458,7 +480,7 @@ class TrackingConfig(_Strict):
 class ParamSpec(_Strict):
     """One searched parameter: ``choices`` (categorical/grid) or a ``low``..``high`` range."""
 
-    choices: list[float | int | bool | str] | None = Field(None, min_length=1)
+    choices: list[float | int | bool | str | None] | None = Field(None, min_length=1)
     low: float | int | None = None
     high: float | int | None = None
     log: bool = False
@@ -488,9 +510,14 @@ SEARCHABLE_TRAIN_PARAMS = (
     "dropout",
     "train_text_encoder",
     "prior_loss_weight",
+    "prior_preservation",
+    "text_encoder_rank",
     "lr_scheduler",
     "lr_warmup_steps",
     "max_steps",
+    "snr_gamma",
+    "noise_offset",
+    "random_flip",
 )
 
 
@@ -812,6 +839,28 @@ class LaunchConfig(_Strict):
 
     workers: int = Field(2, ge=1, description="Workers of --slurm and --clearml-queue.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)  # type: ignore[arg-type]
+
+
+# Keys added after studies, run keys and checkpoints existed. At these values they are left
+# out of every identity (study names, run keys, checkpoint config hashes: identity_dump), so
+# adding a key renames no study and resumes every checkpoint; any other value is part of the
+# identity like every other key.
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"subjects": None},
+    "train": {"snr_gamma": None, "noise_offset": 0.0, "random_flip": 0.0},
+}
+
+
+def identity_dump(
+    section: str, model: BaseModel, exclude: set[str] | frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` of config ``section`` for an identity hash: without
+    ``exclude`` and without the :data:`LATER_DEFAULTS` keys that are at their old default."""
+    data = model.model_dump(mode="json", exclude=set(exclude))
+    for key, default in LATER_DEFAULTS.get(section, {}).items():
+        if key in data and data[key] == default:
+            del data[key]
+    return data
 
 
 class HarnessConfig(_Strict):

@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.config import HarnessConfig, InferenceSetting, Rung
+from harness.config import HarnessConfig, InferenceSetting, Rung, identity_dump
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
@@ -68,8 +68,8 @@ def run_key(cfg: HarnessConfig) -> str:
     """Stable id of a training run: what it trains on and how (not the inference settings)."""
     payload = {
         "model": cfg.model.model_dump(mode="json", exclude={"device", "cache_dir"}),
-        "data": cfg.data.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude={"output_dir"}),
+        "data": identity_dump("data", cfg.data),
+        "train": identity_dump("train", cfg.train, {"output_dir"}),
         "seed": cfg.seed,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -49,7 +49,7 @@ from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness.config import HarnessConfig
+from harness.config import HarnessConfig, identity_dump
 from harness.errors import HarnessError
 from harness.sweep.claims import journal_path
 from harness.sweep.retry import RetryingRDBStorage, retry_schema_race
@@ -244,8 +244,8 @@ def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, A
         "eval": {key: eval_section[key] for key in _SWEEP_EVAL_KEYS},
         "metrics": cfg.metrics.model_dump(mode="json", exclude={"batch_size"}),
         "model": cfg.model.model_dump(mode="json", exclude=_NOT_MEANING["model"]),
-        "data": cfg.data.model_dump(mode="json", exclude=_NOT_MEANING["data"]),
-        "train": cfg.train.model_dump(mode="json", exclude=_NOT_MEANING["train"] | searched),
+        "data": identity_dump("data", cfg.data, _NOT_MEANING["data"]),
+        "train": identity_dump("train", cfg.train, _NOT_MEANING["train"] | searched),
         "seed": cfg.seed,
         # Which points get the full protocol. Only when adaptive, so exhaustive studies keep
         # the names they had before the key existed.

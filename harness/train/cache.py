@@ -91,11 +91,13 @@ def model_identity(model_cfg: ModelConfig, model: LoadedModel) -> dict[str, Any]
     return ident
 
 
-def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
+def load_image_tensor(path: Path, resolution: int, flip: bool = False) -> torch.Tensor:
     """An RGB image as a (3, H, W) tensor in [-1, 1]; resized (centre crop) when not square at
-    ``resolution`` (prepared data already is)."""
+    ``resolution`` (prepared data already is); mirrored left-right with ``flip``."""
     with Image.open(path) as img:
         rgb = img.convert("RGB")
+    if flip:
+        rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rgb.size != (resolution, resolution):
         side = min(rgb.size)
         left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
@@ -119,8 +121,10 @@ def cached_latents(
     resolution: int,
     cache_root: Path | None = None,
     stats: CacheStats | None = None,
+    flip: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The VAE posterior (mean, std), on CPU in float32, of each image; encodes only misses."""
+    """The VAE posterior (mean, std), on CPU in float32, of each image (``flip``: of its
+    mirror image, ``train.random_flip``); encodes only misses."""
     root = cache_root or default_cache_root()
     vae = model.pipeline.vae
     ident = model_identity(model_cfg, model)
@@ -135,6 +139,7 @@ def cached_latents(
                 "dtype": str(vae.dtype),
                 "resolution": resolution,
                 "image_sha256": file_sha256(Path(path)),
+                **({"flip": True} if flip else {}),  # unflipped keys are what they were
             }
         )
         entry = _entry(root, "latents", key)
@@ -151,7 +156,7 @@ def cached_latents(
     dtype = torch.float32 if upcast else vae.dtype
     for start in range(0, len(missing), 8):
         chunk = missing[start : start + 8]
-        pixels = torch.stack([load_image_tensor(p, resolution) for _, p, _ in chunk])
+        pixels = torch.stack([load_image_tensor(p, resolution, flip) for _, p, _ in chunk])
         if upcast:
             vae.to(torch.float32)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.config import HarnessConfig
+from harness.config import HarnessConfig, identity_dump
 from harness.train.tensorfiles import content_hash, file_sha256
 
 __all__ = ["config_hash", "data_hash"]
@@ -20,7 +20,7 @@ _NOT_HASHED = {"checkpoint_steps", "output_dir", "export_kohya"}
 
 def config_hash(cfg: HarnessConfig) -> str:
     """Hash of everything in the config that affects the trained weights."""
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_HASHED}
+    train = identity_dump("train", cfg.train, _NOT_HASHED)
     model = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "device"}
     data = cfg.data.model_dump(mode="json")
     return content_hash(

@@ -41,6 +41,8 @@ class TrainInputs:
     class_prompt: str
     embeddings: dict[str, PromptEmbedding] | None  # None when the text encoder trains
     stats: dict[str, CacheStats] = field(default_factory=dict)
+    # The mirrored photos' posteriors, in ``latents``' order (``train.random_flip`` > 0).
+    flipped: list[Posterior] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,4 +103,10 @@ def prepare_inputs(
     if not cfg.train.train_text_encoder:
         prompts = captions + ([class_prompt] if class_prompt else [])
         embeddings = cached_prompt_embeddings(model, cfg.model, prompts, cache_root, stats["text"])
-    return TrainInputs(latents, captions, class_latents, class_prompt, embeddings, stats)
+    flipped = None
+    if cfg.train.random_flip > 0:
+        paths = [p for p, _ in instance]
+        flipped = cached_latents(model, cfg.model, paths, res, cache_root, stats["latents"], True)
+    return TrainInputs(
+        latents, captions, class_latents, class_prompt, embeddings, stats, flipped=flipped
+    )

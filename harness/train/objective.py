@@ -51,19 +51,46 @@ class DenoisingObjective:
         with self.autocast():
             pred = self._predict(noisy, steps, prompts)
         pred, target = pred.float(), target.to(self.model.device).float()
+        weights = self._snr_weights(steps)
         if not self.prior:
-            loss = F.mse_loss(pred, target)
+            loss = _weighted_mse(pred, target, weights)
             return loss, loss, None
         pred_i, pred_p = pred.chunk(2)
         target_i, target_p = target.chunk(2)
-        inst = F.mse_loss(pred_i, target_i)
-        prior = F.mse_loss(pred_p, target_p)
+        w_i, w_p = (None, None) if weights is None else weights.chunk(2)
+        inst = _weighted_mse(pred_i, target_i, w_i)
+        prior = _weighted_mse(pred_p, target_p, w_p)
         return inst + self.cfg.train.prior_loss_weight * prior, inst, prior
+
+    def _snr_weights(self, steps: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma weights per sample (``train.snr_gamma``; None: unweighted), as
+        diffusers' examples compute them: min(SNR, gamma) / SNR for noise prediction,
+        / (SNR + 1) for v-prediction."""
+        gamma = self.cfg.train.snr_gamma
+        if gamma is None:
+            return None
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.noise_scheduler, steps).float()
+        clipped = torch.clamp(snr, max=gamma)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return (clipped / (snr + 1)).to(self.model.device)
+        return (clipped / snr).to(self.model.device)
 
     def _draw(self, pairs: list[Posterior], idx: list[int]) -> torch.Tensor:
         mean = torch.stack([pairs[i][0] for i in idx])
         std = torch.stack([pairs[i][1] for i in idx])
         return mean + std * torch.randn(mean.shape, generator=self.generator)
+
+    def _instance_posteriors(self, idx: list[int]) -> list[Posterior]:
+        """The batch's instance posteriors, each mirrored with probability
+        ``train.random_flip`` (the coins come from the generator only when flipping is on,
+        so a run without it draws exactly what it always did)."""
+        data, p = self.inputs, self.cfg.train.random_flip
+        if p <= 0 or data.flipped is None:
+            return [data.latents[i] for i in idx]
+        coins = torch.rand(len(idx), generator=self.generator) < p
+        return [data.flipped[i] if c else data.latents[i] for i, c in zip(idx, coins, strict=True)]
 
     def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
         """Scaled latents and prompts: instance samples, then as many class samples."""
@@ -71,7 +98,7 @@ class DenoisingObjective:
         start = self.shard.start(micro)
         idx = sample_indices(len(data.latents), start, b, t.seed)
         prompts = [data.captions[i] for i in idx]
-        latents = self._draw(data.latents, idx)
+        latents = self._draw(self._instance_posteriors(idx), list(range(len(idx))))
         if self.prior:
             cidx = sample_indices(len(data.class_latents), start, b, t.seed + 1)
             latents = torch.cat([latents, self._draw(data.class_latents, cidx)])
@@ -84,6 +111,10 @@ class DenoisingObjective:
         """(noisy latents, timesteps, regression target)."""
         scheduler = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=self.generator)
+        offset = self.cfg.train.noise_offset
+        if offset > 0:  # one shift per sample and channel (diffusers' --noise_offset)
+            shift = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator)
+            noise = noise + offset * shift
         steps = torch.randint(
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator
         )
@@ -122,3 +153,13 @@ class DenoisingObjective:
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
+
+
+def _weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """The MSE, or with per-sample ``weights`` the weighted mean of the per-sample MSEs."""
+    if weights is None:
+        return F.mse_loss(pred, target)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights).mean()

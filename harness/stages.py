@@ -118,13 +118,11 @@ def _load_subjects(cfg: HarnessConfig, root: Path) -> dict[str, Any]:
     return found
 
 
-def _backend(
-    cfg: HarnessConfig, root: Path, loaded: Any, scorer: Any, progress: bool, subject: Any
-) -> Any:
+def _backend(cfg: HarnessConfig, loaded: Any, scorer: Any, progress: bool, subject: Any) -> Any:
     """The sweep's backend: :class:`~harness.sweep.backend.HarnessBackend` on the prepared
-    ``subject``, or for ``data.subjects`` a
-    :class:`~harness.sweep.subjects.SubjectsBackend` with one per subject (sharing the
-    pipeline and the scorer)."""
+    ``subject``, or for ``data.subjects`` (``subject`` is then :func:`_load_subject`'s
+    ``{name: prepared subject}``) a :class:`~harness.sweep.subjects.SubjectsBackend` with one
+    per subject (sharing the pipeline and the scorer)."""
     from harness.data import with_subject
     from harness.data.subjects import is_multi_subject
     from harness.sweep.backend import HarnessBackend
@@ -133,7 +131,7 @@ def _backend(
     if not is_multi_subject(cfg.data):
         return HarnessBackend(cfg, loaded, subject, scorer, progress=progress)
     backends, classes = {}, {}
-    for name, prepared in _load_subjects(cfg, root).items():
+    for name, prepared in subject.items():
         one = with_subject(subject_config(cfg, name), prepared)
         backends[name] = HarnessBackend(one, loaded, prepared, scorer, progress=progress)
         classes[name] = prepared.class_name
@@ -236,7 +234,7 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
     scorer.load_encoders()
     loaded = load_pipeline(cfg.model)
-    backend = _backend(cfg, root, loaded, scorer, progress, subject)
+    backend = _backend(cfg, loaded, scorer, progress, subject)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(cfg, root, backend, tracker, studies=studies, sinks=sinks)
 
@@ -283,7 +281,7 @@ def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) ->
         evaluation_templates(fresh, prepared)
     scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
     scorer.load_encoders()
-    backend = _backend(fresh, root, load_pipeline(cfg.model), scorer, progress, subject)
+    backend = _backend(fresh, load_pipeline(cfg.model), scorer, progress, subject)
     confirmation = confirm_points(cfg, root, selected, backend, progress=progress)
     return write_confirmation(cfg, root, confirmation)
 

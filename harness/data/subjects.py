@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "is_multi_subject",
+    "one_subject",
     "per_subject",
     "prepare_subjects",
     "scan_subjects",
@@ -56,12 +57,15 @@ def subject_names(cfg: DataConfig, root: Path) -> list[str]:
     return names
 
 
+def one_subject(cfg: DataConfig, name: str, **update: object) -> DataConfig:
+    """``cfg`` for subject ``name`` alone: ``data.subject`` set, ``data.subjects`` cleared
+    (and ``update``'s other keys set)."""
+    return cfg.model_copy(update={**update, "subject": name, "subjects": None})
+
+
 def per_subject(cfg: DataConfig, root: Path) -> list[DataConfig]:
-    """One data config per subject: ``data.subject`` set to it, ``data.subjects`` cleared."""
-    return [
-        cfg.model_copy(update={"subject": name, "subjects": None})
-        for name in subject_names(cfg, root)
-    ]
+    """One data config per subject (:func:`one_subject`)."""
+    return [one_subject(cfg, name) for name in subject_names(cfg, root)]
 
 
 def scan_subjects(cfg: DataConfig, root: Path) -> dict[str, Any]:

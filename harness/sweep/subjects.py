@@ -49,10 +49,10 @@ _INTERVAL = ("_lo", "_hi")
 def subject_config(cfg: HarnessConfig, name: str, class_name: str | None = None) -> HarnessConfig:
     """``cfg`` for one subject: ``data.subject`` set, ``data.subjects`` cleared and, when
     given, the prepared subject's class noun."""
-    update: dict[str, Any] = {"subject": name, "subjects": None}
-    if class_name is not None:
-        update["class_name"] = class_name
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+    from harness.data.subjects import one_subject
+
+    extra = {} if class_name is None else {"class_name": class_name}
+    return cfg.model_copy(update={"data": one_subject(cfg.data, name, **extra)})
 
 
 def step_stride(cfg: HarnessConfig) -> int:

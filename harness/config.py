@@ -25,7 +25,8 @@ import difflib
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -521,6 +522,32 @@ SEARCHABLE_TRAIN_PARAMS = (
 )
 
 
+@dataclass(frozen=True)
+class SearchCondition:
+    """A searched parameter that only matters for some values of another (its parent)."""
+
+    parent: str
+    active: Callable[[Any], bool]
+    when: str  # for messages: "<parent> ..." in words
+
+
+def _not_constant(value: Any) -> bool:
+    return value != "constant"  # diffusers' "constant" schedule ignores num_warmup_steps
+
+
+# Conditional search space: a child is sampled (and recorded) only when its parent's value
+# (sampled, or the fixed train setting) makes it matter. Otherwise the run keeps the child's
+# fixed value, so two proposals that differ only in an unused parameter are one run.
+SEARCH_CONDITIONS: dict[str, SearchCondition] = {
+    "text_encoder_lr": SearchCondition("train_text_encoder", bool, "train_text_encoder is true"),
+    "text_encoder_rank": SearchCondition("train_text_encoder", bool, "train_text_encoder is true"),
+    "prior_loss_weight": SearchCondition("prior_preservation", bool, "prior_preservation is true"),
+    "lr_warmup_steps": SearchCondition(
+        "lr_scheduler", _not_constant, "lr_scheduler is not constant"
+    ),
+}
+
+
 class InferenceGrid(_Strict):
     """Inference settings evaluated on every surviving checkpoint (their Cartesian product)."""
 
@@ -528,6 +555,19 @@ class InferenceGrid(_Strict):
     lora_scale: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     text_encoder_lora_scale: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     num_inference_steps: list[int] = Field(default_factory=lambda: [25], min_length=1)
+    scheduler: list[Scheduler] | None = Field(
+        None,
+        min_length=1,
+        description="Inference schedulers evaluated as a dimension (e.g. [ddim, "
+        "dpmsolver++]); None: eval.scheduler alone, not a dimension.",
+    )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _distinct(cls, values: list[str] | None) -> list[str] | None:
+        if values is not None and len(set(values)) != len(values):
+            raise ValueError(f"schedulers must be distinct, got {values}")
+        return values
 
     @field_validator("guidance_scale", "lora_scale", "text_encoder_lora_scale")
     @classmethod
@@ -544,18 +584,20 @@ class InferenceGrid(_Strict):
         return values
 
     def settings(self, scheduler: Scheduler) -> list[InferenceSetting]:
-        """Every setting of the grid (Cartesian product of the dimensions, stable order)."""
+        """Every setting of the grid (Cartesian product of the dimensions, stable order);
+        ``scheduler`` (``eval.scheduler``) unless the grid sweeps schedulers."""
         axes = [getattr(self, name) for name in INFERENCE_DIMENSIONS]
         return [
             InferenceSetting(
-                **dict(zip(INFERENCE_DIMENSIONS, values, strict=True)), scheduler=scheduler
+                **dict(zip(INFERENCE_DIMENSIONS, values, strict=True)), scheduler=sched
             )
+            for sched in (self.scheduler or [scheduler])
             for values in itertools.product(*axes)
         ]
 
 
-if tuple(InferenceGrid.model_fields) != INFERENCE_DIMENSIONS:  # pragma: no cover - a dev error
-    raise TypeError("InferenceGrid must list exactly the INFERENCE_DIMENSIONS, in order")
+if tuple(InferenceGrid.model_fields) != (*INFERENCE_DIMENSIONS, "scheduler"):  # pragma: no cover
+    raise TypeError("InferenceGrid must list the INFERENCE_DIMENSIONS, in order, then scheduler")
 
 
 class ProxyConfig(_Strict):
@@ -648,7 +690,7 @@ class SweepConfig(_Strict):
     pruner_warmup_steps: int = Field(0, ge=0)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
     space: dict[str, ParamSpec | float | int | bool | str] = Field(default_factory=dict)
-    inference: InferenceGrid = Field(default_factory=InferenceGrid)
+    inference: InferenceGrid = Field(default_factory=InferenceGrid)  # type: ignore[arg-type]
     evaluation: Evaluation = Field(
         "exhaustive",
         description="exhaustive: every point gets the full protocol; or {rungs, keep_fraction}: "
@@ -848,6 +890,7 @@ class LaunchConfig(_Strict):
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"subjects": None},
     "train": {"snr_gamma": None, "noise_offset": 0.0, "random_flip": 0.0},
+    "inference": {"scheduler": None},  # sweep.inference
 }
 
 
@@ -878,6 +921,20 @@ class HarnessConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
     report: ReportConfig = Field(default_factory=ReportConfig)  # type: ignore[arg-type]
     launch: LaunchConfig = Field(default_factory=LaunchConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _conditions_can_hold(self) -> HarnessConfig:
+        """A searched parameter whose (fixed) parent keeps it unused is never sampled."""
+        for name, cond in SEARCH_CONDITIONS.items():
+            searched = name in self.sweep.space and cond.parent not in self.sweep.space
+            if searched and not cond.active(getattr(self.train, cond.parent)):
+                raise _KeysError(
+                    (f"sweep.space.{name}", f"train.{cond.parent}"),
+                    f"sweep.space.{name} is only sampled when {cond.when}, and "
+                    f"train.{cond.parent} is {getattr(self.train, cond.parent)!r} (not "
+                    "searched): search the parent too, or drop the parameter",
+                )
+        return self
 
     @model_validator(mode="after")
     def _fresh_confirmation_seeds(self) -> HarnessConfig:

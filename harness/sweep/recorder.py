@@ -99,6 +99,7 @@ class StudySink(SweepSink):
 
         self.root, self.studies = root, studies
         self.distributions = {**training_distributions(cfg.sweep), **evaluated_distributions(cfg)}
+        self._swept_scheduler = cfg.sweep.inference.scheduler is not None
         self._proxy: dict[int, optuna.Trial] = {}
         self._recorded: dict[int, set[str]] = {}
 
@@ -132,12 +133,14 @@ class StudySink(SweepSink):
             return
         recorded.add(point.key)
         full = point.measured.rung is None
+        params = point_params(
+            point.run.params, point.checkpoint.step, point.measured.setting, self._swept_scheduler
+        )
         self.studies.points.add_trial(
             optuna.trial.create_trial(
-                params=point_params(
-                    point.run.params, point.checkpoint.step, point.measured.setting
-                ),
-                distributions=self.distributions,
+                params=params,
+                # A conditional parameter its parent left unused is not one of this point's.
+                distributions={name: self.distributions[name] for name in params},
                 values=point.values,
                 state=TrialState.COMPLETE if full else TrialState.PRUNED,
                 user_attrs=self._point_attrs(point),

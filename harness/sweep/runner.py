@@ -180,7 +180,11 @@ class _Objective:
         ):
             logger.info("run %d takes over run %d (%s)", run.number, holder.trial, run.key)
             return
-        self.duplicates_in_a_row += 1
+        # The grid proposes every combination, unused (conditional) parameters included, and
+        # ends when its budget (the distinct configurations) is spent: its repeats are no sign
+        # of a space exhausted.
+        if self.cfg.sweep.sampler != "grid":
+            self.duplicates_in_a_row += 1
         run.trial.set_user_attr("duplicate_of", holder.trial)
         run.trial.set_user_attr("run_key", run.key)
         raise NotRun(f"configuration {run.key} is run {holder.trial}'s (trained once per study)")
@@ -195,7 +199,7 @@ class _Objective:
         return trial.state == TrialState.FAIL and not _recorded_outcome(trial)
 
     def _new_run(self, trial: optuna.Trial) -> RunSpec:
-        params = sample_training_params(trial, self.cfg.sweep)
+        params = sample_training_params(trial, self.cfg)
         run_cfg = with_training_params(self.cfg, params)
         key = run_key(run_cfg)
         # Per study: another configuration's run of the same training settings keeps its own
@@ -329,7 +333,7 @@ class _Budget:
 
     def __init__(self, cfg: HarnessConfig, studies: Studies, claims: Claims) -> None:
         self.claims = claims
-        size = search_space_size(cfg.sweep)
+        size = search_space_size(cfg)
         limit = cfg.sweep.n_trials
         if size is not None and (limit is None or size < limit):
             logger.info("the search space has %d configurations: the budget is %d runs", size, size)

@@ -14,6 +14,8 @@ distributions, so that Optuna's Pareto front and parameter importances cover ste
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,22 +29,28 @@ from optuna.distributions import (
 
 from harness.config import (
     INFERENCE_DIMENSIONS,
+    SEARCH_CONDITIONS,
     HarnessConfig,
     InferenceSetting,
     ParamSpec,
     SweepConfig,
+    TrainConfig,
 )
 
 __all__ = [
     "CHECKPOINT_STEP",
     "EVAL_PREFIX",
+    "SCHEDULER",
     "TRAIN_PREFIX",
+    "active_training_params",
     "evaluated_distributions",
     "grid_search_space",
     "inference_settings",
+    "is_active",
     "max_possible_steps",
     "point_params",
     "sample_training_params",
+    "sampling_order",
     "search_space_size",
     "training_distributions",
     "with_training_params",
@@ -53,6 +61,7 @@ __all__ = [
 EVAL_PREFIX = "eval."
 TRAIN_PREFIX = "train."
 CHECKPOINT_STEP = "checkpoint_step"
+SCHEDULER = "scheduler"
 
 
 def _distribution(spec: ParamSpec | float | int | bool | str) -> BaseDistribution:
@@ -75,6 +84,29 @@ def training_distributions(sweep: SweepConfig) -> dict[str, BaseDistribution]:
     return {TRAIN_PREFIX + name: _distribution(spec) for name, spec in sorted(sweep.space.items())}
 
 
+def sampling_order(sweep: SweepConfig) -> list[str]:
+    """The searched training parameters (no prefix), every parent before its children, else
+    alphabetical (the order Optuna has always been asked in)."""
+    names = sorted(sweep.space)
+    parents = {SEARCH_CONDITIONS[n].parent for n in names if n in SEARCH_CONDITIONS}
+    return [n for n in names if n in parents] + [n for n in names if n not in parents]
+
+
+def is_active(name: str, values: Mapping[str, Any], train: TrainConfig) -> bool:
+    """Does training parameter ``name`` matter, given the values sampled so far (``values``,
+    no prefix) and, for unsampled parents, the fixed ``train`` settings?"""
+    cond = SEARCH_CONDITIONS.get(name)
+    if cond is None:
+        return True
+    parent = values[cond.parent] if cond.parent in values else getattr(train, cond.parent)
+    return bool(cond.active(parent))
+
+
+def active_training_params(params: Mapping[str, Any], train: TrainConfig) -> dict[str, Any]:
+    """``params`` (no prefix) without the children their parents leave unused."""
+    return {k: v for k, v in params.items() if is_active(k, params, train)}
+
+
 def evaluated_distributions(cfg: HarnessConfig) -> dict[str, BaseDistribution]:
     """Distributions of the evaluated dimensions: checkpoint step and inference settings."""
     grid = cfg.sweep.inference
@@ -88,6 +120,8 @@ def evaluated_distributions(cfg: HarnessConfig) -> dict[str, BaseDistribution]:
             if all(isinstance(v, int) for v in values)
             else _span(values)
         )
+    if grid.scheduler is not None:  # a dimension only when swept: older studies keep theirs
+        out[EVAL_PREFIX + SCHEDULER] = CategoricalDistribution(list(grid.scheduler))
     return out
 
 
@@ -109,11 +143,15 @@ def max_possible_steps(cfg: HarnessConfig) -> int:
     return int(spec)
 
 
-def sample_training_params(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
-    """Ask the trial for every training parameter; returns ``{name: value}`` without prefix."""
+def sample_training_params(trial: optuna.Trial, cfg: HarnessConfig) -> dict[str, Any]:
+    """Ask the trial for every training parameter that matters (define-by-run: a child of
+    :data:`~harness.config.SEARCH_CONDITIONS` only when its parent's value makes it matter);
+    returns ``{name: value}`` without prefix."""
+    dists = training_distributions(cfg.sweep)
     out: dict[str, Any] = {}
-    for name, dist in training_distributions(sweep).items():
-        out[name.removeprefix(TRAIN_PREFIX)] = _suggest(trial, name, dist)
+    for name in sampling_order(cfg.sweep):
+        if is_active(name, out, cfg.train):
+            out[name] = _suggest(trial, TRAIN_PREFIX + name, dists[TRAIN_PREFIX + name])
     return out
 
 
@@ -126,23 +164,46 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
-def search_space_size(sweep: SweepConfig) -> int | None:
+def _values(dist: BaseDistribution) -> list[Any] | None:
+    """Every value of a finite distribution (None: unbounded)."""
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, IntDistribution) and not dist.log:
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        n = round((dist.high - dist.low) / dist.step) + 1
+        return [dist.low + i * dist.step for i in range(n)]
+    return None
+
+
+# Enumerating a conditional space's configurations is exact but costs its product; beyond
+# this, the plain product is the (upper-bound) size.
+_ENUMERATE_AT_MOST = 100_000
+
+
+def search_space_size(cfg: HarnessConfig) -> int | None:
     """How many distinct training configurations the space holds (None: unbounded).
 
     Finite when every dimension is a list of choices, an integer range or a stepped float
     range: a budget larger than that could only retrain configurations that already ran.
+    Configurations that differ only in a parameter their parent leaves unused are one.
     """
-    size = 1
-    for dist in training_distributions(sweep).values():
-        if isinstance(dist, CategoricalDistribution):
-            size *= len(dist.choices)
-        elif isinstance(dist, IntDistribution) and not dist.log:
-            size *= (dist.high - dist.low) // dist.step + 1
-        elif isinstance(dist, FloatDistribution) and dist.step is not None:
-            size *= round((dist.high - dist.low) / dist.step) + 1
-        else:
+    axes: dict[str, list[Any]] = {}
+    for name, dist in training_distributions(cfg.sweep).items():
+        values = _values(dist)
+        if values is None:
             return None
-    return size
+        axes[name.removeprefix(TRAIN_PREFIX)] = values
+    product = math.prod(len(v) for v in axes.values())
+    if product > _ENUMERATE_AT_MOST or not set(axes) & set(SEARCH_CONDITIONS):
+        return product
+    distinct = {
+        tuple(
+            sorted(active_training_params(dict(zip(axes, combo, strict=True)), cfg.train).items())
+        )
+        for combo in itertools.product(*axes.values())
+    }
+    return len(distinct)
 
 
 def grid_search_space(sweep: SweepConfig) -> dict[str, list[Any]]:
@@ -178,11 +239,17 @@ def inference_settings(cfg: HarnessConfig) -> list[InferenceSetting]:
 
 
 def point_params(
-    training: Mapping[str, Any], checkpoint_step: int, setting: InferenceSetting
+    training: Mapping[str, Any],
+    checkpoint_step: int,
+    setting: InferenceSetting,
+    swept_scheduler: bool = False,
 ) -> dict[str, Any]:
-    """All parameters of one evaluated point: ``train.*`` (searched), ``checkpoint_step`` and
-    ``eval.*`` (the inference setting's dimensions)."""
+    """All parameters of one evaluated point: ``train.*`` (searched and used),
+    ``checkpoint_step`` and ``eval.*`` (the inference setting's dimensions, and its scheduler
+    when ``sweep.inference.scheduler`` sweeps it)."""
     params: dict[str, Any] = {TRAIN_PREFIX + k: v for k, v in training.items()}
     params[CHECKPOINT_STEP] = checkpoint_step
     params.update({EVAL_PREFIX + k: v for k, v in setting.dimensions().items()})
+    if swept_scheduler:
+        params[EVAL_PREFIX + SCHEDULER] = setting.scheduler
     return params

@@ -68,7 +68,7 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
     for t in trials:
         if t.number in by_trial:
             per_worker.setdefault(by_trial[t.number], Counter())[t.state.name.lower()] += 1
-    size = search_space_size(cfg.sweep)
+    size = search_space_size(cfg)
     budget = cfg.sweep.n_trials
     if size is not None and (budget is None or size < budget):
         budget = size

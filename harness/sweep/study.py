@@ -189,7 +189,9 @@ def make_sampler(
         return optuna.samplers.RandomSampler(seed=seed)
     if sweep.sampler == "nsgaii":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=4)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+    # group: a conditional space (harness.config.SEARCH_CONDITIONS) is modelled per subspace of
+    # the parameters trials actually have; an unconditional space is one group, as before.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
 
 
 def make_pruner(cfg: HarnessConfig) -> optuna.pruners.BasePruner:
@@ -240,7 +242,7 @@ def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, A
         "directions": [d.name.lower() for d in directions(cfg)],
         "weights": cfg.sweep.weights,
         "space": {name: json.loads(distribution_to_json(d)) for name, d in sorted(dists.items())},
-        "inference": cfg.sweep.inference.model_dump(mode="json"),
+        "inference": identity_dump("inference", cfg.sweep.inference),
         "eval": {key: eval_section[key] for key in _SWEEP_EVAL_KEYS},
         "metrics": cfg.metrics.model_dump(mode="json", exclude={"batch_size"}),
         "model": cfg.model.model_dump(mode="json", exclude=_NOT_MEANING["model"]),

@@ -164,6 +164,7 @@ def test_the_tables_feed_the_image_grids(tmp_path: Path) -> None:
     space = {
         "learning_rate": {"choices": [1e-4, 5e-4]},
         "text_encoder_lr": {"choices": [5e-5, 1e-4]},
+        "train_text_encoder": {"choices": [True]},  # else text_encoder_lr is never sampled
     }
     cfg = make_cfg(tmp_path, sampler="grid", space=space, inference={"guidance_scale": [3.0, 7.5]})
     run_sweep(cfg, tmp_path, FakeBackend(write_images=True))

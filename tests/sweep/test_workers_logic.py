@@ -46,7 +46,7 @@ def test_a_small_space_is_trained_once_per_configuration(tmp_path: Path) -> None
     """Two choices, budget 6: the space is the budget, each configuration trains once, and the
     sampler's repeated draws are recorded as skipped duplicates, not as runs."""
     cfg = make_cfg(tmp_path, n_trials=6, space={"rank": {"choices": [2, 4]}})
-    assert search_space_size(cfg.sweep) == 2
+    assert search_space_size(cfg) == 2
     backend = FakeBackend()
     summary = run_sweep(cfg, tmp_path, backend)
     assert sorted(p["rank"] for p in backend.trained) == [2, 4]

@@ -332,6 +332,30 @@ class TrainConfig(_Strict):
         "orientations are encoded once and cached). Off by default: it mirrors asymmetric "
         "subjects (text, a logo, a one-sided marking).",
     )
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
+        "adamw",
+        description="adamw: torch AdamW. adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only; the "
+        "'cuda' extra). prodigy: Prodigy (Mishchenko & Defazio 2023), which estimates its own "
+        "step size: learning_rate and text_encoder_lr are ignored (lr multiplier 1.0).",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA (Liu et al. 2024; peft's use_dora): LoRA plus a learned magnitude "
+        "per output channel, for the UNet and text-encoder adapters. Not with export_kohya.",
+    )
+    text_encoder_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha of the text-encoder adapters; default: alpha x "
+        "text_encoder_rank / rank (the UNet's alpha/rank scale).",
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the adapter weights (fp32, after every optimizer step, from the "
+        "initial weights, no warmup): checkpoints' adapters hold the average. None: off.",
+    )
     seed: int = 0
     export_kohya: bool = False
     output_dir: str = "runs/train"
@@ -359,6 +383,18 @@ class TrainConfig(_Strict):
             raise _KeysError(
                 ("lr_warmup_steps", "max_steps"),
                 f"lr_warmup_steps={self.lr_warmup_steps} exceeds max_steps={self.max_steps}",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dora_not_kohya(self) -> TrainConfig:
+        if self.use_dora and self.export_kohya:
+            # diffusers' loader drops kohya DoRA keys (dora_scale) with a warning: a file that
+            # loads as plain LoRA would silently not be the trained adapter.
+            raise _KeysError(
+                ("use_dora", "export_kohya"),
+                "use_dora cannot be exported with export_kohya (diffusers' loader ignores kohya "
+                "DoRA tensors); use the diffusers-format file or set export_kohya: false",
             )
         return self
 
@@ -519,6 +555,10 @@ SEARCHABLE_TRAIN_PARAMS = (
     "snr_gamma",
     "noise_offset",
     "random_flip",
+    "optimizer",
+    "use_dora",
+    "text_encoder_alpha",
+    "ema_decay",
 )
 
 
@@ -535,15 +575,27 @@ def _not_constant(value: Any) -> bool:
     return value != "constant"  # diffusers' "constant" schedule ignores num_warmup_steps
 
 
-# Conditional search space: a child is sampled (and recorded) only when its parent's value
+def _not_prodigy(value: Any) -> bool:
+    return value != "prodigy"  # Prodigy estimates its own step size (train.optimizer)
+
+
+_TEXT_ENCODER = SearchCondition("train_text_encoder", bool, "train_text_encoder is true")
+_LEARNING_RATE = SearchCondition("optimizer", _not_prodigy, "optimizer is not prodigy")
+
+# Conditional search space: a child is sampled (and recorded) only when every parent's value
 # (sampled, or the fixed train setting) makes it matter. Otherwise the run keeps the child's
-# fixed value, so two proposals that differ only in an unused parameter are one run.
-SEARCH_CONDITIONS: dict[str, SearchCondition] = {
-    "text_encoder_lr": SearchCondition("train_text_encoder", bool, "train_text_encoder is true"),
-    "text_encoder_rank": SearchCondition("train_text_encoder", bool, "train_text_encoder is true"),
-    "prior_loss_weight": SearchCondition("prior_preservation", bool, "prior_preservation is true"),
-    "lr_warmup_steps": SearchCondition(
-        "lr_scheduler", _not_constant, "lr_scheduler is not constant"
+# fixed value, so two proposals that differ only in an unused parameter are one run. No parent
+# is itself a child, so sampling the parents first is an order that works.
+SEARCH_CONDITIONS: dict[str, tuple[SearchCondition, ...]] = {
+    "learning_rate": (_LEARNING_RATE,),
+    "text_encoder_lr": (_TEXT_ENCODER, _LEARNING_RATE),
+    "text_encoder_rank": (_TEXT_ENCODER,),
+    "text_encoder_alpha": (_TEXT_ENCODER,),
+    "prior_loss_weight": (
+        SearchCondition("prior_preservation", bool, "prior_preservation is true"),
+    ),
+    "lr_warmup_steps": (
+        SearchCondition("lr_scheduler", _not_constant, "lr_scheduler is not constant"),
     ),
 }
 
@@ -889,7 +941,15 @@ class LaunchConfig(_Strict):
 # identity like every other key.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"subjects": None},
-    "train": {"snr_gamma": None, "noise_offset": 0.0, "random_flip": 0.0},
+    "train": {
+        "snr_gamma": None,
+        "noise_offset": 0.0,
+        "random_flip": 0.0,
+        "optimizer": "adamw",
+        "use_dora": False,
+        "text_encoder_alpha": None,
+        "ema_decay": None,
+    },
     "inference": {"scheduler": None},  # sweep.inference
 }
 
@@ -925,15 +985,16 @@ class HarnessConfig(_Strict):
     @model_validator(mode="after")
     def _conditions_can_hold(self) -> HarnessConfig:
         """A searched parameter whose (fixed) parent keeps it unused is never sampled."""
-        for name, cond in SEARCH_CONDITIONS.items():
-            searched = name in self.sweep.space and cond.parent not in self.sweep.space
-            if searched and not cond.active(getattr(self.train, cond.parent)):
-                raise _KeysError(
-                    (f"sweep.space.{name}", f"train.{cond.parent}"),
-                    f"sweep.space.{name} is only sampled when {cond.when}, and "
-                    f"train.{cond.parent} is {getattr(self.train, cond.parent)!r} (not "
-                    "searched): search the parent too, or drop the parameter",
-                )
+        for name, conds in SEARCH_CONDITIONS.items():
+            for cond in conds:
+                fixed = name in self.sweep.space and cond.parent not in self.sweep.space
+                if fixed and not cond.active(getattr(self.train, cond.parent)):
+                    raise _KeysError(
+                        (f"sweep.space.{name}", f"train.{cond.parent}"),
+                        f"sweep.space.{name} is only sampled when {cond.when}, and "
+                        f"train.{cond.parent} is {getattr(self.train, cond.parent)!r} (not "
+                        "searched): search the parent too, or drop the parameter",
+                    )
         return self
 
     @model_validator(mode="after")
@@ -954,6 +1015,18 @@ class HarnessConfig(_Strict):
                     "evaluate.protocol 'dreambench' uses the dataset's prompts; leave "
                     "evaluate.prompts unset",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _searched_dora_exportable(self) -> HarnessConfig:
+        spec = self.sweep.space.get("use_dora")
+        values = (spec.choices or []) if isinstance(spec, ParamSpec) else [spec]
+        if self.train.export_kohya and True in values:
+            raise _KeysError(
+                ("sweep.space.use_dora", "train.export_kohya"),
+                "sweep.space.use_dora can be true, which train.export_kohya does not support "
+                "(diffusers' loader ignores kohya DoRA tensors); set export_kohya: false",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

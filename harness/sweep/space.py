@@ -88,18 +88,18 @@ def sampling_order(sweep: SweepConfig) -> list[str]:
     """The searched training parameters (no prefix), every parent before its children, else
     alphabetical (the order Optuna has always been asked in)."""
     names = sorted(sweep.space)
-    parents = {SEARCH_CONDITIONS[n].parent for n in names if n in SEARCH_CONDITIONS}
+    parents = {c.parent for n in names for c in SEARCH_CONDITIONS.get(n, ())}
     return [n for n in names if n in parents] + [n for n in names if n not in parents]
 
 
 def is_active(name: str, values: Mapping[str, Any], train: TrainConfig) -> bool:
     """Does training parameter ``name`` matter, given the values sampled so far (``values``,
     no prefix) and, for unsampled parents, the fixed ``train`` settings?"""
-    cond = SEARCH_CONDITIONS.get(name)
-    if cond is None:
-        return True
-    parent = values[cond.parent] if cond.parent in values else getattr(train, cond.parent)
-    return bool(cond.active(parent))
+    for cond in SEARCH_CONDITIONS.get(name, ()):
+        parent = values[cond.parent] if cond.parent in values else getattr(train, cond.parent)
+        if not cond.active(parent):
+            return False
+    return True
 
 
 def active_training_params(params: Mapping[str, Any], train: TrainConfig) -> dict[str, Any]:

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def param_groups(lora: AttachedLora, train: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: UNet LoRA at ``learning_rate``, text-encoder LoRA at ``text_encoder_lr``."""
+    """Optimizer groups: UNet LoRA at ``learning_rate``, text-encoder LoRA at ``text_encoder_lr``
+    (Prodigy replaces both with its multiplier, see :mod:`harness.train.optim`)."""
     groups: list[dict[str, Any]] = [
         {"params": lora.parameters("unet"), "lr": train.learning_rate, "name": "unet"}
     ]

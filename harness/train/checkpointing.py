@@ -23,6 +23,7 @@ from harness.train.lora import export_kohya, save_diffusers_lora
 from harness.train.records import CheckpointInfo, TrainingError, TrainResult
 from harness.train.session import TrainingSession
 from harness.train.state import (
+    EMA_TENSORS,
     TrainingState,
     checkpoint_dir,
     complete_checkpoints,
@@ -102,12 +103,15 @@ def _write_files(
     """Fill the checkpoint's temp folder; returns its ``checkpoint.json`` metadata."""
     lora, family = session.lora, session.model.family
     peft_state = lora.peft_state_dicts()
-    save_diffusers_lora(tmp, family, lora, peft_state)
+    adapter = session.adapter_state()  # the EMA when it is on: what is evaluated and shipped
+    save_diffusers_lora(tmp, family, lora, adapter)
     if session.cfg.train.export_kohya:
         unet_config = session.model.pipeline.unet.config
-        export_kohya(tmp / KOHYA_NAME, family, peft_state, lora.configs, unet_config)
+        export_kohya(tmp / KOHYA_NAME, family, adapter, lora.configs, unet_config)
     flat = {f"{c}::{k}": v for c, sd in peft_state.items() for k, v in sd.items()}
     atomic_write_tensors(tmp / "state" / "lora.safetensors", flat)
+    if session.ema is not None:
+        atomic_write_tensors(tmp / "state" / EMA_TENSORS, session.ema.flat())
     save_optimizer(session.torch_optimizer, tmp / "state")
     atomic_write_tensors(tmp / "state" / "rng.safetensors", rng)
     scaler = session.scaler
@@ -170,6 +174,8 @@ def _restore_own_rng(session: TrainingSession, state: TrainingState) -> None:
 def restore_checkpoint(session: TrainingSession, state: TrainingState) -> float | None:
     """Continue from ``state``; returns its recorded loss."""
     session.lora.load_peft_state_dicts(state.lora_state())
+    if session.ema is not None:
+        session.ema.load_flat(state.ema_state())
     load_optimizer(session.torch_optimizer, state.state_dir)
     trainer = state.trainer()
     session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])

@@ -2,11 +2,13 @@
 
 A step is one optimizer step: ``gradient_accumulation_steps`` micro-batches of ``batch_size``
 instance samples (plus as many class samples with prior preservation) on every process,
-their gradients averaged over the processes, clipped to ``max_grad_norm``, one AdamW step
-(UNet LoRA and text-encoder LoRA in their own groups) and one step of
-``diffusers.optimization.get_scheduler``'s schedule. accelerate supplies the device, mixed
-precision, the accumulation bookkeeping and clipping (:mod:`harness.train.distributed`); the
-loss is :mod:`harness.train.objective`; checkpoints are :mod:`harness.train.checkpointing`.
+their gradients averaged over the processes, clipped to ``max_grad_norm``, one step of the
+``train.optimizer`` (:mod:`harness.train.optim`; UNet LoRA and text-encoder LoRA in their own
+groups), one step of ``diffusers.optimization.get_scheduler``'s schedule and, with
+``train.ema_decay``, of the weights' average (:mod:`harness.train.ema`). accelerate supplies
+the device, mixed precision, the accumulation bookkeeping and clipping
+(:mod:`harness.train.distributed`); the loss is :mod:`harness.train.objective`; checkpoints
+are :mod:`harness.train.checkpointing`.
 The data order is a pure function of (seed, sample index) and all RNG state is
 checkpointed, so a resumed run repeats the uninterrupted one.
 """
@@ -34,6 +36,7 @@ from harness.train.failures import StepFailure
 from harness.train.fingerprints import config_hash, data_hash
 from harness.train.inputs import Shard, TrainInputs, class_prompt_for, prepare_inputs
 from harness.train.objective import DenoisingObjective
+from harness.train.optim import check_optimizer
 from harness.train.records import CheckpointInfo, TrainingError, TrainResult
 from harness.train.reporting import LogCallback, StepLog
 from harness.train.session import TrainingSession, open_session
@@ -138,9 +141,10 @@ def _begin(
 ) -> tuple[Accelerator, LoadedModel, TrainResult]:
     """The run folder, this call's accelerator, the model on its device, and the result,
     written as ``running``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not instance:
         raise TrainingError("no instance images to train on")
+    check_optimizer(cfg.train, model.device)  # e.g. adamw8bit on a CPU: before any work
+    run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.train, model.device)
     model = training_model(model, accelerator)
     result = TrainResult("failed", run_dir, 0, cfg.train.max_steps, config_hash=config_hash(cfg))

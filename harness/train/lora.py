@@ -45,11 +45,12 @@ def _num(value: float) -> Any:
 def lora_configs(train: TrainConfig, family: str) -> dict[str, LoraConfig]:
     """One ``LoraConfig`` per trained component (UNet, and text encoders when enabled).
 
-    The text encoders use ``text_encoder_rank`` (default: ``rank``) with the same alpha/rank
-    scale as the UNet.
+    The text encoders use ``text_encoder_rank`` (default: ``rank``) and ``text_encoder_alpha``
+    (default: the UNet's alpha/rank scale); ``use_dora`` makes every adapter DoRA.
     """
     alpha = train.alpha if train.alpha is not None else float(train.rank)
     te_rank = train.text_encoder_rank or train.rank
+    te_alpha = train.text_encoder_alpha
     configs = {
         "unet": LoraConfig(
             r=train.rank,
@@ -57,15 +58,17 @@ def lora_configs(train: TrainConfig, family: str) -> dict[str, LoraConfig]:
             lora_dropout=train.dropout,
             init_lora_weights="gaussian",
             target_modules=list(train.target_modules),
+            use_dora=train.use_dora,
         )
     }
     if train.train_text_encoder:
         te = LoraConfig(
             r=te_rank,
-            lora_alpha=_num(alpha * te_rank / train.rank),
+            lora_alpha=_num(te_alpha if te_alpha is not None else alpha * te_rank / train.rank),
             lora_dropout=train.dropout,
             init_lora_weights="gaussian",
             target_modules=list(train.text_encoder_target_modules),
+            use_dora=train.use_dora,
         )
         configs["text_encoder"] = te
         if family == "sdxl":
@@ -215,6 +218,9 @@ def _unet_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     ``convert_state_dict_to_diffusers`` renames only attention projections, and diffusers'
     loader decides the format of the whole file from its first key, so a file that mixes both
     spellings (e.g. ``to_q`` with ``proj_in`` or ``conv1``) silently loses half its modules.
+    DoRA's ``<module>.lora_magnitude_vector`` keeps its PEFT name: the loader's conversion
+    (``convert_unet_state_dict_to_peft``) leaves it as it is, and the adapter metadata
+    (``use_dora``) makes the loaded layers DoRA layers.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -223,9 +229,24 @@ def _unet_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                 key = key.replace(peft, diffusers)
                 break
         else:
-            raise ValueError(f"unexpected LoRA tensor {key!r}")
+            if not key.endswith(".lora_magnitude_vector"):
+                raise ValueError(f"unexpected LoRA tensor {key!r}")
         out[key] = value
     return out
+
+
+def _text_encoder_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT text-encoder keys -> diffusers' ``lora_linear_layer`` spelling.
+
+    DoRA magnitudes are written ``<module>.lora_magnitude_vector.weight``: transformers' adapter
+    loader (which ``load_lora_weights`` uses for text encoders) inserts the adapter name after
+    the ``lora_*`` part and would miss the parameter of the bare PEFT key, leaving the
+    magnitudes at their initial values; PEFT's own loader reads both spellings.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out: dict[str, torch.Tensor] = convert_state_dict_to_diffusers(state)
+    return {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in out.items()}
 
 
 def save_diffusers_lora(
@@ -233,15 +254,14 @@ def save_diffusers_lora(
 ) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``.
 
-    The adapter configs (rank, alpha, targets) go into the file's metadata, so an alpha that
-    differs from the rank survives loading.
+    The adapter configs (rank, alpha, targets, ``use_dora``) go into the file's metadata, so an
+    alpha that differs from the rank, and DoRA, survive loading.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     layers = {
         f"{name}_lora_layers": (
-            _unet_to_diffusers(sd) if name == "unet" else convert_state_dict_to_diffusers(sd)
+            _unet_to_diffusers(sd) if name == "unet" else _text_encoder_to_diffusers(sd)
         )
         for name, sd in peft_state.items()
     }

@@ -2,11 +2,14 @@
 
 A checkpoint folder ``<run>/checkpoints/step-000010/`` holds::
 
-    pytorch_lora_weights.safetensors   diffusers format (``pipeline.load_lora_weights(folder)``)
+    pytorch_lora_weights.safetensors   diffusers format (``pipeline.load_lora_weights(folder)``);
+                                       the EMA weights when ``train.ema_decay`` is set
     kohya_lora.safetensors             only with ``train.export_kohya``
     state/lora.safetensors             PEFT-format adapter tensors ("<component>::<key>")
+    state/ema.safetensors              only with ``train.ema_decay``: their average, same keys
     state/optimizer.safetensors        optimizer tensors ("<param index>.<name>")
-    state/optimizer.json               param groups and non-tensor optimizer state
+    state/optimizer.json               param groups (with e.g. Prodigy's step-size estimate)
+                                       and non-tensor optimizer state
     state/rng.safetensors              torch CPU / CUDA / trainer-generator states (uint8)
     state/trainer.json                 lr scheduler, grad scaler, step, loss
     checkpoint.json                    step, config hash, data hash, written last
@@ -37,6 +40,7 @@ from harness.train.tensorfiles import atomic_write_json, atomic_write_tensors, r
 
 __all__ = [
     "CHECKPOINT_JSON",
+    "EMA_TENSORS",
     "TrainingState",
     "capture_rng",
     "checkpoint_dir",
@@ -53,6 +57,7 @@ CHECKPOINT_JSON = "checkpoint.json"
 STATE_DIR = "state"
 STATE_TENSORS = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
 STATE_JSON = ("optimizer.json", "trainer.json")
+EMA_TENSORS = "ema.safetensors"
 
 
 def read_state_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +78,15 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
+NESTED = "::"  # "<index>.<name>::<key>": a tensor of a per-parameter dict (bitsandbytes')
+
+
 def save_optimizer(optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
-    """Optimizer state: tensors to safetensors, structure and scalars to JSON."""
+    """Optimizer state: tensors to safetensors, structure and scalars to JSON.
+
+    A per-parameter value may itself be a dict (bitsandbytes >= 0.45 nests its quantization
+    state so): its tensors are stored as ``<index>.<name>::<key>``, the rest in the JSON.
+    """
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -82,6 +94,12 @@ def save_optimizer(optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
         for name, value in values.items():
             if torch.is_tensor(value):
                 tensors[f"{index}.{name}"] = value
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    if torch.is_tensor(item):
+                        tensors[f"{index}.{name}{NESTED}{key}"] = item
+                    else:
+                        scalars.setdefault(str(index), {}).setdefault(name, {})[key] = item
             else:
                 scalars.setdefault(str(index), {})[name] = value
     atomic_write_tensors(out_dir / "optimizer.safetensors", tensors)
@@ -98,9 +116,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, in_dir: Path) -> None:
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalars"].items():
-        per_param.setdefault(int(index), {}).update(values)
+        values = per_param.setdefault(int(index), {})
+        if NESTED in name:
+            name, inner = name.split(NESTED, 1)
+            values.setdefault(name, {})[inner] = value
+        else:
+            values[name] = value
+    for index, scalars in meta["scalars"].items():
+        values = per_param.setdefault(int(index), {})
+        for name, value in scalars.items():
+            if isinstance(value, dict):
+                values.setdefault(name, {}).update(value)
+            else:
+                values[name] = value
     groups = meta["param_groups"]
     for group in groups:
         if isinstance(group.get("betas"), list):
@@ -148,6 +176,16 @@ class TrainingState:
             out.setdefault(component, {})[name] = value
         return out
 
+    @property
+    def has_ema(self) -> bool:
+        """Whether the run averaged its weights (``train.ema_decay``): then ``ema.safetensors``
+        belongs to the state."""
+        return self.meta.get("train_config", {}).get("ema_decay") is not None
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The weights' average, ``{"<component>::<key>": tensor}``."""
+        return read_state_tensors(self.state_dir / EMA_TENSORS)
+
     def rng(self) -> dict[str, torch.Tensor]:
         """Saved RNG states."""
         return read_state_tensors(self.state_dir / "rng.safetensors")
@@ -160,7 +198,7 @@ class TrainingState:
     def problem(self) -> str | None:
         """Why training cannot continue from here (a state file missing, truncated or not
         parseable: e.g. a disk that filled up, or a partial copy), or ``None``."""
-        for name in STATE_TENSORS:
+        for name in STATE_TENSORS + ((EMA_TENSORS,) if self.has_ema else ()):
             try:
                 check_weights_file(self.state_dir / name, "checkpoint state")
             except HarnessError as exc:

@@ -3,8 +3,8 @@
 Each micro-batch's loss is backpropagated by accelerate inside ``accelerator.accumulate()``
 (which divides it by the number of micro-batches and scales it for fp16); after the last one
 the gradients are averaged over the processes, clipped by ``accelerator.clip_grad_norm_``,
-and AdamW and the LR schedule step once. The logged loss is the mean over the micro-batches
-(and the processes).
+and the optimizer and the LR schedule step once (then the weights' EMA, when on). The logged
+loss is the mean over the micro-batches (and the processes).
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ class Trainer:
         s.optimizer.step()  # through the fp16 GradScaler when there is one
         s.lr_scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
+        if s.ema is not None:
+            s.ema.update(s.lora.peft_state_dicts())
         if s.model.device.type == "cuda":
             torch.cuda.synchronize(s.model.device)
         return grad_norm, lrs
@@ -180,6 +182,9 @@ class Trainer:
             record["loss_prior"] = sums.prior
         if "text_encoder" in lrs:
             record["lr_text_encoder"] = lrs["text_encoder"]
+        estimate = self.session.torch_optimizer.param_groups[0].get("d")
+        if estimate is not None:  # Prodigy's step size: the effective lr is d x lr
+            record["prodigy_d"] = float(estimate)
         record.update(memory_stats(self.session.model.device))
         return record
 

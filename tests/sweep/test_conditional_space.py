@@ -149,3 +149,24 @@ def test_duplicate_schedulers_are_refused(tmp_path: Path) -> None:
     base["sweep"]["inference"]["scheduler"] = ["ddim", "ddim"]
     with pytest.raises(ConfigError, match=r"sweep\.inference\.scheduler"):
         validate_config(base)
+
+
+def test_learning_rates_are_not_sampled_under_prodigy(tmp_path: Path) -> None:
+    """A child of two parents: text_encoder_lr needs the text encoder and an optimizer that
+    uses learning rates (Prodigy sets its own)."""
+    space = {
+        **TE_SPACE,
+        "optimizer": {"choices": ["adamw", "prodigy"]},
+        "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
+    }
+    cfg = make_cfg(tmp_path, space=space)
+    drawn = _ask(cfg, optuna.samplers.RandomSampler(seed=2), 60)
+    for p in drawn:
+        assert ("learning_rate" in p) == (p["optimizer"] == "adamw")
+        uses_te_lr = p["optimizer"] == "adamw" and p["train_text_encoder"]
+        assert ("text_encoder_lr" in p) == uses_te_lr
+    assert any("text_encoder_lr" in p for p in drawn)
+    base = make_cfg(tmp_path).to_dict()
+    base["train"]["optimizer"] = "prodigy"
+    with pytest.raises(ConfigError, match=r"sweep\.space\.learning_rate.*optimizer is not prodigy"):
+        validate_config(base)

@@ -186,7 +186,20 @@ def test_checkpoints_saved_and_loadable(sd15: LoadedModel, images: Images, tmp_p
     assert torch.allclose(sample(), base)
 
 
-def test_resume_equals_uninterrupted_run(sd15: LoadedModel, images: Images, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        # The EMA has its own state file; DoRA adds magnitude vectors (text encoder's too).
+        {"ema_decay": 0.8, "use_dora": True, "train_text_encoder": True},
+        # Prodigy keeps its step-size estimate in its param groups.
+        {"optimizer": "prodigy"},
+    ],
+    ids=["adamw", "ema-dora", "prodigy"],
+)
+def test_resume_equals_uninterrupted_run(
+    sd15: LoadedModel, images: Images, tmp_path: Path, options: dict[str, Any]
+) -> None:
     train = {
         "max_steps": 6,
         "checkpoint_steps": [3, 6],
@@ -195,6 +208,7 @@ def test_resume_equals_uninterrupted_run(sd15: LoadedModel, images: Images, tmp_
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 2,
         "gradient_accumulation_steps": 2,
+        **options,
     }
     cfg = make_cfg(**train)
     data = images(3)
@@ -217,8 +231,26 @@ def test_resume_equals_uninterrupted_run(sd15: LoadedModel, images: Images, tmp_
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # the optimizer too (Prodigy's steps on the tiny model are too small to show in the weights)
+    opt = [
+        json.loads((r.checkpoints[-1].path / "state" / "optimizer.json").read_text())
+        for r in (straight, resumed)
+    ]
+    assert opt[0]["scalars"] == opt[1]["scalars"]
+    for g, h in zip(opt[0]["param_groups"], opt[1]["param_groups"], strict=True):
+        assert g.keys() == h.keys()
+        for key, value in g.items():
+            assert h[key] == (
+                pytest.approx(value, rel=1e-4, abs=0) if isinstance(value, float) else value
+            ), key
+    # the published adapters too (the EMA when it is on)
+    a, b = (load_file(str(r.checkpoints[-1].weights_path)) for r in (straight, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-8)  # EMA: small moves
     # and the run really moved away from step 3
     c = load_file(str(resumed.checkpoints[0].path / "state" / "lora.safetensors"))
+    b = load_file(str(resumed.checkpoints[-1].path / "state" / "lora.safetensors"))
     assert any(not torch.allclose(c[k], b[k]) for k in b)
 
 

@@ -317,6 +317,7 @@ def test_ema_adapter_is_the_average_of_the_raw_weights(
 # --- the sweep ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the sweep stack (optuna, pandas) and four fake runs
 def test_the_new_options_are_searchable(tmp_path: Path) -> None:
     import pandas as pd
 

@@ -31,8 +31,14 @@ from harness.train.cache import ensure_class_images
 from harness.train.checkpointing import resume_from, resume_point, save_checkpoint
 from harness.train.distributed import broadcast_flag, describe, make_accelerator, training_model
 from harness.train.failures import StepFailure
-from harness.train.fingerprints import config_hash, data_hash
-from harness.train.inputs import Shard, TrainInputs, class_prompt_for, prepare_inputs
+from harness.train.fingerprints import config_hash, data_hash, hashed_time_ids
+from harness.train.inputs import (
+    Shard,
+    TrainInputs,
+    class_prompt_for,
+    instance_time_ids,
+    prepare_inputs,
+)
 from harness.train.objective import DenoisingObjective
 from harness.train.records import CheckpointInfo, TrainingError, TrainResult
 from harness.train.reporting import LogCallback, StepLog
@@ -94,7 +100,9 @@ def train_lora(
         cfg: the harness config (``train``, ``data.resolution``/``class_name``, ``model``).
         model: the loaded base pipeline; adapters are attached under the name ``harness_train``
             and removed when this returns or raises.
-        instance: (image path, caption) pairs, square PNGs at ``data.resolution``.
+        instance: (image path, caption) pairs, square PNGs at ``data.resolution``. SDXL's
+            micro-conditioning of each comes from the prepared manifest beside it (see
+            :mod:`harness.train.microcond`).
         run_dir: where checkpoints, ``train_log.jsonl`` and ``result.json`` go.
         class_images: prior-preservation images; default: generated and cached by
             :func:`ensure_class_images` with ``class_inference_steps`` (default:
@@ -180,7 +188,9 @@ def _prepare(
     class_list = list(class_images or []) if t.prior_preservation else []
     if t.prior_preservation and not class_list:
         raise TrainingError("prior preservation is on but there are no class images")
-    dhash = data_hash(instance, class_list)
+    ids = instance_time_ids(cfg, [p for p, _ in instance])
+    micro = hashed_time_ids(model.family, cfg.data.resolution, [i for i in ids if i is not None])
+    dhash = data_hash(instance, class_list, micro)
     plan.meta = _checkpoint_meta(cfg, model, accelerator, plan.result.config_hash, dhash)
     hashes = (plan.result.config_hash, dhash)
     states, plan.result.warnings = resume_point(

@@ -178,7 +178,17 @@ class DataConfig(_Strict):
     class_name: str | None = Field(
         None, description="Class noun; for dreambench read from prompts_and_classes.txt."
     )
-    token: str = Field("sks", min_length=1, pattern=r"^\S+$")
+    token: str = Field(
+        "sks",
+        min_length=1,
+        pattern=r"^\S+$",
+        description="The identifier in captions and prompts ({token}). auto (recommended for "
+        "new subjects): the prepare stage picks a rare one-piece token of the model's "
+        "tokenizer that is no common word (sks is a rifle) and records it in manifest.json.",
+    )
+    token_seed: int = Field(
+        0, ge=0, description="Which rare token data.token: auto picks (same seed, same token)."
+    )
     caption_template: str = "a photo of {token} {class_name}"
     missing_caption: Literal["template", "reject"] = Field(
         "template",
@@ -846,7 +856,7 @@ class LaunchConfig(_Strict):
 # adding a key renames no study and resumes every checkpoint; any other value is part of the
 # identity like every other key.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"subjects": None},
+    "data": {"subjects": None, "token_seed": 0},
     "train": {"snr_gamma": None, "noise_offset": 0.0, "random_flip": 0.0},
 }
 

@@ -74,6 +74,11 @@ class Shard:
 def class_prompt_for(cfg: HarnessConfig) -> str:
     """``train.class_prompt`` with ``{class_name}`` / ``{token}`` filled in."""
     template = cfg.train.class_prompt
+    if cfg.data.token == "auto" and "{token}" in template:
+        raise TrainingError(
+            "data.token: auto is chosen by the prepare stage; train on the prepared subject "
+            "(its config, harness.data.with_subject, carries the chosen token)"
+        )
     if "{class_name}" in template and not cfg.data.class_name:
         raise TrainingError("prior preservation needs data.class_name for train.class_prompt")
     return template.replace("{class_name}", cfg.data.class_name or "").replace(

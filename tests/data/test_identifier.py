@@ -160,3 +160,17 @@ def test_token_seed_at_its_default_renames_nothing() -> None:
     data = DataConfig()
     assert "token_seed" not in identity_dump("data", data)
     assert identity_dump("data", data.model_copy(update={"token_seed": 3}))["token_seed"] == 3
+
+
+def test_the_models_own_tokenizer_is_used_when_on_disk(tokenizer: Any) -> None:
+    from harness.config import ModelConfig
+    from harness.models import load_tokenizer
+    from harness.models.tiny import tiny_pipeline_dir
+
+    assert load_tokenizer(ModelConfig(pretrained="tiny://sd15")) is None  # the offline BPE
+    folder = tiny_pipeline_dir("sd15")
+    found = load_tokenizer(ModelConfig(pretrained=str(folder)))
+    assert found is not None
+    own, source = found
+    assert source.endswith("(tokenizer)")
+    assert choose_token(own, 0).token == choose_token(tokenizer, 0).token  # the same ids

@@ -188,7 +188,11 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
         def on_log(record: dict[str, Any], step: int) -> None:
             run.log_scalars(record, step, title="train")
 
-        result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log)
+        def on_validation(made: Any) -> None:
+            for index, (image, prompt) in enumerate(zip(made.images, made.prompts, strict=True)):
+                run.log_image("validation", f"{index}: {prompt}", image, made.step)
+
+        result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log, on_validation=on_validation)
         for ckpt in result.checkpoints:
             run.upload_artifact(f"lora-step-{ckpt.step}", ckpt.weights_path)
     return result

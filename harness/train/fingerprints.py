@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.config import HarnessConfig, identity_dump
+from harness.config import VALIDATION_KEYS, HarnessConfig, identity_dump
 from harness.train.microcond import TimeIds, class_time_ids
 from harness.train.tensorfiles import content_hash, file_sha256
 
 __all__ = ["config_hash", "data_hash", "hashed_time_ids"]
 
 # Keys that do not change the training trajectory (so changing them keeps resume possible).
-_NOT_HASHED = {"checkpoint_steps", "output_dir", "export_kohya"}
+_NOT_HASHED = {"checkpoint_steps", "output_dir", "export_kohya", *VALIDATION_KEYS}
 
 
 def config_hash(cfg: HarnessConfig) -> str:

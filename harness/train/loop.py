@@ -46,6 +46,7 @@ from harness.train.session import TrainingSession, open_session
 from harness.train.state import TrainingState
 from harness.train.step import Trainer
 from harness.train.tensorfiles import atomic_write_json
+from harness.train.validation import ValidationCallback, Validator
 
 __all__ = ["class_prompt_for", "config_hash", "train_lora"]
 
@@ -63,6 +64,7 @@ class _Plan:
     on_checkpoint: CheckpointCallback | None
     progress: bool
     meta: dict[str, Any] = field(default_factory=dict)  # every checkpoint.json's metadata
+    on_validation: ValidationCallback | None = None  # train.validation_steps' images
 
     @property
     def run_dir(self) -> Path:
@@ -93,6 +95,7 @@ def train_lora(
     cache_root: Path | None = None,
     progress: bool = True,
     class_inference_steps: int | None = None,
+    on_validation: ValidationCallback | None = None,
 ) -> TrainResult:
     """Train a DreamBooth LoRA on ``model`` (left unchanged afterwards) and checkpoint it.
 
@@ -100,9 +103,8 @@ def train_lora(
         cfg: the harness config (``train``, ``data.resolution``/``class_name``, ``model``).
         model: the loaded base pipeline; adapters are attached under the name ``harness_train``
             and removed when this returns or raises.
-        instance: (image path, caption) pairs, square PNGs at ``data.resolution``. SDXL's
-            micro-conditioning of each comes from the prepared manifest beside it (see
-            :mod:`harness.train.microcond`).
+        instance: (image path, caption) pairs, square PNGs at ``data.resolution`` (SDXL time
+            ids: from the prepared manifest beside them, :mod:`harness.train.microcond`).
         run_dir: where checkpoints, ``train_log.jsonl`` and ``result.json`` go.
         class_images: prior-preservation images; default: generated and cached by
             :func:`ensure_class_images` with ``class_inference_steps`` (default:
@@ -113,6 +115,7 @@ def train_lora(
             checkpoints first.
         cache_root: root of the latent / text / class-image caches (default: harness cache).
         progress: show a progress bar.
+        on_validation: called with each round of images of :mod:`harness.train.validation`.
 
     Under ``accelerate launch`` every process calls this; only the main one writes to
     ``run_dir`` and calls ``on_log`` / ``on_checkpoint``.
@@ -124,7 +127,7 @@ def train_lora(
     """
     started = time.perf_counter()
     accelerator, model, result = _begin(cfg, model, instance, Path(run_dir))
-    plan = _Plan(result, on_log, on_checkpoint, progress)
+    plan = _Plan(result, on_log, on_checkpoint, progress, on_validation=on_validation)
     try:
         root = cache_root or default_cache_root()
         options = _Options(class_images, resume, root, class_inference_steps)
@@ -268,6 +271,7 @@ def _train_steps(trainer: Trainer, plan: _Plan, start: int, log: StepLog) -> Non
     """Steps ``start + 1 .. max_steps``, checkpointing at ``checkpoint_steps`` and the end."""
     t, result = trainer.cfg.train, plan.result
     save_at = set(t.checkpoint_steps) | {t.max_steps}
+    validator = Validator(trainer.cfg, plan.run_dir, plan.on_validation)
     for step in range(start + 1, t.max_steps + 1):
         try:
             record = trainer.step(step)
@@ -278,6 +282,8 @@ def _train_steps(trainer: Trainer, plan: _Plan, start: int, log: StepLog) -> Non
             return
         result.steps_done, result.final_loss = step, record["loss"]
         log.write(record, step)
+        if validator.due(step):
+            validator.run(trainer, step)
         if step in save_at and _checkpoint(trainer, plan, step, record["loss"]):
             result.status, result.reason = "pruned", f"stopped by on_checkpoint at step {step}"
             return

@@ -230,6 +230,12 @@ def prepare_cmd() -> None:
             f"prepared {result.n_train} train / {result.n_val} val photos "
             f"({result.n_rejected} rejected) in {result.out_dir}"
         )
+        if result.token_choice is not None:
+            choice = result.token_choice
+            typer.echo(
+                f"identifier token: {result.token} (data.token: auto, seed {choice['seed']}, "
+                f"{choice['tokenizer']}; recorded in manifest.json)"
+            )
         for warning in getattr(result, "warnings", []):
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

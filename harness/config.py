@@ -46,6 +46,7 @@ from harness.errors import HarnessError
 
 __all__ = [
     "INFERENCE_DIMENSIONS",
+    "VALIDATION_KEYS",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
@@ -179,7 +180,17 @@ class DataConfig(_Strict):
     class_name: str | None = Field(
         None, description="Class noun; for dreambench read from prompts_and_classes.txt."
     )
-    token: str = Field("sks", min_length=1, pattern=r"^\S+$")
+    token: str = Field(
+        "sks",
+        min_length=1,
+        pattern=r"^\S+$",
+        description="The identifier in captions and prompts ({token}). auto (recommended for "
+        "new subjects): the prepare stage picks a rare one-piece token of the model's "
+        "tokenizer that is no common word (sks is a rifle) and records it in manifest.json.",
+    )
+    token_seed: int = Field(
+        0, ge=0, description="Which rare token data.token: auto picks (same seed, same token)."
+    )
     caption_template: str = "a photo of {token} {class_name}"
     missing_caption: Literal["template", "reject"] = Field(
         "template",
@@ -357,8 +368,37 @@ class TrainConfig(_Strict):
         "initial weights, no warmup): checkpoints' adapters hold the average. None: off.",
     )
     seed: int = 0
+    validation_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Validation images every N optimizer steps and after the last one "
+        "(run_dir/validation/step-N/, and the tracker), generated with the eval settings "
+        "without changing the training trajectory. None: off.",
+    )
+    validation_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "a photo of {token} {class_name}",
+            "a {token} {class_name} on the beach",
+        ],
+        min_length=1,
+        description="Validation prompt templates ({token}, {class_name}); one image each.",
+    )
+    validation_seed: int = Field(0, ge=0, description="The seed of every validation image.")
     export_kohya: bool = False
     output_dir: str = "runs/train"
+
+    @field_validator("validation_prompts")
+    @classmethod
+    def _known_placeholders(cls, value: list[str]) -> list[str]:
+        for template in value:
+            try:
+                template.format("t", "c", token="t", class_name="c")
+            except (IndexError, KeyError, ValueError) as exc:
+                raise ValueError(
+                    f"template {template!r} has an unknown placeholder ({exc}); use {{token}} "
+                    "and {class_name}"
+                ) from None
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -935,12 +975,16 @@ class LaunchConfig(_Strict):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)  # type: ignore[arg-type]
 
 
+# train keys that only say what to look at while training (validation images): they never
+# change the weights, so no identity (study, run key, checkpoint hash) includes them.
+VALIDATION_KEYS = frozenset({"validation_steps", "validation_prompts", "validation_seed"})
+
 # Keys added after studies, run keys and checkpoints existed. At these values they are left
 # out of every identity (study names, run keys, checkpoint config hashes: identity_dump), so
 # adding a key renames no study and resumes every checkpoint; any other value is part of the
 # identity like every other key.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"subjects": None},
+    "data": {"subjects": None, "token_seed": 0},
     "train": {
         "snr_gamma": None,
         "noise_offset": 0.0,
@@ -949,6 +993,12 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_dora": False,
         "text_encoder_alpha": None,
         "ema_decay": None,
+        "validation_steps": None,
+        "validation_prompts": [
+            "a photo of {token} {class_name}",
+            "a {token} {class_name} on the beach",
+        ],
+        "validation_seed": 0,
     },
     "inference": {"scheduler": None},  # sweep.inference
 }

@@ -75,10 +75,28 @@ def prepared_subject_dir(cfg: HarnessConfig, root: Path) -> Path:
 
 def run_prepare(cfg: HarnessConfig, root: Path, progress: bool = True) -> list[Any]:
     """Prepare the configured subject, or every subject of ``data.subjects`` (see
-    :func:`harness.data.prepare_subject`); one result per subject."""
+    :func:`harness.data.prepare_subject`); one result per subject. ``data.token: auto`` is
+    resolved here, once, with the model's tokenizer when it is on disk."""
     from harness.data.subjects import prepare_subjects
 
-    return prepare_subjects(cfg.data, root, progress=progress)
+    return prepare_subjects(cfg.data, root, progress=progress, identifier=_identifier(cfg))
+
+
+def _identifier(cfg: HarnessConfig) -> Any:
+    """What ``data.token: auto`` chooses with: the model's own tokenizer (else the offline
+    CLIP BPE, the same ids) and the words of every prompt a run will use; None for a fixed
+    token."""
+    from harness.data.identifier import AUTO, IdentifierContext
+
+    if cfg.data.token != AUTO:
+        return None
+    from harness.models import load_tokenizer
+
+    found = load_tokenizer(cfg.model)
+    avoid = (*cfg.eval.prompts, *(cfg.evaluate.prompts or []), cfg.train.class_prompt)
+    if found is None:
+        return IdentifierContext(avoid=avoid)
+    return IdentifierContext(tokenizer=found[0], source=found[1], avoid=avoid)
 
 
 def _load_subject(cfg: HarnessConfig, root: Path) -> tuple[HarnessConfig, Any]:
@@ -170,7 +188,11 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
         def on_log(record: dict[str, Any], step: int) -> None:
             run.log_scalars(record, step, title="train")
 
-        result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log)
+        def on_validation(made: Any) -> None:
+            for index, (image, prompt) in enumerate(zip(made.images, made.prompts, strict=True)):
+                run.log_image("validation", f"{index}: {prompt}", image, made.step)
+
+        result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log, on_validation=on_validation)
         for ckpt in result.checkpoints:
             run.upload_artifact(f"lora-step-{ckpt.step}", ckpt.weights_path)
     return result
@@ -196,6 +218,7 @@ def run_generate(
     templates = list(cfg.eval.prompts)
     if (
         cfg.eval.prompt_source == "dataset"
+        or cfg.data.token == "auto"  # the token is the prepared subject's
         or (prepared_subject_dir(cfg, root) / MANIFEST).is_file()
     ):
         cfg, subject = _load_subject(cfg, root)  # a clear error when it was never prepared

@@ -128,6 +128,8 @@ def load_prepared(prepared_subject_dir: Path) -> PreparedSubject:
         images.append(
             PreparedImage(image_path, rec["caption"], rec["split"], bool(rec["reference"]))
         )
+    if manifest.get("token") == "auto":  # cannot happen since prepare resolves it; be sure
+        raise DataError(f"{path}: token 'auto' was never resolved; rerun prepare")
     return PreparedSubject(
         subject=manifest["subject"],
         token=manifest["token"],
@@ -142,15 +144,22 @@ def load_prepared(prepared_subject_dir: Path) -> PreparedSubject:
 
 
 def with_subject(cfg: HarnessConfig, subject: PreparedSubject) -> HarnessConfig:
-    """``cfg`` with ``data.class_name`` set to the prepared subject's class noun.
+    """``cfg`` with ``data.class_name`` set to the prepared subject's class noun and, for
+    ``data.token: auto``, ``data.token`` to the token the prepare stage chose.
 
     The prepared subject is the truth about its class (for DreamBench, the dataset's
-    ``prompts_and_classes.txt``, which wins over a preset's ``data.class_name``). Everything
-    after ``prepare`` (the prior-preservation class prompt, training, the sweep, generation)
-    must use this config. Returns ``cfg`` itself when nothing changes; ``cfg`` is never
-    modified (the config models are frozen).
+    ``prompts_and_classes.txt``, which wins over a preset's ``data.class_name``) and about an
+    automatically chosen identifier. Everything after ``prepare`` (the prior-preservation
+    class prompt, training, the sweep, generation) must use this config. Returns ``cfg``
+    itself when nothing changes; ``cfg`` is never modified (the config models are frozen).
     """
-    if subject.class_name is None or subject.class_name == cfg.data.class_name:
+    from harness.data.identifier import AUTO
+
+    update: dict[str, Any] = {}
+    if subject.class_name is not None and subject.class_name != cfg.data.class_name:
+        update["class_name"] = subject.class_name
+    if cfg.data.token == AUTO:
+        update["token"] = subject.token
+    if not update:
         return cfg
-    data = cfg.data.model_copy(update={"class_name": subject.class_name})
-    return cfg.model_copy(update={"data": data})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})

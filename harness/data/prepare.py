@@ -47,6 +47,7 @@ from harness.data.captions import (
 from harness.data.dedupe import DuplicateIndex, perceptual_hash
 from harness.data.errors import DataError, Rejection
 from harness.data.files import display_path, resolve_path, sha256_file, write_json
+from harness.data.identifier import IdentifierContext, resolve_token
 from harness.data.ingest import SUPPORTED_SUFFIXES, DecodeError, decode_image, fmt_exc, parse_color
 from harness.data.source import (
     SubjectSource,
@@ -97,6 +98,8 @@ class PrepareResult:
     n_reference: int
     n_rejected: int
     warnings: tuple[str, ...]
+    token: str = ""  # the identifier in the captions (data.token: auto: the chosen one)
+    token_choice: dict[str, Any] | None = None  # how data.token: auto chose it
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,21 @@ class _Skip(Exception):
     """A duplicate: the message is the rejection reason."""
 
 
-def prepare_subject(cfg: DataConfig, root: Path, *, progress: bool = True) -> PrepareResult:
+def prepare_subject(
+    cfg: DataConfig,
+    root: Path,
+    *,
+    progress: bool = True,
+    identifier: IdentifierContext | None = None,
+) -> PrepareResult:
     """Prepare the configured subject under ``<root>/<prepared_dir>/<subject>/``.
 
     Args:
         cfg: the data section of the harness config.
         root: project root; relative config paths are relative to it.
         progress: show a progress bar on stderr.
+        identifier: the tokenizer and words ``data.token: auto`` chooses with (default: the
+            offline CLIP BPE, no other words); the choice is in ``manifest.json``.
 
     Raises:
         DataError: the folder is missing, fewer than ``min_images`` usable photos remain, or
@@ -135,6 +146,7 @@ def prepare_subject(cfg: DataConfig, root: Path, *, progress: bool = True) -> Pr
         ensure_folder(src, cfg)
         for message in src.warnings:
             log.warning("%s", message)
+        cfg, choice = resolve_token(cfg, src.class_name, src.prompts, identifier)
         notes = [*src.warnings, *token_warnings(cfg.token, src.class_name)]
         photos, n_found = _collect(cfg, src, rejects, progress)
         notes += _caption_warnings(photos)
@@ -152,12 +164,19 @@ def prepare_subject(cfg: DataConfig, root: Path, *, progress: bool = True) -> Pr
         _write_failure(out_dir, label, rejects, str(exc))
         raise
     manifest = _manifest(cfg, src, photos, splits, refs, notes, rejects, n_found)
+    if choice is not None:  # only then: other manifests stay byte-identical
+        manifest["token_choice"] = choice.record()
     _write_outputs(
         out_dir, photos, manifest, _rejects_doc(label, rejects, None, manifest["warnings"])
     )
+    return _result(out_dir, manifest, n_found)
+
+
+def _result(out_dir: Path, manifest: dict[str, Any], n_found: int) -> PrepareResult:
+    """What :func:`prepare_subject` returns, from the manifest it wrote."""
     counts = manifest["counts"]
     return PrepareResult(
-        subject=cfg.subject,
+        subject=manifest["subject"],
         out_dir=out_dir,
         manifest_path=out_dir / MANIFEST,
         rejects_path=out_dir / REJECTS_JSON,
@@ -165,8 +184,10 @@ def prepare_subject(cfg: DataConfig, root: Path, *, progress: bool = True) -> Pr
         n_train=counts["train"],
         n_val=counts["val"],
         n_reference=counts["reference"],
-        n_rejected=len(rejects),
+        n_rejected=counts["rejected"],
         warnings=tuple(manifest["warnings"]),
+        token=manifest["token"],
+        token_choice=manifest.get("token_choice"),
     )
 
 

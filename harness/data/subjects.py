@@ -18,6 +18,7 @@ from harness.data.files import resolve_path
 
 if TYPE_CHECKING:
     from harness.config import DataConfig
+    from harness.data.identifier import IdentifierContext
     from harness.data.prepare import PrepareResult
 
 __all__ = [
@@ -78,7 +79,11 @@ def scan_subjects(cfg: DataConfig, root: Path) -> dict[str, Any]:
 
 
 def prepare_subjects(
-    cfg: DataConfig, root: Path, *, progress: bool = True
+    cfg: DataConfig,
+    root: Path,
+    *,
+    progress: bool = True,
+    identifier: IdentifierContext | None = None,
 ) -> list[PrepareResult]:
     """Prepare every subject; one that fails does not stop the others (nothing done is lost).
 
@@ -89,11 +94,11 @@ def prepare_subjects(
     from harness.data.prepare import prepare_subject
 
     if not is_multi_subject(cfg):
-        return [prepare_subject(cfg, root, progress=progress)]
+        return [prepare_subject(cfg, root, progress=progress, identifier=identifier)]
     results, failed = [], []
     for one in per_subject(cfg, root):
         try:
-            results.append(prepare_subject(one, root, progress=progress))
+            results.append(prepare_subject(one, root, progress=progress, identifier=identifier))
         except DataError as exc:
             failed.append(f"subject {one.subject!r}: {exc}")
     if failed:

@@ -46,6 +46,7 @@ __all__ = [
     "check_weights_file",
     "detect_family",
     "load_pipeline",
+    "load_tokenizer",
     "parse_model_ref",
     "resolve_device",
     "resolve_dtype",
@@ -369,3 +370,42 @@ def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedMod
         time.perf_counter() - started,
     )
     return LoadedModel(pipeline=pipeline, family=family, ref=ref, device=device, dtype=dtype)
+
+
+def _tokenizer_source(cfg: ModelConfig, ref: ModelRef) -> tuple[str, dict[str, Any]] | None:
+    """Where the model's first tokenizer lies on disk: (diffusers folder or hub id, options)."""
+    if ref.kind == "local_dir":
+        return ref.value, {}
+    hub = ref.value if ref.kind == "hub" else cfg.single_file_config
+    if hub is None:
+        return None
+    if Path(hub).is_dir():
+        return hub, {}
+    revision = cfg.revision if ref.kind == "hub" else None
+    if not _hub_cached(hub, revision, cfg.cache_dir):
+        return None
+    return hub, {"revision": revision, "cache_dir": cfg.cache_dir}
+
+
+def load_tokenizer(cfg: ModelConfig) -> tuple[Any, str] | None:
+    """The model's own (first) tokenizer from local files, with where it came from, or None
+    when only a download could supply it or the model has none on disk: ``tiny://`` and
+    ``random://`` models use the offline CLIP BPE, whose ids are SD's (the caller falls back
+    to it). Never downloads and never loads weights."""
+    from transformers import CLIPTokenizer
+
+    ref = parse_model_ref(cfg.pretrained)
+    if ref.kind in ("tiny", "random"):
+        return None
+    source = _tokenizer_source(cfg, ref)
+    if source is None:
+        return None
+    where, options = source
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(
+            where, subfolder="tokenizer", local_files_only=True, **options
+        )
+    except (OSError, ValueError) as exc:
+        logger.info("no local tokenizer for %s (%s)", cfg.pretrained, exc)
+        return None
+    return tokenizer, f"{cfg.pretrained} (tokenizer)"

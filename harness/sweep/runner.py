@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.config import HarnessConfig, InferenceSetting, Rung, identity_dump
+from harness.config import VALIDATION_KEYS, HarnessConfig, InferenceSetting, Rung, identity_dump
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
@@ -69,7 +69,7 @@ def run_key(cfg: HarnessConfig) -> str:
     payload = {
         "model": cfg.model.model_dump(mode="json", exclude={"device", "cache_dir"}),
         "data": identity_dump("data", cfg.data),
-        "train": identity_dump("train", cfg.train, {"output_dir"}),
+        "train": identity_dump("train", cfg.train, {"output_dir", *VALIDATION_KEYS}),
         "seed": cfg.seed,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

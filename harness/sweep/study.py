@@ -49,7 +49,7 @@ from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness.config import HarnessConfig, identity_dump
+from harness.config import VALIDATION_KEYS, HarnessConfig, identity_dump
 from harness.errors import HarnessError
 from harness.sweep.claims import journal_path
 from harness.sweep.retry import RetryingRDBStorage, retry_schema_race
@@ -208,7 +208,7 @@ def make_pruner(cfg: HarnessConfig) -> optuna.pruners.BasePruner:
 _NOT_MEANING = {
     "model": {"device", "cache_dir"},
     "data": {"raw_dir", "prepared_dir", "dreambench_dir", "max_image_pixels"},
-    "train": {"output_dir"},
+    "train": {"output_dir", *VALIDATION_KEYS},
 }
 # The eval keys a sweep reads (the inference grid replaces the single-setting ones; the batch
 # size never changes an image, every image has its own seeded generator).

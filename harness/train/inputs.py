@@ -24,9 +24,17 @@ from harness.train.cache import (
     cached_latents,
     cached_prompt_embeddings,
 )
+from harness.train.microcond import TimeIds, class_time_ids, geometries, time_ids
 from harness.train.records import TrainingError
 
-__all__ = ["Shard", "TrainInputs", "class_prompt_for", "prepare_inputs", "sample_indices"]
+__all__ = [
+    "Shard",
+    "TrainInputs",
+    "class_prompt_for",
+    "instance_time_ids",
+    "prepare_inputs",
+    "sample_indices",
+]
 
 Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, std) of one image's VAE latent
 
@@ -43,6 +51,11 @@ class TrainInputs:
     stats: dict[str, CacheStats] = field(default_factory=dict)
     # The mirrored photos' posteriors, in ``latents``' order (``train.random_flip`` > 0).
     flipped: list[Posterior] | None = None
+    # SDXL micro-conditioning per photo (and per mirrored photo), in ``latents``' order, and
+    # of the class images (see harness.train.microcond); None: (res, res, 0, 0, res, res).
+    time_ids: list[TimeIds] | None = None
+    flipped_time_ids: list[TimeIds] | None = None
+    class_time_ids: TimeIds | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,11 @@ class Shard:
 def class_prompt_for(cfg: HarnessConfig) -> str:
     """``train.class_prompt`` with ``{class_name}`` / ``{token}`` filled in."""
     template = cfg.train.class_prompt
+    if cfg.data.token == "auto" and "{token}" in template:
+        raise TrainingError(
+            "data.token: auto is chosen by the prepare stage; train on the prepared subject "
+            "(its config, harness.data.with_subject, carries the chosen token)"
+        )
     if "{class_name}" in template and not cfg.data.class_name:
         raise TrainingError("prior preservation needs data.class_name for train.class_prompt")
     return template.replace("{class_name}", cfg.data.class_name or "").replace(
@@ -104,9 +122,32 @@ def prepare_inputs(
         prompts = captions + ([class_prompt] if class_prompt else [])
         embeddings = cached_prompt_embeddings(model, cfg.model, prompts, cache_root, stats["text"])
     flipped = None
+    paths = [p for p, _ in instance]
     if cfg.train.random_flip > 0:
-        paths = [p for p, _ in instance]
         flipped = cached_latents(model, cfg.model, paths, res, cache_root, stats["latents"], True)
+    ids, flipped_ids = instance_time_ids(cfg, paths)
     return TrainInputs(
-        latents, captions, class_latents, class_prompt, embeddings, stats, flipped=flipped
+        latents,
+        captions,
+        class_latents,
+        class_prompt,
+        embeddings,
+        stats,
+        flipped=flipped,
+        time_ids=ids,
+        flipped_time_ids=flipped_ids,
+        class_time_ids=class_time_ids(res),
     )
+
+
+def instance_time_ids(
+    cfg: HarnessConfig, paths: Sequence[Path]
+) -> tuple[list[TimeIds], list[TimeIds] | None]:
+    """SDXL time ids of each photo, and of its mirror image when ``train.random_flip`` > 0.
+
+    They come from the prepared manifest's geometry, not from the latent cache, so latent
+    cache entries written before micro-conditioning existed stay valid."""
+    res, found = cfg.data.resolution, geometries(paths)
+    ids = [time_ids(g, res) for g in found]
+    flipped = [time_ids(g, res, flip=True) for g in found] if cfg.train.random_flip > 0 else None
+    return ids, flipped

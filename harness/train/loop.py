@@ -33,8 +33,14 @@ from harness.train.cache import ensure_class_images
 from harness.train.checkpointing import resume_from, resume_point, save_checkpoint
 from harness.train.distributed import broadcast_flag, describe, make_accelerator, training_model
 from harness.train.failures import StepFailure
-from harness.train.fingerprints import config_hash, data_hash
-from harness.train.inputs import Shard, TrainInputs, class_prompt_for, prepare_inputs
+from harness.train.fingerprints import config_hash, data_hash, hashed_time_ids
+from harness.train.inputs import (
+    Shard,
+    TrainInputs,
+    class_prompt_for,
+    instance_time_ids,
+    prepare_inputs,
+)
 from harness.train.objective import DenoisingObjective
 from harness.train.optim import check_optimizer
 from harness.train.records import CheckpointInfo, TrainingError, TrainResult
@@ -43,6 +49,7 @@ from harness.train.session import TrainingSession, open_session
 from harness.train.state import TrainingState
 from harness.train.step import Trainer
 from harness.train.tensorfiles import atomic_write_json
+from harness.train.validation import ValidationCallback, Validator
 
 __all__ = ["class_prompt_for", "config_hash", "train_lora"]
 
@@ -60,6 +67,7 @@ class _Plan:
     on_checkpoint: CheckpointCallback | None
     progress: bool
     meta: dict[str, Any] = field(default_factory=dict)  # every checkpoint.json's metadata
+    on_validation: ValidationCallback | None = None  # train.validation_steps' images
 
     @property
     def run_dir(self) -> Path:
@@ -90,6 +98,7 @@ def train_lora(
     cache_root: Path | None = None,
     progress: bool = True,
     class_inference_steps: int | None = None,
+    on_validation: ValidationCallback | None = None,
 ) -> TrainResult:
     """Train a DreamBooth LoRA on ``model`` (left unchanged afterwards) and checkpoint it.
 
@@ -97,7 +106,8 @@ def train_lora(
         cfg: the harness config (``train``, ``data.resolution``/``class_name``, ``model``).
         model: the loaded base pipeline; adapters are attached under the name ``harness_train``
             and removed when this returns or raises.
-        instance: (image path, caption) pairs, square PNGs at ``data.resolution``.
+        instance: (image path, caption) pairs, square PNGs at ``data.resolution`` (SDXL time
+            ids: from the prepared manifest beside them, :mod:`harness.train.microcond`).
         run_dir: where checkpoints, ``train_log.jsonl`` and ``result.json`` go.
         class_images: prior-preservation images; default: generated and cached by
             :func:`ensure_class_images` with ``class_inference_steps`` (default:
@@ -108,6 +118,7 @@ def train_lora(
             checkpoints first.
         cache_root: root of the latent / text / class-image caches (default: harness cache).
         progress: show a progress bar.
+        on_validation: called with each round of images of :mod:`harness.train.validation`.
 
     Under ``accelerate launch`` every process calls this; only the main one writes to
     ``run_dir`` and calls ``on_log`` / ``on_checkpoint``.
@@ -119,7 +130,7 @@ def train_lora(
     """
     started = time.perf_counter()
     accelerator, model, result = _begin(cfg, model, instance, Path(run_dir))
-    plan = _Plan(result, on_log, on_checkpoint, progress)
+    plan = _Plan(result, on_log, on_checkpoint, progress, on_validation=on_validation)
     try:
         root = cache_root or default_cache_root()
         options = _Options(class_images, resume, root, class_inference_steps)
@@ -184,7 +195,9 @@ def _prepare(
     class_list = list(class_images or []) if t.prior_preservation else []
     if t.prior_preservation and not class_list:
         raise TrainingError("prior preservation is on but there are no class images")
-    dhash = data_hash(instance, class_list)
+    ids = instance_time_ids(cfg, [p for p, _ in instance])
+    micro = hashed_time_ids(model.family, cfg.data.resolution, [i for i in ids if i is not None])
+    dhash = data_hash(instance, class_list, micro)
     plan.meta = _checkpoint_meta(cfg, model, accelerator, plan.result.config_hash, dhash)
     hashes = (plan.result.config_hash, dhash)
     states, plan.result.warnings = resume_point(
@@ -262,6 +275,7 @@ def _train_steps(trainer: Trainer, plan: _Plan, start: int, log: StepLog) -> Non
     """Steps ``start + 1 .. max_steps``, checkpointing at ``checkpoint_steps`` and the end."""
     t, result = trainer.cfg.train, plan.result
     save_at = set(t.checkpoint_steps) | {t.max_steps}
+    validator = Validator(trainer.cfg, plan.run_dir, plan.on_validation)
     for step in range(start + 1, t.max_steps + 1):
         try:
             record = trainer.step(step)
@@ -272,6 +286,8 @@ def _train_steps(trainer: Trainer, plan: _Plan, start: int, log: StepLog) -> Non
             return
         result.steps_done, result.final_loss = step, record["loss"]
         log.write(record, step)
+        if validator.due(step):
+            validator.run(trainer, step)
         if step in save_at and _checkpoint(trainer, plan, step, record["loss"]):
             result.status, result.reason = "pruned", f"stopped by on_checkpoint at step {step}"
             return

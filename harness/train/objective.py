@@ -21,10 +21,20 @@ from harness.config import HarnessConfig
 from harness.models import LoadedModel
 from harness.train.cache import encode_prompts
 from harness.train.inputs import Posterior, Shard, TrainInputs, sample_indices
+from harness.train.microcond import TimeIds, class_time_ids
 
-__all__ = ["DenoisingObjective", "MicroLoss"]
+__all__ = ["Batch", "DenoisingObjective", "MicroLoss"]
 
 MicroLoss = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (total, instance, prior)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: scaled latents, their prompts and SDXL time ids (n x 6)."""
+
+    latents: torch.Tensor
+    prompts: list[str]
+    time_ids: torch.Tensor
 
 
 @dataclass
@@ -46,10 +56,10 @@ class DenoisingObjective:
 
     def loss(self, micro: int) -> MicroLoss:
         """(total, instance, prior) loss of micro-batch ``micro`` (0-based, over the run)."""
-        latents, prompts = self._batch(micro)
-        noisy, steps, target = self._noised(latents)
+        batch = self._batch(micro)
+        noisy, steps, target = self._noised(batch.latents)
         with self.autocast():
-            pred = self._predict(noisy, steps, prompts)
+            pred = self._predict(noisy, steps, batch)
         pred, target = pred.float(), target.to(self.model.device).float()
         weights = self._snr_weights(steps)
         if not self.prior:
@@ -82,30 +92,45 @@ class DenoisingObjective:
         std = torch.stack([pairs[i][1] for i in idx])
         return mean + std * torch.randn(mean.shape, generator=self.generator)
 
-    def _instance_posteriors(self, idx: list[int]) -> list[Posterior]:
-        """The batch's instance posteriors, each mirrored with probability
-        ``train.random_flip`` (the coins come from the generator only when flipping is on,
-        so a run without it draws exactly what it always did)."""
-        data, p = self.inputs, self.cfg.train.random_flip
-        if p <= 0 or data.flipped is None:
-            return [data.latents[i] for i in idx]
-        coins = torch.rand(len(idx), generator=self.generator) < p
-        return [data.flipped[i] if c else data.latents[i] for i, c in zip(idx, coins, strict=True)]
+    def _flips(self, n: int) -> list[bool]:
+        """Which of the batch's ``n`` photos are mirrored (probability ``train.random_flip``;
+        the coins come from the generator only when flipping is on, so a run without it
+        draws exactly what it always did)."""
+        if self.cfg.train.random_flip <= 0 or self.inputs.flipped is None:
+            return [False] * n
+        coins = torch.rand(n, generator=self.generator) < self.cfg.train.random_flip
+        return [bool(c) for c in coins]
 
-    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
-        """Scaled latents and prompts: instance samples, then as many class samples."""
+    def _time_ids(self, idx: list[int], flips: list[bool]) -> list[TimeIds]:
+        """The SDXL micro-conditioning of the batch's photos (mirrored ones: their own)."""
+        data = self.inputs
+        if data.time_ids is None:  # inputs without geometry: the target size, uncropped
+            return [class_time_ids(self.cfg.data.resolution)] * len(idx)
+        mirrored = data.flipped_time_ids or data.time_ids
+        return [(mirrored if f else data.time_ids)[i] for i, f in zip(idx, flips, strict=True)]
+
+    def _batch(self, micro: int) -> Batch:
+        """Scaled latents, prompts and time ids: instance samples, then as many class ones."""
         t, data, b = self.cfg.train, self.inputs, self.cfg.train.batch_size
         start = self.shard.start(micro)
         idx = sample_indices(len(data.latents), start, b, t.seed)
         prompts = [data.captions[i] for i in idx]
-        latents = self._draw(self._instance_posteriors(idx), list(range(len(idx))))
+        flips = self._flips(len(idx))
+        pairs = [
+            data.flipped[i] if f and data.flipped is not None else data.latents[i]
+            for i, f in zip(idx, flips, strict=True)
+        ]
+        latents = self._draw(pairs, list(range(len(idx))))
+        ids = self._time_ids(idx, flips)
         if self.prior:
             cidx = sample_indices(len(data.class_latents), start, b, t.seed + 1)
             latents = torch.cat([latents, self._draw(data.class_latents, cidx)])
             prompts += [data.class_prompt] * b
+            ids += [data.class_time_ids or class_time_ids(self.cfg.data.resolution)] * b
         vae_cfg = self.model.pipeline.vae.config
         shift = vae_cfg.get("shift_factor") or 0.0
-        return (latents - shift) * vae_cfg.scaling_factor, prompts
+        scaled = (latents - shift) * vae_cfg.scaling_factor
+        return Batch(scaled, prompts, torch.tensor(ids, dtype=torch.float32))
 
     def _noised(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents, timesteps, regression target)."""
@@ -136,16 +161,15 @@ class DenoisingObjective:
         )
         return embeds, pooled
 
-    def _predict(self, noisy: torch.Tensor, steps: torch.Tensor, prompts: list[str]) -> Any:
+    def _predict(self, noisy: torch.Tensor, steps: torch.Tensor, batch: Batch) -> Any:
         """The UNet's prediction (under the caller's autocast)."""
         dev, dtype = self.model.device, self.model.dtype
-        embeds, pooled = self._conditioning(prompts)
+        embeds, pooled = self._conditioning(batch.prompts)
         added: dict[str, torch.Tensor] | None = None
         if self.model.family == "sdxl":
-            res = self.cfg.data.resolution
-            time_ids = torch.tensor([[res, res, 0, 0, res, res]] * noisy.shape[0])
             assert pooled is not None
-            added = {"text_embeds": pooled.to(dev, dtype), "time_ids": time_ids.to(dev, dtype)}
+            ids = batch.time_ids.to(dev, dtype)
+            added = {"text_embeds": pooled.to(dev, dtype), "time_ids": ids}
         return self.model.pipeline.unet(
             noisy.to(dev, dtype),
             steps.to(dev),

@@ -120,12 +120,12 @@ def test_noise_offset_shifts_each_sample_and_channel_by_a_constant() -> None:
 
 def test_random_flip_puts_the_mirrored_photo_in_the_batch() -> None:
     flipped = [(torch.full((4, 8, 8), 10.0 + i), torch.zeros(4, 8, 8)) for i in range(2)]
-    never, _ = objective(cfg_with(random_flip=0.0, batch_size=2), flipped=flipped)._batch(0)
-    always, _ = objective(cfg_with(random_flip=1.0, batch_size=2), flipped=flipped)._batch(0)
+    never = objective(cfg_with(random_flip=0.0, batch_size=2), flipped=flipped)._batch(0).latents
+    always = objective(cfg_with(random_flip=1.0, batch_size=2), flipped=flipped)._batch(0).latents
     assert set(never.unique().tolist()) == {0.0, 1.0}  # the photos as they are
     assert set(always.unique().tolist()) == {10.0, 11.0}  # their mirror images
     half = objective(cfg_with(random_flip=0.5, batch_size=2), flipped=flipped)
-    seen = {tuple(sorted(half._batch(m)[0].unique().tolist())) for m in range(20)}
+    seen = {tuple(sorted(half._batch(m).latents.unique().tolist())) for m in range(20)}
     assert len(seen) > 1  # some batches mirrored, some not
 
 

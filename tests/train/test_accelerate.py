@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +15,10 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
-from harness.config import HarnessConfig, ModelConfig
-from harness.models import LoadedModel, load_pipeline
+from harness.config import HarnessConfig
+from harness.models import LoadedModel
 from harness.train import train_lora
 from harness.train.inputs import Shard
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd15() -> LoadedModel:
-    """This module's own tiny SD 1.x pipeline (the trainer leaves it unchanged)."""
-    return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +51,6 @@ def make_cfg(family: str = "sd15", **train: Any) -> HarnessConfig:
 def load_tiny(family: str = "sd15") -> LoadedModel:
     """A freshly loaded tiny pipeline (about a second)."""
     return load_pipeline(ModelConfig(pretrained=f"tiny://{family}", device="cpu"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and two spinning OpenMP threads on a busy
-    2-core machine can make a run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

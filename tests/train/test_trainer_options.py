@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +43,6 @@ def cfg_with(**train: Any) -> HarnessConfig:
 
 def tiny() -> LoadedModel:
     return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ right steps with the eval settings, logged to the tracker, and never changing th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from harness.config import HarnessConfig, ModelConfig
-from harness.models import LoadedModel, load_pipeline
+from harness.config import HarnessConfig
+from harness.models import LoadedModel
 from harness.train import train_lora
 from harness.train.validation import VALIDATION_JSON, ValidationImages
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd15() -> LoadedModel:
-    return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
 
 
 def _cfg(**train: Any) -> HarnessConfig:

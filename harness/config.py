@@ -458,6 +458,13 @@ class MetricsConfig(_Strict):
     identifier_policy: Literal["remove", "keep", "replace_with_class"] = "remove"
     batch_size: int = Field(16, ge=1)
     bootstrap_samples: int = Field(1000, ge=0)
+    lpips_weights: str | None = Field(
+        None,
+        min_length=1,
+        description="LPIPS weights of DIV (the paper's: mean LPIPS among images of a prompt): "
+        "a .safetensors file from `python -m metrics lpips-convert`, or tiny (random, for "
+        "tests); null: DIV not measured (div_dino, the DINO-based diversity, still is).",
+    )
 
 
 class TrackingConfig(_Strict):
@@ -848,6 +855,7 @@ class LaunchConfig(_Strict):
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"subjects": None},
     "train": {"snr_gamma": None, "noise_offset": 0.0, "random_flip": 0.0},
+    "metrics": {"lpips_weights": None},
 }
 
 

@@ -162,3 +162,14 @@ def test_unusable_lpips_weights_are_refused(tmp_path: Path) -> None:
         load_lpips(str(wrong))
     with pytest.raises(WeightsUnavailableError, match="unexpected key"):
         convert_state_dict({"decoder.0.weight": torch.zeros(1)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lpips_on_cuda_equals_cpu(make_image: Callable[..., Image.Image]) -> None:
+    images = [make_image(s) for s in range(4)]
+    cpu, cuda = load_lpips("tiny"), load_lpips("tiny", device="cuda")
+    torch.testing.assert_close(
+        cuda.pair_distances(images), cpu.pair_distances(images), atol=1e-5, rtol=1e-4
+    )
+    assert cuda.distance(images[0], images[0].copy()) == 0.0

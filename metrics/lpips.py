@@ -189,7 +189,7 @@ class LpipsEncoder:
 
     Images (paths or PIL) are read as RGB at their own size; a set whose sizes differ is
     resized (bicubic) to the smallest width and the smallest height among them, since LPIPS
-    compares maps of equal size. Attributes: ``id`` (which weights: ``"tiny"`` or
+    compares maps of equal size. Attributes: ``id`` (which weights: ``"tiny:seed=<n>"`` or
     ``"<file name>@sha256:<12 hex>"``), ``device``, ``batch_size``.
     """
 

@@ -535,6 +535,13 @@ class MetricsConfig(_Strict):
     identifier_policy: Literal["remove", "keep", "replace_with_class"] = "remove"
     batch_size: int = Field(16, ge=1)
     bootstrap_samples: int = Field(1000, ge=0)
+    lpips_weights: str | None = Field(
+        None,
+        min_length=1,
+        description="LPIPS weights of DIV (the paper's: mean LPIPS among images of a prompt): "
+        "a .safetensors file from `python -m metrics lpips-convert`, or tiny (random, for "
+        "tests); null: DIV not measured (div_dino, the DINO-based diversity, still is).",
+    )
 
 
 class TrackingConfig(_Strict):
@@ -1001,6 +1008,7 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
         "validation_seed": 0,
     },
     "inference": {"scheduler": None},  # sweep.inference
+    "metrics": {"lpips_weights": None},
 }
 
 

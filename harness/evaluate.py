@@ -2,8 +2,9 @@
 
 Scores follow the DreamBooth protocol as implemented by the standalone :mod:`metrics` package:
 DINO and CLIP-I against the subject's real reference photos (all pairs), CLIP-T against each
-image's prompt (identifier policy recorded), DIV among images of the same prompt, and bootstrap
-95% intervals over prompts. Real-photo embeddings are cached by content hash, so a sweep
+image's prompt (identifier policy recorded), DIV (the paper's: mean LPIPS distance among images
+of the same prompt, with ``metrics.lpips_weights``) and DIV-DINO (``div_dino``: 1 - their mean
+DINO similarity), and bootstrap 95% intervals over prompts. Real-photo embeddings are cached by content hash, so a sweep
 computes them once.
 """
 
@@ -75,6 +76,7 @@ def make_scorer(cfg: HarnessConfig, device: str = "cpu") -> Any:
             bootstrap_samples=m.bootstrap_samples,
             device=device,
             seed=cfg.seed,
+            lpips_weights=m.lpips_weights,
         )
     )
 

@@ -1,4 +1,4 @@
-"""DreamBooth metrics: DINO, CLIP-I, CLIP-T, real ceiling, prior preservation, diversity.
+"""DreamBooth metrics: DINO, CLIP-I, CLIP-T, real ceiling, prior preservation, DIV (LPIPS).
 
 Standalone (never imports ``harness``). The scoring entry point is :class:`Scorer`::
 
@@ -8,7 +8,9 @@ Standalone (never imports ``harness``). The scoring entry point is :class:`Score
     result = scorer.score(real_paths, generated_paths, prompts, token="sks", class_name="dog")
     print(result.dino, result.ci["dino"], result.to_dict()["per_prompt"])
 
-Command line: ``python -m metrics score --real DIR --generated DIR [--prompts FILE] [--json OUT]``.
+Command line: ``python -m metrics score --real DIR --generated DIR [--prompts FILE] [--json OUT]
+[--lpips-weights FILE]``; ``python -m metrics lpips-convert --out lpips_alex.safetensors`` builds
+the LPIPS weights file of DIV.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _EXPORTS = {
     "WeightsUnavailableError": "errors",
     "ImageInput": "images",
     "load_image": "images",
+    "LpipsEncoder": "lpips",
+    "LpipsNetwork": "lpips",
+    "load_lpips": "lpips",
     "match_prompts": "manifest",
     "read_prompts_file": "manifest",
     "dino_crop_box": "preprocess",
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
     from metrics.encoders import ClipEncoder, DinoEncoder, ImageEncoder, load_clip, load_dino
     from metrics.errors import MetricsError, MetricsInputError, WeightsUnavailableError
     from metrics.images import ImageInput, load_image
+    from metrics.lpips import LpipsEncoder, LpipsNetwork, load_lpips
     from metrics.manifest import match_prompts, read_prompts_file
     from metrics.preprocess import dino_crop_box, dino_transform
     from metrics.prompts import IDENTIFIER_POLICIES, IdentifierPolicy, text_for_clip
@@ -86,6 +92,8 @@ __all__ = [
     "ImageEncoder",
     "ImageInput",
     "ImageScore",
+    "LpipsEncoder",
+    "LpipsNetwork",
     "MetricsError",
     "MetricsInputError",
     "PromptScore",
@@ -102,6 +110,7 @@ __all__ = [
     "load_clip",
     "load_dino",
     "load_image",
+    "load_lpips",
     "match_prompts",
     "per_row_mean",
     "read_prompts_file",

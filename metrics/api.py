@@ -14,9 +14,13 @@ Protocol (DreamBooth, Ruiz et al. 2023):
 * Real ceiling: DINO / CLIP-I among the real photos, self-pairs excluded.
 * PRES: DINO all-pairs mean between images generated for the bare class prompt and the real
   photos (lower = the prior is better preserved).
-* DIV: per prompt, ``1 - mean pairwise DINO similarity`` among its generated images (self-pairs
-  excluded); the reported DIV is the mean over prompts with at least two images. DINO is used
-  because it is sensitive to appearance and layout, not only to semantics.
+* DIV (the paper's): per prompt, the mean LPIPS distance (:mod:`metrics.lpips`, AlexNet)
+  over the unordered pairs of its generated images; the reported DIV is the mean over prompts
+  with at least two images. Needs LPIPS weights (``lpips_weights``); without them ``div`` is
+  ``None`` and ``metadata["div_unmeasured"]`` says why.
+* DIV-DINO (``div_dino``, this package's DIV before it followed the paper): per prompt,
+  ``1 - mean pairwise DINO similarity`` among its generated images (self-pairs excluded),
+  averaged over prompts the same way.
 
 Means come with 95% percentile-bootstrap intervals that resample prompts (see
 :func:`metrics.scores.bootstrap_ci`).
@@ -46,12 +50,17 @@ from metrics.encoders import (
 )
 from metrics.errors import MetricsInputError
 from metrics.images import ImageInput, image_name
+from metrics.lpips import LpipsEncoder, load_lpips
 from metrics.prompts import IDENTIFIER_POLICIES, IdentifierPolicy, text_for_clip
 
 __all__ = ["ImageScore", "PromptScore", "ScoreResult", "Scorer", "ScorerConfig"]
 
 CI_LEVEL = 0.95
-DIV_EMBEDDING = "dino"
+DIV_METRIC = "lpips"
+DIV_DINO_EMBEDDING = "dino"
+NO_LPIPS_WEIGHTS = (
+    "no LPIPS weights configured (lpips_weights: a file from `python -m metrics lpips-convert`)"
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,8 @@ class ScorerConfig:
             ``~/.cache/harness-metrics``).
         use_cache: read/write the embedding cache for real photos.
         seed: bootstrap seed (and init seed of tiny models).
+        lpips_weights: the LPIPS weights of DIV: a ``.safetensors`` file (see
+            :mod:`metrics.lpips`), ``"tiny"`` (random, for tests), or ``None`` (no DIV).
     """
 
     dino_model: str = DEFAULT_DINO_MODEL
@@ -85,6 +96,7 @@ class ScorerConfig:
     cache_dir: str | None = None
     use_cache: bool = True
     seed: int = 0
+    lpips_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.identifier_policy not in IDENTIFIER_POLICIES:
@@ -113,7 +125,8 @@ class ImageScore:
 
 @dataclass(frozen=True)
 class PromptScore:
-    """Scores of the images of one prompt (means over its images; DIV needs >= 2 images)."""
+    """Scores of the images of one prompt (means over its images; ``div`` (LPIPS) and
+    ``div_dino`` need >= 2 images, ``div`` also LPIPS weights)."""
 
     prompt: str
     text: str
@@ -122,28 +135,37 @@ class PromptScore:
     clip_i: float
     clip_t: float
     div: float | None
+    div_dino: float | None
 
 
 @dataclass(frozen=True)
 class ScoreResult:
     """Means, 95% bootstrap intervals over prompts, per-image/per-prompt rows and metadata.
 
-    ``clip_t`` is ``None`` without prompts; ``div`` is ``None`` when no prompt has two
-    images. ``ci[name]`` is ``(lo, hi)`` or ``None`` (no bootstrap samples / no value).
+    ``clip_t`` is ``None`` without prompts; ``div`` and ``div_dino`` are ``None`` when no
+    prompt has two images, ``div`` also without LPIPS weights (``metadata["div_unmeasured"]``
+    says why). ``ci[name]`` is ``(lo, hi)`` or ``None`` (no bootstrap samples / no value).
     """
 
     dino: float
     clip_i: float
     clip_t: float | None
     div: float | None
+    div_dino: float | None
     ci: dict[str, tuple[float, float] | None]
     images: tuple[ImageScore, ...]
     prompts: tuple[PromptScore, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def means(self) -> dict[str, float | None]:
-        """``{"dino", "clip_i", "clip_t", "div"}`` -> mean (``None`` when not computed)."""
-        return {"dino": self.dino, "clip_i": self.clip_i, "clip_t": self.clip_t, "div": self.div}
+        """``{"dino", "clip_i", "clip_t", "div", "div_dino"}`` -> mean (``None``: not computed)."""
+        return {
+            "dino": self.dino,
+            "clip_i": self.clip_i,
+            "clip_t": self.clip_t,
+            "div": self.div,
+            "div_dino": self.div_dino,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (lists instead of tuples, plain floats)."""
@@ -169,11 +191,13 @@ class Scorer:
         *,
         dino: DinoEncoder | None = None,
         clip: ClipEncoder | None = None,
+        lpips: LpipsEncoder | None = None,
     ) -> None:
-        """Args: ``config``; ``dino``/``clip``: ready encoders to use instead of loading."""
+        """Args: ``config``; ``dino``/``clip``/``lpips``: ready encoders instead of loading."""
         self.config = config or ScorerConfig()
         self._dino = dino
         self._clip = clip
+        self._lpips = lpips
         self._cache = EmbeddingCache(self.config.cache_dir) if self.config.use_cache else None
 
     @property
@@ -205,13 +229,23 @@ class Scorer:
             )
         return self._clip
 
+    @property
+    def lpips(self) -> LpipsEncoder | None:
+        """The LPIPS encoder of DIV (loaded on first use; ``None`` without LPIPS weights)."""
+        c = self.config
+        if self._lpips is None and c.lpips_weights is not None:
+            self._lpips = load_lpips(
+                c.lpips_weights, c.device, batch_size=c.batch_size, seed=c.seed
+            )
+        return self._lpips
+
     def load_encoders(self) -> None:
-        """Load both encoders now (they load lazily otherwise).
+        """Load the encoders now (they load lazily otherwise).
 
         A long job calls this first, so that missing or unsafe weights fail in seconds
         (:class:`~metrics.errors.WeightsUnavailableError`) rather than after hours of work.
         """
-        _ = self.dino, self.clip
+        _ = self.dino, self.clip, self.lpips
 
     def _embed_real(self, encoder: ImageEncoder, real: Sequence[ImageInput]) -> torch.Tensor:
         if self._cache is None:
@@ -233,6 +267,8 @@ class Scorer:
             "clip_pretrained": None if c.clip_model == TINY_CLIP else c.clip_pretrained,
             "dino_encoder_id": self.dino.id,
             "clip_encoder_id": self.clip.id,
+            # Which LPIPS weights made DIV: "tiny:seed=<n>" or "<file>@sha256:<12 hex>".
+            "lpips_weights": self.lpips.id if self.lpips is not None else None,
         }
 
     def score(
@@ -243,13 +279,13 @@ class Scorer:
         token: str | None = None,
         class_name: str | None = None,
     ) -> ScoreResult:
-        """DINO, CLIP-I, CLIP-T and DIV of ``generated`` against the ``real`` photos.
+        """DINO, CLIP-I, CLIP-T, DIV (LPIPS) and DIV-DINO of ``generated`` against ``real``.
 
         Args:
             real: the subject's real photos (paths or PIL images).
             generated: generated images; ``prompts[i]`` is the prompt of ``generated[i]``.
-            prompts: one prompt per generated image, or ``None`` to skip CLIP-T and DIV (the
-                intervals then resample single images).
+            prompts: one prompt per generated image, or ``None`` to skip CLIP-T and both DIVs
+                (the intervals then resample single images).
             token: the identifier token (e.g. ``"sks"``); needed unless the policy is ``keep``.
             class_name: the class noun; needed by ``replace_with_class``.
 
@@ -269,8 +305,12 @@ class Scorer:
         )
         names = [image_name(image, i) for i, image in enumerate(generated)]
         members = _members_by_prompt(prompts)
-        prompt_rows = _prompt_scores(members, texts, dino_gen, rows)
-        div_values = [row.div for row in prompt_rows if row.div is not None]
+        lpips_divs = self._lpips_divs(generated, members)
+        prompt_rows = _prompt_scores(members, texts, dino_gen, rows, lpips_divs)
+        divs = _DivValues(
+            div=[row.div for row in prompt_rows if row.div is not None],
+            div_dino=[row.div_dino for row in prompt_rows if row.div_dino is not None],
+        )
         metadata = self._score_metadata(
             token=token,
             class_name=class_name,
@@ -279,16 +319,40 @@ class Scorer:
             n_generated=len(generated),
             n_prompts=len(prompt_rows) if prompts is not None else None,
         )
+        metadata["div_unmeasured"] = None if divs.div else self._div_reason(members)
         return ScoreResult(
             dino=scores.all_pairs_mean(dino_gen, dino_real),
             clip_i=scores.all_pairs_mean(clip_gen, clip_real),
             clip_t=float(rows.clip_t.mean()) if rows.clip_t is not None else None,
-            div=sum(div_values) / len(div_values) if div_values else None,
-            ci=self._intervals(rows, _bootstrap_groups(members, names), div_values),
+            div=_mean(divs.div),
+            div_dino=_mean(divs.div_dino),
+            ci=self._intervals(rows, _bootstrap_groups(members, names), divs),
             images=_image_scores(names, prompts, texts, rows),
             prompts=tuple(prompt_rows),
             metadata=metadata,
         )
+
+    def _lpips_divs(
+        self, generated: Sequence[ImageInput], members: Mapping[str, list[int]]
+    ) -> dict[str, float]:
+        """DIV of each prompt with two or more images: its mean pairwise LPIPS distance
+        (``{}`` without LPIPS weights). Features are computed once per image."""
+        encoder = self.lpips
+        if encoder is None:
+            return {}
+        return {
+            prompt: encoder.mean_pair_distance([generated[i] for i in idx])
+            for prompt, idx in members.items()
+            if len(idx) >= 2
+        }
+
+    def _div_reason(self, members: Mapping[str, list[int]]) -> str:
+        """Why DIV was not measured (one line)."""
+        if not members:
+            return "no prompts (DIV compares images of the same prompt)"
+        if all(len(idx) < 2 for idx in members.values()):
+            return "no prompt has two or more images"
+        return NO_LPIPS_WEIGHTS
 
     def _clip_texts(
         self, prompts: Sequence[str] | None, token: str | None, class_name: str | None
@@ -315,9 +379,9 @@ class Scorer:
         return (clip_gen.double() * matched.double()).sum(dim=1)
 
     def _intervals(
-        self, rows: _Rows, groups: Sequence[Sequence[int]], div_values: Sequence[float]
+        self, rows: _Rows, groups: Sequence[Sequence[int]], divs: _DivValues
     ) -> dict[str, tuple[float, float] | None]:
-        """Bootstrap intervals of every mean; DIV resamples its per-prompt values."""
+        """Bootstrap intervals of every mean; the DIVs resample their per-prompt values."""
 
         def grouped(values: torch.Tensor) -> list[list[float]]:
             return [[float(values[i]) for i in group] for group in groups]
@@ -326,7 +390,8 @@ class Scorer:
             "dino": self._interval(grouped(rows.dino)),
             "clip_i": self._interval(grouped(rows.clip_i)),
             "clip_t": self._interval(grouped(rows.clip_t)) if rows.clip_t is not None else None,
-            "div": self._interval([[v] for v in div_values]) if div_values else None,
+            "div": self._interval([[v] for v in divs.div]) if divs.div else None,
+            "div_dino": self._interval([[v] for v in divs.div_dino]) if divs.div_dino else None,
         }
 
     def _score_metadata(
@@ -347,7 +412,8 @@ class Scorer:
             "token": token,
             "class_name": class_name,
             "encoded_texts": dict(sorted(texts.items())),
-            "div_embedding": DIV_EMBEDDING,
+            "div_metric": DIV_METRIC,
+            "div_dino_embedding": DIV_DINO_EMBEDDING,
             "n_real": n_real,
             "n_generated": n_generated,
             "n_prompts": n_prompts,
@@ -383,6 +449,18 @@ class Scorer:
         return scores.all_pairs_mean(
             self.dino.encode_images(class_images), self._embed_real(self.dino, real)
         )
+
+
+@dataclass(frozen=True)
+class _DivValues:
+    """Per-prompt values of the two DIVs (prompts with a value only), in prompt order."""
+
+    div: list[float]
+    div_dino: list[float]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -453,10 +531,12 @@ def _prompt_scores(
     texts: Mapping[str, str],
     dino_gen: torch.Tensor,
     rows: _Rows,
+    lpips_divs: Mapping[str, float],
 ) -> list[PromptScore]:
     """One :class:`PromptScore` per prompt, sorted by prompt (``[]`` without prompts).
 
-    DIV among a prompt's images uses their DINO embeddings and needs at least two images.
+    ``div``: the prompt's LPIPS DIV from ``lpips_divs``; ``div_dino`` from its images' DINO
+    embeddings. Both need at least two images.
     """
     if rows.clip_t is None:
         return []
@@ -471,7 +551,8 @@ def _prompt_scores(
                 dino=float(rows.dino[idx].mean()),
                 clip_i=float(rows.clip_i[idx].mean()),
                 clip_t=float(rows.clip_t[idx].mean()),
-                div=scores.diversity(dino_gen[idx]) if len(idx) >= 2 else None,
+                div=lpips_divs.get(prompt),
+                div_dino=scores.diversity(dino_gen[idx]) if len(idx) >= 2 else None,
             )
         )
     return out

@@ -1,9 +1,12 @@
-"""Command line: ``python -m metrics score --real DIR --generated DIR [--prompts FILE]``.
+"""Command line: ``python -m metrics score --real DIR --generated DIR [--prompts FILE]`` and
+``python -m metrics lpips-convert --out lpips_alex.safetensors``.
 
-Prints the means with 95% intervals and the real ceiling (rich tables), the per-prompt rows,
-and optionally writes everything as JSON. Input problems (empty folder, non-image file,
-prompts file that does not match the images, missing weights) print one line naming the file
-and exit with status 2.
+``score`` prints the means with 95% intervals and the real ceiling (rich tables), the
+per-prompt rows, and optionally writes everything as JSON; DIV (LPIPS) needs
+``--lpips-weights``. ``lpips-convert`` writes the LPIPS weights file from the ``lpips``
+package's lin weights and torchvision's AlexNet (:func:`metrics.lpips.convert`). Input problems
+(empty folder, non-image file, prompts file that does not match the images, missing weights)
+print one line naming the file and exit with status 2.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from metrics.api import Scorer, ScorerConfig, ScoreResult
 from metrics.encoders import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_DINO_MODEL
 from metrics.errors import MetricsError
 from metrics.images import list_image_files
+from metrics.lpips import NETS
 from metrics.manifest import match_prompts
 from metrics.prompts import IDENTIFIER_POLICIES
 
@@ -28,11 +32,17 @@ EXIT_INPUT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``metrics`` argument parser (one subcommand: ``score``)."""
+    """The ``metrics`` argument parser (subcommands ``score`` and ``lpips-convert``)."""
     parser = argparse.ArgumentParser(
         prog="python -m metrics", description="DreamBooth metrics: DINO, CLIP-I, CLIP-T, DIV."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_score(commands)
+    _add_lpips_convert(commands)
+    return parser
+
+
+def _add_score(commands: Any) -> None:
     score = commands.add_parser(
         "score",
         help="score generated images against a subject's real photos",
@@ -45,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help='JSONL {"file": ..., "prompt": ...} or "file<TAB>prompt" lines; without it CLIP-T '
         "and DIV are skipped",
+    )
+    score.add_argument(
+        "--lpips-weights",
+        help="LPIPS weights of DIV: a .safetensors file from `lpips-convert`, or tiny (random); "
+        "without it DIV is not measured (DIV-DINO still is)",
     )
     score.add_argument("--json", type=Path, dest="json_out", help="write the results here")
     score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL)
@@ -62,7 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--cache-dir", help="embedding cache (default: $METRICS_CACHE_DIR)")
     score.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     score.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    return parser
+
+
+def _add_lpips_convert(commands: Any) -> None:
+    convert = commands.add_parser(
+        "lpips-convert",
+        help="write the LPIPS weights file of DIV (safetensors)",
+        description="Build the LPIPS v0.1 weights file from the lpips package's lin weights "
+        "(weights/v0.1/<net>.pth) and torchvision's ImageNet backbone (torch hub's cache, "
+        "downloaded once); both are read with torch.load(weights_only=True).",
+    )
+    convert.add_argument("--out", required=True, type=Path, help="the .safetensors file")
+    convert.add_argument("--net", default="alex", choices=sorted(NETS), help="default: alex")
+    convert.add_argument("--lin", type=Path, help="lin weights .pth (default: lpips package's)")
+    convert.add_argument(
+        "--backbone", type=Path, help="torchvision backbone .pth (default: torch hub's)"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -78,6 +108,10 @@ def _print_tables(result: ScoreResult, ceiling: dict[str, Any] | None) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        # Piped or captured output has no width of its own (rich assumes 80): keep the
+        # per-prompt rows (eight columns) from wrapping the prompts into fragments.
+        console = Console(width=max(console.width, 120))
     summary = Table(title="DreamBooth metrics")
     for column in ("metric", "mean", "95% CI (prompts)", "real ceiling"):
         summary.add_column(column, justify="left" if column == "metric" else "right")
@@ -87,20 +121,27 @@ def _print_tables(result: ScoreResult, ceiling: dict[str, Any] | None) -> None:
         ("clip_i", "CLIP-I"),
         ("clip_t", "CLIP-T"),
         ("div", "DIV"),
+        ("div_dino", "DIV-DINO"),
     ):
         summary.add_row(
             label, _fmt(result.means()[key]), _fmt_ci(result.ci.get(key)), _fmt(ceilings.get(key))
         )
     console.print(summary)
     meta = result.metadata
+    div_note = (
+        f"weights {meta['lpips_weights']}"
+        if result.div is not None
+        else f"not measured: {meta['div_unmeasured']}"
+    )
     console.print(
         f"identifier policy: {meta['identifier_policy']} (token {meta['token']!r}); "
-        f"DIV embedding: {meta['div_embedding']}; real: {meta['n_real']}, "
-        f"generated: {meta['n_generated']}"
+        f"DIV: mean pairwise LPIPS ({div_note}); DIV-DINO: 1 - mean pairwise DINO similarity; "
+        f"real: {meta['n_real']}, generated: {meta['n_generated']}"
     )
     if result.prompts:
         per_prompt = Table(title="Per prompt")
-        for column in ("prompt", "encoded text", "n", "DINO", "CLIP-I", "CLIP-T", "DIV"):
+        columns = ("prompt", "encoded text", "n", "DINO", "CLIP-I", "CLIP-T", "DIV", "DIV-DINO")
+        for column in columns:
             text_column = column in ("prompt", "encoded text")
             per_prompt.add_column(column, justify="left" if text_column else "right")
         for row in result.prompts:
@@ -112,6 +153,7 @@ def _print_tables(result: ScoreResult, ceiling: dict[str, Any] | None) -> None:
                 _fmt(row.clip_i),
                 _fmt(row.clip_t),
                 _fmt(row.div),
+                _fmt(row.div_dino),
             )
         console.print(per_prompt)
 
@@ -136,6 +178,7 @@ def _score(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             use_cache=not args.no_cache,
             seed=args.seed,
+            lpips_weights=args.lpips_weights,
         )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
@@ -158,6 +201,15 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lpips_convert(args: argparse.Namespace) -> int:
+    from metrics.lpips import convert, load_lpips
+
+    path = convert(args.out, args.net, lin=args.lin, backbone=args.backbone)
+    weights = load_lpips(str(path)).id  # loads back: the file fits the network
+    print(f"wrote {path} (LPIPS v0.1, {args.net}; {weights}): use it as --lpips-weights")
+    return 0
+
+
 class _UsageError(MetricsError):
     """An invalid option value."""
 
@@ -168,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "score":
             return _score(args)
+        if args.command == "lpips-convert":
+            return _lpips_convert(args)
     except MetricsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR

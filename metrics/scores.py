@@ -78,7 +78,9 @@ def self_pairs_mean(x: torch.Tensor) -> float:
 
 
 def diversity(x: torch.Tensor) -> float:
-    """DIV: ``1 - self_pairs_mean(x)`` for images generated from one prompt (higher = more diverse)."""
+    """DIV-DINO (``div_dino``): ``1 - self_pairs_mean(x)`` for the DINO embeddings of images
+    generated from one prompt (higher = more diverse). The paper's DIV is LPIPS-based: see
+    :class:`metrics.lpips.LpipsEncoder`."""
     return 1.0 - self_pairs_mean(x)
 
 

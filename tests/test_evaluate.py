@@ -43,6 +43,7 @@ def cfg() -> HarnessConfig:
                 "clip_pretrained": None,
                 "bootstrap_samples": 50,
                 "batch_size": 3,
+                "lpips_weights": "tiny",
             },
         }
     )
@@ -81,6 +82,7 @@ def test_make_scorer_follows_the_metrics_section(cfg: HarnessConfig) -> None:
     assert scorer.config.identifier_policy == m.identifier_policy
     assert scorer.config.bootstrap_samples == m.bootstrap_samples == 50
     assert (scorer.config.batch_size, scorer.config.seed) == (3, cfg.seed)
+    assert scorer.config.lpips_weights == m.lpips_weights == "tiny"
 
 
 def test_score_dict_flattens_means_and_intervals() -> None:
@@ -89,7 +91,14 @@ def test_score_dict_flattens_means_and_intervals() -> None:
         clip_i=0.25,
         clip_t=0.125,
         div=None,  # no prompt with two images: no DIV, no DIV interval
-        ci={"dino": (0.4, 0.6), "clip_i": None, "clip_t": (0.1, 0.15), "div": None},
+        div_dino=None,
+        ci={
+            "dino": (0.4, 0.6),
+            "clip_i": None,
+            "clip_t": (0.1, 0.15),
+            "div": None,
+            "div_dino": None,
+        },
         images=(),
         prompts=(),
     )
@@ -136,7 +145,11 @@ def test_evaluate_adapter_scores_every_setting(
         assert {image.setting for image in result.images} == {result.setting}
         assert result.images_dir == out / "images" / result.setting.id
         assert all((out / image.file).parent == result.images_dir for image in result.images)
-        assert {"dino", "dino_lo", "dino_hi", "clip_i", "clip_t", "div"} <= set(result.scores)
+        assert {"dino", "dino_lo", "dino_hi", "clip_i", "clip_t", "div", "div_dino"} <= set(
+            result.scores
+        )
+        assert result.scores["div"] > 0 and result.metadata["lpips_weights"] == "tiny:seed=0"
+        assert {"div", "div_dino"} <= set(result.per_prompt[0])
         assert result.scores["dino_lo"] <= result.scores["dino"] <= result.scores["dino_hi"]
         assert [row["prompt"] for row in result.per_prompt] == sorted(
             {image.prompt for image in result.images}
@@ -176,11 +189,12 @@ def test_setting_manifest_reproduces_the_scores_with_the_metrics_cli(
                 "--clip-pretrained", "none", "--token", "sks", "--class-name", "toy",
                 "--identifier-policy", m.identifier_policy,
                 "--bootstrap-samples", str(m.bootstrap_samples), "--seed", str(cfg.seed),
+                "--lpips-weights", str(m.lpips_weights),
             ]
         )  # fmt: skip
         assert status == 0, capsys.readouterr().err
         scores = json.loads(out.read_text())
-        for name in ("dino", "clip_i", "clip_t", "div"):
+        for name in ("dino", "clip_i", "clip_t", "div", "div_dino"):
             assert scores["means"][name] == pytest.approx(result.scores[name], abs=1e-6)
             lo, hi = scores["ci95"][name]
             assert (lo, hi) == pytest.approx(

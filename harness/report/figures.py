@@ -17,7 +17,15 @@ from harness.report.model import format_value
 
 __all__ = ["heatmap_png", "importance_png", "pareto_png", "steps_png"]
 
-LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "weighted": "weighted score"}
+LABELS = {
+    "dino": "DINO",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "weighted": "weighted score",
+    "div": "DIV",
+    "div_dino": "DIV-DINO",
+    "pres": "PRES",
+}
 
 
 def label(metric: str) -> str:

@@ -294,9 +294,22 @@ def grids_section(cfg: HarnessConfig, root: Path, out_dir: Path) -> Section:
 QUALITY = {
     "pres": "PRES (prior preservation: DINO of class-prompt images against the subject, lower "
     "is better)",
-    "div": "DIV (diversity: 1 - mean DINO similarity among images of one prompt, higher is "
-    "more varied)",
+    "div": "DIV (diversity, as in the DreamBooth paper: mean LPIPS distance among images of one "
+    "prompt, higher is more varied)",
+    "div_dino": "DIV-DINO (diversity: 1 - mean DINO similarity among images of one prompt, "
+    "higher is more varied; not the paper's DIV)",
 }
+
+
+def _unmeasured(cfg: HarnessConfig, metric: str) -> str:
+    """One line: ``metric`` was not measured, and why when the configuration says."""
+    name = label(metric)
+    if metric == "div" and cfg.metrics.lpips_weights is None:
+        return (
+            f"{name}: not measured (no LPIPS weights: set metrics.lpips_weights to a file from "
+            "`python -m metrics lpips-convert`)."
+        )
+    return f"{name}: not measured."
 
 
 def _quality(inputs: ReportInputs) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -352,12 +365,14 @@ def cost_section(cfg: HarnessConfig, root: Path, inputs: ReportInputs) -> Sectio
     costs = run_costs(cfg, root, inputs.study, inputs.sweep)
     table = merged.merge(costs, on="run_key", how="left") if "run_key" in merged else merged
     paragraphs = [f"{QUALITY[m]}: sweep score of each confirmed point." for m in measured]
-    paragraphs += [f"{QUALITY[m].split(' (')[0]}: not measured." for m in missing]
-    base_div = (inputs.references.get("baseline") or {}).get("div")
-    if "div" in measured and base_div is not None:
-        paragraphs.append(
-            f"The base model's DIV on the fresh seeds: {format_value(base_div, 'score')}."
-        )
+    paragraphs += [_unmeasured(cfg, m) for m in missing]
+    baseline = inputs.references.get("baseline") or {}
+    for m in ("div", "div_dino"):
+        if m in measured and baseline.get(m) is not None:
+            paragraphs.append(
+                f"The base model's {label(m)} on the fresh seeds: "
+                f"{format_value(baseline[m], 'score')}."
+            )
     paragraphs += _cost_sentences(costs, len(inputs.sweep))
     paragraphs += _adaptive_sentences(inputs.sweep_metrics)
     cost_columns = ["train_s", "processes", "device_s", "points_of_run", "device_s_per_point"]
@@ -365,7 +380,7 @@ def cost_section(cfg: HarnessConfig, root: Path, inputs: ReportInputs) -> Sectio
     columns += [c for c in [*cost_columns, "device", "peak_mib"] if c in table]
     labels = {
         **ID_LABELS,
-        **{f"score.{m}": m.upper() for m in measured},
+        **{f"score.{m}": label(m) for m in measured},
         "train_s": "training s",
         "processes": "processes",
         "device_s": "device-s",

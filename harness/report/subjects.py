@@ -95,8 +95,9 @@ def subjects_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section | None
 
 def dreambench_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section | None:
     """The DreamBooth paper's table (Ruiz et al. 2023, Table 1): rows real images (the
-    ceiling), the base model and each confirmed point; columns DINO, CLIP-I, CLIP-T (DIV,
-    PRES when measured), each the mean over subjects. None unless the sweep spans subjects
+    ceiling), the base model and each confirmed point; columns DINO, CLIP-I, CLIP-T (DIV, the
+    paper's LPIPS one, and PRES when measured), each the mean over subjects. DIV-DINO is not a
+    column: the paper has no such score. None unless the sweep spans subjects
     or ``evaluate.protocol`` is ``dreambench``."""
     if not is_multi_subject(cfg.data) and cfg.evaluate.protocol != "dreambench":
         return None

@@ -71,7 +71,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 REFERENCES_JSON = "references.json"
 METRICS = ("dino", "clip_i", "clip_t")
-EXTRA_METRICS = ("div", "pres")
+EXTRA_METRICS = ("div", "div_dino", "pres")
 ID_COLUMNS = ("point", "run_key", "checkpoint_step", "setting_id", "scheduler", "adapter")
 REQUIRED_COLUMNS = (
     *ID_COLUMNS,
@@ -319,7 +319,7 @@ def confirmation_row(
         for suffix in ("", "_lo", "_hi"):
             out[f"confirm.{m}{suffix}"] = confirm.get(m + suffix)
         out[f"shrinkage.{m}"] = float(sweep[m]) - float(confirm[m])
-    for m in EXTRA_METRICS:  # the paper's DIV and PRES, when measured
+    for m in EXTRA_METRICS:  # the paper's DIV and PRES (and DIV-DINO), when measured
         if m in confirm:
             out.update({f"confirm.{m}{s}": confirm.get(m + s) for s in ("", "_lo", "_hi")})
     out["confirm.n_images"] = measured.n_images

@@ -10,8 +10,11 @@ The sweep (``<sweep.dir>``, rewritten with ``results.parquet``):
     sweep, ``data.subjects``; null otherwise).
 ``per_prompt.parquet``
     one row per prompt of every point: ``point``, ``run_key``, ``checkpoint_step``,
-    ``setting_id``, ``prompt``, ``n_images``, ``dino``, ``clip_i``, ``clip_t``, ``div``,
-    ``subject`` (one row per prompt and subject in a multi-subject sweep).
+    ``setting_id``, ``prompt``, ``n_images``, ``dino``, ``clip_i``, ``clip_t``, ``div`` (the
+    paper's DIV: mean pairwise LPIPS; null without ``metrics.lpips_weights``), ``div_dino``
+    (1 - mean pairwise DINO similarity), ``subject`` (one row per prompt and subject in a
+    multi-subject sweep). Rows kept before ``div`` was LPIPS (no ``div_dino`` key) are read
+    with their DINO value as ``div_dino`` and a null ``div``.
 
 The evaluate stage (``<evaluate.dir>/per_image.parquet``): the same columns plus ``baseline``;
 the base model's rows have ``point`` -1 and null ``run_key`` / ``checkpoint_step``.
@@ -50,6 +53,7 @@ __all__ = [
     "arrow_table",
     "confirmed_image_rows",
     "image_rows",
+    "legacy_div",
     "point_rows_path",
     "write_point_rows",
     "write_score_tables",
@@ -89,11 +93,12 @@ PROMPT_SCHEMA = pa.schema(
         ("clip_i", pa.float64()),
         ("clip_t", pa.float64()),
         ("div", pa.float64()),
+        ("div_dino", pa.float64()),
         ("subject", pa.string()),
     ]
 )
 _IMAGE_FIELDS = ("template", "prompt", "seed", "image", "dino", "clip_i", "clip_t", "subject")
-_PROMPT_FIELDS = ("prompt", "n_images", "dino", "clip_i", "clip_t", "div", "subject")
+_PROMPT_FIELDS = ("prompt", "n_images", "dino", "clip_i", "clip_t", "div", "div_dino", "subject")
 
 PointRows = dict[str, list[dict[str, Any]]]  # {"images": [...], "prompts": [...]}
 
@@ -147,7 +152,23 @@ def _read_point_rows(path: Path) -> PointRows:
     if not path.is_file():
         return {"images": [], "prompts": []}
     data = json.loads(path.read_text(encoding="utf-8"))
-    return {"images": list(data.get("images", [])), "prompts": list(data.get("prompts", []))}
+    prompts = [legacy_div(row) for row in data.get("prompts", [])]
+    return {"images": list(data.get("images", [])), "prompts": prompts}
+
+
+def legacy_div(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Scores (or a per-prompt row) as they are now: those kept before DIV was the paper's
+    LPIPS one have a ``div`` (then 1 - mean DINO similarity) and no ``div_dino``; their
+    ``div*`` keys become ``div_dino*`` (and ``div`` null), so the two never mix."""
+    out = dict(values)
+    if "div" not in out or "div_dino" in out:
+        return out
+    for suffix in ("", "_lo", "_hi"):
+        if f"div{suffix}" in out:
+            out[f"div_dino{suffix}"] = out.pop(f"div{suffix}")
+    if "n_images" in out:  # a per-prompt row keeps its column
+        out["div"] = None
+    return out
 
 
 def _clean(value: Any) -> Any:

@@ -20,7 +20,10 @@ Columns, left to right:
 ``score.<metric>``, ``score.<metric>_lo``, ``score.<metric>_hi``
     every score with its bootstrap interval. The study's objectives are scores already
     (``score.dino``, ``score.clip_t``); an objective that is not one gets a score column of its
-    own: ``score.weighted`` in a sweep with ``sweep.weights``.
+    own: ``score.weighted`` in a sweep with ``sweep.weights``. ``score.div`` is the paper's
+    DIV (mean pairwise LPIPS, with ``metrics.lpips_weights``), ``score.div_dino`` the
+    DINO-based diversity; a point scored before DIV was LPIPS has its DINO value under
+    ``score.div_dino`` (:func:`harness.sweep.per_image.legacy_div`).
 ``seconds.<phase>``
     wall seconds: ``seconds.train`` (the run's training, proxy evaluations excluded; shared by
     the run's points), ``seconds.proxy`` (the proxy evaluation at the point's checkpoint),
@@ -60,6 +63,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from harness.sweep.per_image import legacy_div
 from harness.sweep.space import CHECKPOINT_STEP, EVAL_PREFIX, TRAIN_PREFIX
 from harness.sweep.study import objective_names
 
@@ -176,7 +180,7 @@ def _parameters(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 def _scores(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict[str, Any]:
     """``score.*`` of the point, plus each objective that is not a score (``weighted``)."""
-    scores = dict(trial.user_attrs.get("scores", {}))
+    scores = legacy_div(trial.user_attrs.get("scores", {}))
     assert trial.values is not None
     for name, value in zip(objectives, trial.values, strict=True):
         scores.setdefault(name, value)
@@ -273,7 +277,7 @@ def subject_frame(study: optuna.Study, frame: pd.DataFrame) -> pd.DataFrame:
                 {
                     **plain,
                     "subject": name,
-                    **{f"score.{m}": v for m, v in record.get("scores", {}).items()},
+                    **{f"score.{m}": v for m, v in legacy_div(record.get("scores", {})).items()},
                     "adapter": record.get("adapter"),
                     "images_dir": record.get("images_dir"),
                     "n_images": record.get("n_images"),

@@ -244,7 +244,7 @@ def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, A
         "space": {name: json.loads(distribution_to_json(d)) for name, d in sorted(dists.items())},
         "inference": identity_dump("inference", cfg.sweep.inference),
         "eval": {key: eval_section[key] for key in _SWEEP_EVAL_KEYS},
-        "metrics": cfg.metrics.model_dump(mode="json", exclude={"batch_size"}),
+        "metrics": identity_dump("metrics", cfg.metrics, {"batch_size"}),
         "model": cfg.model.model_dump(mode="json", exclude=_NOT_MEANING["model"]),
         "data": identity_dump("data", cfg.data, _NOT_MEANING["data"]),
         "train": identity_dump("train", cfg.train, _NOT_MEANING["train"] | searched),

@@ -11,6 +11,7 @@ from PIL import Image
 
 from metrics import Scorer, ScorerConfig
 from metrics.encoders import ClipEncoder, DinoEncoder, load_clip, load_dino
+from metrics.lpips import LpipsEncoder, load_lpips
 
 TINY_CONFIG = ScorerConfig(
     dino_model="tiny://dino",
@@ -18,6 +19,7 @@ TINY_CONFIG = ScorerConfig(
     clip_pretrained=None,
     batch_size=4,
     bootstrap_samples=200,
+    lpips_weights="tiny",
 )
 
 
@@ -47,15 +49,23 @@ def tiny_clip() -> ClipEncoder:
     return load_clip("tiny://clip", None, batch_size=4)
 
 
+@pytest.fixture(scope="session")
+def tiny_lpips() -> LpipsEncoder:
+    return load_lpips("tiny", batch_size=4)
+
+
 @pytest.fixture
 def scorer_factory(
-    tiny_dino: DinoEncoder, tiny_clip: ClipEncoder, tmp_path: Path
+    tiny_dino: DinoEncoder, tiny_clip: ClipEncoder, tiny_lpips: LpipsEncoder, tmp_path: Path
 ) -> Callable[..., Scorer]:
-    """Scorer on the shared tiny encoders with a per-test cache folder."""
+    """Scorer on the shared tiny encoders (LPIPS: tiny unless ``lpips_weights`` is overridden)
+    with a per-test cache folder."""
 
     def factory(**overrides: object) -> Scorer:
         fields = {**TINY_CONFIG.__dict__, "cache_dir": str(tmp_path / "cache"), **overrides}
-        return Scorer(ScorerConfig(**fields), dino=tiny_dino, clip=tiny_clip)
+        config = ScorerConfig(**fields)
+        lpips = tiny_lpips if config.lpips_weights == "tiny" else None
+        return Scorer(config, dino=tiny_dino, clip=tiny_clip, lpips=lpips)
 
     return factory
 

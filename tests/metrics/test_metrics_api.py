@@ -32,7 +32,8 @@ def test_identical_images_score_one(
     result = scorer.score([image], [image.copy(), image.copy()], ["a sks dog"] * 2, token="sks")
     assert result.dino == pytest.approx(1.0, abs=1e-5)
     assert result.clip_i == pytest.approx(1.0, abs=1e-5)
-    assert result.div == pytest.approx(0.0, abs=1e-5)
+    assert result.div == 0.0  # LPIPS of identical images: exactly 0
+    assert result.div_dino == pytest.approx(0.0, abs=1e-5)
     ceiling = scorer.real_ceiling([image, image.copy(), image.copy()])
     assert ceiling["dino"] == pytest.approx(1.0, abs=1e-5)
     assert ceiling["clip_i"] == pytest.approx(1.0, abs=1e-5)
@@ -67,10 +68,16 @@ def test_means_match_brute_force(
         assert row.dino == pytest.approx(
             float(torch.tensor([result.images[i].dino for i in idx]).mean()), abs=1e-6
         )
-        assert row.div == pytest.approx(1.0 - self_pairs_mean(dino_gen[idx]), abs=1e-6)
-    assert result.div == pytest.approx(
-        sum(r.div for r in result.prompts if r.div is not None) / 3, abs=1e-9
-    )
+        assert row.div_dino == pytest.approx(1.0 - self_pairs_mean(dino_gen[idx]), abs=1e-6)
+        images = [data["generated"][i] for i in idx]
+        pairs = [(0, 1), (0, 2), (1, 2)]
+        lpips = scorer.lpips
+        assert lpips is not None
+        expected_div = sum(lpips.distance(images[i], images[j]) for i, j in pairs) / 3
+        assert row.div == pytest.approx(expected_div, abs=1e-6) and row.div > 0
+    for name in ("div", "div_dino"):
+        values = [getattr(r, name) for r in result.prompts]
+        assert getattr(result, name) == pytest.approx(sum(values) / 3, abs=1e-9)
 
     for name, mean in result.means().items():
         interval = result.ci[name]
@@ -146,7 +153,8 @@ def test_without_prompts_clip_t_and_div_are_skipped(
     scorer_factory: Callable[..., Scorer], data: dict[str, list]
 ) -> None:
     result = scorer_factory().score(data["real"], data["generated"])
-    assert result.clip_t is None and result.div is None and result.prompts == ()
+    assert result.clip_t is None and result.div is None and result.div_dino is None
+    assert result.prompts == () and result.metadata["div_unmeasured"].startswith("no prompts")
     assert result.ci["clip_t"] is None and result.ci["dino"] is not None
     assert result.metadata["ci_resamples"] == "images"
     assert all(row.clip_t is None for row in result.images)
@@ -157,7 +165,27 @@ def test_one_image_per_prompt_has_no_div(
 ) -> None:
     result = scorer_factory().score(data["real"], data["generated"][:3], PROMPTS, token="sks")
     assert result.div is None and result.ci["div"] is None
+    assert result.div_dino is None and result.ci["div_dino"] is None
+    assert all(row.div is None and row.div_dino is None for row in result.prompts)
+    assert result.metadata["div_unmeasured"] == "no prompt has two or more images"
+
+
+def test_without_lpips_weights_div_is_not_measured_and_div_dino_is(
+    scorer_factory: Callable[..., Scorer], data: dict[str, list]
+) -> None:
+    with_lpips = scorer_factory().score(
+        data["real"], data["generated"], data["prompts"], token="sks"
+    )
+    result = scorer_factory(lpips_weights=None).score(
+        data["real"], data["generated"], data["prompts"], token="sks"
+    )
+    assert result.div is None and result.ci["div"] is None
     assert all(row.div is None for row in result.prompts)
+    assert result.div_dino == pytest.approx(with_lpips.div_dino, abs=1e-9)
+    assert result.ci["div_dino"] is not None
+    assert result.metadata["lpips_weights"] is None
+    assert "no LPIPS weights" in result.metadata["div_unmeasured"]
+    assert with_lpips.metadata["div_unmeasured"] is None
 
 
 def test_no_bootstrap_samples_no_intervals(
@@ -178,7 +206,9 @@ def test_to_dict_is_json_safe(scorer_factory: Callable[..., Scorer], data: dict[
     meta = payload["metadata"]
     assert meta["identifier_policy"] == "remove" and meta["token"] == "sks"
     assert meta["dino_encoder_id"] == "dino:tiny://dino:seed=0:fp32"
-    assert meta["div_embedding"] == "dino"
+    assert meta["div_metric"] == "lpips" and meta["div_dino_embedding"] == "dino"
+    assert meta["lpips_weights"] == "tiny:seed=0"
+    assert {"div", "div_dino"} <= set(payload["per_prompt"][0])
 
 
 def test_real_photos_are_embedded_once(

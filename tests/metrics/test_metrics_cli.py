@@ -50,16 +50,19 @@ def test_score_prints_tables_and_writes_json(
             "dog",
             "--bootstrap-samples",
             "100",
+            "--lpips-weights",
+            "tiny",
             *TINY,
         ]
     )
     assert code == 0
     stdout = capsys.readouterr().out
-    for label in ("DINO", "CLIP-I", "CLIP-T", "DIV", "real ceiling", "a photo of dog"):
+    for label in ("DINO", "CLIP-I", "CLIP-T", "DIV", "DIV-DINO", "real ceiling", "a photo of dog"):
         assert label in stdout
     payload = json.loads(out.read_text())
-    assert set(payload["means"]) == {"dino", "clip_i", "clip_t", "div"}
+    assert set(payload["means"]) == {"dino", "clip_i", "clip_t", "div", "div_dino"}
     assert all(isinstance(v, float) for v in payload["means"].values())
+    assert payload["means"]["div"] > 0 and payload["metadata"]["lpips_weights"] == "tiny:seed=0"
     assert payload["real_ceiling"]["n_real"] == 3
     assert len(payload["per_image"]) == 6 and len(payload["per_prompt"]) == 2
     assert payload["metadata"]["identifier_policy"] == "remove"
@@ -90,6 +93,19 @@ def test_score_without_prompts_skips_clip_t(
     assert payload["means"]["clip_t"] is None and payload["real_ceiling"] is None
 
 
+def test_score_without_lpips_weights_reports_div_not_measured(
+    image_dir: Callable[[str, list[int]], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generated = image_dir("gen", [5, 6, 7, 8])
+    manifest = write_manifest(generated, ["a sks dog"])
+    out = tmp_path / "s.json"
+    args = ["--generated", str(generated), "--prompts", str(manifest), "--json", str(out)]
+    assert main(["score", "--real", str(image_dir("real", [1])), *args, *TINY]) == 0
+    assert "not measured: no LPIPS weights configured" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["means"]["div"] is None and payload["means"]["div_dino"] > 0
+
+
 def _bad_case(
     kind: str, root: Path, image_dir: Callable[[str, list[int]], Path]
 ) -> tuple[list[str], str]:
@@ -102,6 +118,16 @@ def _bad_case(
     if kind == "non-image":
         (generated / "readme.txt").write_text("hello")
         return ["--real", str(real), "--generated", str(generated)], str(generated / "readme.txt")
+    if kind == "lpips-weights":
+        missing = root / "lpips_alex.safetensors"
+        return [
+            "--real",
+            str(real),
+            "--generated",
+            str(generated),
+            "--lpips-weights",
+            str(missing),
+        ], str(missing)
     if kind == "mismatch":
         prompts = root / "prompts.txt"
         prompts.write_text("img_003.png\ta sks dog\n")
@@ -116,7 +142,7 @@ def _bad_case(
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["empty", "non-image", "mismatch"])
+@pytest.mark.parametrize("kind", ["empty", "non-image", "mismatch", "lpips-weights"])
 def test_bad_inputs_exit_2_with_one_line(
     kind: str,
     tmp_path: Path,

@@ -55,6 +55,7 @@ def _scores(point: int, step: int, guidance: float, lr: float) -> dict[str, floa
         ("clip_i", dino + 0.1, 0.015),
         ("clip_t", clip_t, 0.01),
         ("div", 0.3 + 0.001 * point, 0.05),
+        ("div_dino", 0.2 + 0.001 * point, 0.04),
     ):
         out.update({f"score.{name}{k}": v for k, v in _interval(value, half).items()})
     out["score.pres"] = 0.6 - 0.002 * point

@@ -117,6 +117,7 @@ def test_pareto_steps_and_cost_numbers_equal_the_sweep_table(
     cost = page.sections["cost"]
     assert cost[("11", "score.pres")] == _score(sweep.loc[11, "score.pres"])
     assert cost[("11", "score.div")] == _score(sweep.loc[11, "score.div"])
+    assert cost[("11", "score.div_dino")] == _score(sweep.loc[11, "score.div_dino"])
     # point 5 is run-b (CPU, 2 processes x 12.5 s, 4 points), point 2 run-a (GPU); point 11
     # is run-c, whose folder is missing: not recorded
     assert (cost[("5", "device")], cost[("5", "device_s")]) == ("CPU", "25.0")
@@ -211,11 +212,15 @@ def test_without_per_image_scores_the_sections_say_so(tmp_path: Path, parse_repo
 def test_missing_cost_and_quality_are_not_recorded(tmp_path: Path) -> None:
     project = write_project(tmp_path, make_cfg(), per_image=False)
     shutil.rmtree(tmp_path / "runs/sweep/runs")
-    sweep = project.sweep.drop(columns=["score.pres"])
+    sweep = project.sweep.drop(columns=["score.pres", "score.div", "score.div_lo", "score.div_hi"])
     sweep.to_parquet(tmp_path / "runs/sweep/results.parquet", index=False)
     text = _html(project)
     cost = text[text.index('<section id="cost"') :]
     assert "PRES: not measured" in cost and "not recorded" in cost
+    # no LPIPS weights configured: the paper's DIV is missing, and the line says why
+    assert project.cfg.metrics.lpips_weights is None
+    assert "DIV: not measured (no LPIPS weights: set metrics.lpips_weights" in cost
+    assert "DIV-DINO (diversity: 1 - mean DINO similarity" in cost
 
 
 def test_no_evaluate_output_is_one_clear_error(tmp_path: Path) -> None:

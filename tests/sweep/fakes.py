@@ -160,7 +160,16 @@ def _prompt_rows(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for prompt in sorted({row["prompt"] for row in images}):
         mine = [row for row in images if row["prompt"] == prompt]
         means = {m: sum(row[m] for row in mine) / len(mine) for m in ("dino", "clip_i", "clip_t")}
-        rows.append({"prompt": prompt, "text": prompt, "n_images": len(mine), **means, "div": 0.1})
+        rows.append(
+            {
+                "prompt": prompt,
+                "text": prompt,
+                "n_images": len(mine),
+                **means,
+                "div": 0.1,
+                "div_dino": 0.2,
+            }
+        )
     return rows
 
 

@@ -61,6 +61,7 @@ PROMPT_COLUMNS = [
     "clip_i",
     "clip_t",
     "div",
+    "div_dino",
     "subject",
 ]
 INT_COLUMNS = ("point", "checkpoint_step", "seed")
@@ -114,6 +115,7 @@ def test_one_row_per_prompt_of_every_point(tmp_path: Path) -> None:
     assert list(per_prompt.columns) == PROMPT_COLUMNS
     assert len(per_prompt) == 2 * len(results)
     assert (per_prompt["n_images"] == 2).all() and (per_prompt["div"] == 0.1).all()
+    assert (per_prompt["div_dino"] == 0.2).all()
     per_image = pd.read_parquet(tmp_path / "runs/sweep/per_image.parquet")
     means = per_image.groupby(["point", "prompt"])["clip_t"].mean()
     indexed = per_prompt.set_index(["point", "prompt"])["clip_t"]
@@ -400,3 +402,32 @@ def test_real_tiny_sweep_and_evaluate_write_per_image_tables(
     base = table[table["baseline"]]
     baseline_dino = confirmation.references["baseline"]["dino"]
     assert base["dino"].mean() == pytest.approx(baseline_dino, abs=1e-6)
+
+
+def test_rows_and_scores_kept_before_div_was_lpips_read_as_div_dino(tmp_path: Path) -> None:
+    from harness.sweep.per_image import legacy_div, point_rows_path, write_score_tables
+
+    # Before DIV was the paper's LPIPS one, `div` held 1 - mean DINO similarity and there was
+    # no `div_dino`: such values must land in div_dino, never in the LPIPS column.
+    old_scores = {"dino": 0.5, "div": 0.3, "div_lo": 0.2, "div_hi": 0.4}
+    assert legacy_div(old_scores) == {
+        "dino": 0.5,
+        "div_dino": 0.3,
+        "div_dino_lo": 0.2,
+        "div_dino_hi": 0.4,
+    }
+    new_scores = {"dino": 0.5, "div": 0.25, "div_dino": 0.3}
+    assert legacy_div(new_scores) == new_scores and legacy_div({"dino": 1.0}) == {"dino": 1.0}
+
+    store = tmp_path / "scores"
+    old_row = {"prompt": "a sks toy", "n_images": 2, "dino": 0.5, "clip_i": 0.6, "clip_t": 0.2}
+    path = point_rows_path(store, "run-a", 10, "s0")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"images": [], "prompts": [{**old_row, "div": 0.3}]}))
+    frame = pd.DataFrame(
+        [{"point": 0, "run_key": "run-a", "checkpoint_step": 10, "setting_id": "s0"}]
+    )
+    _, prompt_path = write_score_tables(frame, store, tmp_path)
+    table = pd.read_parquet(prompt_path)
+    assert list(table.columns) == PROMPT_COLUMNS
+    assert table["div_dino"].tolist() == [0.3] and table["div"].isna().all()

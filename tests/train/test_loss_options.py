@@ -149,8 +149,13 @@ def test_the_new_keys_at_their_defaults_rename_no_study_run_or_checkpoint() -> N
     cfg = load_config(root / "params.yaml", root=root)
     # The default preset's identities before these keys (and data.subjects) existed: what
     # every existing study, run and checkpoint of it resumes under. They change only when
-    # what a point means changes.
-    assert study_id(cfg) == "tiny-cpu-e17db0af"
+    # what a point means changes: the preset's LPIPS DIV (metrics.lpips_weights: tiny) is a
+    # new score of every point, so its study is a new one; at the key's default it is not.
+    before_lpips = cfg.model_copy(
+        update={"metrics": cfg.metrics.model_copy(update={"lpips_weights": None})}
+    )
+    assert study_id(before_lpips) == "tiny-cpu-e17db0af"
+    assert study_id(cfg) != study_id(before_lpips)
     assert (run_key(cfg), config_hash(cfg)) == ("3f3041d2dbf5", "8ca73f5e4debf276")
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"snr_gamma": 5.0})})
     assert study_id(changed) != study_id(cfg)

@@ -10,6 +10,9 @@ sweep has the values for (a format it cannot fill is skipped, and a stale file o
 ``guidance_strip``
     one row over the guidance scales of the best run and checkpoint (its other inference
     settings fixed).
+``scheduler_strip``
+    one row over the inference schedulers of the best run and checkpoint, when
+    ``sweep.inference.scheduler`` sweeps them (its other inference settings fixed).
 ``lora_scale_grid``
     LoRA scale of the UNet (rows) x of the text encoder (columns), best run and checkpoint.
 ``rank_grid``
@@ -67,7 +70,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("lr_grid", "guidance_strip", "lora_scale_grid", "rank_grid", "base_vs_lora")
+KINDS = (
+    "lr_grid",
+    "guidance_strip",
+    "scheduler_strip",
+    "lora_scale_grid",
+    "rank_grid",
+    "base_vs_lora",
+)
 DEFAULT_CELL = 128
 RESAMPLE = Image.Resampling.BICUBIC  # how a source image is fitted to its cell
 MAX_AXIS = 16  # more distinct values than this: a continuous search, not a grid
@@ -81,7 +91,7 @@ NAMES = {
     "text_encoder_lr": "te lr",
     "prior_loss_weight": "prior weight",
     "train_text_encoder": "train te",
-    "lr_scheduler": "scheduler",
+    "lr_scheduler": "lr schedule",
     "lr_warmup_steps": "warmup",
     "max_steps": "max steps",
     "guidance_scale": "guidance",
@@ -187,6 +197,7 @@ def make_grids(cfg: HarnessConfig, root: Path, out_dir: Path) -> list[GridFigure
     builders: dict[str, Callable[[Sources], GridSpec | None]] = {
         "lr_grid": lr_grid,
         "guidance_strip": guidance_strip,
+        "scheduler_strip": scheduler_strip,
         "lora_scale_grid": lora_scale_grid,
         "rank_grid": rank_grid,
         "base_vs_lora": base_vs_lora,
@@ -381,7 +392,8 @@ def _family(points: pd.DataFrame, best: pd.Series, free: Sequence[str]) -> pd.Da
     mask = (points["run_key"] == best["run_key"]) & (
         points["checkpoint_step"] == best["checkpoint_step"]
     )
-    fixed = [f"eval.{n}" for n in INFERENCE_DIMENSIONS if n not in free] + ["scheduler"]
+    fixed = [f"eval.{n}" for n in (*INFERENCE_DIMENSIONS, "scheduler") if n not in free]
+    fixed += [] if "scheduler" in free else ["scheduler"]  # the setting's own, swept or not
     for column in (c for c in fixed if c in points.columns):
         mask &= points[column] == best[column]
     return points[mask].assign(run=_run_value(best))
@@ -407,6 +419,20 @@ def guidance_strip(sources: Sources) -> GridSpec | None:
     title = f"Guidance scale, best run and checkpoint: {_describe(*image)}"
     axes = (_run_axis(best), _axis(column, family[column]))
     return _grid_by("guidance_strip", title, sources, family, axes, image)
+
+
+def scheduler_strip(sources: Sources) -> GridSpec | None:
+    """One row over the inference schedulers of the best run and checkpoint (only when the
+    sweep evaluates several: ``eval.scheduler`` varies)."""
+    points, column = sources.points, "eval.scheduler"
+    if points.empty or not _varying(points, column):
+        return None
+    best = points.iloc[0]
+    family = _family(points, best, ["scheduler"])
+    image = sources.first_image(int(best["point"]))
+    title = f"Inference scheduler, best run and checkpoint: {_describe(*image)}"
+    axes = (_run_axis(best), _axis(column, family[column]))
+    return _grid_by("scheduler_strip", title, sources, family, axes, image)
 
 
 def lora_scale_grid(sources: Sources) -> GridSpec | None:

@@ -52,7 +52,7 @@ def _image(path: Path) -> str:
 def write_sweep(
     root: Path,
     runs: list[dict[str, Any]],
-    grid: dict[str, list[float]],
+    grid: dict[str, list[Any]],
     quality: Any,
     per_image: bool = True,
 ) -> pd.DataFrame:
@@ -60,7 +60,7 @@ def write_sweep(
     ``score.dino = quality(run, step, setting)``; four images per point (prompts x seeds) in
     per_image.parquet or, without it, in each point's images_dir/manifest.jsonl."""
     settings = [
-        InferenceSetting(**dict(zip(grid, values, strict=True)), num_inference_steps=25)
+        InferenceSetting(**{"num_inference_steps": 25, **dict(zip(grid, values, strict=True))})
         for values in itertools.product(*grid.values())
     ]
     rows, images = [], []
@@ -82,6 +82,7 @@ def write_sweep(
                 "pareto": False,
                 "setting_id": setting.id,
                 "scheduler": setting.scheduler,
+                **({"eval.scheduler": setting.scheduler} if "scheduler" in grid else {}),
                 "images_dir": images_dir,
             }
         )
@@ -367,3 +368,36 @@ def test_cell_size_follows_report_image_size(lr_te_sweep: tuple[Path, pd.DataFra
 )
 def test_values_are_labelled_as_published(name: str, value: Any, text: str) -> None:
     assert format_value(name, value) == text
+
+
+def scheduler_quality(run: dict[str, Any], step: int, setting: InferenceSetting) -> float:
+    """euler beats ddim at guidance 7.5 only; guidance 7.5 wins overall."""
+    bonus = 0.05 * (setting.guidance_scale == 7.5) * (setting.scheduler == "euler")
+    return 0.4 + 0.1 * run["learning_rate"] * 1e3 + 0.02 * (step == 20) + bonus
+
+
+def test_scheduler_strip_of_the_best_run_and_checkpoint_when_schedulers_are_swept(
+    tmp_path: Path,
+) -> None:
+    """sweep.inference.scheduler: one row over the schedulers at the best point's guidance;
+    the guidance strip stays at the best point's scheduler."""
+    (tmp_path / "runs/sweep").mkdir(parents=True)
+    runs = [{"learning_rate": lr, "rank": 4} for lr in (1e-4, 5e-4)]
+    grid = {"guidance_scale": [3.0, 7.5], "scheduler": ["ddim", "euler"]}
+    frame = write_sweep(tmp_path, runs, grid, scheduler_quality)
+    figures = {g.kind: g for g in make_grids(make_cfg(), tmp_path, tmp_path / "grids")}
+    assert "scheduler_strip" in figures and KINDS.index("scheduler_strip") == 2
+    strip = assert_cells_show_their_images(tmp_path, figures["scheduler_strip"])
+    assert strip["rows"]["labels"] == ["run run-1 step 20"]
+    assert strip["columns"]["labels"] == ["scheduler ddim", "scheduler euler"]
+    for cell in strip["cells"]:
+        point = _point(frame, cell["point"])
+        assert (point["run_key"], point["checkpoint_step"]) == ("run-1", 20)
+        assert point["eval.guidance_scale"] == 7.5 and point["scheduler"] == cell["col_value"]
+    guidance = assert_cells_show_their_images(tmp_path, figures["guidance_strip"])
+    assert {_point(frame, c["point"])["scheduler"] for c in guidance["cells"]} == {"euler"}
+    plain = tmp_path / "plain"
+    (plain / "runs/sweep").mkdir(parents=True)
+    write_sweep(plain, runs, {"guidance_scale": [3.0, 7.5]}, scheduler_quality)
+    kinds = [g.kind for g in make_grids(make_cfg(), plain, plain / "grids")]
+    assert "scheduler_strip" not in kinds and "guidance_strip" in kinds

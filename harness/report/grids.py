@@ -469,23 +469,40 @@ def rank_grid(sources: Sources) -> GridSpec | None:
     return GridSpec("rank_grid", title, ranks, Axis("prompt", prompts, prompts), tuple(cells))
 
 
-def _paired_columns(lora: pd.DataFrame, base: pd.DataFrame) -> list[tuple[str, int]]:
-    """(prompt, seed) pairs both have: up to :data:`MAX_COLUMNS`, as many prompts as fit."""
-    shared = set(zip(base["prompt"], base["seed"].astype(int), strict=True))
-    pairs = [
-        (str(p), int(s))
-        for p, s in zip(lora["prompt"], lora["seed"], strict=True)
-        if (p, int(s)) in shared
-    ]
-    prompts = list(dict.fromkeys(p for p, _ in pairs))[:MAX_COLUMNS]
-    per_prompt = max(1, MAX_COLUMNS // max(1, len(prompts)))
-    return [
-        pair for prompt in prompts for pair in [q for q in pairs if q[0] == prompt][:per_prompt]
-    ]
+def _keys(table: pd.DataFrame, by_subject: bool) -> list[tuple[Any, ...]]:
+    """Each image's ``(prompt, seed)``, or ``(subject, prompt, seed)``, in table order."""
+    seeds = [int(s) for s in table["seed"]]
+    if by_subject:
+        subjects = table["subject"].astype(str)
+        return list(zip(subjects, table["prompt"].astype(str), seeds, strict=True))
+    return list(zip(table["prompt"].astype(str), seeds, strict=True))
+
+
+def _paired_columns(
+    lora: pd.DataFrame, base: pd.DataFrame, by_subject: bool = False
+) -> list[tuple[Any, ...]]:
+    """Image keys both have: up to :data:`MAX_COLUMNS`, as many prompts as fit; with
+    ``by_subject``, the same number from every subject (the first prompts of each)."""
+    shared = set(_keys(base, by_subject))
+    pairs = [key for key in _keys(lora, by_subject) if key in shared]
+    groups = list(dict.fromkeys(k[:-1] for k in pairs))  # (subject,) prompt
+    if by_subject:
+        subjects = list(dict.fromkeys(g[0] for g in groups))
+        share = max(1, MAX_COLUMNS // len(subjects)) if subjects else 0
+        groups = [g for subj in subjects for g in [h for h in groups if h[0] == subj][:share]]
+    groups = groups[:MAX_COLUMNS]
+    per_group = max(1, MAX_COLUMNS // max(1, len(groups)))
+    return [key for group in groups for key in [k for k in pairs if k[:-1] == group][:per_group]]
+
+
+def _key_label(key: tuple[Any, ...]) -> str:
+    *group, seed = key
+    return f"{': '.join(group)} (seed {seed})"
 
 
 def base_vs_lora(sources: Sources) -> GridSpec | None:
-    """The base model versus the best confirmed point on the same prompts and fresh seeds."""
+    """The base model versus the best confirmed point on the same prompts and fresh seeds
+    (of every subject, a few prompts each, in a multi-subject sweep)."""
     confirmed, best = sources.confirmed, sources.confirmed_best
     if confirmed.empty or best is None or "baseline" not in confirmed.columns:
         return None
@@ -494,18 +511,21 @@ def base_vs_lora(sources: Sources) -> GridSpec | None:
         BASELINE_POINT: confirmed[is_base],
         best: confirmed[~is_base & (confirmed["point"] == best)],
     }
-    pairs = _paired_columns(tables[best], tables[BASELINE_POINT])
+    by_subject = "subject" in confirmed.columns and confirmed["subject"].nunique() > 1
+    pairs = _paired_columns(tables[best], tables[BASELINE_POINT], by_subject)
     if not pairs:
         return None
     cells = []
     for point in (BASELINE_POINT, best):
-        for prompt, seed in pairs:
-            found = tables[point][
-                (tables[point]["prompt"] == prompt) & (tables[point]["seed"] == seed)
-            ]
-            cells.append(sources.cell(point, str(found["image"].iloc[0]), prompt, seed))
+        index: dict[tuple[Any, ...], Any] = {}
+        for key, image in zip(
+            _keys(tables[point], by_subject), tables[point]["image"], strict=True
+        ):
+            index.setdefault(key, image)  # the first of duplicates
+        for key in pairs:
+            cells.append(sources.cell(point, str(index[key]), key[-2], key[-1]))
     rows = Axis("model", ("base", best), ("base model", f"LoRA point {best}"))
-    cols = Axis("image", tuple(pairs), tuple(f"{p} (seed {s})" for p, s in pairs))
+    cols = Axis("image", tuple(pairs), tuple(_key_label(k) for k in pairs))
     title = f"Base model versus the best LoRA (point {best}) on the evaluate stage's fresh seeds"
     return GridSpec("base_vs_lora", title, rows, cols, tuple(cells))
 

@@ -104,6 +104,9 @@ def test_a_sweep_over_four_dreambench_subjects_scores_each_point_by_their_mean(
     paper = summary.split("## DreamBench table")[1].split("\n## ")[0]
     assert "| Real images |" in paper and "| Base model (no adapter) |" in paper
     assert "mean over 4 subject(s), DreamBench prompts, 1 image(s) per prompt" in paper
+    # The base-versus-LoRA grid shows every subject, each column one subject's prompt and seed.
+    grid = json.loads((project / "reports/grids/base_vs_lora.json").read_text(encoding="utf-8"))
+    assert {value[0] for value in grid["columns"]["values"]} == set(SUBJECTS)
 
     # evaluate.protocol dreambench: each subject's own 25 DreamBench prompts (one image each
     # here, the paper's 4 by default), for the chosen point and the base model alike.

@@ -267,30 +267,71 @@ def test_lr_grid_by_rank_and_rank_grid_from_the_image_manifests(tmp_path: Path) 
     assert not (tmp_path / "grids/guidance_strip.png").exists()
 
 
-def write_confirmation(root: Path, best: int, other: int, seeds: tuple[int, ...]) -> None:
-    """The evaluate stage's tables: two confirmed points (``best`` first) and the baseline."""
+def write_confirmation(
+    root: Path,
+    best: int,
+    other: int,
+    seeds: tuple[int, ...],
+    subjects: tuple[str, ...] = (),
+) -> None:
+    """The evaluate stage's tables: two confirmed points (``best`` first) and the baseline;
+    with ``subjects``, each subject's images of its own prompts (``<subject> <prompt>``)."""
     rows = []
     for point in (best, other, -1):
         folder = "runs/evaluate/baseline" if point == -1 else f"runs/evaluate/point-{point:05d}"
-        for index, (prompt, seed) in enumerate(itertools.product(PROMPTS, seeds)):
-            image = f"{folder}/images/g7.5/{index // len(seeds):03d}-{seed}.png"
-            _image(root / image)
-            rows.append(
-                {
-                    "point": point,
-                    "run_key": None if point == -1 else "run-1",
-                    "checkpoint_step": None if point == -1 else 20,
-                    "setting_id": "g7.5",
-                    "prompt": prompt,
-                    "seed": seed,
-                    "image": image,
-                    "dino": 0.5,
-                    "baseline": point == -1,
-                }
-            )
+        for subject in subjects or (None,):
+            prompts = [f"{subject} {p}" if subject else p for p in PROMPTS]
+            where = f"{folder}/{subject}" if subject else folder
+            rows += _confirmed_rows(root, point, where, prompts, seeds, subject)
     write_table(rows, EVALUATE_IMAGE_SCHEMA, root / "runs/evaluate/per_image.parquet")
     table = pd.DataFrame({"point": [other, best], "selection_rank": [2, 1]})
     table.to_parquet(root / "runs/evaluate/results.parquet", index=False)
+
+
+def _confirmed_rows(
+    root: Path,
+    point: int,
+    folder: str,
+    prompts: list[str],
+    seeds: tuple[int, ...],
+    subject: str | None,
+) -> list[dict[str, Any]]:
+    rows = []
+    for index, (prompt, seed) in enumerate(itertools.product(prompts, seeds)):
+        image = f"{folder}/images/g7.5/{index // len(seeds):03d}-{seed}.png"
+        _image(root / image)
+        rows.append(
+            {
+                "point": point,
+                "run_key": None if point == -1 else "run-1",
+                "checkpoint_step": None if point == -1 else 20,
+                "setting_id": "g7.5",
+                "prompt": prompt,
+                "seed": seed,
+                "image": image,
+                "dino": 0.5,
+                "baseline": point == -1,
+                **({"subject": subject} if subject else {}),
+            }
+        )
+    return rows
+
+
+def test_base_vs_lora_of_a_multi_subject_sweep_shows_every_subject(tmp_path: Path) -> None:
+    """Four subjects, two prompts x two seeds each: two columns per subject (its prompts at
+    the first seed), each the same subject, prompt and seed for base and LoRA."""
+    subjects = ("backpack", "cat2", "dog", "teapot")
+    write_confirmation(tmp_path, best=7, other=3, seeds=(20, 21), subjects=subjects)
+    (figure,) = make_grids(make_cfg(), tmp_path, tmp_path / "grids")
+    manifest = assert_cells_show_their_images(tmp_path, figure)
+    keys = [tuple(v) for v in manifest["columns"]["values"]]
+    assert keys == [(s, f"{s} {prompt}", 20) for s in subjects for prompt in PROMPTS]
+    assert manifest["columns"]["labels"][0] == f"backpack: backpack {PROMPTS[0]} (seed 20)"
+    for cell in manifest["cells"]:
+        subject, prompt, seed = cell["col_value"]
+        assert (cell["prompt"], cell["seed"]) == (prompt, seed)
+        folder = "baseline" if cell["row"] == 0 else "point-00007"
+        assert cell["image"].startswith(f"runs/evaluate/{folder}/{subject}/")
 
 
 def test_base_vs_lora_pairs_the_same_prompts_and_seeds(tmp_path: Path) -> None:

@@ -200,9 +200,29 @@ def test_resume_equals_uninterrupted_run(
         "gradient_accumulation_steps": 2,
         **options,
     }
-    cfg = make_cfg(**train)
-    data = images(3)
+    _assert_resume_equals_uninterrupted_run(make_cfg(**train), sd15, images(3), tmp_path)
+
+
+@pytest.mark.gpu
+def test_adamw8bit_on_cuda_trains_and_resumes_exactly(images: Images, tmp_path: Path) -> None:
+    """bitsandbytes' 8-bit AdamW (its nested per-parameter states) through a crash and resume,
+    on the tiny model on a CUDA device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    model = load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cuda"))
+    # bitsandbytes keeps 8-bit states only for tensors of >= 4096 elements: rank 64 has some.
+    cfg = make_cfg(max_steps=4, checkpoint_steps=[2, 4], rank=64, optimizer="adamw8bit")
+    _assert_resume_equals_uninterrupted_run(cfg, model, images(2), tmp_path)
+
+
+def _assert_resume_equals_uninterrupted_run(
+    cfg: HarnessConfig, sd15: LoadedModel, data: Any, tmp_path: Path
+) -> None:
+    """Crash after the first checkpoint, resume: weights, optimizer and adapters equal an
+    uninterrupted run's."""
     straight = train_lora(cfg, sd15, data, tmp_path / "straight", progress=False)
+    first, last = cfg.train.checkpoint_steps[0], cfg.train.max_steps
 
     def crash(info: CheckpointInfo) -> None:
         raise RuntimeError(f"simulated crash after step {info.step}")
@@ -213,9 +233,9 @@ def test_resume_equals_uninterrupted_run(
     status = json.loads((run / "result.json").read_text())
     assert status["status"] == "failed" and "simulated crash" in status["reason"]
     resumed = train_lora(cfg, sd15, data, run, progress=False)
-    assert resumed.status == "completed" and resumed.resumed_from == 3
-    assert [c.step for c in resumed.checkpoints] == [3, 6]
-    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4, 5, 6]
+    assert resumed.status == "completed" and resumed.resumed_from == first
+    assert [c.step for c in resumed.checkpoints] == cfg.train.checkpoint_steps
+    assert [r["step"] for r in _log(run)] == list(range(1, last + 1))
     a = load_file(str(straight.checkpoints[-1].path / "state" / "lora.safetensors"))
     b = load_file(str(resumed.checkpoints[-1].path / "state" / "lora.safetensors"))
     assert a.keys() == b.keys()
@@ -238,7 +258,7 @@ def test_resume_equals_uninterrupted_run(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-8)  # EMA: small moves
-    # and the run really moved away from step 3
+    # and the run really moved away from the first checkpoint
     c = load_file(str(resumed.checkpoints[0].path / "state" / "lora.safetensors"))
     b = load_file(str(resumed.checkpoints[-1].path / "state" / "lora.safetensors"))
     assert any(not torch.allclose(c[k], b[k]) for k in b)

@@ -1041,21 +1041,6 @@ class HarnessConfig(_Strict):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
-    def _conditions_can_hold(self) -> HarnessConfig:
-        """A searched parameter whose (fixed) parent keeps it unused is never sampled."""
-        for name, conds in SEARCH_CONDITIONS.items():
-            for cond in conds:
-                fixed = name in self.sweep.space and cond.parent not in self.sweep.space
-                if fixed and not cond.active(getattr(self.train, cond.parent)):
-                    raise _KeysError(
-                        (f"sweep.space.{name}", f"train.{cond.parent}"),
-                        f"sweep.space.{name} is only sampled when {cond.when}, and "
-                        f"train.{cond.parent} is {getattr(self.train, cond.parent)!r} (not "
-                        "searched): search the parent too, or drop the parameter",
-                    )
-        return self
-
-    @model_validator(mode="after")
     def _fresh_confirmation_seeds(self) -> HarnessConfig:
         problem = seed_overlap(self)
         if problem:

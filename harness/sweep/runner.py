@@ -40,6 +40,7 @@ from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSin
 from harness.sweep.results import remove_unkept_adapters
 from harness.sweep.space import (
     inference_settings,
+    never_sampled,
     sample_training_params,
     search_space_size,
     with_training_params,
@@ -380,6 +381,8 @@ def run_sweep(
     study_sink = StudySink(cfg, root, studies)
     tracker_sink = TrackerSink(cfg, tracker or NullTracker())
     recorder = Recorder([study_sink, tracker_sink, ResultsTable(cfg, root, studies), *sinks])
+    for problem in never_sampled(cfg):
+        logger.warning("%s; search the parent too, or drop the parameter", problem)
     budget = _Budget(cfg, studies, claims)
     objective = _Objective(cfg, root, backend, study_sink, recorder, claims, worker.name, budget)
     try:

@@ -48,6 +48,7 @@ __all__ = [
     "inference_settings",
     "is_active",
     "max_possible_steps",
+    "never_sampled",
     "point_params",
     "sample_training_params",
     "sampling_order",
@@ -100,6 +101,24 @@ def is_active(name: str, values: Mapping[str, Any], train: TrainConfig) -> bool:
         if not cond.active(parent):
             return False
     return True
+
+
+def never_sampled(cfg: HarnessConfig) -> list[str]:
+    """Why searched parameters will never be sampled: their parent is a fixed ``train``
+    setting that keeps them unused (e.g. ``text_encoder_lr`` without text-encoder training).
+    Not a config error: the same config trains one run (``harness train``) as it should."""
+    out = []
+    for name in sampling_order(cfg.sweep):
+        for cond in SEARCH_CONDITIONS.get(name, ()):
+            if cond.parent not in cfg.sweep.space and not cond.active(
+                getattr(cfg.train, cond.parent)
+            ):
+                value = getattr(cfg.train, cond.parent)
+                out.append(
+                    f"sweep.space.{name} is never sampled: it is used only when {cond.when}, "
+                    f"and train.{cond.parent} is {value!r} (not searched)"
+                )
+    return out
 
 
 def active_training_params(params: Mapping[str, Any], train: TrainConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from harness.sweep import open_studies, run_sweep
 from harness.sweep.space import (
     evaluated_distributions,
     inference_settings,
+    never_sampled,
     sample_training_params,
     sampling_order,
     search_space_size,
@@ -77,15 +78,22 @@ def test_a_fixed_parent_decides_for_the_child(tmp_path: Path) -> None:
     assert all("prior_loss_weight" in p for p in drawn)
 
 
-def test_searching_a_child_whose_fixed_parent_keeps_it_unused_is_an_error(
-    tmp_path: Path,
+def test_a_child_whose_fixed_parent_keeps_it_unused_is_never_sampled_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    base = make_cfg(tmp_path).to_dict()
+    """Not a config error: `harness -S train.optimizer=prodigy train` on a preset that searches
+    learning_rate must still train; the sweep says the parameter is never sampled."""
+    base = make_cfg(tmp_path, n_trials=1).to_dict()
     base["sweep"]["space"] = {"text_encoder_lr": {"low": 1e-6, "high": 1e-4, "log": True}}
-    with pytest.raises(ConfigError) as err:
-        validate_config(base)
-    text = str(err.value)
-    assert "sweep.space.text_encoder_lr" in text and "train_text_encoder" in text
+    cfg = validate_config(base)
+    problems = never_sampled(cfg)
+    assert len(problems) == 1 and "sweep.space.text_encoder_lr" in problems[0]
+    assert "train.train_text_encoder is False" in problems[0]
+    assert _ask(cfg, optuna.samplers.RandomSampler(seed=0), 3) == [{}, {}, {}]
+    with caplog.at_level("WARNING", logger="harness.sweep.runner"):
+        run_sweep(cfg, tmp_path, FakeBackend())
+    assert any("text_encoder_lr is never sampled" in r.getMessage() for r in caplog.records)
+    assert never_sampled(make_cfg(tmp_path, space=TE_SPACE)) == []
 
 
 def test_the_space_size_counts_distinct_configurations(tmp_path: Path) -> None:
@@ -167,6 +175,6 @@ def test_learning_rates_are_not_sampled_under_prodigy(tmp_path: Path) -> None:
         assert ("text_encoder_lr" in p) == uses_te_lr
     assert any("text_encoder_lr" in p for p in drawn)
     base = make_cfg(tmp_path).to_dict()
-    base["train"]["optimizer"] = "prodigy"
-    with pytest.raises(ConfigError, match=r"sweep\.space\.learning_rate.*optimizer is not prodigy"):
-        validate_config(base)
+    base["train"]["optimizer"] = "prodigy"  # the default space searches learning_rate
+    (problem,) = never_sampled(validate_config(base))
+    assert "sweep.space.learning_rate" in problem and "optimizer is not prodigy" in problem

@@ -131,6 +131,14 @@ def test_a_grid_over_a_conditional_space_trains_each_configuration_once(tmp_path
     # The table shows what each run used: the fixed value where the parameter was not sampled.
     assert not off.empty and set(off["train.text_encoder_lr"]) == {fixed}
 
+    # Importance: Optuna 5's PED-ANOVA ranks a conditional parameter too (points without it
+    # are a regime of their own), so the report's importances cover it.
+    from harness.report.importance import importances
+
+    found = importances(cfg, tmp_path, open_studies(cfg, tmp_path).name, frame, ["dino"])
+    assert found.source.startswith("the points study")
+    assert "train.text_encoder_lr" in found.values["dino"]
+
 
 def test_the_scheduler_is_an_evaluated_dimension_when_swept(tmp_path: Path) -> None:
     plain = make_cfg(tmp_path)

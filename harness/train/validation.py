@@ -84,9 +84,9 @@ class Validator:
         try:
             session = trainer.session
             lora = session.lora
-            save_diffusers_lora(
-                work / "adapter", session.model.family, lora, lora.peft_state_dicts()
-            )
+            # What a checkpoint at this step publishes: the EMA when train.ema_decay is on.
+            adapter = session.adapter_state()
+            save_diffusers_lora(work / "adapter", session.model.family, lora, adapter)
             with trainer.suspended():
                 records = self._images(trainer, work)
             return self._publish(work, step, records)

@@ -102,6 +102,35 @@ def test_validation_never_changes_the_trajectory(sd15: LoadedModel, tmp_path: Pa
     assert not np.array_equal(first, np.asarray(Image.open(last.images[0])))
 
 
+def test_with_ema_validation_shows_the_average_the_checkpoint_publishes(
+    sd15: LoadedModel, tmp_path: Path
+) -> None:
+    """train.ema_decay: the checkpoint's adapter is the EMA, so validation images at a
+    checkpoint step are that adapter's, not the raw weights'."""
+    from harness.generate import generate_images
+
+    cfg = _cfg(ema_decay=0.5, validation_steps=3, validation_prompts=["a photo of {token}"])
+    made: list[ValidationImages] = []
+    run = train_lora(
+        cfg, sd15, _photos(tmp_path, 1), tmp_path / "run", progress=False, on_validation=made.append
+    )
+    (last,) = made
+    again = generate_images(
+        sd15,
+        templates=cfg.train.validation_prompts,
+        token="sks",
+        class_name="dog",
+        seeds=[cfg.train.validation_seed],
+        settings=[cfg.eval.setting],
+        out_dir=tmp_path / "again",
+        adapter=run.checkpoints[-1].path,
+        resolution=64,
+        progress=False,
+    )
+    expected = np.asarray(Image.open(tmp_path / "again" / again[0].file))
+    assert np.array_equal(np.asarray(Image.open(last.images[0])), expected)
+
+
 def test_validation_steps_and_the_end(sd15: LoadedModel, tmp_path: Path) -> None:
     cfg = _cfg(max_steps=5, checkpoint_steps=[], validation_steps=2, validation_prompts=["{token}"])
     train_lora(cfg, sd15, _photos(tmp_path, 1), tmp_path / "run", progress=False)

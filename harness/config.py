@@ -37,6 +37,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -764,6 +765,27 @@ Evaluation = Annotated[
 ]
 
 
+def _check_train_values(name: str, spec: ParamSpec | float | int | bool | str) -> None:
+    """Every value a searched parameter can take must be a valid ``train.<name>``, so a typo
+    (``optimizer: {choices: [prodgy]}``) fails now, naming the key, not in some later run."""
+    field = TrainConfig.model_fields[name]
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])  # type: ignore[arg-type]
+    if not isinstance(spec, ParamSpec):
+        values: list[Any] = [spec]
+    elif spec.choices is not None:
+        values = list(spec.choices)
+    else:
+        values = [spec.low, spec.high]
+    for value in values:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise _KeysError(
+                (name,), f"{name}={value!r} is not a valid train.{name} ({reason})"
+            ) from None
+
+
 class SweepConfig(_Strict):
     """Optuna sweep: search space, objectives, sampler, pruning, budget and storage."""
 
@@ -817,6 +839,8 @@ class SweepConfig(_Strict):
                 f"unknown search parameter(s) {unknown}; searchable: "
                 + ", ".join(SEARCHABLE_TRAIN_PARAMS),
             )
+        for name, spec in space.items():
+            _check_train_values(name, spec)
         return space
 
     @field_validator("weights")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from harness.config import (
     available_presets,
     load_config,
     parse_override,
+    validate_config,
     validation_count,
 )
 
@@ -374,3 +376,19 @@ def test_unknown_preset_on_the_command_line_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(params, overrides=parse_override("preset=nope"))
     assert info.value.problems == ["command line: preset: unknown preset 'nope'; available: base"]
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"optimizer": {"choices": ["adamw", "prodgy"]}}, "optimizer='prodgy' is not a valid"),
+        ({"rank": {"low": 0, "high": 8}}, "rank=0 is not a valid train.rank"),
+        ({"use_dora": "maybe"}, "use_dora='maybe' is not a valid train.use_dora"),
+        ({"snr_gamma": {"choices": [None, -1.0]}}, "snr_gamma=-1.0 is not a valid"),
+    ],
+)
+def test_searched_values_must_be_valid_train_values(space: dict[str, Any], message: str) -> None:
+    """A typo in a searched value fails at validation, naming the key, not in a later run."""
+    with pytest.raises(ConfigError) as err:
+        validate_config({"preset": "t", "sweep": {"space": space}})
+    assert "sweep.space" in str(err.value) and message in str(err.value)

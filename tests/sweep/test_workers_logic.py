@@ -245,16 +245,20 @@ def _timed_worker(root: str, name: str, start: float, out: Any) -> None:
         out.put((name, -1, repr(exc)))
 
 
+# Long enough that the second worker, a second behind, still claims a run on a loaded 2-core
+# machine (the suite runs beside this test in another process).
+TIMEOUT_S = 5.0
+
+
 def _timed_cfg(root: Path) -> HarnessConfig:
-    return make_cfg(
-        root, n_trials=None, timeout_s=3.0, space={"learning_rate": {"low": 1e-5, "high": 1e-3}}
-    )
+    space = {"learning_rate": {"low": 1e-5, "high": 1e-3}}
+    return make_cfg(root, n_trials=None, timeout_s=TIMEOUT_S, space=space)
 
 
 def test_the_time_budget_holds_across_workers_that_start_at_different_times(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Three worker processes, ``sweep.timeout_s: 3`` and no run budget: the first starts the
+    """Three worker processes, ``sweep.timeout_s: 5`` and no run budget: the first starts the
     clock, the second joins a second later and stops at the same deadline, and the third, started
     past it, trains nothing. No run is claimed after the deadline and none is left running."""
     open_studies(_timed_cfg(tmp_path), tmp_path)  # the study exists before the workers race
@@ -263,7 +267,7 @@ def test_the_time_budget_holds_across_workers_that_start_at_different_times(
     t0 = time.time() + 0.5
     procs = [
         ctx.Process(target=_timed_worker, args=(str(tmp_path), f"w{i}", t0 + delay, out))
-        for i, delay in enumerate((0.0, 1.0, 4.5))
+        for i, delay in enumerate((0.0, 1.0, TIMEOUT_S + 1.5))
     ]
     for p in procs:
         p.start()
@@ -276,7 +280,7 @@ def test_the_time_budget_holds_across_workers_that_start_at_different_times(
     assert results["w2"][0] == 0, results  # started past the deadline
     assert results["w0"][0] >= 2 and results["w1"][0] >= 1, results
     studies = open_studies(_timed_cfg(tmp_path), tmp_path)
-    deadline = studies.runs.user_attrs["started_at"] + 3.0
+    deadline = studies.runs.user_attrs["started_at"] + TIMEOUT_S
     claims = SqlClaims(studies.storage_url, studies.name).all()
     assert len(claims) == results["w0"][0] + results["w1"][0]
     assert max(c.claimed_at for c in claims) < deadline, [c.claimed_at - deadline for c in claims]
@@ -284,7 +288,9 @@ def test_the_time_budget_holds_across_workers_that_start_at_different_times(
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
     assert sum(t.state == TrialState.COMPLETE for t in trials) == len(claims)
     # One more worker, with runs left in n_trials: the study's clock is spent, and it says so.
-    late = make_cfg(tmp_path, n_trials=50, timeout_s=3.0, space=_timed_cfg(tmp_path).sweep.space)
+    late = make_cfg(
+        tmp_path, n_trials=50, timeout_s=TIMEOUT_S, space=_timed_cfg(tmp_path).sweep.space
+    )
     backend = _SlowBackend()
     with caplog.at_level(logging.INFO, logger="harness.sweep.runner"):
         run_sweep(late, tmp_path, backend)

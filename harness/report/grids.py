@@ -408,31 +408,33 @@ def _run_axis(best: pd.Series) -> Axis:
     return Axis("run", (_run_value(best),), (text,))
 
 
+def _strip(sources: Sources, kind: str, dimension: str, what: str) -> GridSpec | None:
+    """One row over inference ``dimension``'s values for the best run and checkpoint, its
+    other inference settings fixed."""
+    points, column = sources.points, f"eval.{dimension}"
+    best = points.iloc[0]
+    family = _family(points, best, [dimension])
+    image = sources.first_image(int(best["point"]))
+    title = f"{what}, best run and checkpoint: {_describe(*image)}"
+    axes = (_run_axis(best), _axis(column, family[column]))
+    return _grid_by(kind, title, sources, family, axes, image)
+
+
 def guidance_strip(sources: Sources) -> GridSpec | None:
     """One row over the guidance scales of the best run and checkpoint."""
-    points, column = sources.points, "eval.guidance_scale"
-    if points.empty or column not in points.columns:
+    points = sources.points
+    if points.empty or "eval.guidance_scale" not in points.columns:
         return None
-    best = points.iloc[0]
-    family = _family(points, best, ["guidance_scale"])
-    image = sources.first_image(int(best["point"]))
-    title = f"Guidance scale, best run and checkpoint: {_describe(*image)}"
-    axes = (_run_axis(best), _axis(column, family[column]))
-    return _grid_by("guidance_strip", title, sources, family, axes, image)
+    return _strip(sources, "guidance_strip", "guidance_scale", "Guidance scale")
 
 
 def scheduler_strip(sources: Sources) -> GridSpec | None:
     """One row over the inference schedulers of the best run and checkpoint (only when the
     sweep evaluates several: ``eval.scheduler`` varies)."""
-    points, column = sources.points, "eval.scheduler"
-    if points.empty or not _varying(points, column):
+    points = sources.points
+    if points.empty or not _varying(points, "eval.scheduler"):
         return None
-    best = points.iloc[0]
-    family = _family(points, best, ["scheduler"])
-    image = sources.first_image(int(best["point"]))
-    title = f"Inference scheduler, best run and checkpoint: {_describe(*image)}"
-    axes = (_run_axis(best), _axis(column, family[column]))
-    return _grid_by("scheduler_strip", title, sources, family, axes, image)
+    return _strip(sources, "scheduler_strip", "scheduler", "Inference scheduler")
 
 
 def lora_scale_grid(sources: Sources) -> GridSpec | None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from harness.config import ModelConfig
+from harness.config import HarnessConfig, ModelConfig
 from harness.models import LoadedModel, load_pipeline
 
 
@@ -26,3 +26,26 @@ def sd15() -> LoadedModel:
     """This module's own tiny SD 1.x pipeline to train on (the trainer leaves it unchanged;
     a module may define its own)."""
     return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
+
+
+def pinned_default_config() -> HarnessConfig:
+    """The repository's params.yaml, after checking the identities every existing study, run
+    and checkpoint of the default preset resumes under: the study name before the preset's
+    LPIPS DIV (metrics.lpips_weights: tiny, a new score of every point, so a new study), the
+    run key and the checkpoint hash. Keys added later at their defaults change none of them."""
+    from pathlib import Path
+
+    from harness.config import load_config
+    from harness.sweep.runner import run_key
+    from harness.sweep.study import study_id
+    from harness.train.fingerprints import config_hash
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "params.yaml", root=root)
+    before_lpips = cfg.model_copy(
+        update={"metrics": cfg.metrics.model_copy(update={"lpips_weights": None})}
+    )
+    assert study_id(before_lpips) == "tiny-cpu-e17db0af"
+    assert study_id(cfg) != study_id(before_lpips)
+    assert (run_key(cfg), config_hash(cfg)) == ("3f3041d2dbf5", "8ca73f5e4debf276")
+    return cfg

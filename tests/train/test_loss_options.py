@@ -23,6 +23,7 @@ from harness.train.cache import cached_latents
 from harness.train.fingerprints import config_hash
 from harness.train.inputs import Shard, TrainInputs
 from harness.train.objective import DenoisingObjective, _weighted_mse
+from tests.train.conftest import pinned_default_config
 
 
 def cfg_with(**train: Any) -> HarnessConfig:
@@ -143,20 +144,7 @@ def test_flipped_latents_are_the_mirror_images_encoding(tmp_path: Path) -> None:
 
 
 def test_the_new_keys_at_their_defaults_rename_no_study_run_or_checkpoint() -> None:
-    from harness.config import load_config
-
-    root = Path(__file__).resolve().parents[2]
-    cfg = load_config(root / "params.yaml", root=root)
-    # The default preset's identities before these keys (and data.subjects) existed: what
-    # every existing study, run and checkpoint of it resumes under. They change only when
-    # what a point means changes: the preset's LPIPS DIV (metrics.lpips_weights: tiny) is a
-    # new score of every point, so its study is a new one; at the key's default it is not.
-    before_lpips = cfg.model_copy(
-        update={"metrics": cfg.metrics.model_copy(update={"lpips_weights": None})}
-    )
-    assert study_id(before_lpips) == "tiny-cpu-e17db0af"
-    assert study_id(cfg) != study_id(before_lpips)
-    assert (run_key(cfg), config_hash(cfg)) == ("3f3041d2dbf5", "8ca73f5e4debf276")
+    cfg = pinned_default_config()
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"snr_gamma": 5.0})})
     assert study_id(changed) != study_id(cfg)
     assert run_key(changed) != run_key(cfg) and config_hash(changed) != config_hash(cfg)

@@ -5,7 +5,8 @@ whose thin command calls one function here).
     always runs (cheap): validates the config, writes each resolved config section to
     ``runs/resolved/<section>.json`` (secrets masked, for people) and a fingerprint of the
     subject's raw photos to ``runs/resolved/source.json``, on which ``prepare`` depends (the
-    stages declare their settings as DVC params of ``params.yaml``).
+    stages declare their settings as DVC params of ``params.yaml``; what ``data.token: auto``
+    reads outside ``data`` is in ``source.json`` too, see :func:`identifier_inputs`).
 ``prepare``
     the dataset stage (:mod:`harness.data`).
 ``sweep``
@@ -31,6 +32,7 @@ from harness.config import HarnessConfig
 
 __all__ = [
     "RESOLVED_DIR",
+    "identifier_inputs",
     "prepared_subject_dir",
     "run_evaluate_stage",
     "run_generate",
@@ -64,8 +66,35 @@ def run_resolve(cfg: HarnessConfig, root: Path, out_dir: Path | None = None) -> 
     data = scrub_secrets(cfg.to_dict())
     for section in SECTIONS:
         _write_json(out / f"{section}.json", {"seed": data["seed"], section: data[section]})
-    _write_json(out / "source.json", scan_subjects(cfg.data, root))
+    source = scan_subjects(cfg.data, root)
+    inputs = identifier_inputs(cfg)
+    if inputs is not None:  # absent for a fixed token: source.json (and dvc.lock) as before
+        source["identifier"] = inputs
+    _write_json(out / "source.json", source)
     return out
+
+
+def identifier_inputs(cfg: HarnessConfig) -> dict[str, Any] | None:
+    """What ``data.token: auto`` reads besides the ``data`` settings: the model whose tokenizer
+    it chooses from and every prompt whose words it avoids (None for a fixed token).
+
+    ``resolve`` writes them into ``source.json``, on which ``prepare`` depends: a DVC params
+    entry cannot depend on ``data.token``, and declaring ``model`` and ``eval`` as params of
+    ``prepare`` would rerun it for every setting, auto or not.
+    """
+    from harness.data.identifier import AUTO
+
+    if cfg.data.token != AUTO:
+        return None
+    model = {
+        key: getattr(cfg.model, key) for key in ("pretrained", "revision", "single_file_config")
+    }
+    return {"model": model, "avoid": list(_avoided_prompts(cfg))}
+
+
+def _avoided_prompts(cfg: HarnessConfig) -> tuple[str, ...]:
+    """The prompts whose words ``data.token: auto`` never chooses."""
+    return (*cfg.eval.prompts, *(cfg.evaluate.prompts or []), cfg.train.class_prompt)
 
 
 def prepared_subject_dir(cfg: HarnessConfig, root: Path) -> Path:
@@ -93,7 +122,7 @@ def _identifier(cfg: HarnessConfig) -> Any:
     from harness.models import load_tokenizer
 
     found = load_tokenizer(cfg.model)
-    avoid = (*cfg.eval.prompts, *(cfg.evaluate.prompts or []), cfg.train.class_prompt)
+    avoid = _avoided_prompts(cfg)
     if found is None:
         return IdentifierContext(avoid=avoid)
     return IdentifierContext(tokenizer=found[0], source=found[1], avoid=avoid)

@@ -42,6 +42,7 @@ def test_resolve_prepare_train_generate(repo_root: Path, tmp_path: Path) -> None
     assert json.loads((resolved / "train.json").read_text())["train"]["max_steps"] == 2
     source = json.loads((resolved / "source.json").read_text())
     assert len(source["files"]) == 5 and source["class_name"] == "toy"
+    assert "identifier" not in source  # a fixed token: no model or prompt is an input of prepare
 
     assert "prepared 4 train / 1 val photos (0 rejected)" in run("prepare")
     manifest = json.loads((tmp_path / "data/prepared/sample/manifest.json").read_text())

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from harness.sweep.pooling import close_when_idle
 from harness.sweep.retry import retry_schema_race
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "FileClaims",
     "SqlClaims",
     "WorkerSlot",
+    "engine_options",
     "journal_path",
     "open_claims",
     "worker_identity",
@@ -520,11 +522,27 @@ def journal_path(url: str) -> Path | None:
     return Path(path).expanduser()
 
 
-def _engine(url: str) -> Engine:
+def engine_options(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options of every connection to a study's database (both Optuna
+    studies and the claims).
+
+    SQLite: wait up to 60 s for the file's lock (workers on one machine write the same file).
+    A database server: check a pooled connection before use (the server may have restarted;
+    see :mod:`harness.sweep.pooling` for when idle ones are closed) and, on PostgreSQL, name
+    it ``harness <worker id>``, so ``pg_stat_activity`` shows which worker holds it.
+    """
     if url.startswith("sqlite"):
-        # Workers on one machine write the same file: wait for the lock instead of failing.
-        return sa.create_engine(url, connect_args={"timeout": 60})
-    return sa.create_engine(url, pool_pre_ping=True)
+        return {"connect_args": {"timeout": 60}}
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        # At most NAMEDATALEN - 1 = 63 bytes; PostgreSQL would truncate it anyway.
+        name = f"harness {worker_identity()}".encode()[:63].decode(errors="ignore")
+        options["connect_args"] = {"application_name": name}
+    return options
+
+
+def _engine(url: str) -> Engine:
+    return close_when_idle(sa.create_engine(url, **engine_options(url)))
 
 
 def _create_tables(engine: Engine) -> None:

@@ -51,7 +51,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from harness.config import VALIDATION_KEYS, HarnessConfig, identity_dump
 from harness.errors import HarnessError
-from harness.sweep.claims import journal_path
+from harness.sweep.claims import engine_options, journal_path
+from harness.sweep.pooling import close_when_idle
 from harness.sweep.retry import RetryingRDBStorage, retry_schema_race
 from harness.sweep.space import evaluated_distributions, grid_search_space, training_distributions
 
@@ -135,10 +136,11 @@ def _heartbeat_storage(url: str, interval: int, cfg: HarnessConfig) -> RDBStorag
             heartbeat_interval=interval,
             grace_period=cfg.sweep.grace_period_s or 2 * interval,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-            engine_kwargs=_engine_kwargs(url),
+            engine_kwargs=engine_options(url),
         )
     )
     storage.retry_s = cfg.sweep.storage_retry_s
+    close_when_idle(storage.engine)
     return storage
 
 
@@ -147,8 +149,9 @@ def _plain_storage(url: str, cfg: HarnessConfig) -> BaseStorage:
     journal = journal_path(url)
     if journal is not None:
         return _journal_storage(journal)
-    storage = retry_schema_race(lambda: RetryingRDBStorage(url, engine_kwargs=_engine_kwargs(url)))
+    storage = retry_schema_race(lambda: RetryingRDBStorage(url, engine_kwargs=engine_options(url)))
     storage.retry_s = cfg.sweep.storage_retry_s
+    close_when_idle(storage.engine)
     return storage
 
 
@@ -159,13 +162,6 @@ def _journal_storage(path: Path) -> JournalStorage:
     path.parent.mkdir(parents=True, exist_ok=True)
     backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
     return JournalStorage(backend)
-
-
-def _engine_kwargs(url: str) -> dict[str, Any] | None:
-    if url.startswith("sqlite"):
-        # Several local workers write one file: wait for its lock instead of failing at once.
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
 
 
 def make_sampler(

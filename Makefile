@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint typecheck unit install clean-runs help
+.PHONY: demo test lint typecheck unit install clean-runs help gpu-wheels
 
 help:
 	@echo "make demo   - install, then 'dvc repro' the default (tiny, CPU) pipeline"
@@ -47,6 +47,10 @@ unit: install
 	$(BIN)/python -m pytest -m cluster
 
 test: lint typecheck unit
+
+# The wheels a lent GPU machine lacks (it reaches no package index), for `.ci/gpu-check` there.
+gpu-wheels: install
+	$(BIN)/python .ci/gpu_wheels.py
 
 clean-runs:
 	rm -rf runs data/prepared data/sample reports/*.html

@@ -267,6 +267,7 @@ def test_adaptive_recall_counts_the_exhaustive_top_among_the_full_fidelity_top()
     assert adaptive_recall(_run({(1, "a"): (1.0, 1.0)}), _run({(1, "a"): (1.0, 1.0)})) == (1.0, 1)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_on_cuda_names_the_card_and_reports_peak_memory(
     repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

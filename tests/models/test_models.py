@@ -248,3 +248,14 @@ def test_loading_shows_no_per_component_bars(capfd: pytest.CaptureFixture[str]) 
     err = capfd.readouterr().err
     assert "Loading pipeline components" not in err and "Loading weights" not in err, err
     assert diffusers_logging.is_progress_bar_enabled()
+
+
+def test_attention_runs_through_torch_sdpa() -> None:
+    """Every attention of a loaded pipeline is torch's scaled_dot_product_attention (flash or
+    memory-efficient kernels on CUDA): diffusers' AttnProcessor2_0 and transformers' "sdpa"."""
+    loaded = load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
+    for component in (loaded.pipeline.unet, loaded.pipeline.vae):
+        assert {type(p).__name__ for p in component.attn_processors.values()} == {
+            "AttnProcessor2_0"
+        }
+    assert loaded.pipeline.text_encoder.config._attn_implementation == "sdpa"

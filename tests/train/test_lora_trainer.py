@@ -216,6 +216,25 @@ def test_adamw8bit_on_cuda_trains_and_resumes_exactly(images: Images, tmp_path: 
     _assert_resume_equals_uninterrupted_run(cfg, model, images(2), tmp_path)
 
 
+@pytest.mark.gpu
+def test_bf16_training_on_cuda_logs_peak_memory_and_a_finite_loss(
+    images: Images, tmp_path: Path
+) -> None:
+    """Mixed-precision (bf16) LoRA training on a CUDA device: every step logs the peak CUDA
+    memory, the adapter stays float32 (the optimizer's master weights), the loss is finite."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cuda", dtype="bfloat16"))
+    cfg = make_cfg(max_steps=3, checkpoint_steps=[3], mixed_precision="bf16")
+    result = train_lora(cfg, model, images(2), tmp_path / "run", progress=False)
+    assert result.status == "completed"
+    log = _log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["cuda_max_memory_mb"] > 0 and np.isfinite(r["loss"]) for r in log), log
+    state = load_file(str(result.checkpoints[-1].path / "state" / "lora.safetensors"))
+    assert state and {t.dtype for t in state.values()} == {torch.float32}
+
+
 def _assert_resume_equals_uninterrupted_run(
     cfg: HarnessConfig, sd15: LoadedModel, data: Any, tmp_path: Path
 ) -> None:

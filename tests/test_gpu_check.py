@@ -1,0 +1,47 @@
+"""``.ci/gpu-check``, the one-call CUDA check for a lent GPU machine, dry-run here: every step
+runs and is summarised; the CUDA tests skip and the CUDA benchmarks stop with one clear line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a dry run needs a machine without CUDA"),
+]
+
+
+def test_the_gpu_check_script_runs_every_step_and_summarises_them(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_INSTALL": "0", "OUT": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(repo_root / ".ci/gpu-check")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["env", "gpu-tests", "bench", "generation"]
+    assert summary[0].startswith("env: torch ") and "no CUDA device" in summary[0]
+    # Every CUDA test was collected (no missing file, no import error) and skipped.
+    tests = (tmp_path / "gpu-tests.log").read_text()
+    assert summary[1].startswith("gpu-tests: rc=0"), tests[-2000:]
+    counts = re.search(r"(\d+) skipped, \d+ deselected in", tests)
+    assert counts and int(counts[1]) >= 7 and "error" not in tests.splitlines()[-1], tests[-2000:]
+    for name in ("bench", "generation"):
+        assert summary[2 if name == "bench" else 3].startswith(f"{name}: rc=2"), summary
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "model.device: 'cuda' requested but no CUDA device is available" in log, log
+        assert "Traceback" not in log, log

@@ -145,7 +145,8 @@ class Claims:
         raise NotImplementedError
 
     def adopt(self, claims: dict[str, int]) -> None:
-        """Record runs a study made before claims existed (``{run key: trial}``), once."""
+        """Record runs a study made before claims existed (``{run key: trial}``, a run may
+        have several keys), once; the budget counts each run once."""
         raise NotImplementedError
 
     def register(self, worker: str, grace_s: float) -> WorkerSlot:
@@ -267,7 +268,8 @@ class SqlClaims(Claims):
         return int(value or 0)
 
     def adopt(self, claims: dict[str, int]) -> None:
-        """Record runs a study made before claims existed (``{run key: trial}``), once."""
+        """Record runs a study made before claims existed (``{run key: trial}``, a run may
+        have several keys), once; the budget counts each run once."""
         for run_key, trial in claims.items():
             with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
                 conn.execute(
@@ -281,8 +283,11 @@ class SqlClaims(Claims):
                 )
         self._ensure_budget_row()
         with self.engine.begin() as conn:
+            # One unit per run: an old run may be held under two keys (runner._current_key).
             count = conn.execute(
-                sa.select(sa.func.count()).select_from(CLAIMS).where(CLAIMS.c.study == self.study)
+                sa.select(sa.func.count(sa.distinct(CLAIMS.c.trial))).where(
+                    CLAIMS.c.study == self.study
+                )
             ).scalar()
             conn.execute(
                 sa.update(BUDGETS)
@@ -436,7 +441,8 @@ class FileClaims(Claims):
                 state["claims"].setdefault(
                     run_key, {"trial": trial, "worker": "adopted", "claimed_at": time.time()}
                 )
-            state["used"] = max(state["used"], len(state["claims"]))
+            runs = {held["trial"] for held in state["claims"].values()}
+            state["used"] = max(state["used"], len(runs))
 
     def register(self, worker: str, grace_s: float) -> WorkerSlot:
         host, pid, now = socket.gethostname(), os.getpid(), time.time()

@@ -39,6 +39,8 @@ from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
 from harness.sweep.space import (
+    TRAIN_PREFIX,
+    active_training_params,
     inference_settings,
     never_sampled,
     sample_training_params,
@@ -376,7 +378,7 @@ def run_sweep(
     """
     studies = studies or open_studies(cfg, root)
     claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
-    claims.adopt(_runs_before_claims(studies.runs))
+    claims.adopt(_runs_before_claims(studies.runs, cfg))
     worker = Worker.join(cfg, studies, claims)
     study_sink = StudySink(cfg, root, studies)
     tracker_sink = TrackerSink(cfg, tracker or NullTracker())
@@ -417,8 +419,13 @@ def _study_references(
     return references
 
 
-def _runs_before_claims(study: optuna.Study) -> dict[str, int]:
-    """``{run key: trial}`` of the runs a study holds (claimed again once, for old studies)."""
+def _runs_before_claims(study: optuna.Study, cfg: HarnessConfig) -> dict[str, int]:
+    """``{run key: trial}`` of the runs a study holds (claimed again once, for old studies).
+
+    A run is held under its recorded key and under the key this code gives its parameters:
+    a study from before the conditional space recorded (and keyed) children its run never
+    used, e.g. ``text_encoder_lr`` without text-encoder training, and must not train that
+    configuration a second time."""
     held: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get("run_key")
@@ -426,7 +433,25 @@ def _runs_before_claims(study: optuna.Study) -> dict[str, int]:
         final = t.state != TrialState.FAIL or "fail_reason" in t.user_attrs
         if key and not skipped and final:
             held.setdefault(str(key), t.number)
+            current = _current_key(cfg, t.params)
+            if current is not None:
+                held.setdefault(current, t.number)
     return held
+
+
+def _current_key(cfg: HarnessConfig, params: Mapping[str, Any]) -> str | None:
+    """The run key of a stored trial's training parameters without the unused ones (None: it
+    recorded none, or they no longer make a valid configuration, e.g. a dropped parameter)."""
+    training = {
+        k.removeprefix(TRAIN_PREFIX): v for k, v in params.items() if k.startswith(TRAIN_PREFIX)
+    }
+    used = active_training_params(training, cfg.train)
+    if used == training:  # every trial since the conditional space: its recorded key
+        return None
+    try:
+        return run_key(with_training_params(cfg, used))
+    except (ValueError, TypeError):  # ConfigError is a ValueError
+        return None
 
 
 _MAX_DUPLICATES_IN_A_ROW = 25

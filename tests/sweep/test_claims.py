@@ -60,6 +60,10 @@ def test_adopt_counts_the_runs_of_an_older_study(kind: str, tmp_path: Path) -> N
     claims.adopt({"k1": 0, "k2": 1})  # idempotent
     assert claims.used() == 2
     assert claims.claim("k1", 5, "w", limit=3).status == "taken"
+    claims.adopt({"k1": 0, "k1-as-keyed-now": 0, "k2": 1})  # one run, two keys
+    assert claims.used() == 2
+    assert claims.claim("k1-as-keyed-now", 5, "w", limit=3).status == "taken"
+    assert claims.claim("k3", 5, "w", limit=3).status == "claimed"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -186,3 +186,36 @@ def test_learning_rates_are_not_sampled_under_prodigy(tmp_path: Path) -> None:
     base["train"]["optimizer"] = "prodigy"  # the default space searches learning_rate
     (problem,) = never_sampled(validate_config(base))
     assert "sweep.space.learning_rate" in problem and "optimizer is not prodigy" in problem
+
+
+def test_a_study_from_before_the_conditional_space_does_not_retrain_its_runs(
+    tmp_path: Path,
+) -> None:
+    """Before the conditional space, every parameter was sampled and applied: a run without the
+    text encoder still recorded (and keyed) a text_encoder_lr it never used. Resuming such a
+    study must recognise that run as the configuration it trained, not train it again."""
+    from optuna.distributions import CategoricalDistribution
+
+    from harness.sweep.runner import run_key
+    from harness.sweep.space import with_training_params
+
+    cfg = make_cfg(tmp_path, sampler="grid", n_trials=50, space=TE_SPACE)
+    legacy = {"train_text_encoder": False, "text_encoder_lr": 1e-3, "rank": 2}
+    assert legacy["text_encoder_lr"] != cfg.train.text_encoder_lr
+    old_key = run_key(with_training_params(cfg, legacy))  # how the old sweep keyed it
+    runs = open_studies(cfg, tmp_path).runs
+    runs.add_trial(
+        optuna.trial.create_trial(
+            params={f"train.{k}": v for k, v in legacy.items()},
+            distributions={
+                f"train.{k}": CategoricalDistribution(TE_SPACE[k]["choices"]) for k in legacy
+            },
+            values=[0.5, 0.3],
+            user_attrs={"run_key": old_key, "status": "completed"},
+        )
+    )
+    backend = FakeBackend()
+    run_sweep(cfg, tmp_path, backend)
+    trained = {(t["train_text_encoder"], t["rank"]) for t in backend.trained}
+    assert (False, 2) not in trained  # the legacy run is that configuration
+    assert len(backend.trained) == 7  # the other 7 of the 8 distinct configurations

@@ -14,9 +14,33 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
 
+
+def _share_the_cores_among_test_processes() -> int | None:
+    """Under pytest-xdist, each test process (and every harness subprocess it starts) gets its
+    share of the cores, as `harness sweep launch --local` gives its workers: PyTorch starts one
+    thread per core in every process otherwise, and two workers' spinning threads on 2 cores
+    made the suite's subprocess tests about 1.8x slower (measured). A user's own
+    OMP_NUM_THREADS is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    share = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    return share
+
+
+_THREADS_PER_TEST_PROCESS = _share_the_cores_among_test_processes()
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DREAMBENCH = SHARED / "dreambench"
+
+
+@pytest.fixture(scope="session")
+def threads_per_test_process() -> int | None:
+    """The threads each xdist test process was given, or None (serial run, or the caller's
+    own OMP_NUM_THREADS)."""
+    return _THREADS_PER_TEST_PROCESS
 
 
 @pytest.fixture(scope="session")

@@ -251,9 +251,16 @@ def test_slurm_array_launched_by_the_cli_completes_the_study(
 ) -> None:
     storage = postgres_server.url("unused-pw")
     overrides = _overrides("slurm", storage, 2, sampler="random")
-    overrides["launch"] = {"workers": 2, "slurm": {"gpus_per_task": 0, "cpus_per_task": 1}}
+    # The setup line shows the threads each task's worker gets: its --cpus-per-task.
+    slurm_cfg = {
+        "gpus_per_task": 0,
+        "cpus_per_task": 1,
+        "setup": ['echo "threads=$OMP_NUM_THREADS"'],
+    }
+    overrides["launch"] = {"workers": 2, "slurm": slurm_cfg}
     project = clone_project(prepared_template, tmp_path / "project", overrides)
     env = cli_env(tmp_path / "home", slurm.env())
+    env.pop("OMP_NUM_THREADS", None)  # sbatch passes the caller's environment on
     log = tmp_path / "launch.log"
     done = run_cli(project, ["sweep", "launch", "--slurm"], env, log, timeout=120)
     text = log.read_text()
@@ -268,6 +275,7 @@ def test_slurm_array_launched_by_the_cli_completes_the_study(
     logs = "\n".join(p.read_text() for p in outputs)
     _assert_each_configuration_once(project, storage, 2)
     assert logs.count("worker done:") == 2, logs[-3000:]
+    assert [line for line in logs.splitlines() if line.startswith("threads=")] == ["threads=1"] * 2
 
 
 def test_a_database_restart_mid_sweep_costs_nothing(

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import shlex
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,35 @@ def test_slurm_script_runs_one_worker_per_array_task(tmp_path: Path) -> None:
     command = shlex.split(text.strip().splitlines()[-1].removeprefix("exec "))
     assert command[-2:] == ["sweep", "worker"] and command[-4:-2] == ["-S", "train.rank=8"]
     assert "s3cret" not in text, "the storage password never goes into the script"
+
+
+def _threads_in_task(text: str, env: dict[str, str]) -> str:
+    """OMP_NUM_THREADS as the worker would see it: the script run by bash up to its exec."""
+    body = text.strip().splitlines()
+    assert body[-1].startswith("exec "), body[-1]
+    # `cd` goes to the project folder, which exists: only the exec is swapped for an echo.
+    probe = "\n".join([*body[:-1], 'echo "${OMP_NUM_THREADS-unset}"'])
+    task = {"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0", **env}  # set by SLURM
+    done = subprocess.run(
+        ["bash", "-c", probe], env=task, capture_output=True, text=True, check=True, timeout=30
+    )
+    return done.stdout.strip()
+
+
+def test_each_slurm_task_uses_the_cores_it_asked_for(tmp_path: Path) -> None:
+    """Without a CPU binding (TaskPlugin=task/none, or tasks sharing a node) PyTorch would start
+    one thread per core of the node in every task; a user's own value is kept."""
+    cfg = _launch_cfg(tmp_path, slurm={"cpus_per_task": 3})
+    text = slurm_script(cfg, tmp_path, tmp_path / "params.yaml", 2)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert _threads_in_task(text, {**env, "SLURM_CPUS_PER_TASK": "3"}) == "3"
+    assert (
+        _threads_in_task(text, {**env, "SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "2"}) == "2"
+    )
+    # A setup line of the user's comes after, so it can still choose.
+    cfg = _launch_cfg(tmp_path, slurm={"cpus_per_task": 3, "setup": ["export OMP_NUM_THREADS=5"]})
+    text = slurm_script(cfg, tmp_path, tmp_path / "params.yaml", 2)
+    assert _threads_in_task(text, {**env, "SLURM_CPUS_PER_TASK": "3"}) == "5"
 
 
 def test_slurm_and_clearml_refuse_sqlite(tmp_path: Path) -> None:

@@ -17,15 +17,17 @@ os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
 
 def _share_the_cores_among_test_processes() -> int | None:
     """Under pytest-xdist, each test process (and every harness subprocess it starts) gets its
-    share of the cores, as `harness sweep launch --local` gives its workers: PyTorch starts one
-    thread per core in every process otherwise, and two workers' spinning threads on 2 cores
-    made the suite's subprocess tests about 1.8x slower (measured). A user's own
-    OMP_NUM_THREADS is kept."""
+    share of the cores by the rule `harness sweep launch --local` gives its workers
+    (:func:`~harness.sweep.launch.worker_threads`, which keeps a user's own OMP_NUM_THREADS):
+    PyTorch starts one thread per core in every process otherwise, and two workers' spinning
+    threads on 2 cores made the suite's subprocess tests about 1.8x slower (measured). Set
+    before anything imports torch: libgomp reads the variable when it loads."""
+    from harness.sweep.launch import worker_threads  # imports no torch
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
-        return None
-    share = max(1, (os.cpu_count() or 1) // workers)
-    os.environ["OMP_NUM_THREADS"] = str(share)
+    share = worker_threads(workers) if workers > 1 else None
+    if share is not None:
+        os.environ["OMP_NUM_THREADS"] = str(share)
     return share
 
 

@@ -146,8 +146,10 @@ def config_compose(
         str | None, typer.Option("--preset", help="Preset to select (default: config.yaml's).")
     ] = None,
 ) -> None:
-    """Write params.yaml from experiments/ exactly as `dvc exp run` composes it (run this after
-    editing experiments/ when you use plain `dvc repro`)."""
+    """Write params.yaml from experiments/ exactly as `dvc exp run` composes it.
+
+    Run this after editing experiments/ when you use plain `dvc repro`.
+    """
 
     def body() -> tuple[Path, bool]:
         from harness.compose import compose_params
@@ -475,8 +477,11 @@ def bench_cmd(
         ),
     ] = "ddim:50",
 ) -> None:
-    """Seconds per evaluated point: the harness against diffusers' example scripts (naive
-    path), same points, prompts and seeds; the last line is ``ratio=<float>``."""
+    """Seconds per evaluated point: the harness against diffusers' example scripts.
+
+    Same points, prompts and seeds through both paths (the naive one is what the example
+    scripts do); the last line is `ratio=<naive / harness seconds per point>`.
+    """
 
     def body() -> list[str]:
         import tempfile
@@ -498,9 +503,11 @@ def bench_cmd(
 
 @app.command("report")
 def report_cmd() -> None:
-    """Write the comparison report (reports/index.html, one self-contained page, and
-    reports/summary.md) from the sweep's and the evaluate stage's outputs; the tracker gets
-    both as a summary task."""
+    """Write the comparison report: reports/index.html (self-contained) and summary.md.
+
+    Built from the sweep's and the evaluate stage's outputs; the tracker gets both as a
+    summary task.
+    """
 
     def body() -> Path:
         from harness.stages import run_report_stage

@@ -54,6 +54,31 @@ def test_help_names_only_commands_that_exist() -> None:
     assert named <= registered, f"help names {sorted(named - registered)}: not commands"
 
 
+def _commands(group: object, prefix: str = "") -> list[tuple[str, object]]:
+    """Every command and sub-command of a click group, with its full name."""
+    found = []
+    for name, command in getattr(group, "commands", {}).items():
+        found.append((f"{prefix}{name}", command))
+        found += _commands(command, f"{prefix}{name} ")
+    return found
+
+
+def test_each_command_lists_as_one_summary_sentence() -> None:
+    """``harness --help`` lists each command by its docstring's first paragraph, line breaks
+    kept: a summary wrapped over lines in the source broke mid-phrase there ("(naive" /
+    "path)"), and reST markup showed as literal backquotes."""
+    import typer.main
+
+    commands = _commands(typer.main.get_command(app))
+    assert len(commands) > 10
+    for name, command in commands:
+        summary = (getattr(command, "help", None) or "").strip().split("\n\n")[0]
+        assert summary, f"harness {name}: no help"
+        assert "\n" not in summary, f"harness {name}: summary spans lines: {summary!r}"
+        assert "``" not in summary, f"harness {name}: reST markup in the summary: {summary!r}"
+        assert len(summary) <= 100, f"harness {name}: summary over 100 characters: {summary!r}"
+
+
 def test_validate_ok(project: Path) -> None:
     code, out, _ = invoke("-p", str(project / "params.yaml"), "config", "validate")
     assert code == 0

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -574,7 +574,15 @@ class ParamSpec(_Strict):
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpec:
         has_range = self.low is not None or self.high is not None
-        if (self.choices is None) == (not has_range):
+        if self.choices is not None and has_range:
+            # Mostly a merge, not a typo: Hydra (experiments/*.yaml, `dvc exp run -S`) merges
+            # a mapping into the preset's entry key by key, so choices over a range keep both.
+            raise ValueError(
+                "'choices' and a 'low'/'high' range: give one kind (experiments/ files and "
+                "`dvc exp run -S` merge a mapping into the preset's entry key by key: write "
+                "'low: null, high: null' beside choices, or 'choices: null' beside a range)"
+            )
+        if self.choices is None and not has_range:
             raise ValueError("give either 'choices' or both 'low' and 'high'")
         if has_range:
             if self.low is None or self.high is None:
@@ -765,6 +773,18 @@ Evaluation = Annotated[
 ]
 
 
+def _space_entry_kind(value: Any) -> str:
+    return "<spec>" if isinstance(value, Mapping | ParamSpec) else "<fixed>"
+
+
+# A searched parameter (a mapping: ParamSpec) or a fixed value; as with ``Evaluation``, a bad
+# mapping is reported against ParamSpec alone, not also as "expected float/int/bool/str".
+SpaceEntry = Annotated[
+    Annotated[ParamSpec, Tag("<spec>")] | Annotated[float | int | bool | str, Tag("<fixed>")],
+    Discriminator(_space_entry_kind),
+]
+
+
 def _check_train_values(name: str, spec: ParamSpec | float | int | bool | str) -> None:
     """Every value a searched parameter can take must be a valid ``train.<name>``, so a typo
     (``optimizer: {choices: [prodgy]}``) fails now, naming the key, not in some later run."""
@@ -810,7 +830,7 @@ class SweepConfig(_Strict):
     pruner: Literal["median", "successive_halving", "none"] = "median"
     pruner_warmup_steps: int = Field(0, ge=0)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
-    space: dict[str, ParamSpec | float | int | bool | str] = Field(default_factory=dict)
+    space: dict[str, SpaceEntry] = Field(default_factory=dict)
     inference: InferenceGrid = Field(default_factory=InferenceGrid)  # type: ignore[arg-type]
     evaluation: Evaluation = Field(
         "exhaustive",
@@ -1264,10 +1284,14 @@ def _describe(err: Mapping[str, Any], siblings: list[str]) -> str:
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
     """Allowed keys of the section that contains ``loc[-1]``."""
     model: type[BaseModel] = HarnessConfig
-    for part in loc[:-1]:
+    parts = iter(loc[:-1])
+    for part in parts:
         field = model.model_fields.get(part)
         found = _model_in(field.annotation) if field else None
         if found is None:
+            return []
+        # ``sweep.space.<name>``: after a dict field the next part is its own key, not a field.
+        if field is not None and get_origin(field.annotation) is dict and next(parts, None) is None:
             return []
         model = found
     return list(model.model_fields)

@@ -156,3 +156,44 @@ def test_overriding_a_searched_training_setting_is_noted(project: Path) -> None:
     params.write_text(dump_params(data))
     notes = check_params(params, project)
     assert any(f"sweep.space.{searched} searches it" in note for note in notes), notes
+
+
+def test_choices_over_a_presets_range_is_one_line_with_the_fix(
+    project: Path, tmp_path: Path
+) -> None:
+    """experiments/config.yaml giving ``choices`` for an entry the preset searches as a range:
+    Hydra merges the two mappings key by key (DVC writes ``{low, high, log, choices}``), so the
+    message must name the file that added ``choices``, say so once, and give the fix that
+    works in a Hydra file; the fix must then compose, in Hydra too."""
+    config = project / "experiments/config.yaml"
+    base = config.read_text()
+    entry = "sweep:\n  space:\n    learning_rate: {choices: [1.0e-4, 1.0e-3]%s}\n"
+    config.write_text(base + entry % "")
+    merged = yaml.safe_load(_hydra(project, [], tmp_path / "merged.yaml"))
+    assert set(merged["sweep"]["space"]["learning_rate"]) == {"low", "high", "log", "choices"}
+    result = CliRunner().invoke(app, ["-p", str(project / "params.yaml"), "config", "compose"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: experiments/config.yaml: sweep.space.learning_rate: "), line
+    assert "'choices' and a 'low'/'high' range" in line and "low: null, high: null" in line
+
+    config.write_text(base + entry % ", low: null, high: null")
+    result = CliRunner().invoke(app, ["-p", str(project / "params.yaml"), "config", "compose"])
+    assert result.exit_code == 0, result.output
+    written = (project / "params.yaml").read_text()
+    assert written == _hydra(project, [], tmp_path / "hydra.yaml")
+    spec = load_config(project / "params.yaml").sweep.space["learning_rate"]
+    assert spec.choices == [1.0e-4, 1.0e-3] and spec.low is None  # type: ignore[union-attr]
+
+
+def test_a_space_entry_of_the_wrong_shape_is_one_line(project: Path) -> None:
+    """A mapping is a search spec: its errors are the spec's alone, not one per scalar type."""
+    params = project / "params.yaml"
+    data = yaml.safe_load(params.read_text())
+    data["sweep"]["space"]["dropout"] = {"choises": [0.0, 0.1]}
+    params.write_text(dump_params(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(params)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{params}: sweep.space.dropout.choises: unknown key"), problem
+    assert "did you mean 'choices'" in problem

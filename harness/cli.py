@@ -38,6 +38,19 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 
 err_console = Console(stderr=True)
+
+
+def echo(message: str = "", *, err: bool = False, nl: bool = True) -> None:
+    """``typer.echo`` to ``sys.stdout`` (or ``sys.stderr``) named explicitly.
+
+    When click's first write comes after an offline ClearML task (which patches the console
+    while it runs), click's own default stream loses the lines on a redirected stdout (``dvc
+    repro``, ``> log``): ``harness sweep`` on a finished study printed no summary. The current
+    ``sys.stdout`` always gets them.
+    """
+    typer.echo(message, file=sys.stderr if err else sys.stdout, nl=nl)
+
+
 T = TypeVar("T")
 
 
@@ -128,16 +141,16 @@ def config_show(
     cfg = run_command(load)
     data = cfg.to_dict()
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo(json.dumps(data, indent=2))
     else:
-        typer.echo(yaml.safe_dump(data, sort_keys=False))
+        echo(yaml.safe_dump(data, sort_keys=False))
 
 
 @config_app.command("validate")
 def config_validate() -> None:
     """Validate the configuration and exit 0, or print every problem and exit 2."""
     cfg = run_command(load)
-    typer.echo(f"ok: preset {cfg.preset}, model {cfg.model.pretrained}")
+    echo(f"ok: preset {cfg.preset}, model {cfg.model.pretrained}")
 
 
 @config_app.command("compose")
@@ -157,7 +170,7 @@ def config_compose(
         return compose_params(project_root(), preset)
 
     path, changed = run_command(body)
-    typer.echo(f"{'wrote' if changed else 'unchanged:'} {path}")
+    echo(f"{'wrote' if changed else 'unchanged:'} {path}")
 
 
 @config_app.command("defaults")
@@ -171,11 +184,11 @@ def config_defaults(
 
     text = defaults_text()
     if not write:
-        typer.echo(text, nl=False)
+        echo(text, nl=False)
         return
     path = project_root() / DEFAULTS_FILE
     path.write_text(text, encoding="utf-8")
-    typer.echo(f"wrote {path}")
+    echo(f"wrote {path}")
 
 
 @app.command("model-info")
@@ -197,7 +210,7 @@ def model_info() -> None:
             "unet_parameters": params,
         }
 
-    typer.echo(json.dumps(run_command(body), indent=2))
+    echo(json.dumps(run_command(body), indent=2))
 
 
 @app.command("resolve")
@@ -212,10 +225,10 @@ def resolve_cmd(
 
         cfg = load()
         for note in check_params(_state.params, project_root()):
-            typer.echo(f"note: {note}", err=True)
+            echo(f"note: {note}", err=True)
         return run_resolve(cfg, project_root(), out)
 
-    typer.echo(f"resolved config and sources in {run_command(body)}")
+    echo(f"resolved config and sources in {run_command(body)}")
 
 
 @app.command("prepare")
@@ -228,13 +241,13 @@ def prepare_cmd() -> None:
         return run_prepare(load(), project_root())
 
     for result in run_command(body):
-        typer.echo(
+        echo(
             f"prepared {result.n_train} train / {result.n_val} val photos "
             f"({result.n_rejected} rejected) in {result.out_dir}"
         )
         if result.token_choice is not None:
             choice = result.token_choice
-            typer.echo(
+            echo(
                 f"identifier token: {result.token} (data.token: auto, seed {choice['seed']}, "
                 f"{choice['tokenizer']}; recorded in manifest.json)"
             )
@@ -256,7 +269,7 @@ def train_cmd(
         return run_train(load(), project_root(), run_dir)
 
     result = run_command(body)
-    typer.echo(f"{result.status}: {result.steps_done}/{result.max_steps} steps in {result.run_dir}")
+    echo(f"{result.status}: {result.steps_done}/{result.max_steps} steps in {result.run_dir}")
     if result.status != "completed":
         err_console.print(f"[bold red]error:[/] training {result.status}: {result.reason}")
         raise typer.Exit(code=1)
@@ -283,7 +296,7 @@ def generate_cmd(
             raise HarnessError(f"--adapter: {adapter}: not found")
         return len(run_generate(load(), project_root(), out, adapter))
 
-    typer.echo(f"generated {run_command(body)} images in {out} (manifest.jsonl)")
+    echo(f"generated {run_command(body)} images in {out} (manifest.jsonl)")
 
 
 sweep_app = typer.Typer(
@@ -313,12 +326,12 @@ def sweep_cmd(ctx: typer.Context) -> None:
 def _print_summary(summary: Any) -> None:
     from harness.sweep.study import safe_storage_url
 
-    typer.echo(summary.describe())
-    typer.echo(f"study {summary.study_name}: optuna-dashboard {safe_storage_url(summary.storage)}")
-    typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+    echo(summary.describe())
+    echo(f"study {summary.study_name}: optuna-dashboard {safe_storage_url(summary.storage)}")
+    echo(f"results: {summary.results_csv} and {summary.results_parquet}")
     for row in summary.pareto[:5]:
         scores = ", ".join(f"{o}={row[f'score.{o}']:.3f}" for o in summary.objectives)
-        typer.echo(
+        echo(
             f"  pareto: run {row['run_key']} step {row['checkpoint_step']} "
             f"{row['setting_id']}: {scores}"
         )
@@ -334,9 +347,7 @@ def sweep_worker_cmd() -> None:
         return run_sweep_stage(load(), project_root())
 
     summary = run_command(body)
-    typer.echo(
-        f"worker done: {summary.started_runs_this_call} runs trained here; {summary.describe()}"
-    )
+    echo(f"worker done: {summary.started_runs_this_call} runs trained here; {summary.describe()}")
 
 
 @sweep_app.command("launch")
@@ -386,7 +397,7 @@ def _launch_local(root: Path, params: Path, n: int) -> int:
     from harness.sweep import launch
 
     codes = launch.launch_local(params, root, n, overrides=_state.overrides)
-    typer.echo(f"{len(codes)} workers finished; exit codes {codes}")
+    echo(f"{len(codes)} workers finished; exit codes {codes}")
     return 2 if any(c != 0 for c in codes) else 0
 
 
@@ -394,12 +405,12 @@ def _launch_slurm(cfg: HarnessConfig, root: Path, params: Path, n: int, dry_run:
     from harness.sweep import launch
 
     job = launch.launch_slurm(cfg, root, params, n, overrides=_state.overrides, submit=not dry_run)
-    typer.echo(job.text)
-    typer.echo(f"script: {job.script}")
+    echo(job.text)
+    echo(f"script: {job.script}")
     if job.job_id:
-        typer.echo(f"submitted: job {job.job_id} ({n} array tasks)")
+        echo(f"submitted: job {job.job_id} ({n} array tasks)")
     else:
-        typer.echo("not submitted (--dry-run)")
+        echo("not submitted (--dry-run)")
     return 0
 
 
@@ -412,7 +423,7 @@ def _launch_clearml(
         cfg, root, params, n, queue, overrides=_state.overrides, enqueue=not dry_run
     )
     for line in lines:
-        typer.echo(line)
+        echo(line)
     return 0
 
 
@@ -426,7 +437,7 @@ def sweep_status_cmd() -> None:
         return run_status(load(), project_root())
 
     for line in run_command(body).lines():
-        typer.echo(line)
+        echo(line)
 
 
 @app.command("evaluate")
@@ -444,9 +455,9 @@ def evaluate_cmd() -> None:
 
     confirmation = run_command(body)
     for line in confirmation.describe():
-        typer.echo(line)
-    typer.echo(f"results: {confirmation.results_csv} and {confirmation.results_parquet}")
-    typer.echo(f"metrics: {confirmation.metrics_path}")
+        echo(line)
+    echo(f"results: {confirmation.results_csv} and {confirmation.results_parquet}")
+    echo(f"metrics: {confirmation.metrics_path}")
 
 
 @app.command("bench")
@@ -498,7 +509,7 @@ def bench_cmd(
             return run_bench(load(), Path(tmp), repeats)
 
     for line in run_command(body):
-        typer.echo(line)
+        echo(line)
 
 
 @app.command("report")
@@ -517,11 +528,8 @@ def report_cmd() -> None:
     html = run_command(body)
     from harness.report import SUMMARY_MD
 
-    # sys.stdout named explicitly: after an offline ClearML task, click's default stdout
-    # stream loses these lines when stdout is a file or a pipe (dvc repro, `> log`); writing
-    # to sys.stdout itself keeps them.
-    typer.echo(f"summary: {_shown_path(html.with_name(SUMMARY_MD))}", file=sys.stdout)
-    typer.echo(f"report: {_shown_path(html)}", file=sys.stdout)
+    echo(f"summary: {_shown_path(html.with_name(SUMMARY_MD))}")
+    echo(f"report: {_shown_path(html)}")
 
 
 def _shown_path(path: Path) -> Path:

@@ -126,6 +126,26 @@ def test_closing_lines_reach_a_redirected_stdout(tracked_sweep: TrackedSweep) ->
     assert "  pareto: run " in text
 
 
+def test_closing_lines_of_a_finished_study_reach_a_redirected_stdout(
+    tracked_sweep: TrackedSweep, tmp_path: Path
+) -> None:
+    """``harness sweep > file`` again on the finished study (what ``dvc exp run`` does when it
+    reruns the stage): nothing trains, and the summary lines must still be there; they were
+    lost after the summary task's offline session when nothing had been printed before it."""
+    import shutil
+
+    project = tmp_path / "again"
+    shutil.copytree(tracked_sweep.project, project, symlinks=True)
+    env = cli_env(tmp_path / "home", {"PWD": str(project)})
+    log = tmp_path / "again.log"
+    proc = run_cli(project, ["sweep"], env, log, timeout=180)
+    text = log.read_text()
+    assert proc.returncode == 0, tail(log, 80)
+    assert f"{N_RUNS} training runs ({N_RUNS} completed, 0 pruned, 0 failed) -> " in text, text
+    assert f"study {tracked_sweep.study}: optuna-dashboard" in text
+    assert "results: " in text and "  pareto: run " in text
+
+
 def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
     tracked_sweep: TrackedSweep,
 ) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.text import Text
 
 from harness.config import HarnessConfig, load_config, parse_override
 from harness.errors import HarnessError
@@ -91,15 +92,26 @@ def run_command(fn: Callable[[], T]) -> T:
 
     try:
         return fn()
-    except (HarnessError, MetricsError) as exc:
+    except (HarnessError, MetricsError, OSError) as exc:
         if _state.verbose:
             err_console.print_exception()
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        for line in _error_lines(exc):
+            # Text, not markup: a path or a value may hold "[/x]" or ":-1:".
+            message = Text.assemble(("error:", "bold red"), " ", line)
+            err_console.print(message, highlight=False, soft_wrap=True, emoji=False)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]; finished work was kept")
         raise typer.Exit(code=130) from None
+
+
+def _error_lines(exc: BaseException) -> list[str]:
+    """The lines a user error prints; a file-system error names its path (what went wrong with
+    which file is all a user can act on; -v shows where it happened)."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return [f"{where}{(exc.strerror or str(exc) or type(exc).__name__).lower()}"]
+    return str(exc).splitlines() or [type(exc).__name__]
 
 
 @app.callback()

@@ -25,7 +25,8 @@ import difflib
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping
+import string
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -160,6 +161,29 @@ Subjects = Annotated[
 ]
 
 
+PROMPT_FIELDS = ("token", "class_name")
+# DreamBench's prompt lists use ``{0}``/``{1}`` (generate.format_prompt fills both forms).
+POSITIONAL_FIELDS = ("0", "1", "")
+
+
+def check_template(template: str, allowed: Sequence[str] = PROMPT_FIELDS) -> str:
+    """``template`` when its placeholders are all ``allowed`` and its braces balance.
+
+    Checked at validation, so a typo (``{clas}``) stops everything before a model loads, instead
+    of a caption with a literal ``{clas}`` in it or a sweep whose every run fails at evaluation.
+    """
+    names = ", ".join(f"{{{name}}}" for name in allowed if name)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise ValueError(f"template {template!r}: {exc} (braces go round {names})") from None
+    for field in fields:
+        name = None if field is None else re.split(r"[.\[]", field, maxsplit=1)[0]
+        if name is not None and name not in allowed:
+            raise ValueError(f"template {template!r}: unknown placeholder {{{name}}}; use {names}")
+    return template
+
+
 class DataConfig(_Strict):
     """The subject dataset: where photos come from and how they are prepared."""
 
@@ -244,7 +268,7 @@ class DataConfig(_Strict):
     def _template_has_token(cls, value: str) -> str:
         if "{token}" not in value:
             raise ValueError(f"must contain '{{token}}', got {value!r}")
-        return value
+        return check_template(value)
 
     @model_validator(mode="after")
     def _split_leaves_training_images(self) -> DataConfig:
@@ -391,15 +415,12 @@ class TrainConfig(_Strict):
     @field_validator("validation_prompts")
     @classmethod
     def _known_placeholders(cls, value: list[str]) -> list[str]:
-        for template in value:
-            try:
-                template.format("t", "c", token="t", class_name="c")
-            except (IndexError, KeyError, ValueError) as exc:
-                raise ValueError(
-                    f"template {template!r} has an unknown placeholder ({exc}); use {{token}} "
-                    "and {class_name}"
-                ) from None
-        return value
+        return [check_template(t, (*PROMPT_FIELDS, *POSITIONAL_FIELDS)) for t in value]
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_prompt_placeholders(cls, value: str) -> str:
+        return check_template(value)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -492,6 +513,12 @@ class EvalConfig(InferenceSetting):
         ],
         min_length=1,
     )
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_placeholders(cls, value: list[str]) -> list[str]:
+        return [check_template(t, (*PROMPT_FIELDS, *POSITIONAL_FIELDS)) for t in value]
+
     prompt_source: Literal["config", "dataset"] = Field(
         "config",
         description="config: eval.prompts; dataset: the prompts shipped with the subject "
@@ -908,6 +935,14 @@ class EvaluateConfig(_Strict):
         description="Held-out prompt templates ({token}, {class_name}); default: the sweep's "
         "evaluation prompts.",
     )
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_placeholders(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [check_template(t, (*PROMPT_FIELDS, *POSITIONAL_FIELDS)) for t in value]
+
     images_per_prompt: int | None = Field(
         None, ge=1, description="Default: eval.images_per_prompt."
     )
@@ -1126,8 +1161,28 @@ class HarnessConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names a key twice (PyYAML would silently keep the last one)."""
+
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """Safe loader that also reads ``1e-4`` as a float (YAML 1.1 would give a string)."""
+    """Safe loader that also reads ``1e-4`` as a float (YAML 1.1 would give a string) and
+    refuses a key given twice in one mapping, as DVC's own YAML reader does: PyYAML keeps the
+    last, so a second ``train:`` block appended to params.yaml replaced the whole section."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKeyError(str(key), line, seen[key])
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -1151,8 +1206,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {(exc.strerror or str(exc)).lower()}"]) from None
     try:
         data = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            [
+                f"{path}:{exc.line}: duplicate key {exc.key!r} (first at line {exc.first}); merge the two"
+            ]
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     if data is None:
@@ -1405,10 +1470,20 @@ def _apply_params(
     same = {
         path: src
         for path, src in origin.items()
-        if path in mine and _value_at(user, path) == _value_at(base, path)
+        if path in mine and _identical(_value_at(user, path), _value_at(base, path))
     }
     # Differing keys come last: in `origin` the last hit is the highest-priority source.
     return dict(user), {**same, **{p: label for p in mine if p not in same}}
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Equal and of the same types throughout: ``4.0 == 4`` and ``0 == False`` in Python, but a
+    params.yaml value of another type is the user's edit, not the preset's value."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
 
 
 def parse_override(item: str) -> dict[str, Any]:
@@ -1416,7 +1491,11 @@ def parse_override(item: str) -> dict[str, Any]:
     if "=" not in item:
         raise ConfigError([f"command line: {item!r}: expected KEY=VALUE"])
     key, raw = item.split("=", 1)
-    value = yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
+    try:
+        value = yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError([f"command line: {item!r}: invalid YAML value ({problem})"]) from None
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError([f"command line: {item!r}: empty key"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from harness.config import HarnessConfig
 from harness.sweep.claims import WorkerSlot, open_claims
 from harness.sweep.space import search_space_size
-from harness.sweep.study import open_studies, safe_storage_url
+from harness.sweep.study import existing_studies, safe_storage_url, storage_url, study_id
 
 __all__ = ["SweepStatus", "sweep_status"]
 
@@ -28,6 +28,7 @@ class SweepStatus:
     workers: list[WorkerSlot] = field(default_factory=list)
     runs_by_worker: dict[str, Counter[str]] = field(default_factory=dict)
     grace_s: float = 120.0
+    started: bool = True
 
     @property
     def left(self) -> int | None:
@@ -36,6 +37,10 @@ class SweepStatus:
 
     def lines(self) -> list[str]:
         """The report, one line each."""
+        if not self.started:
+            return [
+                f"study {self.study} in {self.storage}: not started (no run of this configuration yet)"
+            ]
         now = time.time()
         states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "none"
         left = "no run budget" if self.left is None else f"{self.left} of {self.budget} runs left"
@@ -49,6 +54,8 @@ class SweepStatus:
         for w in self.workers:
             alive = w.alive(now, self.grace_s)
             seen = "live" if alive else f"gone (last seen {max(now - w.seen_at, 0):.0f} s ago)"
+            if not alive and w.seen_at <= 0:
+                seen = "left"  # released on a clean exit (seen_at 0), not a lost heartbeat
             runs = self.runs_by_worker.get(w.worker, Counter())
             done = ", ".join(f"{n} {s}" for s, n in sorted(runs.items())) or "no runs"
             out.append(f"  slot {w.slot}: {w.worker} on {w.host} pid {w.pid}: {seen}; {done}")
@@ -56,8 +63,19 @@ class SweepStatus:
 
 
 def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
-    """The status of the study of ``cfg`` (opened, never modified beyond creation)."""
-    studies = open_studies(cfg, root)
+    """The status of the study of ``cfg``, read only: a study that does not exist yet is
+    reported as not started, and not created."""
+    studies = existing_studies(cfg, root)
+    if studies is None:
+        return SweepStatus(
+            study=study_id(cfg, root),
+            storage=safe_storage_url(storage_url(cfg, root)),
+            states={},
+            skipped=0,
+            budget=cfg.sweep.n_trials,
+            used=0,
+            started=False,
+        )
     claims = open_claims(studies.storage_url, studies.name)
     trials = studies.runs.get_trials(deepcopy=False)
     skipped = [t for t in trials if "duplicate_of" in t.user_attrs or "not_run" in t.user_attrs]

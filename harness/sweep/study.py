@@ -60,6 +60,7 @@ __all__ = [
     "Studies",
     "SweepError",
     "directions",
+    "existing_studies",
     "fail_orphan_proxies",
     "make_pruner",
     "make_sampler",
@@ -316,6 +317,27 @@ def _log_new_study(storage: BaseStorage, prefix: str, name: str, signature: dict
         latest.study_name.removesuffix(".runs"),
         "\n  ".join(_differences(old, signature)),
     )
+
+
+def existing_studies(cfg: HarnessConfig, root: Path) -> Studies | None:
+    """The sweep's studies when this configuration's study exists, else None; for readers
+    (``harness sweep status``), which must create nothing: no study, no SQLite or journal file.
+    """
+    import sqlalchemy as sa
+
+    url = storage_url(cfg, root)
+    journal = journal_path(url)
+    local = journal
+    if journal is None and url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        local = Path(database) if database and database != ":memory:" else None
+    if local is not None and not local.exists():
+        return None
+    with _storage_errors(url):
+        names = optuna.get_all_study_names(_plain_storage(url, cfg))
+    if f"{study_id(cfg, root)}.runs" not in names:
+        return None
+    return open_studies(cfg, root)
 
 
 def open_studies(cfg: HarnessConfig, root: Path) -> Studies:

@@ -412,3 +412,21 @@ def test_local_workers_share_the_cpu_cores_unless_the_user_chose(
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     launch.launch_local(tmp_path / "params.yaml", tmp_path, 2, out=io.StringIO())
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["6", "6"]
+
+
+def test_status_reads_and_never_creates_a_study(tmp_path: Path) -> None:
+    """``harness sweep status`` before any sweep created the studies (and logged "new study ...
+    differs", so the sweep itself never said what had changed); a worker that left cleanly
+    showed as "last seen 1796307135 s ago"."""
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    db = tmp_path / cfg.sweep.dir / "study.db"
+    before = sweep_status(cfg, tmp_path)
+    assert not before.started and not db.exists()
+    assert before.lines()[0].endswith(": not started (no run of this configuration yet)")
+    run_sweep(cfg, tmp_path, FakeBackend())
+    after = sweep_status(cfg, tmp_path)
+    assert after.started and after.states == {"COMPLETE": 2}
+    (slot,) = [line for line in after.lines() if line.startswith("  slot 0: ")]
+    assert ": left; 2 complete" in slot, slot

@@ -24,6 +24,7 @@ from harness.train.records import CheckpointInfo, TrainingError, TrainResult
 from harness.train.session import TrainingSession
 from harness.train.state import (
     EMA_TENSORS,
+    KOHYA_WEIGHTS,
     TrainingState,
     checkpoint_dir,
     complete_checkpoints,
@@ -44,7 +45,7 @@ __all__ = [
     "truncate_log",
 ]
 
-KOHYA_NAME = "kohya_lora.safetensors"
+KOHYA_NAME = KOHYA_WEIGHTS
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from harness.config import TrainConfig
 from harness.models import LoadedModel
 from harness.train.kohya import export_kohya
+from harness.train.state import ADAPTER_WEIGHTS as WEIGHTS_NAME
 
 __all__ = [
     "ADAPTER",
@@ -34,7 +35,6 @@ __all__ = [
 ]
 
 ADAPTER = "harness_train"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def _num(value: float) -> Any:

@@ -58,6 +58,8 @@ STATE_DIR = "state"
 STATE_TENSORS = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
 STATE_JSON = ("optimizer.json", "trainer.json")
 EMA_TENSORS = "ema.safetensors"
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name (load_lora_weights)
+KOHYA_WEIGHTS = "kohya_lora.safetensors"  # with train.export_kohya
 
 
 def read_state_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -197,7 +199,16 @@ class TrainingState:
 
     def problem(self) -> str | None:
         """Why training cannot continue from here (a state file missing, truncated or not
-        parseable: e.g. a disk that filled up, or a partial copy), or ``None``."""
+        parseable: e.g. a disk that filled up, or a partial copy), or ``None``. The adapter
+        files are checked too: the checkpoint is what evaluation loads, so a resume past a
+        broken one would report success and leave it broken."""
+        kohya = self.path / KOHYA_WEIGHTS
+        adapters = (self.path / ADAPTER_WEIGHTS, *([kohya] if kohya.exists() else []))
+        for path in adapters:
+            try:
+                check_weights_file(path, "checkpoint adapter")
+            except HarnessError as exc:
+                return str(exc)
         for name in STATE_TENSORS + ((EMA_TENSORS,) if self.has_ema else ()):
             try:
                 check_weights_file(self.state_dir / name, "checkpoint state")

@@ -456,7 +456,17 @@ def test_crash_while_saving_keeps_previous_checkpoint(
     assert resumed.status == "completed" and resumed.resumed_from == 2
 
 
-@pytest.mark.parametrize("broken", ["lora.safetensors", "optimizer.safetensors", "rng.safetensors"])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "lora.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        # the adapter itself (what evaluation loads): a resume "from step 4" used to keep it
+        # broken, report success and fail only at `harness generate` / evaluation
+        "../pytorch_lora_weights.safetensors",
+    ],
+)
 def test_truncated_state_file_resumes_from_previous_checkpoint(
     sd15: LoadedModel, images: Images, tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str
 ) -> None:
@@ -467,7 +477,7 @@ def test_truncated_state_file_resumes_from_previous_checkpoint(
     last = first.checkpoints[-1].path / "state"
     # cloned: load_file may map the file, and the truncation below would show through
     trained = {k: v.clone() for k, v in load_file(str(last / "lora.safetensors")).items()}
-    target = last / broken
+    target = (last / broken).resolve()
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a crash mid-copy
 
     with caplog.at_level("WARNING", logger="harness.train"):
@@ -550,6 +560,7 @@ def _fake_checkpoint(run: Path, step: int) -> None:
         save_optimizer(opt, tmp / "state")
         for name in ("lora", "rng"):
             save_file({"x": torch.zeros(3)}, str(tmp / "state" / f"{name}.safetensors"))
+        save_file({"x": torch.zeros(3)}, str(tmp / "pytorch_lora_weights.safetensors"))
         (tmp / "state" / "trainer.json").write_text(json.dumps({"step": step}))
         return {}
 

@@ -356,7 +356,8 @@ def sweep_worker_cmd() -> None:
     def body() -> Any:
         from harness.stages import run_sweep_stage
 
-        return run_sweep_stage(load(), project_root())
+        # The tracker's summary task is `harness sweep`'s: N workers made N of them.
+        return run_sweep_stage(load(), project_root(), summary_task=False)
 
     summary = run_command(body)
     echo(f"worker done: {summary.started_runs_this_call} runs trained here; {summary.describe()}")

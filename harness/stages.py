@@ -267,8 +267,11 @@ def run_generate(
     )
 
 
-def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> Any:
-    """The sweep with the real backend: one loaded pipeline and scorer per worker.
+def run_sweep_stage(
+    cfg: HarnessConfig, root: Path, progress: bool = True, summary_task: bool = True
+) -> Any:
+    """The sweep with the real backend: one loaded pipeline and scorer per worker
+    (``summary_task=False``: a plain ``harness sweep worker``, no tracker summary task).
 
     Everything that can be wrong with the user's setup fails before the first training run,
     cheapest check first: the prepared subject, the study (storage reachable, no mismatched
@@ -288,7 +291,9 @@ def run_sweep_stage(cfg: HarnessConfig, root: Path, progress: bool = True) -> An
     loaded = load_pipeline(cfg.model)
     backend = _backend(cfg, loaded, scorer, progress, subject)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
-    return run_sweep(cfg, root, backend, tracker, studies=studies, sinks=sinks)
+    return run_sweep(
+        cfg, root, backend, tracker, studies=studies, sinks=sinks, summary_task=summary_task
+    )
 
 
 def run_status(cfg: HarnessConfig, root: Path) -> Any:

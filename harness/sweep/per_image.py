@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from harness.sweep._files import replaced_together
 
 if TYPE_CHECKING:
     from harness.sweep._base import PointScores, ScoredPoint
@@ -138,13 +139,8 @@ def write_point_rows(store: Path, point: ScoredPoint, root: Path) -> Path:
 def _replace(path: Path, write: Callable[[Path], object]) -> Path:
     """Write ``path`` through a temporary file of this process, then rename it: a reader
     (another worker rebuilding the tables) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replaced_together(path) as (temporary,):
         write(temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

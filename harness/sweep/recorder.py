@@ -239,8 +239,8 @@ class TrackerSink(SweepSink):
     interruption: the run is re-queued and the sweep stops with the error.
     """
 
-    def __init__(self, cfg: HarnessConfig, tracker: Tracker) -> None:
-        self.cfg, self.tracker = cfg, tracker
+    def __init__(self, cfg: HarnessConfig, tracker: Tracker, summary_task: bool = True) -> None:
+        self.cfg, self.tracker, self.summary_task = cfg, tracker, summary_task
         self._runs: dict[int, Run] = {}
 
     def _run(self, run: RunSpec) -> Run:
@@ -296,6 +296,9 @@ class TrackerSink(SweepSink):
     def sweep_finished(self, summary: SweepSummary) -> None:
         """The ``summary`` task: leaderboard, figures, counts, references, the results file."""
         from harness.sweep.summary import figures, leaderboard, subject_breakdown
+
+        if not self.summary_task:
+            return
 
         name, objectives = self.cfg.sweep.study_name, objective_names(self.cfg)
         with self.tracker.start_run(

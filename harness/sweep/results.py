@@ -63,6 +63,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from harness.sweep._files import replaced_together
 from harness.sweep.per_image import legacy_div
 from harness.sweep.space import CHECKPOINT_STEP, EVAL_PREFIX, TRAIN_PREFIX
 from harness.sweep.study import objective_names
@@ -207,15 +208,13 @@ def write_results(
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (point count and Pareto
     rows) of a :func:`points_frame`; return the two table paths and the Pareto rows."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, parquet_path = results_paths(out_dir)
-    frame.to_csv(csv_path, index=False)
-    frame.to_parquet(parquet_path, index=False)
     pareto = pareto_rows(frame, objectives)
-    (out_dir / SUMMARY_JSON).write_text(
-        json.dumps({"points": len(frame), "pareto": pareto}, indent=2, sort_keys=True) + "\n",
-        encoding="utf-8",
-    )
+    summary = json.dumps({"points": len(frame), "pareto": pareto}, indent=2, sort_keys=True)
+    with replaced_together(csv_path, parquet_path, out_dir / SUMMARY_JSON) as (csv, pq, js):
+        frame.to_csv(csv, index=False)
+        frame.to_parquet(pq, index=False)
+        js.write_text(summary + "\n", encoding="utf-8")
     return csv_path, parquet_path, pareto
 
 
@@ -297,7 +296,7 @@ def write_subject_results(study: optuna.Study, frame: pd.DataFrame, out_dir: Pat
     table = subject_frame(study, frame)
     if table.empty:
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / SUBJECTS_CSV, index=False)
-    table.to_parquet(out_dir / SUBJECTS_PARQUET, index=False)
+    with replaced_together(out_dir / SUBJECTS_CSV, out_dir / SUBJECTS_PARQUET) as (csv, pq):
+        table.to_csv(csv, index=False)
+        table.to_parquet(pq, index=False)
     return out_dir / SUBJECTS_PARQUET

@@ -365,11 +365,13 @@ def run_sweep(
     *,
     studies: Studies | None = None,
     sinks: Sequence[SweepSink] = (),
+    summary_task: bool = True,
 ) -> SweepSummary:
     """Run (or continue) the sweep until its budget is spent; record everything on the way.
 
-    Events go to the Optuna studies, the tracker (``None``: not tracked), the results table and
-    any extra ``sinks``. Re-running continues the same study: finished runs are not repeated;
+    Events go to the Optuna studies, the tracker (``None``: not tracked; ``summary_task=False``,
+    a plain worker: its runs only, no summary task), the results table and any extra
+    ``sinks``. Re-running continues the same study: finished runs are not repeated;
     interrupted and dead runs are retried first with the same parameters (the trainer resumes
     from the last checkpoint).
 
@@ -381,7 +383,7 @@ def run_sweep(
     claims.adopt(_runs_before_claims(studies.runs, cfg))
     worker = Worker.join(cfg, studies, claims)
     study_sink = StudySink(cfg, root, studies)
-    tracker_sink = TrackerSink(cfg, tracker or NullTracker())
+    tracker_sink = TrackerSink(cfg, tracker or NullTracker(), summary_task=summary_task)
     recorder = Recorder([study_sink, tracker_sink, ResultsTable(cfg, root, studies), *sinks])
     for problem in never_sampled(cfg):
         logger.warning("%s; search the parent too, or drop the parameter", problem)

@@ -23,6 +23,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
+from harness.sweep._files import replaced_together
 from harness.sweep.results import full_fidelity, pareto_rows, points_frame, results_paths
 from harness.sweep.study import Studies, objective_names
 
@@ -272,6 +273,6 @@ def write_metrics(cfg: HarnessConfig, root: Path, summary: SweepSummary) -> Path
         **summary.references,
     }
     path = root / cfg.sweep.dir / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with replaced_together(path) as (temporary,):
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

@@ -143,3 +143,13 @@ def test_sweep_progress_bar_counts_runs_and_points(tmp_path: Path) -> None:
     last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
     assert "sweep t" in last and "2/2" in last, last
     assert "16 points" in last, last  # 2 runs x 2 checkpoints x 4 settings
+
+
+def test_a_plain_worker_tracks_its_runs_but_writes_no_summary_task(tmp_path: Path) -> None:
+    """``harness sweep worker`` x N gave N summary tasks in ClearML; the summary task is
+    ``harness sweep``'s (the results table every worker still rewrites, atomically)."""
+    cfg = make_cfg(tmp_path, n_trials=1, inference={"guidance_scale": [3.0], "lora_scale": [1.0]})
+    tracker = RecordingTracker()
+    summary = run_sweep(cfg, tmp_path, FakeBackend(), tracker, summary_task=False)
+    assert [kind for _, kind in tracker.started] == ["train"]
+    assert summary.results_parquet.is_file()

@@ -121,3 +121,30 @@ def test_seconds_per_phase_of_every_point(tmp_path: Path) -> None:
     assert (frame.groupby("run_key")["seconds.train"].nunique() == 1).all()  # the run's, shared
     per_checkpoint = frame.groupby(["run_key", "checkpoint_step"])["seconds.proxy"].nunique()
     assert (per_checkpoint == 1).all()
+
+
+def test_a_table_write_that_dies_leaves_the_previous_table_whole(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Every worker rewrites the results table when it finishes: a worker killed (or another
+    one writing) mid-write must never leave a torn results.parquet for the evaluate and report
+    stages; the previous complete table stays until the new one is whole."""
+    import pytest
+
+    from harness.sweep.results import write_results
+
+    old = pd.DataFrame({"run_key": ["a"], "score.dino": [0.5], "pareto": [True]})
+    csv, parquet, _ = write_results(old, tmp_path, ["dino"])
+    before = (csv.read_bytes(), parquet.read_bytes())
+
+    def dies_halfway(self: pd.DataFrame, path: Any, **kwargs: Any) -> None:
+        Path(path).write_bytes(b"PAR1 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", dies_halfway)
+    new = pd.DataFrame({"run_key": ["a", "b"], "score.dino": [0.5, 0.7], "pareto": [False, True]})
+    with pytest.raises(OSError, match="No space left"):
+        write_results(new, tmp_path, ["dino"])
+    assert (csv.read_bytes(), parquet.read_bytes()) == before
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), old)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

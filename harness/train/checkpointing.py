@@ -72,8 +72,9 @@ def resume_point(
     for state in states:
         if (state.meta.get("config_hash"), state.meta.get("data_hash")) != hashes:
             raise TrainingError(
-                f"{state.path}: checkpoint of a different config or dataset; use a new run "
-                "directory or resume=False (which deletes the old checkpoints)"
+                f"{state.path}: checkpoint of a different config or dataset; use another run "
+                f"folder (harness train --run-dir DIR) or delete {state.path.parent} to start "
+                "over"
             )
     states, warnings = resumable_checkpoints([s for s in states if s.step <= max_steps])
     for warning in warnings if accelerator.is_main_process else []:

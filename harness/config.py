@@ -163,7 +163,7 @@ Subjects = Annotated[
 
 PROMPT_FIELDS = ("token", "class_name")
 # DreamBench's prompt lists use ``{0}``/``{1}`` (generate.format_prompt fills both forms).
-POSITIONAL_FIELDS = ("0", "1", "")
+GENERATION_FIELDS = (*PROMPT_FIELDS, "0", "1", "")
 
 
 def check_template(template: str, allowed: Sequence[str] = PROMPT_FIELDS) -> str:
@@ -182,6 +182,11 @@ def check_template(template: str, allowed: Sequence[str] = PROMPT_FIELDS) -> str
         if name is not None and name not in allowed:
             raise ValueError(f"template {template!r}: unknown placeholder {{{name}}}; use {names}")
     return template
+
+
+def check_prompts(templates: list[str]) -> list[str]:
+    """:func:`check_template` for a list of generation prompts (``{0}``/``{1}`` allowed too)."""
+    return [check_template(template, GENERATION_FIELDS) for template in templates]
 
 
 class DataConfig(_Strict):
@@ -415,7 +420,7 @@ class TrainConfig(_Strict):
     @field_validator("validation_prompts")
     @classmethod
     def _known_placeholders(cls, value: list[str]) -> list[str]:
-        return [check_template(t, (*PROMPT_FIELDS, *POSITIONAL_FIELDS)) for t in value]
+        return check_prompts(value)
 
     @field_validator("class_prompt")
     @classmethod
@@ -517,7 +522,7 @@ class EvalConfig(InferenceSetting):
     @field_validator("prompts")
     @classmethod
     def _known_placeholders(cls, value: list[str]) -> list[str]:
-        return [check_template(t, (*PROMPT_FIELDS, *POSITIONAL_FIELDS)) for t in value]
+        return check_prompts(value)
 
     prompt_source: Literal["config", "dataset"] = Field(
         "config",
@@ -941,7 +946,7 @@ class EvaluateConfig(_Strict):
     def _known_placeholders(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        return [check_template(t, (*PROMPT_FIELDS, *POSITIONAL_FIELDS)) for t in value]
+        return check_prompts(value)
 
     images_per_prompt: int | None = Field(
         None, ge=1, description="Default: eval.images_per_prompt."

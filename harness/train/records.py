@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.errors import HarnessError
+from harness.train.state import ADAPTER_WEIGHTS
 
 __all__ = [
     "CheckpointInfo",
@@ -45,7 +46,7 @@ class CheckpointInfo:
     @property
     def weights_path(self) -> Path:
         """The diffusers-format LoRA file (load the folder with ``load_lora_weights``)."""
-        return self.path / "pytorch_lora_weights.safetensors"
+        return self.path / ADAPTER_WEIGHTS
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form."""

@@ -203,15 +203,13 @@ class TrainingState:
         files are checked too: the checkpoint is what evaluation loads, so a resume past a
         broken one would report success and leave it broken."""
         kohya = self.path / KOHYA_WEIGHTS
-        adapters = (self.path / ADAPTER_WEIGHTS, *([kohya] if kohya.exists() else []))
-        for path in adapters:
+        adapters = [self.path / ADAPTER_WEIGHTS, *([kohya] if kohya.exists() else [])]
+        tensors = STATE_TENSORS + ((EMA_TENSORS,) if self.has_ema else ())
+        weights = [(path, "checkpoint adapter") for path in adapters]
+        weights += [(self.state_dir / name, "checkpoint state") for name in tensors]
+        for path, what in weights:
             try:
-                check_weights_file(path, "checkpoint adapter")
-            except HarnessError as exc:
-                return str(exc)
-        for name in STATE_TENSORS + ((EMA_TENSORS,) if self.has_ema else ()):
-            try:
-                check_weights_file(self.state_dir / name, "checkpoint state")
+                check_weights_file(path, what)
             except HarnessError as exc:
                 return str(exc)
         for name in STATE_JSON:

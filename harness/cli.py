@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from harness.config import HarnessConfig, load_config, parse_override
-from harness.errors import HarnessError
+from harness.errors import HarnessError, error_text
 from harness.tracking import install_log_redaction
 
 app = typer.Typer(
@@ -106,12 +106,8 @@ def run_command(fn: Callable[[], T]) -> T:
 
 
 def _error_lines(exc: BaseException) -> list[str]:
-    """The lines a user error prints; a file-system error names its path (what went wrong with
-    which file is all a user can act on; -v shows where it happened)."""
-    if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return [f"{where}{(exc.strerror or str(exc) or type(exc).__name__).lower()}"]
-    return str(exc).splitlines() or [type(exc).__name__]
+    """The lines a user error prints (-v shows where it happened)."""
+    return error_text(exc).splitlines() or [type(exc).__name__]
 
 
 @app.callback()

@@ -880,6 +880,13 @@ class SweepConfig(_Strict):
         description="How long a briefly unreachable database is retried (with backoff) before "
         "the sweep stops with a clear error; nothing finished is lost.",
     )
+    max_failures_in_a_row: int | None = Field(
+        3,
+        ge=1,
+        description="A worker stops when this many of its runs in a row failed with an "
+        "unexpected error (a bug or a broken setup; NaN loss and out-of-memory runs do not "
+        "count); null: never. A user error (a missing file, a full disk) stops it at once.",
+    )
 
     @field_validator("space")
     @classmethod

@@ -284,9 +284,11 @@ def run_sweep_stage(
     from harness.sweep.runner import finished_runs
 
     cfg, subject = _load_subject(cfg, root)
+    device = resolve_device(cfg.model.device)
+    _check_searched_optimizers(cfg, device)
     studies = open_studies(cfg, root)
     tracker = _ready_tracker(cfg, root)
-    scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
+    scorer = make_scorer(cfg, device=str(device))
     scorer.load_encoders()
     loaded = load_pipeline(cfg.model)
     backend = _backend(cfg, loaded, scorer, progress, subject)
@@ -294,6 +296,21 @@ def run_sweep_stage(
     return run_sweep(
         cfg, root, backend, tracker, studies=studies, sinks=sinks, summary_task=summary_task
     )
+
+
+def _check_searched_optimizers(cfg: HarnessConfig, device: Any) -> None:
+    """Every optimizer the sweep may draw must run on ``device`` (adamw8bit needs CUDA and
+    bitsandbytes): refused before the first run, naming the key; otherwise each run that draws
+    it trains nothing (the trainer checks ``train.optimizer`` itself)."""
+    from harness.sweep.space import searched_values
+    from harness.train.optim import check_optimizer
+    from harness.train.records import TrainingError
+
+    for name in searched_values(cfg.sweep, "optimizer") or []:
+        try:
+            check_optimizer(cfg.train.model_copy(update={"optimizer": name}), device)
+        except TrainingError as exc:
+            raise TrainingError(f"sweep.space.optimizer: {exc}") from None
 
 
 def run_status(cfg: HarnessConfig, root: Path) -> Any:

@@ -169,3 +169,7 @@ class SweepSink:
 
     def sweep_finished(self, summary: Any) -> None:
         """This worker's sweep loop ended; ``summary`` is the :class:`SweepSummary`."""
+
+    def sweep_stopped(self, error: BaseException) -> None:
+        """This worker's sweep loop stopped early with ``error`` (Ctrl-C, a user error), which
+        is raised next; no summary follows."""

@@ -52,3 +52,6 @@ class SweepProgress(SweepSink):
 
     def sweep_finished(self, summary: Any) -> None:
         self._bar.close()
+
+    def sweep_stopped(self, error: BaseException) -> None:
+        self._bar.close()  # ends its line: the error message starts on its own

@@ -73,6 +73,14 @@ class Recorder(SweepSink):
             for sink in self.sinks:
                 call(sink.sweep_finished, summary)
 
+    def sweep_stopped(self, error: BaseException) -> None:
+        # Never raises: ``error`` is what the user must see.
+        for sink in self.sinks:
+            try:
+                sink.sweep_stopped(error)
+            except Exception:
+                logger.exception("%s could not record the stop", type(sink).__name__)
+
 
 @contextmanager
 def _all_then_raise() -> Iterator[Any]:
@@ -191,6 +199,8 @@ class StudySink(SweepSink):
             # Not the run's fault: the same parameters run first next time (the trainer resumes
             # from its checkpoint). Counted neither as finished nor as failed.
             trial.set_user_attr("interrupted", True)
+            if end.reason:  # e.g. the user error that stopped the sweep
+                trial.set_user_attr("interrupt_reason", end.reason[:2000])
             self.studies.runs.enqueue_trial(
                 {f"train.{k}": v for k, v in run.params.items()},
                 user_attrs={"retry_of": run.number},

@@ -33,11 +33,13 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.config import VALIDATION_KEYS, HarnessConfig, InferenceSetting, Rung, identity_dump
+from harness.errors import HarnessError, error_text
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
+from harness.sweep.retry import StorageUnreachable
 from harness.sweep.space import (
     TRAIN_PREFIX,
     active_training_params,
@@ -47,15 +49,31 @@ from harness.sweep.space import (
     search_space_size,
     with_training_params,
 )
-from harness.sweep.study import Studies, fail_orphan_proxies, open_studies, recover_dead_runs
+from harness.sweep.study import (
+    Studies,
+    SweepError,
+    fail_orphan_proxies,
+    open_studies,
+    recover_dead_runs,
+)
 from harness.sweep.summary import SweepSummary, summarize
 from harness.sweep.worker import Worker
 from harness.tracking.base import NullTracker, Tracker, TrackingError
 from harness.train import CheckpointInfo
+from metrics.errors import MetricsError
 
 __all__ = ["finished_runs", "objective_values", "run_key", "run_sweep", "scalarize"]
 
 logger = logging.getLogger(__name__)
+
+
+# Not the run's fault, and the sweep cannot go on: Ctrl-C or SIGTERM, strict tracking that lost
+# its server, a database unreachable past sweep.storage_retry_s. The run is queued again as is.
+_STOPS = (KeyboardInterrupt, TrackingError, StorageUnreachable)
+# The user's input or machine (a missing file, the scorer's weights, a full disk, a file in the
+# way): every run would meet it whatever its settings, so the sweep stops at the first instead of
+# spending its budget, and the run is queued again for after the fix.
+_USER_ERRORS = (HarnessError, MetricsError, OSError)
 
 
 class RunFailed(Exception):
@@ -130,6 +148,7 @@ class _Objective:
         self.settings = inference_settings(cfg)
         self.started = 0
         self.duplicates_in_a_row = 0
+        self.failures_in_a_row = 0  # unexpected errors of this worker's runs, in a row
 
     def __call__(self, trial: optuna.Trial) -> list[float] | float:
         run = self._new_run(trial)
@@ -137,27 +156,48 @@ class _Objective:
         self.started += 1
         self.duplicates_in_a_row = 0
         logger.info("run %d (%s): %s", run.number, run.key, run.params)
+        unexpected = False
         try:
             self.recorder.run_started(run)
             end = self._train_and_evaluate(run)
-        except (KeyboardInterrupt, TrackingError) as exc:
-            # Not the run's fault (Ctrl-C, SIGTERM, strict tracking lost its server): the run is
-            # re-queued by the studies and the sweep stops.
-            self.recorder.run_finished(run, RunEnd("interrupted", f"{type(exc).__name__}: {exc}"))
+        except _STOPS as exc:
+            self.recorder.run_finished(run, RunEnd("interrupted", _reason(exc)))
             raise
-        except Exception as exc:
+        except _USER_ERRORS as exc:
+            self.recorder.run_finished(run, RunEnd("interrupted", _reason(exc)))
+            raise SweepError(
+                f"run {run.number} ({run.key}): {error_text(exc)}\nthe sweep stopped: any run "
+                "would meet this error; fix it and run the sweep again (finished runs are "
+                f"kept; run {run.number} runs first)"
+            ) from exc
+        except Exception as exc:  # a bug: its traceback is the report
             logger.exception("run %d failed", run.number)
-            end = RunEnd("failed", f"{type(exc).__name__}: {exc}")
+            end, unexpected = RunEnd("failed", _reason(exc)), True
         finally:
             # Only after a run that trained (Optuna's gc_after_trial would also collect after
             # every skipped duplicate draw).
             self.backend.release()
         self.recorder.run_finished(run, end)
+        self._count_failures(run, end, unexpected)
         if end.status == "pruned":
             raise optuna.TrialPruned(end.reason)
         if end.status != "completed" or end.best is None:
             raise RunFailed(end.reason)
         return end.best.values if len(end.best.values) > 1 else end.best.values[0]
+
+    def _count_failures(self, run: RunSpec, end: RunEnd, unexpected: bool) -> None:
+        """Stop after ``sweep.max_failures_in_a_row`` unexpected failures in a row (the run is
+        recorded as failed first): a bug or a broken setup would spend the whole budget."""
+        self.failures_in_a_row = self.failures_in_a_row + 1 if unexpected else 0
+        limit = self.cfg.sweep.max_failures_in_a_row
+        if limit is None or self.failures_in_a_row < limit:
+            return
+        raise SweepError(
+            f"{self.failures_in_a_row} runs in a row failed with an unexpected error (the last, "
+            f"run {run.number}: {end.reason}); the sweep stopped, as this looks like a bug or a "
+            "broken setup rather than bad settings: see the tracebacks above "
+            "(sweep.max_failures_in_a_row sets how many; null never stops)"
+        )
 
     def _claim(self, run: RunSpec) -> None:
         """Own ``run.key`` before training, or raise :class:`NotRun` (see harness.sweep.claims)."""
@@ -231,8 +271,10 @@ class _Objective:
         train_s = time.perf_counter() - started - sum(proxy_s.values())
         if outcome.status == "pruned":
             return RunEnd("pruned", outcome.reason or "proxy score below the pruner's bar")
-        if outcome.status == "failed":  # recorded like any other failure of the run
-            raise RuntimeError(outcome.reason or "training failed")
+        if outcome.status == "failed":  # NaN loss, out of memory: what some settings do
+            reason = outcome.reason or "training failed"
+            logger.warning("run %d failed: %s", run.number, reason)
+            return RunEnd("failed", reason)
         best = self._evaluate(run, outcome.checkpoints, train_s, proxy_s)
         return RunEnd("completed", best=best, score=scalarize(self.cfg, best.measured.scores))
 
@@ -290,6 +332,10 @@ class _Objective:
 
     def _point(self, run: RunSpec, ckpt: CheckpointInfo, measured: PointScores) -> ScoredPoint:
         return ScoredPoint(run, ckpt, measured, objective_values(self.cfg, measured.scores))
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _recorded_outcome(trial: optuna.trial.FrozenTrial) -> bool:
@@ -392,6 +438,9 @@ def run_sweep(
     try:
         with worker.alive():
             _optimize(cfg, studies, objective, budget, worker)
+    except BaseException as exc:
+        recorder.sweep_stopped(exc)
+        raise
     finally:
         fail_orphan_proxies(studies)
     remove_unkept_adapters(cfg, root, studies)
@@ -457,18 +506,29 @@ def _current_key(cfg: HarnessConfig, params: Mapping[str, Any]) -> str | None:
 
 
 _MAX_DUPLICATES_IN_A_ROW = 25
-_NOT_RUN_FILTER_INSTALLED = False
+_OPTUNA_FILTER_INSTALLED = False
 
 
-def _quiet_not_run() -> None:
-    """Optuna logs every caught exception as a failed trial with a warning; a duplicate is
-    not a failure (its own line is logged at info level)."""
-    global _NOT_RUN_FILTER_INSTALLED
-    if not _NOT_RUN_FILTER_INSTALLED:
-        optuna.logging.get_logger("optuna").addFilter(
-            lambda record: "NotRun" not in record.getMessage()
-        )
-        _NOT_RUN_FILTER_INSTALLED = True
+def _optuna_failure_line(record: logging.LogRecord) -> bool:
+    """Optuna's warning for a trial whose objective raised: the sweep logs each run's end
+    itself (a duplicate is no failure; a bug's traceback is logged once, not twice; Ctrl-C is
+    one line, not Optuna's traceback of the KeyboardInterrupt)."""
+    message = record.getMessage()
+    return message.startswith("Trial ") and (
+        "failed with parameters" in message or message.endswith("failed with value None.")
+    )
+
+
+def _quiet_optuna_failures() -> None:
+    global _OPTUNA_FILTER_INSTALLED
+    if not _OPTUNA_FILTER_INSTALLED:
+        # On the logger that logs them: a parent logger's filters never see its children's
+        # records.
+        for name in ("optuna", optuna.study._optimize.__name__):
+            optuna.logging.get_logger(name).addFilter(
+                lambda record: not _optuna_failure_line(record)
+            )
+        _OPTUNA_FILTER_INSTALLED = True
 
 
 def _log_budget_spent(budget: _Budget) -> None:
@@ -493,7 +553,7 @@ def _optimize(
     workers' runs are still going: if one of those workers dies, this one finishes its run.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _quiet_not_run()
+    _quiet_optuna_failures()
     started = time.perf_counter()
     poll = min(5.0, max(0.5, cfg.sweep.heartbeat_interval_s / 2))
     with _sigterm_as_interrupt():

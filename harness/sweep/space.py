@@ -183,6 +183,12 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
+def searched_values(sweep: SweepConfig, name: str) -> list[Any] | None:
+    """Every value the sweep may give ``train.<name>`` (None: not searched, or a range)."""
+    dist = training_distributions(sweep).get(TRAIN_PREFIX + name)
+    return None if dist is None else _values(dist)
+
+
 def _values(dist: BaseDistribution) -> list[Any] | None:
     """Every value of a finite distribution (None: unbounded)."""
     if isinstance(dist, CategoricalDistribution):

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import pytest
 from optuna.trial import TrialState
 
 from harness.config import HarnessConfig
+from harness.errors import HarnessError
 from harness.sweep import open_studies, run_sweep
+from harness.sweep.study import SweepError
 from harness.sweep.summary import param_importances
+from metrics.errors import MetricsInputError
 
 from .fakes import FakeBackend
 
@@ -162,8 +167,90 @@ def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
     runs = open_studies(cfg, tmp_path).runs.get_trials()
     failed = [t for t in runs if t.state == TrialState.FAIL]
     assert len(failed) == 1
-    assert failed[0].user_attrs["fail_reason"] == "RuntimeError: loss is NaN at step 3"
+    assert failed[0].user_attrs["fail_reason"] == "loss is NaN at step 3"
     assert summary.runs_completed == 2 and summary.runs_failed == 1
+
+
+def test_a_nan_run_is_one_warning_line_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = make_cfg(tmp_path, sampler="grid", space={"learning_rate": {"choices": [2e-4]}})
+    with caplog.at_level(logging.INFO):
+        run_sweep(cfg, tmp_path, FakeBackend(fail_lr=2e-4))
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == ["run 0 failed: loss is NaN at step 3"]
+    assert failed[0].levelno == logging.WARNING and failed[0].exc_info is None
+    # Optuna's own "Trial 0 failed" (with the traceback of our exception) is not shown.
+    assert not any(
+        r.name.startswith("optuna") and "failed" in r.getMessage() for r in caplog.records
+    )
+
+
+class _BrokenEvaluation(FakeBackend):
+    """A bug in evaluation: every run trains, then fails the same way."""
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("index 3 is out of bounds")
+
+
+def test_runs_failing_in_a_row_with_an_unexpected_error_stop_the_sweep(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, n_trials=8, max_failures_in_a_row=3)
+    backend = _BrokenEvaluation()
+    with pytest.raises(SweepError, match=r"3 runs in a row failed") as info:
+        run_sweep(cfg, tmp_path, backend)
+    message = str(info.value)
+    assert "run 2" in message and "RuntimeError: index 3 is out of bounds" in message
+    assert "sweep.max_failures_in_a_row" in message
+    assert len(backend.trained) == 3  # not the whole budget of 8
+    runs = open_studies(cfg, tmp_path).runs.get_trials()
+    assert [t.user_attrs.get("fail_reason") for t in runs] == [
+        "RuntimeError: index 3 is out of bounds"
+    ] * 3
+
+
+@pytest.mark.parametrize(
+    "error",
+    [HarnessError("adapter: x.safetensors: LoRA weights not found"), MetricsInputError("bad")],
+)
+def test_a_user_error_in_a_run_stops_at_once_and_queues_the_run(
+    tmp_path: Path, error: Exception
+) -> None:
+    cfg = make_cfg(tmp_path, n_trials=3)
+
+    class Once(FakeBackend):
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            raise error
+
+    with pytest.raises(SweepError) as info:
+        run_sweep(cfg, tmp_path, Once())
+    first, second = str(info.value).splitlines()
+    assert first.startswith("run 0 (") and first.endswith(f"): {error}")
+    assert "run 0 runs first" in second
+    runs = open_studies(cfg, tmp_path).runs.get_trials()
+    assert [t.state for t in runs] == [TrialState.FAIL, TrialState.WAITING]
+    assert runs[0].user_attrs["interrupted"] is True and "fail_reason" not in runs[0].user_attrs
+    assert runs[0].user_attrs["interrupt_reason"] == f"{type(error).__name__}: {error}"
+    fixed = FakeBackend()
+    summary = run_sweep(cfg, tmp_path, fixed)
+    assert summary.runs_completed == 3 and len(fixed.trained) == 3
+    assert fixed.trained[0]["learning_rate"] == runs[0].params["train.learning_rate"]
+
+
+def test_nan_runs_in_a_row_do_not_stop_the_sweep_and_null_never_stops(tmp_path: Path) -> None:
+    # NaN losses are what some settings do (too high a learning rate): the sweep learns from them.
+    lrs = [2e-4, 3e-4, 4e-4, 5e-4]
+    cfg = make_cfg(
+        tmp_path, sampler="grid", space={"learning_rate": {"choices": lrs}}, max_failures_in_a_row=1
+    )
+
+    class AllNaN(FakeBackend):
+        def train(self, cfg: HarnessConfig, run_dir: Path, *args: Any) -> Any:
+            self.fail_lr = cfg.train.learning_rate
+            return super().train(cfg, run_dir, *args)
+
+    assert run_sweep(cfg, tmp_path, AllNaN()).runs_failed == 4
+    unlimited = make_cfg(tmp_path / "b", n_trials=4, max_failures_in_a_row=None)
+    assert run_sweep(unlimited, tmp_path / "b", _BrokenEvaluation()).runs_failed == 4
 
 
 def test_weighted_single_objective(tmp_path: Path) -> None:

@@ -1,0 +1,83 @@
+"""A user error inside a run stops ``harness sweep`` at once, as one line, without spending the
+budget; after the fix, a rerun retries that run first and finishes the study. An optimizer the
+machine cannot run is refused before the first run."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from harness.config import load_config
+from harness.sweep.study import study_id
+
+from ._helpers import cli_env, clone_project, harness_cmd
+
+
+def _sweep(project: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        harness_cmd(project, *args, "sweep"),
+        cwd=project,
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def _runs(project: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{project / 'runs/sweep/study.db'}"
+    return optuna.load_study(study_name=f"{study}.runs", storage=storage).get_trials()
+
+
+def test_a_user_error_inside_a_run_stops_the_sweep_and_the_rerun_retries_it(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    project = clone_project(
+        prepared_template, tmp_path / "p", {"sweep": {"study_name": "e2e-stop", "n_trials": 3}}
+    )
+    study = study_id(load_config(project / "params.yaml"), project)
+    # A file where the study's run folders go: every run would fail the same way (like a full
+    # disk or a read-only mount), whatever its settings.
+    blocker = project / "runs/sweep/runs" / study
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder\n")
+
+    stopped = _sweep(project, tmp_path / "home")
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, stopped.stderr[-3000:]
+    assert errors[0].startswith("error: run 0 (") and str(blocker) in errors[0], errors
+    assert "run 0 runs first" in errors[1], errors
+    trials = _runs(project, study)
+    # One run tried, none counted: it is queued again, not recorded as failed.
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert "fail_reason" not in trials[0].user_attrs
+    assert trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].system_attrs["fixed_params"] == trials[0].params  # the same run, queued
+
+    blocker.unlink()
+    done = _sweep(project, tmp_path / "home")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(3 completed, 0 pruned, 0 failed, 1 interrupted and retried)" in done.stdout
+    completed = [t for t in _runs(project, study) if t.state == TrialState.COMPLETE]
+    assert len(completed) == 3
+    assert completed[0].params == trials[0].params  # the stopped run ran first
+
+
+def test_an_optimizer_the_machine_cannot_run_is_refused_before_training(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    project = clone_project(prepared_template, tmp_path / "p", {"sweep": {"study_name": "e2e-8b"}})
+    space = "sweep.space.optimizer={choices: [adamw, adamw8bit]}"
+    proc = _sweep(project, tmp_path / "home", "-S", space)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "sweep.space.optimizer" in errors[0] and "adamw8bit" in errors[0], errors
+    assert not (project / "runs/sweep/runs").exists()

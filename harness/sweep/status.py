@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from optuna.trial import FrozenTrial, TrialState
+
 from harness.config import HarnessConfig
 from harness.sweep.claims import WorkerSlot, open_claims
 from harness.sweep.space import search_space_size
@@ -29,6 +31,7 @@ class SweepStatus:
     runs_by_worker: dict[str, Counter[str]] = field(default_factory=dict)
     grace_s: float = 120.0
     started: bool = True
+    queued: list[str] = field(default_factory=list)  # "run 4, the retry of run 2 (reason)"
 
     @property
     def left(self) -> int | None:
@@ -51,6 +54,7 @@ class SweepStatus:
             f"budget: {self.used} runs claimed, {left}",
             f"workers: {sum(w.alive(now, self.grace_s) for w in self.workers)} live",
         ]
+        out += [f"queued: {line}" for line in self.queued]
         for w in self.workers:
             alive = w.alive(now, self.grace_s)
             seen = "live" if alive else f"gone (last seen {max(now - w.seen_at, 0):.0f} s ago)"
@@ -100,4 +104,25 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
         workers=claims.workers(),
         runs_by_worker=per_worker,
         grace_s=float(cfg.sweep.grace_period_s or 2 * cfg.sweep.heartbeat_interval_s),
+        queued=_queued(trials),
     )
+
+
+def _queued(trials: list[FrozenTrial]) -> list[str]:
+    """The runs waiting to start first, each with why its original stopped (Ctrl-C, a lost
+    worker, the user error that stopped the sweep)."""
+    out = []
+    for t in trials:
+        if t.state != TrialState.WAITING:
+            continue
+        # Ours for an interrupted run; Optuna's heartbeat callback for a dead worker's.
+        original = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))
+        if not isinstance(original, int) or not 0 <= original < len(trials):
+            out.append(f"run {t.number}")
+            continue
+        reason = trials[original].user_attrs.get("interrupt_reason")
+        if reason is None and "retry_of" not in t.user_attrs:
+            reason = "its worker stopped beating"
+        why = f" ({str(reason).splitlines()[0]})" if reason else ""
+        out.append(f"run {t.number}, the retry of run {original}{why}")
+    return out

@@ -28,6 +28,18 @@ def _sweep(project: Path, home: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
+def _status(project: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        harness_cmd(project, "sweep", "status"),
+        cwd=project,
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def _runs(project: Path, study: str) -> list[optuna.trial.FrozenTrial]:
     storage = f"sqlite:///{project / 'runs/sweep/study.db'}"
     return optuna.load_study(study_name=f"{study}.runs", storage=storage).get_trials()
@@ -46,6 +58,11 @@ def test_a_user_error_inside_a_run_stops_the_sweep_and_the_rerun_retries_it(
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder\n")
 
+    before = _status(project, tmp_path / "home")
+    assert before.returncode == 0, before.stderr[-3000:]
+    assert f"study {study} in " in before.stdout and "not started" in before.stdout
+    assert not (project / "runs/sweep/study.db").exists()  # status only reads
+
     stopped = _sweep(project, tmp_path / "home")
     assert stopped.returncode == 2, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
@@ -59,6 +76,13 @@ def test_a_user_error_inside_a_run_stops_the_sweep_and_the_rerun_retries_it(
     assert "fail_reason" not in trials[0].user_attrs
     assert trials[1].user_attrs["retry_of"] == 0
     assert trials[1].system_attrs["fixed_params"] == trials[0].params  # the same run, queued
+
+    status = _status(project, tmp_path / "home")
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "runs: 1 fail, 1 waiting" in status.stdout, status.stdout
+    queued = [line for line in status.stdout.splitlines() if line.startswith("queued: ")]
+    assert len(queued) == 1 and queued[0].startswith("queued: run 1, the retry of run 0 ("), queued
+    assert "NotADirectoryError" in queued[0] and str(blocker) in queued[0], queued
 
     blocker.unlink()
     done = _sweep(project, tmp_path / "home")

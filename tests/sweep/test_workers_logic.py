@@ -430,3 +430,29 @@ def test_status_reads_and_never_creates_a_study(tmp_path: Path) -> None:
     assert after.started and after.states == {"COMPLETE": 2}
     (slot,) = [line for line in after.lines() if line.startswith("  slot 0: ")]
     assert ": left; 2 complete" in slot, slot
+
+
+def test_status_names_each_queued_retry_and_why_its_run_stopped(tmp_path: Path) -> None:
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    runs = open_studies(cfg, tmp_path).runs
+    dist = {"train.rank": optuna.distributions.CategoricalDistribution([2, 4])}
+    for rank, attrs in ((2, {"interrupt_reason": "OSError: disk full\nmore"}), (4, {})):
+        runs.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.FAIL,
+                params={"train.rank": rank},
+                distributions=dist,
+                user_attrs={"interrupted": True, **attrs},
+            )
+        )
+    runs.enqueue_trial({"train.rank": 2}, user_attrs={"retry_of": 0})
+    runs.enqueue_trial({"train.rank": 4})  # what Optuna's heartbeat callback queues ...
+    dead_retry = runs.get_trials()[3]
+    runs._storage.set_trial_system_attr(dead_retry._trial_id, "failed_trial", 1)  # ... and marks
+    queued = [line for line in sweep_status(cfg, tmp_path).lines() if line.startswith("queued")]
+    assert queued == [
+        "queued: run 2, the retry of run 0 (OSError: disk full)",
+        "queued: run 3, the retry of run 1 (its worker stopped beating)",
+    ]

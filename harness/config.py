@@ -616,6 +616,8 @@ class ParamSpec(_Strict):
             )
         if self.choices is None and not has_range:
             raise ValueError("give either 'choices' or both 'low' and 'high'")
+        if self.choices is not None:
+            no_repeats(self.choices)
         if has_range:
             if self.low is None or self.high is None:
                 raise ValueError("a range needs both 'low' and 'high'")
@@ -688,6 +690,18 @@ SEARCH_CONDITIONS: dict[str, tuple[SearchCondition, ...]] = {
 }
 
 
+def no_repeats(values: list[Any]) -> list[Any]:
+    """``values`` unless one is listed twice: each grid value or choice is one point of the
+    search, so a repeat is a typo (it was dropped without a word)."""
+    seen: set[tuple[bool, Any]] = set()
+    for value in values:
+        key = (isinstance(value, bool), value)  # True is not a repeat of 1
+        if key in seen:
+            raise ValueError(f"{value!r} is listed twice in {values}; give each value once")
+        seen.add(key)
+    return values
+
+
 class InferenceGrid(_Strict):
     """Inference settings evaluated on every surviving checkpoint (their Cartesian product)."""
 
@@ -702,12 +716,10 @@ class InferenceGrid(_Strict):
         "dpmsolver++]); None: eval.scheduler alone, not a dimension.",
     )
 
-    @field_validator("scheduler")
+    @field_validator(*INFERENCE_DIMENSIONS, "scheduler")
     @classmethod
-    def _distinct(cls, values: list[str] | None) -> list[str] | None:
-        if values is not None and len(set(values)) != len(values):
-            raise ValueError(f"schedulers must be distinct, got {values}")
-        return values
+    def _distinct(cls, values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else no_repeats(values)
 
     @field_validator("guidance_scale", "lora_scale", "text_encoder_lora_scale")
     @classmethod
@@ -909,6 +921,12 @@ class SweepConfig(_Strict):
             bad = sorted(set(weights) - {"dino", "clip_i", "clip_t"})
             if bad or not weights:
                 raise ValueError(f"weights keys must be among dino, clip_i, clip_t, got {bad}")
+            negative = {k: w for k, w in weights.items() if w < 0}
+            if negative:
+                # The weighted objective is maximised: a negative weight rewards a worse score.
+                raise ValueError(f"weights must be >= 0, got {negative}")
+            if not any(w > 0 for w in weights.values()):
+                raise ValueError(f"at least one weight must be above 0, got {weights}")
         return weights
 
     @model_validator(mode="after")

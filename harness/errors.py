@@ -1,4 +1,5 @@
-"""The base class of every user-facing error (bad config, bad data, unloadable model...).
+"""The base class of every user-facing error (bad config, bad data, unloadable model...), and
+how user-facing text is worded.
 
 The CLI prints such errors as one clear line and exits non-zero without a traceback; anything
 else is a bug and keeps its traceback.
@@ -18,3 +19,8 @@ def error_text(exc: BaseException) -> str:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{(exc.strerror or str(exc) or type(exc).__name__).lower()}"
     return str(exc) or type(exc).__name__
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 training run``, ``4 training runs``: a count with its noun (plural by ``-s``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

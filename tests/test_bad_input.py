@@ -114,3 +114,26 @@ def test_a_file_system_error_is_one_line_naming_the_path(project: Path) -> None:
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: ") and "a-file" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "problem"),
+    [
+        # Was deduplicated without a word, while a repeated scheduler was an error.
+        ("sweep.inference.guidance_scale=[3.0, 7.5, 3.0]", "sweep.inference.guidance_scale", "3.0"),
+        (
+            "sweep.inference.num_inference_steps=[20, 20]",
+            "sweep.inference.num_inference_steps",
+            "20",
+        ),
+        ("sweep.space.rank={choices: [4, 8, 4]}", "sweep.space.rank", "4"),
+        # A negative weight rewarded a worse score; all zeros made every point equal.
+        ("sweep.weights={dino: 0.7, clip_t: -0.3}", "sweep.weights", "-0.3"),
+        ("sweep.weights={dino: 0, clip_t: 0}", "sweep.weights", "above 0"),
+    ],
+)
+def test_grid_repeats_and_meaningless_weights_are_config_errors(
+    project: Path, override: str, key: str, problem: str
+) -> None:
+    line = _one_error(project, "-S", override, "config", "validate")
+    assert f"command line: {key}" in line and problem in line, line

@@ -229,12 +229,15 @@ def _hub_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bo
 
 
 def _offline_help(repo_id: str) -> str:
+    offline = _hf_offline()
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached (offline)"
     return (
-        f"model.pretrained: hub model {repo_id!r} is not in the local Hugging Face cache and the "
-        "hub cannot be reached (offline). Supply the weights one of these ways: download them on "
-        f"a connected machine (`huggingface-cli download {repo_id}`) and copy the cache "
-        "(HF_HOME or model.cache_dir); or point model.pretrained at a local diffusers folder or "
-        "a .safetensors single-file checkpoint. Set HF_HUB_OFFLINE=1 to use only the cache."
+        f"model.pretrained: hub model {repo_id!r} is not in the local Hugging Face cache and "
+        f"{why}. Supply the weights one of these ways: download them on a connected machine "
+        f"(`huggingface-cli download {repo_id}`) and copy the cache (HF_HOME or "
+        "model.cache_dir); or point model.pretrained at a local diffusers folder or a "
+        ".safetensors single-file checkpoint."
+        + ("" if offline else " Set HF_HUB_OFFLINE=1 to use only the cache.")
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.config import HarnessConfig
+from harness.errors import counted
 from harness.report.data import ReportInputs, load_inputs
 from harness.report.figures import label
 from harness.report.html import render_html
@@ -99,7 +100,9 @@ def _sweep_counts(counts: dict[str, Any], full: int) -> str:
     """``4 training runs -> 32 evaluated points``, and how many of them have the full
     protocol when adaptive evaluation stopped others at a rung (the report ranks only those)."""
     points = int(counts.get("points", full))
-    text = f"{counts.get('runs', '?')} training runs -> {points} evaluated points"
+    runs = counts.get("runs")
+    runs_text = counted(runs, "training run") if isinstance(runs, int) else "? training runs"
+    text = f"{runs_text} -> {counted(points, 'evaluated point')}"
     return f"{text} ({full} with the full protocol)" if points > full else text
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
+from harness.errors import counted
 from harness.sweep._files import replaced_together
 from harness.sweep.results import full_fidelity, pareto_rows, points_frame, results_paths
 from harness.sweep.study import Studies, objective_names
@@ -96,10 +97,10 @@ class SweepSummary:
         if subjects > 1:
             skipped += f"; each run trained on {subjects} subjects, every score their mean"
         return (
-            f"{self.runs_total} training runs ({self.runs_completed} completed, "
+            f"{counted(self.runs_total, 'training run')} ({self.runs_completed} completed, "
             f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
-            f"{self.points} evaluated "
-            f"points ({self.points / max(self.runs_completed, 1):.1f} per completed run)"
+            f"{counted(self.points, 'evaluated point')} "
+            f"({self.points / max(self.runs_completed, 1):.1f} per completed run)"
             f"{adaptive}{skipped}"
         )
 

@@ -270,7 +270,7 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
         "-S",
         "sweep.n_trials=1",
     )
-    assert "1 training runs (1 completed" in changed and "Running stage 'prepare'" not in changed
+    assert "1 training run (1 completed" in changed and "Running stage 'prepare'" not in changed
     # Composed again from experiments/: the base. DVC may restore the sweep's outputs from its
     # run cache or rerun the stage, which then resumes the base study (the counts below).
     _dvc(repo, env, "exp", "run", "-n", "back")

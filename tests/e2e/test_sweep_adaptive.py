@@ -61,4 +61,4 @@ def test_adaptive_sweep_promotes_a_quarter_and_only_full_points_reach_the_report
     html = (project / "reports" / "index.html").read_text(encoding="utf-8")
     assert "Adaptive evaluation (sweep.evaluation): 2 of 8 points" in html
     summary = (project / "reports" / "summary.md").read_text(encoding="utf-8")
-    assert "1 training runs -> 8 evaluated points (2 with the full protocol)" in summary
+    assert "1 training run -> 8 evaluated points (2 with the full protocol)" in summary

@@ -213,7 +213,7 @@ def test_another_space_via_cli_opens_a_new_study_and_switching_back_resumes(
     assert changed.returncode == 0, tail(log)
     assert f"differs from study {old}" in text
     assert "space.train.learning_rate" in text.split("differs from study")[1]  # what changed
-    assert "1 training runs (1 completed" in text  # trained afresh, not the old run reported
+    assert "1 training run (1 completed" in text  # trained afresh, not the old run reported
     back = run_cli(project, ["sweep"], env, log, timeout=150)
     assert back.returncode == 0, tail(log)
     assert f"study {old}: optuna-dashboard" in log.read_text()  # the old study, resumed

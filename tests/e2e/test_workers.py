@@ -73,9 +73,16 @@ def _assert_each_configuration_once(project: Path, storage: str, n_runs: int) ->
     keys = [t.user_attrs["run_key"] for t in done]
     assert len(set(keys)) == n_runs, f"a configuration trained twice: {keys}"
     assert all(t.state != TrialState.RUNNING for t in trials), states
+    # Every worker rewrites the tables: the last rewrite holds every worker's points, and the
+    # CSV and Parquet files are one pair (renamed together).
     frame = pd.read_parquet(project / "runs/sweep/results.parquet")
     assert set(frame["run_key"]) == set(keys)
     assert not frame.duplicated(["run_key", "checkpoint_step", "setting_id"]).any()
+    csv = pd.read_csv(project / "runs/sweep/results.csv")
+    point = ["run_key", "checkpoint_step", "setting_id"]
+    assert sorted(map(tuple, csv[point].values)) == sorted(map(tuple, frame[point].values))
+    summary = json.loads((project / "runs/sweep/summary.json").read_text())
+    assert summary["points"] == len(frame), summary
     # No two trials share a run folder unless one is the other's retry.
     dirs = [t.user_attrs["run_dir"] for t in done]
     assert len(set(dirs)) == len(dirs)

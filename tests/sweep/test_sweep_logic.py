@@ -272,3 +272,24 @@ def test_non_pareto_adapters_removed(tmp_path: Path) -> None:
     }
     pareto = {(tmp_path / p["adapter"]).resolve() for p in summary.pareto}
     assert kept == pareto and kept
+
+
+def test_one_run_and_one_point_are_counted_in_the_singular(tmp_path: Path) -> None:
+    from harness.report.build import _sweep_counts
+
+    cfg = make_cfg(
+        tmp_path,
+        n_trials=1,
+        inference={"guidance_scale": [3.0], "lora_scale": [1.0]},
+        space={"learning_rate": {"choices": [1e-4]}},
+    )
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_steps": [20]})})
+    summary = run_sweep(cfg, tmp_path, FakeBackend())
+    assert summary.describe() == (
+        "1 training run (1 completed, 0 pruned, 0 failed) -> 1 evaluated point "
+        "(1.0 per completed run)"
+    )
+    assert _sweep_counts({"runs": 1, "points": 1}, 1) == "1 training run -> 1 evaluated point"
+    assert _sweep_counts({"runs": 4, "points": 32}, 8) == (
+        "4 training runs -> 32 evaluated points (8 with the full protocol)"
+    )

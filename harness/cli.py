@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -246,9 +247,11 @@ def prepare_cmd() -> None:
     def body() -> Any:
         from harness.stages import run_prepare
 
-        return run_prepare(load(), project_root())
+        with _held_warnings("harness.data") as held:
+            return run_prepare(load(), project_root()), held
 
-    for result in run_command(body):
+    results, warnings = run_command(body)
+    for result in results:
         echo(
             f"prepared {result.n_train} train / {result.n_val} val photos "
             f"({result.n_rejected} rejected) in {result.out_dir}"
@@ -259,8 +262,49 @@ def prepare_cmd() -> None:
                 f"identifier token: {result.token} (data.token: auto, seed {choice['seed']}, "
                 f"{choice['tokenizer']}; recorded in manifest.json)"
             )
-        for warning in getattr(result, "warnings", []):
-            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        warnings += getattr(result, "warnings", [])
+    for warning in dict.fromkeys(warnings):  # each once, in order
+        err_console.print(
+            Text.assemble(("warning:", "yellow"), " ", warning), highlight=False, emoji=False
+        )
+
+
+@contextmanager
+def _held_warnings(name: str) -> Iterator[list[str]]:
+    """The warnings logged under logger ``name`` in the block, held back and returned instead
+    of printed, so the command prints each once after its result (the prepare stage logs what
+    it finds and also returns it). Other records pass on. If the block fails, the held warnings
+    are logged after all, before its error, and a logged error that says what the raised one
+    says is not repeated."""
+    held: list[logging.LogRecord] = []
+    root = logging.getLogger()
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno in (logging.WARNING, logging.ERROR):
+                held.append(record)
+            else:
+                root.handle(record)
+
+    logger = logging.getLogger(name)
+    hold, propagate = Hold(), logger.propagate
+    logger.addHandler(hold)
+    logger.propagate = False
+    raised = ""
+    messages: list[str] = []
+    try:
+        yield messages
+    except BaseException as exc:
+        raised = str(exc)
+        raise
+    finally:
+        logger.removeHandler(hold)
+        logger.propagate = propagate
+        for record in held:
+            if record.levelno == logging.WARNING and not raised:
+                messages.append(record.getMessage())
+            elif not (record.levelno == logging.ERROR and record.getMessage() == raised):
+                root.handle(record)
 
 
 @app.command("train")

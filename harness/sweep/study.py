@@ -188,7 +188,12 @@ def make_sampler(
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=4)
     # group: a conditional space (harness.config.SEARCH_CONDITIONS) is modelled per subspace of
     # the parameters trials actually have; an unconditional space is one group, as before.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
+    # Both options are chosen knowingly: Optuna's "experimental" warning is noise to a user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=4, multivariate=True, group=True
+        )
 
 
 def make_pruner(cfg: HarnessConfig) -> optuna.pruners.BasePruner:

@@ -134,7 +134,10 @@ class ClearMLTracker(Tracker):
         self.cfg = cfg
         self.root = Path(root)
         self.offline_root = self.root / cfg.offline_dir
-        self._mode = self._planned_mode()
+        # Decided (and warned about) once: the configuration does not change while a command
+        # runs; only the server's reachability is probed again at each run.
+        self._planned = self._planned_mode()
+        self._mode = self._planned
 
     @property
     def mode(self) -> TrackingMode:
@@ -163,7 +166,7 @@ class ClearMLTracker(Tracker):
 
     def _effective_mode(self) -> TrackingMode:
         """Planned mode, confirmed by a bounded reachability probe when online."""
-        planned = self._planned_mode()
+        planned = self._planned
         if planned != "online":
             return planned
         server = detect_server()

@@ -109,3 +109,39 @@ def test_broken_subject_folder_symlink_is_named(folder_project: Path, tmp_path: 
     code, out, err = invoke(folder_project, "prepare")
     assert code == 2, out + err
     assert f"error: data/raw/my-dog: the subject folder is a broken symlink (-> {gone})" in err
+
+
+def test_each_prepare_warning_is_printed_once(folder_project: Path, add_photos: Writer) -> None:
+    """A real ``harness prepare`` printed every warning twice: logged when found, and again
+    after the result line."""
+    import subprocess
+
+    from e2e._helpers import cli_env, harness_cmd
+
+    subject = folder_project / "data" / "raw" / "my-dog"
+    subject.mkdir(parents=True)
+    add_photos(subject, 5)
+    (subject / "captions.txt").write_text("good_00.jpg\tsks dog on a sofa\n")
+
+    def prepare(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            harness_cmd(folder_project, "-S", "data.token=dog", *args, "prepare"),
+            cwd=folder_project,
+            env=cli_env(folder_project.parent / "home"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    proc = prepare()
+    assert proc.returncode == 0, proc.stderr
+    err = flat(proc.stderr)
+    assert err.count("is a common word") == 1, proc.stderr  # the token
+    assert err.count("good_01.jpg") == 1, proc.stderr  # the photos captioned by the template
+    assert err.count("warning: ") == 3, proc.stderr  # and the token is the class noun
+    assert "WARNING" not in proc.stderr, proc.stderr
+    failed = prepare("-S", "data.min_images=50")
+    assert failed.returncode == 2, failed.stderr
+    assert flat(failed.stderr).count("is a common word") == 1, failed.stderr  # still shown
+    assert failed.stderr.count("need at least min_images=50") == 1, failed.stderr

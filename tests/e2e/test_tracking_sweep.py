@@ -299,3 +299,31 @@ def test_no_secret_in_any_file_or_output(
     ]
     assert leaks == [], f"secrets leaked: {leaks}"
     assert sweep.log.stat().st_size > 0
+
+
+def test_a_plain_worker_writes_its_runs_and_no_summary_task(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    """N ``harness sweep worker`` processes made N summary tasks; ``harness sweep`` writes the
+    one summary task (afterwards, or itself a worker)."""
+    project = clone_project(
+        prepared_template,
+        tmp_path / "project",
+        {
+            "tracking": {"mode": "offline", "offline_dir": "runs/clearml"},
+            "sweep": {"study_name": "e2e-worker-tracked", "n_trials": 1},
+        },
+    )
+    env = cli_env(tmp_path / "home", {"PWD": str(project)})
+    log = tmp_path / "console.log"
+    index = project / "runs/clearml/sessions.jsonl"
+
+    def kinds() -> list[str]:
+        return [json.loads(line)["kind"] for line in index.read_text().splitlines() if line]
+
+    worker = run_cli(project, ["sweep", "worker"], env, log, timeout=180)
+    assert worker.returncode == 0, tail(log, 80)
+    assert kinds() == ["train"]
+    summary = run_cli(project, ["sweep"], env, log, timeout=180)
+    assert summary.returncode == 0, tail(log, 80)
+    assert kinds() == ["train", "summary"]

@@ -219,3 +219,15 @@ def test_a_study_from_before_the_conditional_space_does_not_retrain_its_runs(
     trained = {(t["train_text_encoder"], t["rank"]) for t in backend.trained}
     assert (False, 2) not in trained  # the legacy run is that configuration
     assert len(backend.trained) == 7  # the other 7 of the 8 distinct configurations
+
+
+def test_the_tpe_sampler_is_made_without_optuna_s_experimental_warning() -> None:
+    """``group=True`` is chosen on purpose; the warning was printed at every sweep start."""
+    import warnings
+
+    cfg = HarnessConfig.model_validate({"preset": "t", "sweep": {"sampler": "tpe"}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sampler = make_sampler(cfg)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]

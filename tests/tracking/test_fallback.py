@@ -170,3 +170,17 @@ def test_import_offline_sessions(
     assert (folder / "offline" / "offline-abc.zip.imported").read_text().strip() == "task-1"
     assert import_offline_sessions(folder) == {}  # already imported
     assert len(calls) == 1
+
+
+def test_online_without_configuration_warns_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tracker said so three times per sweep: created, checked, and at each run."""
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        tracker = create_tracker(TrackingConfig(mode="online"), tmp_path)
+        assert tracker.preflight() == "offline"
+        for name in ("trial-0", "trial-1"):
+            tracker.start_run(name, config={}, tags=[]).close()
+    said = [r for r in caplog.records if "no ClearML server is configured" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]

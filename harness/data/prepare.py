@@ -153,8 +153,8 @@ def prepare_subject(
         if len(photos) < cfg.min_images:
             raise DataError(
                 f"{label}: {len(photos)} usable photo(s) of {n_found} found "
-                f"({len(rejects)} rejection(s)); need at least min_images={cfg.min_images}. "
-                f"See {display_path(out_dir / REJECTS_TXT, root)}"
+                f"({_rejected_counts(n_found - len(photos), len(rejects))}); need at least "
+                f"min_images={cfg.min_images}. See {display_path(out_dir / REJECTS_TXT, root)}"
             )
         splits = assign_splits(
             [(p.name, p.sha256) for p in photos], cfg.val_fraction, cfg.split_seed, label
@@ -170,6 +170,16 @@ def prepare_subject(
         out_dir, photos, manifest, _rejects_doc(label, rejects, None, manifest["warnings"])
     )
     return _result(out_dir, manifest, n_found)
+
+
+def _rejected_counts(photos: int, rejections: int) -> str:
+    """``2 rejected``, and the folder's other rejected entries (symlinks leaving the dataset,
+    unsupported files, caption lines), which were never among the photos found."""
+    others = rejections - photos
+    if others <= 0:
+        return f"{photos} rejected"
+    entries = "entry" if others == 1 else "entries"
+    return f"{photos} rejected; {others} other {entries} rejected too"
 
 
 def _result(out_dir: Path, manifest: dict[str, Any], n_found: int) -> PrepareResult:

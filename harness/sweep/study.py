@@ -297,8 +297,18 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     from harness.compose import differences
 
     return [
-        f"{key}: {json.dumps(was)} -> {json.dumps(now)}" for key, now, was in differences(new, old)
+        f"{_readable(key)}: {json.dumps(was)} -> {json.dumps(now)}"
+        for key, now, was in differences(new, old)
     ]
+
+
+def _readable(key: str) -> str:
+    """``space.rank.attributes.high`` (Optuna's JSON form of a distribution, as the signature
+    stores it) as ``space.rank.high``."""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "space" and parts[2] == "attributes":
+        del parts[2]
+    return ".".join(parts)
 
 
 def _log_new_study(storage: BaseStorage, prefix: str, name: str, signature: dict[str, Any]) -> None:

@@ -238,6 +238,24 @@ def test_too_few_photos_fails_with_report_and_no_stale_outputs(
         load_prepared(out)
 
 
+def test_too_few_photos_counts_add_up_with_other_entries_rejected(
+    project: Path, raw_subject: Path, folder_cfg: CfgFactory, add_photos: Writer, tmp_path: Path
+) -> None:
+    """It said "2 usable photo(s) of 4 found (4 rejection(s))": the rejected symlink and the
+    unsupported file were never among the photos found."""
+    photos = add_photos(raw_subject, 4)
+    for path in photos[:2]:
+        path.write_bytes(b"")
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(photos[2].read_bytes())
+    (raw_subject / "escape.jpg").symlink_to(outside)
+    (raw_subject / "notes.docx").write_bytes(b"x")
+    with pytest.raises(DataError) as info:
+        prepare_subject(folder_cfg(), project, progress=False)
+    message = str(info.value)
+    assert "2 usable photo(s) of 4 found (2 rejected; 2 other entries rejected too)" in message
+
+
 def test_empty_subject_folder(project: Path, raw_subject: Path, folder_cfg: CfgFactory) -> None:
     with pytest.raises(DataError, match=r"data/raw/subj: 0 usable photo\(s\) of 0 found"):
         prepare_subject(folder_cfg(), project, progress=False)

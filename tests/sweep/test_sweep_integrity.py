@@ -233,3 +233,17 @@ def test_other_photos_with_the_same_settings_open_a_new_study(
     again = FakeBackend()
     run_sweep(cfg, tmp_path, again)
     assert again.trained == []
+
+
+def test_the_study_diff_names_space_bounds_without_optuna_s_json_layout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Later checkpoint steps widen the evaluated ``checkpoint_step`` dimension: the diff said
+    ``space.checkpoint_step.attributes.high``, Optuna's serialisation, not a name a user knows."""
+    cfg = make_cfg(tmp_path, n_trials=1)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    changed = _with(cfg, train={"checkpoint_steps": [10, 20, 30], "max_steps": 30})
+    with caplog.at_level(logging.INFO, logger="harness.sweep.study"):
+        open_studies(changed, tmp_path)
+    assert "space.checkpoint_step.high: 20 -> 30" in caplog.text, caplog.text
+    assert "attributes" not in caplog.text

@@ -218,7 +218,10 @@ class _Objective:
         assert holder is not None
         if holder.trial == run.number:  # our own claim, committed before a lost connection
             return
-        if self._is_dead(holder.trial) and self.claims.take_over(
+        # A queued retry of the holder: its run has ended (it is queued when the run stops),
+        # even while the trial still shows RUNNING for the moment before Optuna marks it.
+        ended = run.trial.user_attrs.get("retry_of") == holder.trial
+        if (ended or self._is_dead(holder.trial)) and self.claims.take_over(
             run.key, holder.trial, run.number, self.worker
         ):
             logger.info("run %d takes over run %d (%s)", run.number, holder.trial, run.key)

@@ -456,3 +456,52 @@ def test_status_names_each_queued_retry_and_why_its_run_stopped(tmp_path: Path) 
         "queued: run 2, the retry of run 0 (OSError: disk full)",
         "queued: run 3, the retry of run 1 (its worker stopped beating)",
     ]
+
+
+def test_a_retry_popped_while_its_run_still_shows_running_is_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers stopped by one user error at once (`harness sweep launch --local 2`): the
+    second popped the first's queued retry while the stopped trial still showed RUNNING (Optuna
+    marks it failed only after the objective returns), took it for a duplicate, and that
+    configuration was never retried while its claim kept a unit of the budget."""
+    from optuna.distributions import CategoricalDistribution
+
+    from harness.sweep.claims import open_claims
+    from harness.sweep.runner import run_key
+    from harness.sweep.space import with_training_params
+
+    lrs = [1e-4, 2e-4]
+    cfg = make_cfg(
+        tmp_path,
+        n_trials=2,
+        sampler="random",
+        space={"learning_rate": {"choices": lrs}},
+        heartbeat_interval_s=1,
+    )
+    studies = open_studies(cfg, tmp_path)
+    claims = open_claims(studies.storage_url, studies.name)
+    monkeypatch.setenv("HARNESS_WORKER_ID", "A")
+    first = Worker.join(cfg, studies, claims)
+    with first.alive():
+        stopped = studies.runs.ask({"train.learning_rate": CategoricalDistribution(lrs)})
+        lr = stopped.params["train.learning_rate"]
+        key = run_key(with_training_params(cfg, {"learning_rate": lr}))
+        stopped.set_user_attr("run_key", key)
+        assert claims.claim(key, stopped.number, "A", 2).status == "claimed"
+        studies.runs.enqueue_trial(
+            {"train.learning_rate": lr}, user_attrs={"retry_of": stopped.number}
+        )
+
+        class StoppedRunEnds(FakeBackend):
+            def train(self, cfg: HarnessConfig, *args: Any) -> Any:
+                # Worker A's objective has returned by now: Optuna marks its trial failed.
+                if not self.trained:
+                    studies.runs.tell(stopped, state=TrialState.FAIL)
+                return super().train(cfg, *args)
+
+        monkeypatch.setenv("HARNESS_WORKER_ID", "B")
+        backend = StoppedRunEnds()
+        summary = run_sweep(cfg, tmp_path, backend)
+    assert sorted(t["learning_rate"] for t in backend.trained) == lrs
+    assert summary.runs_completed == 2

@@ -105,3 +105,45 @@ def test_an_optimizer_the_machine_cannot_run_is_refused_before_training(
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "sweep.space.optimizer" in errors[0] and "adamw8bit" in errors[0], errors
     assert not (project / "runs/sweep/runs").exists()
+
+
+def test_two_local_workers_stopped_by_one_user_error_lose_no_run(
+    prepared_template: Path, tmp_path: Path
+) -> None:
+    """Both workers meet the error at about the same time; each stopped run is queued once, a
+    retry popped by the other worker is not taken for a duplicate, and after the fix the study
+    ends with its budget of distinct configurations."""
+    project = clone_project(
+        prepared_template, tmp_path / "p", {"sweep": {"study_name": "e2e-stop2", "n_trials": 4}}
+    )
+    study = study_id(load_config(project / "params.yaml"), project)
+    blocker = project / "runs/sweep/runs" / study
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder\n")
+
+    def launch() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            harness_cmd(project, "sweep", "launch", "--local", "2"),
+            cwd=project,
+            env=cli_env(tmp_path / "home"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    stopped = launch()
+    assert stopped.returncode == 2, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    trials = _runs(project, study)
+    assert all(t.state in (TrialState.FAIL, TrialState.WAITING) for t in trials)
+    assert not any("fail_reason" in t.user_attrs for t in trials)  # nothing counted as failed
+    assert any(t.state == TrialState.WAITING for t in trials)
+
+    blocker.unlink()
+    done = launch()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    completed = [t for t in _runs(project, study) if t.state == TrialState.COMPLETE]
+    keys = [t.user_attrs["run_key"] for t in completed]
+    assert len(keys) == 4 and len(set(keys)) == 4, keys
+    stopped_params = [t.params for t in trials if t.state == TrialState.FAIL]
+    assert all(p in [t.params for t in completed] for p in stopped_params)  # each was retried

@@ -64,6 +64,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "available_presets",
+    "class_image_seeds",
     "load_config",
     "load_yaml",
     "seed_overlap",
@@ -1049,10 +1050,45 @@ def seed_spans(cfg: HarnessConfig) -> tuple[range, range]:
     return swept, range(start, start + fresh_count)
 
 
+# Class images draw their noise from a stream of their own: PRES generates train.class_prompt
+# at the same size, so a class image and a PRES image with one seed would start from the same
+# noise, and PRES would score a training target of prior preservation, not the kept prior.
+CLASS_IMAGE_SEED_BASE = 1_000_000_000
+
+
+def class_image_seeds(cfg: HarnessConfig) -> range:
+    """Seeds of the prior-preservation class images (image ``i``: ``CLASS_IMAGE_SEED_BASE +
+    train.seed + i``), far from every evaluation seed (:func:`seed_spans`)."""
+    start = CLASS_IMAGE_SEED_BASE + cfg.train.seed
+    return range(start, start + cfg.train.num_class_images)
+
+
+def _overlap(a: range, b: range) -> bool:
+    return a.start < b.stop and b.start < a.stop
+
+
+def class_seed_overlap(cfg: HarnessConfig) -> tuple[str, str] | None:
+    """``(key, message)`` when the sweep's or the confirmation's seeds fall among the class
+    images' seeds (only with prior preservation), or None."""
+    if not cfg.train.prior_preservation:
+        return None
+    classes = class_image_seeds(cfg)
+    swept, fresh = seed_spans(cfg)
+    for key, span in (("eval.seed", swept), ("evaluate.seed", fresh)):
+        if _overlap(span, classes):
+            return key, (
+                f"{key} gives seeds {span.start}..{span.stop - 1}, among the class images' "
+                f"seeds {classes.start}..{classes.stop - 1} (train.seed + "
+                f"{CLASS_IMAGE_SEED_BASE}): PRES would regenerate training targets; use a "
+                f"{key} below {classes.start - len(span) + 1}"
+            )
+    return None
+
+
 def seed_overlap(cfg: HarnessConfig) -> str | None:
     """Why the confirmation seeds overlap the sweep's (a message naming the keys), or None."""
     swept, fresh = seed_spans(cfg)
-    if fresh.start >= swept.stop or swept.start >= fresh.stop:
+    if not _overlap(swept, fresh):
         return None
     return (
         f"evaluate.seed={cfg.evaluate.seed} gives confirmation seeds {fresh.start}..{fresh.stop - 1}, "
@@ -1154,6 +1190,9 @@ class HarnessConfig(_Strict):
         problem = seed_overlap(self)
         if problem:
             raise _KeysError(("evaluate.seed", "eval.seed"), problem)
+        among_classes = class_seed_overlap(self)
+        if among_classes:
+            raise _KeysError((among_classes[0], "train.seed"), among_classes[1])
         if self.evaluate.protocol == "dreambench":
             if self.data.source != "dreambench":
                 raise _KeysError(

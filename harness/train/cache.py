@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from harness.config import HarnessConfig, ModelConfig
+from harness.config import HarnessConfig, ModelConfig, class_image_seeds
 from harness.models import LoadedModel
 from harness.models.tiny import TINY_VERSION, default_cache_root
 from harness.train.tensorfiles import (
@@ -241,7 +241,8 @@ def cached_prompt_embeddings(
 
 
 def _sample(model: LoadedModel, spec: dict[str, Any], indices: range) -> list[Any]:
-    """Class images ``indices`` of ``spec`` (image ``i`` seeded with ``spec["seed"] + i``)."""
+    """Class images ``indices`` of ``spec`` (image ``i`` seeded with ``spec["seed"] + i``,
+    where ``spec["seed"]`` is the start of :func:`harness.config.class_image_seeds`)."""
     generators = [torch.Generator("cpu").manual_seed(spec["seed"] + i) for i in indices]
     res = spec["resolution"]
     images: list[Any] = model.pipeline(
@@ -270,7 +271,8 @@ def ensure_class_images(
 
     Keyed by (model identity, prompt, resolution, count, seed, sampler settings): every trial of
     a sweep reuses them. Call before any adapter is attached (they must come from the base
-    model). Image ``i`` uses seed ``cfg.train.seed + i``.
+    model). Image ``i`` uses seed ``class_image_seeds(cfg)[i]``: a stream of its own, so no
+    evaluation image (PRES generates the class prompt too) starts from a class image's noise.
     """
     root = (cache_root or default_cache_root()) / "class-images"
     res = cfg.data.resolution
@@ -281,7 +283,7 @@ def ensure_class_images(
         "prompt": class_prompt,
         "resolution": res,
         "count": n,
-        "seed": cfg.train.seed,
+        "seed": class_image_seeds(cfg).start,
         "steps": num_inference_steps,
         "guidance": guidance_scale,
     }

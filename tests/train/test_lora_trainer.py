@@ -15,7 +15,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from harness.config import HarnessConfig, ModelConfig
+from harness.config import (
+    ConfigError,
+    HarnessConfig,
+    ModelConfig,
+    class_image_seeds,
+    seed_spans,
+    validate_config,
+)
 from harness.models import LoadedModel, load_pipeline
 from harness.train import (
     CheckpointInfo,
@@ -583,3 +590,37 @@ def test_resumable_checkpoints_skip_broken_state_from_the_end(tmp_path: Path) ->
     kept, warnings = resumable_checkpoints(states)
     assert kept == [] and warnings[-1].endswith("starting from step 0")
     assert "rng.safetensors: not a valid safetensors file" in warnings[-1]
+
+
+def test_class_images_never_share_their_noise_with_an_evaluation_image(
+    sd15: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PRES generates train.class_prompt at the same size as the class images: had class image
+    i the seed of PRES image i (train.seed + i against eval.seed + i, both 0 by default), it
+    would start from the same noise, and PRES would score the training targets the LoRA was
+    trained to keep, in the sweep and on the evaluate stage's fresh seeds alike."""
+    cfg = make_cfg(prior_preservation=True, num_class_images=3)
+    seeds: list[int] = []
+    real_call = type(sd15.pipeline).__call__
+
+    def record_seeds(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seeds.extend(g.initial_seed() for g in kwargs["generator"])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(sd15.pipeline), "__call__", record_seeds)
+    ensure_class_images(cfg, sd15, "a photo of dog", 3, tmp_path, num_inference_steps=1)
+    assert seeds == list(class_image_seeds(cfg))
+    swept, fresh = seed_spans(cfg)
+    assert not set(seeds) & (set(swept) | set(fresh))
+
+
+def test_evaluation_seeds_among_the_class_images_seeds_are_a_config_error() -> None:
+    start = class_image_seeds(make_cfg(prior_preservation=True)).start
+    with pytest.raises(ConfigError) as err:
+        validate_config(
+            {"preset": "t", "train": {"prior_preservation": True}, "eval": {"seed": start}}
+        )
+    assert "eval.seed" in str(err.value) and "class images" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    # Without prior preservation there are no class images to collide with.
+    validate_config({"preset": "t", "eval": {"seed": start}})

@@ -395,7 +395,9 @@ def _family(points: pd.DataFrame, best: pd.Series, free: Sequence[str]) -> pd.Da
     fixed = [f"eval.{n}" for n in (*INFERENCE_DIMENSIONS, "scheduler") if n not in free]
     fixed += [] if "scheduler" in free else ["scheduler"]  # the setting's own, swept or not
     for column in (c for c in fixed if c in points.columns):
-        mask &= points[column] == best[column]
+        # NaN is a value here: a run without a text-encoder adapter has no text-encoder scale.
+        same = points[column] == best[column]
+        mask &= (same | points[column].isna()) if pd.isna(best[column]) else same
     return points[mask].assign(run=_run_value(best))
 
 
@@ -444,6 +446,10 @@ def lora_scale_grid(sources: Sources) -> GridSpec | None:
     if points.empty or unet not in points.columns or text not in points.columns:
         return None
     best = points.iloc[0]
+    if pd.isna(best[text]):  # a run without a text-encoder adapter: its UNet scale alone
+        return _strip(
+            sources, "lora_scale_grid", "lora_scale", "UNet LoRA scale (no text-encoder LoRA)"
+        )
     family = _family(points, best, ["lora_scale", "text_encoder_lora_scale"])
     image = sources.first_image(int(best["point"]))
     title = f"LoRA scale UNet x text encoder, best run and checkpoint: {_describe(*image)}"

@@ -46,6 +46,7 @@ from harness.sweep.recorder import relative
 from harness.sweep.results import results_paths
 from harness.sweep.runner import scalarize
 from harness.sweep.select import SELECTED_BY, select_points
+from harness.sweep.space import NO_TEXT_ENCODER_SCALE, TEXT_ENCODER_SCALE
 from harness.sweep.study import study_id
 from harness.sweep.summary import METRICS_FILE as SWEEP_METRICS
 from harness.train import CheckpointInfo
@@ -241,8 +242,13 @@ def point_setting(cfg: HarnessConfig, row: pd.Series | dict[str, Any]) -> Infere
     """The inference setting of a results row (its ``eval.*`` columns and scheduler)."""
     values: dict[str, Any] = {}
     for name in INFERENCE_DIMENSIONS:
-        value = row[f"eval.{name}"]
+        value = row.get(f"eval.{name}")
+        if value is None or pd.isna(value):
+            # Only a run without a text-encoder adapter lacks one (its text-encoder scale):
+            # nothing to scale; the sweep generated it at NO_TEXT_ENCODER_SCALE.
+            continue
         values[name] = int(value) if name == "num_inference_steps" else float(value)
+    values.setdefault(TEXT_ENCODER_SCALE, NO_TEXT_ENCODER_SCALE)
     setting = InferenceSetting(**values, scheduler=row["scheduler"] or cfg.eval.scheduler)
     if setting.id != row["setting_id"]:
         raise EvaluateError(

@@ -142,7 +142,11 @@ class StudySink(SweepSink):
         recorded.add(point.key)
         full = point.measured.rung is None
         params = point_params(
-            point.run.params, point.checkpoint.step, point.measured.setting, self._swept_scheduler
+            point.run.params,
+            point.checkpoint.step,
+            point.measured.setting,
+            self._swept_scheduler,
+            text_encoder_adapter=point.run.cfg.train.train_text_encoder,
         )
         self.studies.points.add_trial(
             optuna.trial.create_trial(

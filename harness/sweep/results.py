@@ -63,6 +63,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from harness.config import INFERENCE_DIMENSIONS
 from harness.sweep._files import replaced_together
 from harness.sweep.per_image import legacy_div
 from harness.sweep.space import CHECKPOINT_STEP, EVAL_PREFIX, TRAIN_PREFIX
@@ -145,6 +146,12 @@ def points_frame(
                 row["adapter"] = None
         rows.append(row)
     frame = pd.DataFrame(rows)
+    if not frame.empty:
+        # Every inference dimension has its column, even where no point has it (a sweep of
+        # runs without text-encoder LoRA has no text-encoder scale): one schema for readers.
+        for name in INFERENCE_DIMENSIONS:
+            if EVAL_PREFIX + name not in frame.columns:
+                frame[EVAL_PREFIX + name] = float("nan")
     return frame[sorted(frame.columns, key=_column_order)]
 
 

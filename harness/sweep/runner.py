@@ -45,6 +45,7 @@ from harness.sweep.space import (
     active_training_params,
     inference_settings,
     never_sampled,
+    run_inference_settings,
     sample_training_params,
     search_space_size,
     with_training_params,
@@ -328,7 +329,8 @@ class _Objective:
             if measured.rung is None and (best is None or score > best[0]):
                 best = (score, point)
 
-        evaluate_points(self.cfg, checkpoints, self.settings, evaluate, record)
+        settings = run_inference_settings(run.cfg, self.settings)
+        evaluate_points(self.cfg, checkpoints, settings, evaluate, record)
         if best is None:
             raise RuntimeError("training produced no checkpoint to evaluate")
         return best[1]

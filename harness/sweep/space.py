@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -40,7 +40,9 @@ from harness.config import (
 __all__ = [
     "CHECKPOINT_STEP",
     "EVAL_PREFIX",
+    "NO_TEXT_ENCODER_SCALE",
     "SCHEDULER",
+    "TEXT_ENCODER_SCALE",
     "TRAIN_PREFIX",
     "active_training_params",
     "evaluated_distributions",
@@ -50,6 +52,7 @@ __all__ = [
     "max_possible_steps",
     "never_sampled",
     "point_params",
+    "run_inference_settings",
     "sample_training_params",
     "sampling_order",
     "search_space_size",
@@ -263,18 +266,47 @@ def inference_settings(cfg: HarnessConfig) -> list[InferenceSetting]:
     return cfg.sweep.inference.settings(cfg.eval.scheduler)
 
 
+# The text-encoder LoRA scale of a run that trains no text-encoder adapter: a value that
+# changes nothing (there is nothing to scale), kept so the setting stays an InferenceSetting.
+TEXT_ENCODER_SCALE = "text_encoder_lora_scale"
+NO_TEXT_ENCODER_SCALE = 1.0
+
+
+def run_inference_settings(
+    run_cfg: HarnessConfig, settings: Sequence[InferenceSetting]
+) -> list[InferenceSetting]:
+    """The settings one run's checkpoints are evaluated under: ``settings``, or for a run that
+    trains no text-encoder adapter one per value of the other dimensions (order kept).
+
+    Such a run's images do not depend on ``text_encoder_lora_scale``: scoring them once per
+    value made identical images distinct points, each taking its own Pareto and
+    ``evaluate.top_k`` slot. Its points do not have the parameter (see :func:`point_params`).
+    """
+    if run_cfg.train.train_text_encoder:
+        return list(settings)
+    kept = (s.model_copy(update={TEXT_ENCODER_SCALE: NO_TEXT_ENCODER_SCALE}) for s in settings)
+    return list({s.id: s for s in reversed(list(kept))}.values())[::-1]
+
+
 def point_params(
     training: Mapping[str, Any],
     checkpoint_step: int,
     setting: InferenceSetting,
     swept_scheduler: bool = False,
+    text_encoder_adapter: bool = True,
 ) -> dict[str, Any]:
     """All parameters of one evaluated point: ``train.*`` (searched and used),
     ``checkpoint_step`` and ``eval.*`` (the inference setting's dimensions, and its scheduler
-    when ``sweep.inference.scheduler`` sweeps it)."""
+    when ``sweep.inference.scheduler`` sweeps it). Without a ``text_encoder_adapter`` (the run's
+    ``train.train_text_encoder`` false, searched or fixed) there is no
+    ``eval.text_encoder_lora_scale``: like a conditional training parameter its parent left
+    unused, it is absent (NaN in the results table), not a value that was never applied."""
     params: dict[str, Any] = {TRAIN_PREFIX + k: v for k, v in training.items()}
     params[CHECKPOINT_STEP] = checkpoint_step
-    params.update({EVAL_PREFIX + k: v for k, v in setting.dimensions().items()})
+    dimensions = setting.dimensions()
+    if not text_encoder_adapter:
+        del dimensions[TEXT_ENCODER_SCALE]
+    params.update({EVAL_PREFIX + k: v for k, v in dimensions.items()})
     if swept_scheduler:
         params[EVAL_PREFIX + SCHEDULER] = setting.scheduler
     return params

@@ -442,3 +442,24 @@ def test_scheduler_strip_of_the_best_run_and_checkpoint_when_schedulers_are_swep
     write_sweep(plain, runs, {"guidance_scale": [3.0, 7.5]}, scheduler_quality)
     kinds = [g.kind for g in make_grids(make_cfg(), plain, plain / "grids")]
     assert "scheduler_strip" not in kinds and "guidance_strip" in kinds
+
+
+def test_strips_of_a_best_run_without_text_encoder_lora(tmp_path: Path) -> None:
+    """A UNet-only run's points have no eval.text_encoder_lora_scale (NaN): its guidance strip
+    still holds every guidance value, and there is no text-encoder scale grid to draw."""
+    (tmp_path / "runs/sweep").mkdir(parents=True)
+    runs = [{"learning_rate": 1e-4, "rank": 4}, {"learning_rate": 5e-4, "rank": 4}]
+    grid = {"guidance_scale": [3.0, 7.5], "lora_scale": [0.5, 1.0]}
+    frame = write_sweep(
+        tmp_path, runs, grid, lambda r, step, s: r["learning_rate"] + step + s.lora_scale
+    )
+    frame["eval.text_encoder_lora_scale"] = np.nan
+    frame.to_parquet(tmp_path / "runs/sweep/results.parquet", index=False)
+    figures = {g.kind: g for g in make_grids(make_cfg(), tmp_path, tmp_path / "out")}
+    strip = assert_cells_show_their_images(tmp_path, figures["guidance_strip"])
+    assert strip["columns"]["labels"] == ["guidance 3", "guidance 7.5"]
+    assert all(cell["image"] is not None for cell in strip["cells"])
+    scales = assert_cells_show_their_images(tmp_path, figures["lora_scale_grid"])
+    assert scales["rows"]["labels"] == ["run run-1 step 20"]
+    assert scales["columns"]["labels"] == ["unet scale 0.5", "unet scale 1"]
+    assert "no text-encoder LoRA" in figures["lora_scale_grid"].title

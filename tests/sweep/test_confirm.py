@@ -304,6 +304,16 @@ def test_point_setting_comes_from_the_row_and_must_match_its_id(tmp_path: Path) 
         point_setting(cfg, row)
 
 
+def test_point_setting_of_a_run_without_text_encoder_lora(tmp_path: Path) -> None:
+    """Such a point has no eval.text_encoder_lora_scale (NaN): any scale gives its images, the
+    sweep generated them at 1 (its setting_id says so)."""
+    cfg = make_cfg()
+    row = sweep_table(tmp_path, cfg).iloc[1].to_dict()
+    row["eval.text_encoder_lora_scale"] = float("nan")
+    row["setting_id"] = SETTINGS[1].model_copy(update={"text_encoder_lora_scale": 1.0}).id
+    assert point_setting(cfg, row).text_encoder_lora_scale == 1.0
+
+
 def test_cli_without_sweep_results_is_one_line_exit_2(repo_root: Path, tmp_path: Path) -> None:
     shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
     params = tmp_path / "params.yaml"

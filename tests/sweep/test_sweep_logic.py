@@ -137,6 +137,10 @@ def test_grid_sampler_reproduces_grid_exactly(tmp_path: Path) -> None:
             "text_encoder_lora_scale": [0.0, 1.0],
         },
     )
+    # Text-encoder LoRA trained: its scale is a dimension of every run.
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"train_text_encoder": True})}
+    )
     summary = run_sweep(cfg, tmp_path, FakeBackend())
     frame = pd.read_parquet(summary.results_parquet)
     assert summary.runs_completed == 4  # the grid is exhausted before n_trials
@@ -293,3 +297,27 @@ def test_one_run_and_one_point_are_counted_in_the_singular(tmp_path: Path) -> No
     assert _sweep_counts({"runs": 4, "points": 32}, 8) == (
         "4 training runs -> 32 evaluated points (8 with the full protocol)"
     )
+
+
+def test_text_encoder_scale_is_no_dimension_of_a_run_without_text_encoder_lora(
+    tmp_path: Path,
+) -> None:
+    """A UNet-only run's images do not depend on eval.text_encoder_lora_scale: scoring them
+    once per value made identical images distinct points (each its own Pareto and top_k slot)
+    and put a scale that was never applied in the results table."""
+    cfg = make_cfg(
+        tmp_path,
+        n_trials=2,
+        sampler="grid",
+        space={"train_text_encoder": {"choices": [False, True]}},
+        inference={"guidance_scale": [3.0], "text_encoder_lora_scale": [0.6, 1.0]},
+    )
+    backend = FakeBackend()
+    summary = run_sweep(cfg, tmp_path, backend)
+    frame = pd.read_parquet(summary.results_parquet)
+    unet_only = frame[~frame["train.train_text_encoder"].astype(bool)]
+    both = frame[frame["train.train_text_encoder"].astype(bool)]
+    assert len(both) == 2 * 2 and set(both["eval.text_encoder_lora_scale"]) == {0.6, 1.0}
+    assert len(unet_only) == 2  # one point per checkpoint, not one per text-encoder scale
+    assert unet_only["eval.text_encoder_lora_scale"].isna().all()
+    assert summary.points == 6

@@ -49,7 +49,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from harness.config import INFERENCE_DIMENSIONS, SEARCHABLE_TRAIN_PARAMS
-from harness.sweep.per_image import BASELINE_POINT, PER_IMAGE
+from harness.sweep.per_image import BASELINE_POINT, PER_IMAGE, baseline_rows
 from harness.sweep.results import RESULTS_PARQUET, full_fidelity
 from harness.sweep.select import selection_scores
 
@@ -516,7 +516,7 @@ def base_vs_lora(sources: Sources) -> GridSpec | None:
         return None
     is_base = confirmed["baseline"].astype(bool)
     tables = {
-        BASELINE_POINT: confirmed[is_base],
+        BASELINE_POINT: baseline_rows(confirmed, best),  # under the best point's guidance
         best: confirmed[~is_base & (confirmed["point"] == best)],
     }
     by_subject = "subject" in confirmed.columns and confirmed["subject"].nunique() > 1

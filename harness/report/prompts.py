@@ -16,22 +16,14 @@ from harness.report.data import ReportInputs
 from harness.report.figures import heatmap_png, label
 from harness.report.model import Figure, Section, Table, format_value
 from harness.report.stats import paired_comparison
+from harness.sweep.per_image import BASELINE_POINT, baseline_rows, is_baseline
 
 __all__ = ["BASELINE_POINT", "paired_section", "per_prompt", "prompts_section"]
-
-BASELINE_POINT = -1
 
 
 def _metrics(cfg: HarnessConfig, per_image: pd.DataFrame) -> list[str]:
     names = [cfg.sweep.subject_metric, "dino", cfg.sweep.prompt_metric]
     return [m for m in dict.fromkeys(names) if m in per_image]
-
-
-def _is_baseline(per_image: pd.DataFrame) -> pd.Series:
-    flags = per_image["point"] == BASELINE_POINT
-    if "baseline" in per_image:
-        flags = flags | per_image["baseline"].fillna(False).astype(bool)
-    return flags
 
 
 def _means(per_image: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -56,10 +48,10 @@ def per_prompt(per_image: pd.DataFrame, point: int, subject: str, prompt: str) -
     base model's ``base.<m>`` and ``diff.<m>`` (point - base) when it was scored, ``images``
     and ``fails`` (``subject``, ``prompt``: see :func:`_flags`)."""
     metrics = [subject, prompt]
-    mine = per_image[(per_image["point"] == point) & ~_is_baseline(per_image)]
+    mine = per_image[(per_image["point"] == point) & ~is_baseline(per_image)]
     table = _means(mine, metrics)
     table["images"] = mine.groupby("prompt", sort=False).size()
-    base = per_image[_is_baseline(per_image)]
+    base = baseline_rows(per_image, point)
     if not base.empty:
         base_means = _means(base, metrics)
         for m in metrics:
@@ -85,10 +77,10 @@ def _heatmap(per_image: pd.DataFrame, points: list[int], metrics: list[str]) -> 
     for m in metrics:
         columns = {}
         for point in points:
-            rows = per_image[(per_image["point"] == point) & ~_is_baseline(per_image)]
+            rows = per_image[(per_image["point"] == point) & ~is_baseline(per_image)]
             columns[f"point {point}"] = rows.groupby("prompt", sort=False)[m].mean()
-        base = per_image[_is_baseline(per_image)]
-        if not base.empty:
+        base = baseline_rows(per_image, points[0]) if points else pd.DataFrame()
+        if not base.empty:  # the best point's: its guidance, steps and scheduler
             columns["base"] = base.groupby("prompt", sort=False)[m].mean()
         matrices[m] = pd.DataFrame(columns)
     return heatmap_png(matrices, list(columns))

@@ -93,12 +93,28 @@ def _settings_tables(inputs: ReportInputs) -> list[Table]:
     return [shown, same]
 
 
-def _references_table(inputs: ReportInputs, metrics: list[str]) -> Table | None:
-    """The base model on the sweep's and on the fresh seeds, and the real-photo ceiling."""
+def _references_table(cfg: HarnessConfig, inputs: ReportInputs, metrics: list[str]) -> Table | None:
+    """The base model on the sweep's seeds (under ``eval``'s guidance, steps and scheduler) and
+    on the fresh seeds (under each confirmed point's, the best point's first), and the
+    real-photo ceiling."""
+    from harness.sweep.confirm import base_setting
+
+    refs = inputs.references
+    fresh = refs.get("baselines") or {}
+    best = refs.get("baseline_setting") or ""
+    if not isinstance(fresh, dict) or not fresh:  # an evaluate output of before: one baseline
+        fresh = {best: refs.get("baseline")}
+    fresh = dict(sorted(fresh.items(), key=lambda item: item[0] != best))  # the best's first
     named = [
-        ("base model, sweep seeds", inputs.sweep_metrics.get("baseline")),
-        ("base model, fresh seeds", inputs.references.get("baseline")),
-        ("real photos (ceiling)", inputs.references.get("real_ceiling")),
+        (
+            f"base model, sweep seeds, {base_setting(cfg.eval.setting).id}",
+            inputs.sweep_metrics.get("baseline"),
+        ),
+        *(
+            (f"base model, fresh seeds, {name}".rstrip(", "), scores)
+            for name, scores in fresh.items()
+        ),
+        ("real photos (ceiling)", refs.get("real_ceiling")),
     ]
     rows = [{"reference": name, **scores} for name, scores in named if isinstance(scores, dict)]
     if not rows:
@@ -138,7 +154,7 @@ def leaderboard_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section:
         "noisy points overstated it. Rank 1 is the sweep's best point (chosen on sweep scores).",
     ]
     tables = [_leaderboard_table(cfg, table), *_settings_tables(inputs)]
-    references = _references_table(inputs, report_metrics(cfg, table))
+    references = _references_table(cfg, inputs, report_metrics(cfg, table))
     if references is not None:
         tables.append(references)
     return Section("leaderboard", "Leaderboard: the confirmed points", paragraphs, tables)

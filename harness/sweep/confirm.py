@@ -117,6 +117,10 @@ class Confirmation:
     # One row per confirmation image of every point and of the base model (per_image.parquet).
     per_image: list[dict[str, Any]] = field(default_factory=list, repr=False)
     per_image_parquet: Path | None = None
+    # The setting of ``references["baseline"]`` (the best point's guidance, steps, scheduler),
+    # and the base model's scores under every confirmed point's such setting, by setting id.
+    baseline_setting: str | None = None
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def describe(self) -> list[str]:
         """One line per confirmed point (sweep vs confirmation scores) and one for the base."""
@@ -136,7 +140,8 @@ class Confirmation:
             )
         base = self.references.get("baseline", {})
         shown = ", ".join(f"{m} {base[m]:.3f}" for m in METRICS if m in base)
-        lines.append(f"baseline (no adapter, fresh seeds): {shown}")
+        under = f", {self.baseline_setting}" if self.baseline_setting else ""
+        lines.append(f"baseline (no adapter, fresh seeds{under}): {shown}")
         return lines
 
 
@@ -277,20 +282,52 @@ def confirm_points(
     has one row per selected point, in selection order (best first).
     """
     fresh, out = confirmation_config(cfg), root / cfg.evaluate.dir
+    records = selected.to_dict(orient="records")
+    settings = [point_setting(cfg, row) for row in records]
+    bases = list({base_setting(s).id: base_setting(s) for s in settings}.values())
     rows, images = [], []
-    with tqdm(total=len(selected) + 1, desc="evaluate", unit="point", disable=not progress) as bar:
-        for row in selected.to_dict(orient="records"):
+    total = len(records) + len(bases)
+    with tqdm(total=total, desc="evaluate", unit="point", disable=not progress) as bar:
+        for row, setting in zip(records, settings, strict=True):
             checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
             point_dir = _fresh_dir(out / f"point-{int(row['point']):05d}")
-            (measured,) = backend.evaluate(fresh, checkpoint, [point_setting(cfg, row)], point_dir)
+            (measured,) = backend.evaluate(fresh, checkpoint, [setting], point_dir)
             rows.append(confirmation_row(cfg, root, row, measured))
-            images += confirmed_image_rows(root, measured, row)
+            images += confirmed_image_rows(root, measured, row, base_setting(setting).id)
             bar.update()
-        references, baseline = _references(backend, fresh, _fresh_dir(out / "baseline"))
-        images += confirmed_image_rows(root, baseline) if baseline is not None else []
-        bar.update()
-    table = pd.DataFrame(rows)
-    return Confirmation(table, references, confirmation_seeds(cfg), per_image=images)
+        # The base model under each confirmed point's guidance, steps and scheduler: its scores
+        # move with them (CLIP-T above all), so a point is compared at its own setting.
+        baseline_dir = _fresh_dir(out / "baseline")
+        found: dict[str, dict[str, dict[str, float]]] = {}
+        for base in bases:
+            found[base.id], baseline = _references(backend, with_setting(fresh, base), baseline_dir)
+            images += confirmed_image_rows(root, baseline) if baseline is not None else []
+            bar.update()
+    for row, setting in zip(rows, settings, strict=True):
+        base_id = base_setting(setting).id
+        row["baseline_setting"] = base_id
+        scores = found[base_id].get("baseline", {})
+        row.update({f"baseline.{m}": scores.get(m) for m in METRICS})
+    best = bases[0].id  # the sweep's best point's: what reports/metrics.json compares
+    return Confirmation(
+        pd.DataFrame(rows),
+        found[best],
+        confirmation_seeds(cfg),
+        per_image=images,
+        baseline_setting=best,
+        baselines={k: v["baseline"] for k, v in found.items() if "baseline" in v},
+    )
+
+
+def base_setting(setting: InferenceSetting) -> InferenceSetting:
+    """What of ``setting`` applies to the base model: guidance, steps and scheduler (its LoRA
+    scales at 1, as there is no adapter to scale)."""
+    return setting.model_copy(update={"lora_scale": 1.0, TEXT_ENCODER_SCALE: 1.0})
+
+
+def with_setting(cfg: HarnessConfig, setting: InferenceSetting) -> HarnessConfig:
+    """``cfg`` whose ``eval`` setting (what the baseline is generated under) is ``setting``."""
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update=dict(setting))})
 
 
 def _references(
@@ -354,6 +391,8 @@ def metrics_summary(
         "shrinkage_mean": {m: float(table[f"shrinkage.{m}"].mean()) for m in metrics},
     }
     data.update({k: dict(v) for k, v in confirmation.references.items()})
+    if confirmation.baseline_setting is not None:
+        data["baseline_setting"] = confirmation.baseline_setting
     return data
 
 
@@ -375,6 +414,8 @@ def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmatio
     )
     references = {
         **confirmation.references,
+        "baseline_setting": confirmation.baseline_setting,
+        "baselines": confirmation.baselines,
         "seeds": confirmation.seeds,
         "held_out_prompts": cfg.evaluate.prompts,
     }

@@ -52,8 +52,10 @@ __all__ = [
     "PROMPT_SCHEMA",
     "PointRows",
     "arrow_table",
+    "baseline_rows",
     "confirmed_image_rows",
     "image_rows",
+    "is_baseline",
     "legacy_div",
     "point_rows_path",
     "write_point_rows",
@@ -84,7 +86,11 @@ IMAGE_SCHEMA = pa.schema(
         ("subject", pa.string()),
     ]
 )
-EVALUATE_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field("baseline", pa.bool_()))
+# ``baseline_setting``: the setting id of the base-model rows a row is compared with (a
+# baseline row's own setting; a point's guidance, steps and scheduler at LoRA scales 1).
+EVALUATE_IMAGE_SCHEMA = IMAGE_SCHEMA.append(pa.field("baseline", pa.bool_())).append(
+    pa.field("baseline_setting", pa.string())
+)
 PROMPT_SCHEMA = pa.schema(
     [
         *_IDENTITY,
@@ -215,18 +221,43 @@ def write_score_tables(frame: pd.DataFrame, store: Path, out_dir: Path) -> tuple
     )
 
 
+def is_baseline(per_image: pd.DataFrame) -> pd.Series:
+    """Which rows of an evaluate-stage per-image table are the base model's."""
+    flags = per_image["point"] == BASELINE_POINT
+    if "baseline" in per_image:
+        flags = flags | per_image["baseline"].fillna(False).astype(bool)
+    return flags
+
+
+def baseline_rows(per_image: pd.DataFrame, point: int) -> pd.DataFrame:
+    """The base model's rows that ``point`` is compared with: those under its own guidance,
+    steps and scheduler (``baseline_setting``), or every base row in a table from before
+    there was one baseline per setting."""
+    base = per_image[is_baseline(per_image)]
+    if "baseline_setting" not in per_image.columns:
+        return base
+    mine = per_image[(per_image["point"] == point) & ~is_baseline(per_image)]
+    wanted = mine["baseline_setting"].dropna()
+    if wanted.empty or base["baseline_setting"].isna().all():
+        return base
+    return base[base["baseline_setting"] == wanted.iloc[0]]
+
+
 def confirmed_image_rows(
     root: Path,
     measured: PointScores,
     row: Mapping[str, Any] | None = None,
+    baseline_setting: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The evaluate stage's per-image rows of one confirmed point (``row``: its results row)
-    or, without ``row``, of the base model (``point`` -1, no run key or checkpoint)."""
+    """The evaluate stage's per-image rows of one confirmed point (``row``: its results row;
+    ``baseline_setting``: the base-model setting it is compared with) or, without ``row``, of
+    the base model (``point`` -1, no run key or checkpoint)."""
     identity: dict[str, Any] = {
         "point": BASELINE_POINT if row is None else int(row["point"]),
         "run_key": None if row is None else row["run_key"],
         "checkpoint_step": None if row is None else int(row["checkpoint_step"]),
         "setting_id": measured.setting.id,
         "baseline": row is None,
+        "baseline_setting": measured.setting.id if row is None else baseline_setting,
     }
     return [{**identity, **image} for image in image_rows(measured, root)]

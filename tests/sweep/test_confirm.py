@@ -159,9 +159,11 @@ class StubBackend:
         return [PointScores(setting, scores, images, n_images=6)]
 
     def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
-        self.calls.append({"seeds": eval_seeds(cfg), "baseline": True})
+        """The base model under ``cfg.eval``'s setting: its CLIP-T grows with guidance."""
+        setting = cfg.eval.setting
+        self.calls.append({"seeds": eval_seeds(cfg), "baseline": setting.id})
         return {
-            "baseline": {"dino": 0.2, "clip_i": 0.3, "clip_t": 0.31},
+            "baseline": {"dino": 0.2, "clip_i": 0.3, "clip_t": 0.3 + setting.guidance_scale / 100},
             "real_ceiling": {"dino": 0.77, "clip_i": 0.88},
         }
 
@@ -222,6 +224,31 @@ def test_metrics_json_has_best_point_sweep_confirmation_shrinkage_and_references
     lines = result.describe()
     assert "fresh seeds 13..15" in lines[0] and "shrinkage +0.100" in lines[1]
     assert len(lines) == 1 + 3 + 1 and lines[-1].startswith("baseline")
+
+
+def test_each_point_is_compared_with_the_base_model_under_its_own_guidance_and_steps(
+    tmp_path: Path,
+) -> None:
+    """The base model's scores move with guidance (CLIP-T above all): a baseline under
+    eval's setting (guidance 7.5 here) against a point at guidance 3 mixed the adapter's
+    effect with the guidance's. One baseline per distinct (guidance, steps, scheduler) of the
+    confirmed points; the LoRA scales do not apply to the base model."""
+    cfg = make_cfg()
+    assert cfg.eval.guidance_scale == 7.5  # what the baseline used before
+    result, backend = confirm(tmp_path, cfg)
+    made = [c["baseline"] for c in backend.calls if "baseline" in c]
+    g3, g7 = (s.model_copy(update={"lora_scale": 1.0}) for s in SETTINGS)
+    assert made == [g3.id, g7.id]  # the best point's first; point 2 shares point 0's
+    table = pd.read_csv(tmp_path / "runs/evaluate/results.csv")
+    assert table["baseline_setting"].tolist() == [g3.id, g7.id, g3.id]
+    assert table["baseline.clip_t"].tolist() == pytest.approx([0.33, 0.375, 0.33])
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["baseline"]["clip_t"] == pytest.approx(0.33)
+    assert references["baseline_setting"] == g3.id
+    assert references["baselines"][g7.id]["clip_t"] == pytest.approx(0.375)
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["baseline"]["clip_t"] == pytest.approx(0.33)  # the best point's guidance
+    assert any(g3.id in line for line in result.describe() if line.startswith("baseline"))
 
 
 def test_weighted_sweep_adds_the_weighted_score(tmp_path: Path) -> None:

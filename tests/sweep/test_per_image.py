@@ -242,7 +242,7 @@ def test_evaluate_writes_confirmed_and_baseline_images(tmp_path: Path) -> None:
     )
     assert result.per_image_parquet == tmp_path / "runs/evaluate/per_image.parquet"
     table = pd.read_parquet(result.per_image_parquet)
-    assert list(table.columns) == [*IMAGE_COLUMNS, "baseline"]
+    assert list(table.columns) == [*IMAGE_COLUMNS, "baseline", "baseline_setting"]
     schema = _schema(result.per_image_parquet)
     assert schema["baseline"] == "bool" and schema["checkpoint_step"] == "int64"
     seeds = eval_seeds(confirmation_config(cfg))
@@ -256,9 +256,17 @@ def test_evaluate_writes_confirmed_and_baseline_images(tmp_path: Path) -> None:
         ).all()
     assert points["image"].str.startswith("runs/evaluate/point-").all()
     base = table[table["baseline"]]
-    assert len(base) == len(seeds) and (base["point"] == -1).all()
+    # The base model under each point's guidance and steps (points 0 and 2 share one).
+    wanted = [confirmed.loc[p, "baseline_setting"] for p in (0, 1)]
+    assert len(set(wanted)) == 2 and base["setting_id"].tolist() == [
+        w for w in wanted for _ in seeds
+    ]
+    assert (base["baseline_setting"] == base["setting_id"]).all()
+    assert points["baseline_setting"].tolist() == [
+        confirmed.loc[p, "baseline_setting"] for p in points["point"]
+    ]
+    assert (base["point"] == -1).all()
     assert base["run_key"].isna().all() and base["checkpoint_step"].isna().all()
-    assert (base["setting_id"] == cfg.eval.setting.id).all()
     assert base["image"].str.startswith("runs/evaluate/baseline/images/").all()
     assert (base["dino"] == 0.0).all() and table["clip_t"].isna().all()
 
@@ -271,7 +279,11 @@ def test_a_backend_without_image_rows_gives_an_empty_table(tmp_path: Path) -> No
         cfg, tmp_path, confirm_points(cfg, tmp_path, selected, backend, False)
     )
     assert result.per_image_parquet is not None
-    assert list(_schema(result.per_image_parquet)) == [*IMAGE_COLUMNS, "baseline"]
+    assert list(_schema(result.per_image_parquet)) == [
+        *IMAGE_COLUMNS,
+        "baseline",
+        "baseline_setting",
+    ]
     assert pd.read_parquet(result.per_image_parquet).empty
     assert len(result.table) == 3  # everything else as before
 

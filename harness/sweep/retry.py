@@ -91,19 +91,32 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(cause).__name__
 
 
+# When the last retry window ended without a connection (None: the last call got through).
+# The calls that follow a give-up (Optuna recording the stopped trial, the worker's cleanup)
+# fail at once instead of each waiting a window of their own.
+_gave_up_at: float | None = None
+
+
 def retry_transient(call: Callable[[], Any], retry_s: float, what: str = "sweep.storage") -> Any:
-    """``call()``, retried on transient failures for up to ``retry_s`` seconds."""
+    """``call()``, retried on transient failures for up to ``retry_s`` seconds (not at all
+    within ``retry_s`` of the last time the retries gave up)."""
+    global _gave_up_at
     from harness.tracking import redact_text
 
     delay, deadline = 0.5, time.monotonic() + retry_s
+    if _gave_up_at is not None and time.monotonic() - _gave_up_at < retry_s:
+        deadline = time.monotonic()
     while True:
         try:
-            return call()
+            result = call()
+            _gave_up_at = None
+            return result
         except Exception as exc:
             if not is_transient(exc):
                 raise
             reason = redact_text(_first_line(exc))
             if time.monotonic() + delay > deadline:
+                _gave_up_at = time.monotonic()
                 raise StorageUnreachable(
                     f"{what}: unreachable for {retry_s:.0f} s ({reason}); every finished run and "
                     "point is stored: run `harness sweep` again once the database is back"
@@ -136,12 +149,22 @@ class RetryingRDBStorage(RDBStorage):
 
 
 _NOT_WRAPPED = {"get_heartbeat_interval", "get_failed_trial_callback", "remove_session"}
+# The private methods other parts of Optuna call on the RDB storage itself, bypassing its
+# public ones: its cached storage (every study a worker opens is wrapped in one) adds trials,
+# sets parameters and reads trials through these, and its heartbeat reads stale trials.
+_PRIVATE_CALLED_FROM_OUTSIDE = {
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
+    "_get_trials",
+    "_get_stale_trial_ids",
+}
 for _name, _member in list(vars(RDBStorage).items()):
     if (
         callable(_member)
         and not isinstance(_member, staticmethod | classmethod)
         and not _name.startswith("__")
         and _name not in _NOT_WRAPPED
-        and (not _name.startswith("_") or _name == "_get_stale_trial_ids")
+        and (not _name.startswith("_") or _name in _PRIVATE_CALLED_FROM_OUTSIDE)
     ):
         setattr(RetryingRDBStorage, _name, _retrying(_name))

@@ -339,6 +339,18 @@ class _Objective:
         return ScoredPoint(run, ckpt, measured, objective_values(self.cfg, measured.scores))
 
 
+def _unreachable_in(exc: BaseException) -> StorageUnreachable | None:
+    """The :class:`StorageUnreachable` in ``exc``'s cause or context chain, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StorageUnreachable):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -571,9 +583,17 @@ def _optimize(
                     break
                 time.sleep(poll)  # other workers' runs: finish them if their workers die
                 continue
-            studies.runs.optimize(
-                objective, n_trials=1, catch=(RunFailed, NotRun), gc_after_trial=False
-            )
+            try:
+                studies.runs.optimize(
+                    objective, n_trials=1, catch=(RunFailed, NotRun), gc_after_trial=False
+                )
+            except Exception as exc:
+                # Optuna, failing to record the stopped trial on a database that is down, may
+                # raise an error of its own from the StorageUnreachable: the user's is the one.
+                unreachable = _unreachable_in(exc)
+                if unreachable is None or unreachable is exc:
+                    raise
+                raise unreachable from None
             if objective.duplicates_in_a_row >= _MAX_DUPLICATES_IN_A_ROW:
                 logger.warning(
                     "the sampler proposed %d configurations in a row that already ran; "

@@ -150,6 +150,75 @@ def test_the_sweep_survives_a_database_that_drops_for_a_moment(
     assert failures["left"] == 0 and summary.runs_completed == 2
 
 
+@pytest.mark.parametrize("method", ["_create_new_trial", "_get_trials"])
+def test_storage_calls_optunas_cache_makes_directly_are_retried_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Optuna's cached storage calls these private methods of the RDB storage itself (adding
+    a point's trial, reading trials): a database down for a moment while a run was evaluated
+    failed the run, lost its points and spent a unit of budget."""
+    from optuna.storages import RDBStorage
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    cfg = make_cfg(tmp_path, n_trials=2)
+    original = getattr(RDBStorage, method)
+    calls, failures = {"n": 0}, {"left": 2}
+
+    def sometimes(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 12 and failures["left"] > 0:  # once the sweep is under way
+            failures["left"] -= 1
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RDBStorage, method, sometimes)
+    summary = run_sweep(cfg, tmp_path, FakeBackend())
+    assert failures["left"] == 0
+    assert summary.runs_completed == 2 and summary.runs_failed == 0
+    assert summary.points == 2 * 2 * 4
+
+
+def test_a_database_down_for_good_stops_the_sweep_with_the_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Down past sweep.storage_retry_s while a run is evaluated: StorageUnreachable, the
+    user's one-line error, not Optuna's UnboundLocalError from failing to record the trial,
+    and the calls after the first give-up do not each wait the retry window again."""
+    import contextlib
+
+    from optuna.storages._rdb import storage as rdb
+
+    from harness.sweep import retry
+
+    class Clock:  # the retries' clock: sleeping moves it on, at once
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    clock = Clock()
+    monkeypatch.setattr(retry, "time", clock)
+    cfg = make_cfg(tmp_path, n_trials=2, storage_retry_s=30)
+    real = rdb._create_scoped_session
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def down_after_a_while(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OperationalError("SELECT", {}, Exception("could not connect to server"))
+        with real(*args, **kwargs) as session:
+            yield session
+
+    monkeypatch.setattr(rdb, "_create_scoped_session", down_after_a_while)
+    with pytest.raises(StorageUnreachable, match="unreachable for 30 s"):
+        run_sweep(cfg, tmp_path, FakeBackend())
+    assert clock.now < 2 * 30  # one retry window, not one per call after it
+
+
 def _launch_cfg(tmp_path: Path, **launch: Any) -> HarnessConfig:
     data = make_cfg(tmp_path, storage="postgresql+psycopg2://u:s3cret@db.example/sweeps").to_dict()
     data["launch"] = {"workers": 3, **launch}
@@ -505,3 +574,37 @@ def test_a_retry_popped_while_its_run_still_shows_running_is_trained(
         summary = run_sweep(cfg, tmp_path, backend)
     assert sorted(t["learning_rate"] for t in backend.trained) == lrs
     assert summary.runs_completed == 2
+
+
+def test_optunas_own_error_over_an_unreachable_storage_is_the_one_line_error() -> None:
+    """Optuna's trial bookkeeping on a database that is down can end in an error of its own
+    (an UnboundLocalError in its _run_trial) raised while the StorageUnreachable is handled."""
+    from harness.sweep.runner import _unreachable_in
+
+    down = StorageUnreachable("sweep.storage: unreachable for 120 s")
+    try:
+        try:
+            raise down
+        except StorageUnreachable:
+            raise UnboundLocalError("cannot access local variable 'updated_state'") from None
+    except UnboundLocalError as exc:
+        assert _unreachable_in(exc) is down
+    assert _unreachable_in(ValueError("x")) is None
+
+
+def test_every_private_storage_method_optuna_calls_from_outside_is_retried() -> None:
+    """Guards an Optuna upgrade: a private RDB-storage method its cached storage or heartbeat
+    starts calling directly would bypass the retries (as _create_new_trial did)."""
+    import inspect
+    import re
+
+    from optuna.storages import _cached_storage, _heartbeat
+
+    from harness.sweep.retry import RetryingRDBStorage
+
+    called = set()
+    for module in (_cached_storage, _heartbeat):
+        called |= set(re.findall(r"(?:_backend|storage)\.(_[a-z]\w*)\(", inspect.getsource(module)))
+    assert called >= {"_create_new_trial", "_get_trials", "_get_stale_trial_ids"}
+    for name in called:
+        assert name in vars(RetryingRDBStorage), name

@@ -54,6 +54,7 @@ from harness.sweep.study import (
     Studies,
     SweepError,
     fail_orphan_proxies,
+    given_up_runs,
     open_studies,
     recover_dead_runs,
 )
@@ -243,7 +244,10 @@ class _Objective:
             return True
         if trial.state == TrialState.WAITING:
             return True
-        return trial.state == TrialState.FAIL and not _recorded_outcome(trial)
+        if trial.state != TrialState.FAIL or _recorded_outcome(trial):
+            return False
+        # A run given up after its worker died too often failed for good: not to be retrained.
+        return number not in given_up_runs(self.studies.studies.runs)
 
     def _new_run(self, trial: optuna.Trial) -> RunSpec:
         params = sample_training_params(trial, self.cfg)

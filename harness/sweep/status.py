@@ -12,7 +12,13 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import HarnessConfig
 from harness.sweep.claims import WorkerSlot, open_claims
 from harness.sweep.space import search_space_size
-from harness.sweep.study import existing_studies, safe_storage_url, storage_url, study_id
+from harness.sweep.study import (
+    existing_studies,
+    given_up_runs,
+    safe_storage_url,
+    storage_url,
+    study_id,
+)
 
 __all__ = ["SweepStatus", "sweep_status"]
 
@@ -32,6 +38,7 @@ class SweepStatus:
     grace_s: float = 120.0
     started: bool = True
     queued: list[str] = field(default_factory=list)  # "run 4, the retry of run 2 (reason)"
+    given_up: dict[int, str] = field(default_factory=dict)  # run -> why it is not retried
 
     @property
     def left(self) -> int | None:
@@ -55,6 +62,7 @@ class SweepStatus:
             f"workers: {sum(w.alive(now, self.grace_s) for w in self.workers)} live",
         ]
         out += [f"queued: {line}" for line in self.queued]
+        out += [f"failed: run {n}, {why}" for n, why in sorted(self.given_up.items())]
         for w in self.workers:
             alive = w.alive(now, self.grace_s)
             seen = "live" if alive else f"gone (last seen {max(now - w.seen_at, 0):.0f} s ago)"
@@ -105,6 +113,7 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
         runs_by_worker=per_worker,
         grace_s=float(cfg.sweep.grace_period_s or 2 * cfg.sweep.heartbeat_interval_s),
         queued=_queued(trials),
+        given_up=given_up_runs(studies.runs),
     )
 
 

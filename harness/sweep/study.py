@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,13 +130,69 @@ def _storage(url: str, cfg: HarnessConfig) -> BaseStorage:
         return _heartbeat_storage(url, interval, cfg)
 
 
+# A run's worker may die this many times and the run is queued again; one death more and it
+# is given up (the kernel's OOM killer sends SIGKILL: the same settings kill the next worker).
+MAX_DEAD_RETRIES = 2
+
+
+class RetryDeadRun(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a run whose worker died (same parameters, queued to run first), which
+    gives up after ``max_retry`` retries in silence; here the given-up run gets a
+    ``fail_reason`` (so the summary and ``harness sweep status`` count it as failed and say
+    why) and the worker logs a warning."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        deaths = len(trial.system_attrs.get("retry_history", [])) + 1
+        if self._max_retry is None or deaths <= self._max_retry:
+            super().__call__(study, trial)
+            return
+        reason = (
+            f"its worker died {deaths} times running it (killed: out of memory?); not retried "
+            "again: look at the workers' logs and the machine's, or lower its memory use"
+        )
+        # On the study: the trial is finished and Optuna refuses to change it. One key per run,
+        # so two workers giving up two runs at once do not overwrite each other.
+        study.set_user_attr(GIVEN_UP_PREFIX + str(trial.number), reason)
+        logger.warning("run %d: %s", trial.number, reason)
+
+
+GIVEN_UP_PREFIX = "given_up:"
+
+
+def given_up_runs(study: optuna.Study) -> dict[int, str]:
+    """``{run trial number: reason}`` of the runs :class:`RetryDeadRun` gave up."""
+    return {
+        int(key.removeprefix(GIVEN_UP_PREFIX)): str(reason)
+        for key, reason in study.user_attrs.items()
+        if key.startswith(GIVEN_UP_PREFIX)
+    }
+
+
+def fail_reason(trial: FrozenTrial, given_up: Mapping[int, str]) -> str | None:
+    """Why a failed run failed for good (its own ``fail_reason``, or given up after its worker
+    died too often); None for a run that was stopped and queued again."""
+    reason = trial.user_attrs.get("fail_reason")
+    return str(reason) if reason is not None else given_up.get(trial.number)
+
+
+def retried_runs(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the runs that were stopped and queued again (Ctrl-C, a dead worker, the
+    user error that stopped the sweep): attempts, each continued by a later trial."""
+    out: set[int] = set()
+    for t in trials:
+        if isinstance(t.user_attrs.get("retry_of"), int):
+            out.add(t.user_attrs["retry_of"])
+        out.update(n for n in t.system_attrs.get("retry_history", []) if isinstance(n, int))
+    return out
+
+
 def _heartbeat_storage(url: str, interval: int, cfg: HarnessConfig) -> RDBStorage:
     storage = retry_schema_race(
         lambda: RetryingRDBStorage(
             url,
             heartbeat_interval=interval,
             grace_period=cfg.sweep.grace_period_s or 2 * interval,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            heartbeat_stale_trial_callback=RetryDeadRun(max_retry=MAX_DEAD_RETRIES),
             engine_kwargs=engine_options(url),
         )
     )
@@ -448,7 +504,7 @@ def recover_dead_runs(studies: Studies, dead: Sequence[FrozenTrial] = ()) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(studies.runs)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        retry = RetryDeadRun(max_retry=MAX_DEAD_RETRIES)
         for trial in dead:
             try:
                 studies.runs.tell(trial.number, state=optuna.trial.TrialState.FAIL)

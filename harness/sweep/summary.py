@@ -26,7 +26,13 @@ from harness.config import HarnessConfig
 from harness.errors import counted
 from harness.sweep._files import replaced_together
 from harness.sweep.results import full_fidelity, pareto_rows, points_frame, results_paths
-from harness.sweep.study import Studies, objective_names
+from harness.sweep.study import (
+    Studies,
+    fail_reason,
+    given_up_runs,
+    objective_names,
+    retried_runs,
+)
 
 __all__ = [
     "SweepSummary",
@@ -65,6 +71,7 @@ class SweepSummary:
     started_runs_this_call: int = 0
     objectives: list[str] = field(default_factory=list)  # their ``score.<name>`` columns
     runs_skipped: int = 0  # trials that trained nothing: duplicates, budget spent meanwhile
+    runs_open: int = 0  # running now in some worker, or queued to run first
     # Adaptive evaluation: points scored with the full protocol (the others stopped at a cheap
     # rung), images generated for all points, and what the full protocol for every point
     # would have generated. Equal counts for an exhaustive sweep.
@@ -82,8 +89,11 @@ class SweepSummary:
 
     def describe(self) -> str:
         """One human sentence on runs versus evaluated points."""
+        open_ = f", {self.runs_open} running or queued" if self.runs_open else ""
         interrupted = (
-            f", {self.runs_interrupted} interrupted and retried" if self.runs_interrupted else ""
+            f"; {counted(self.runs_interrupted, 'interrupted attempt')} retried"
+            if self.runs_interrupted
+            else ""
         )
         skipped = f"; {self.runs_skipped} duplicate draws skipped" if self.runs_skipped else ""
         adaptive = ""
@@ -98,10 +108,10 @@ class SweepSummary:
             skipped += f"; each run trained on {subjects} subjects, every score their mean"
         return (
             f"{counted(self.runs_total, 'training run')} ({self.runs_completed} completed, "
-            f"{self.runs_pruned} pruned, {self.runs_failed} failed{interrupted}) -> "
+            f"{self.runs_pruned} pruned, {self.runs_failed} failed{open_}) -> "
             f"{counted(self.points, 'evaluated point')} "
             f"({self.points / max(self.runs_completed, 1):.1f} per completed run)"
-            f"{adaptive}{skipped}"
+            f"{adaptive}{interrupted}{skipped}"
         )
 
 
@@ -112,24 +122,27 @@ def summarize(
     references: dict[str, dict[str, float]] | None = None,
 ) -> SweepSummary:
     """Count runs and points of the studies and build the results frame (writes nothing)."""
-    runs = studies.runs.get_trials(deepcopy=False)
-    skipped = [t for t in runs if "duplicate_of" in t.user_attrs or "not_run" in t.user_attrs]
-    failed = [
-        t
-        for t in runs
-        if t.state == TrialState.FAIL and t.number not in {s.number for s in skipped}
-    ]
+    trials = studies.runs.get_trials(deepcopy=False)
+    skipped = [t for t in trials if "duplicate_of" in t.user_attrs or "not_run" in t.user_attrs]
+    # A run stopped and queued again is one run with several attempts: only its last counts.
+    attempts = retried_runs(trials) - {t.number for t in skipped}
+    runs = [t for t in trials if t.number not in attempts and t not in skipped]
+    given_up = given_up_runs(studies.runs)
+    failed = [t for t in runs if t.state == TrialState.FAIL]
     objectives = objective_names(cfg)
     frame = points_frame(studies.points, objectives, root)
     csv_path, parquet_path = results_paths(root / cfg.sweep.dir)
     return SweepSummary(
         study_name=studies.name or cfg.sweep.study_name,
         storage=studies.storage_url,
-        runs_total=len(runs) - len(skipped),
+        runs_total=len(runs),
         runs_completed=sum(t.state == TrialState.COMPLETE for t in runs),
         runs_pruned=sum(t.state == TrialState.PRUNED for t in runs),
-        runs_failed=sum("fail_reason" in t.user_attrs for t in failed),
-        runs_interrupted=sum("fail_reason" not in t.user_attrs for t in failed),
+        runs_failed=sum(fail_reason(t, given_up) is not None for t in failed),
+        # Attempts retried, and failed runs of no known reason (a study from before retries
+        # were recorded): stopped, not failed.
+        runs_interrupted=len(attempts) + sum(fail_reason(t, given_up) is None for t in failed),
+        runs_open=sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in runs),
         runs_skipped=len(skipped),
         points=len(frame),
         **_image_counts(frame),

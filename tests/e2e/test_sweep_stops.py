@@ -87,7 +87,9 @@ def test_a_user_error_inside_a_run_stops_the_sweep_and_the_rerun_retries_it(
     blocker.unlink()
     done = _sweep(project, tmp_path / "home")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(3 completed, 0 pruned, 0 failed, 1 interrupted and retried)" in done.stdout
+    # 3 runs, one of them in two attempts (the stopped one and its retry): not 4 runs.
+    assert "3 training runs (3 completed, 0 pruned, 0 failed) -> " in done.stdout
+    assert "; 1 interrupted attempt retried" in done.stdout
     completed = [t for t in _runs(project, study) if t.state == TrialState.COMPLETE]
     assert len(completed) == 3
     assert completed[0].params == trials[0].params  # the stopped run ran first

@@ -247,3 +247,66 @@ def test_the_study_diff_names_space_bounds_without_optuna_s_json_layout(
         open_studies(changed, tmp_path)
     assert "space.checkpoint_step.high: 20 -> 30" in caplog.text, caplog.text
     assert "attributes" not in caplog.text
+
+
+def test_a_run_whose_worker_dies_every_time_is_given_up_with_a_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configuration that gets its worker killed (the kernel's OOM killer sends SIGKILL) is
+    queued again twice; the third death is final. Optuna then drops it without a word: the
+    budget counted it, the summary called it "interrupted and retried" and no retry came."""
+    from harness.sweep.study import RetryDeadRun, given_up_runs
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    retry = RetryDeadRun(max_retry=2)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    for death in (1, 2, 3):
+        study.tell(trial.number, state=TrialState.FAIL)
+        with caplog.at_level(logging.WARNING):
+            retry(study, study.get_trials(deepcopy=False)[trial.number])
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if death < 3:
+            assert len(waiting) == 1 and given_up_runs(study) == {}
+            trial = study.ask()  # the retry, as the next worker takes it
+            continue
+        assert waiting == []
+    reason = given_up_runs(study)[trial.number]
+    assert "died 3 times" in reason and "not retried again" in reason
+    assert f"run {trial.number}: its worker died 3 times" in caplog.text
+
+
+def test_the_summary_counts_runs_not_attempts(tmp_path: Path) -> None:
+    """A run stopped (Ctrl-C, a dead worker) and retried is one training run, not two: the
+    summary, metrics.json and the report said 19 training runs of a 12-run budget."""
+    from harness.sweep.study import RetryDeadRun
+    from harness.sweep.summary import summarize
+
+    cfg = make_cfg(tmp_path, n_trials=4)
+    studies = open_studies(cfg, tmp_path)
+    runs = studies.runs
+    dist = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+
+    def finish(trial: optuna.Trial) -> None:
+        runs.tell(trial, [0.5, 0.5] if len(runs.directions) == 2 else 0.5)
+
+    finish(runs.ask(dist))  # run 1: completed at once
+    stopped = runs.ask(dist)  # run 2: Ctrl-C, queued again by the recorder, then completed
+    runs.tell(stopped, state=TrialState.FAIL)
+    runs.enqueue_trial(stopped.params, user_attrs={"retry_of": stopped.number})
+    finish(runs.ask())
+    dead = runs.ask(dist)  # run 3: its worker died three times
+    retry = RetryDeadRun(max_retry=2)
+    for _ in range(3):
+        runs.tell(dead, state=TrialState.FAIL)
+        retry(runs, runs.get_trials(deepcopy=False)[dead.number])
+        if runs.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            dead = runs.ask()
+    running = runs.ask(dist)  # run 4: still training in another worker
+    summary = summarize(cfg, tmp_path, studies)
+    assert summary.runs_total == 4
+    assert (summary.runs_completed, summary.runs_failed, summary.runs_open) == (2, 1, 1)
+    assert summary.runs_interrupted == 3  # attempts that were retried: 1 Ctrl-C, 2 deaths
+    text = summary.describe()
+    assert text.startswith("4 training runs (2 completed, 0 pruned, 1 failed, 1 running or queued)")
+    assert "3 interrupted attempts retried" in text
+    assert running.number not in {t.number for t in runs.get_trials(states=(TrialState.FAIL,))}

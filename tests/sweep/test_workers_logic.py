@@ -527,6 +527,24 @@ def test_status_names_each_queued_retry_and_why_its_run_stopped(tmp_path: Path) 
     ]
 
 
+def test_status_names_a_run_given_up_after_its_worker_died_too_often(tmp_path: Path) -> None:
+    from harness.sweep.status import sweep_status
+    from harness.sweep.study import MAX_DEAD_RETRIES, RetryDeadRun
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    runs = open_studies(cfg, tmp_path).runs
+    trial = runs.ask({"train.rank": optuna.distributions.CategoricalDistribution([2, 4])})
+    for _ in range(MAX_DEAD_RETRIES + 1):
+        runs.tell(trial, state=TrialState.FAIL)
+        RetryDeadRun(max_retry=MAX_DEAD_RETRIES)(runs, runs.get_trials()[trial.number])
+        if runs.get_trials(states=(TrialState.WAITING,)):
+            trial = runs.ask()
+    lines = sweep_status(cfg, tmp_path).lines()
+    assert not [line for line in lines if line.startswith("queued")]
+    (failed,) = [line for line in lines if line.startswith("failed")]
+    assert failed.startswith(f"failed: run {trial.number}, its worker died 3 times")
+
+
 def test_a_retry_popped_while_its_run_still_shows_running_is_trained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ the budget live in ``sweep.storage``, so workers need nothing from each other bu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -92,6 +93,11 @@ def worker_threads(n_workers: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // max(1, n_workers))
 
 
+# Set for the workers of launch_local: they take the SIGINT it passes on even when it was
+# started in the background, where they inherit SIGINT ignored (harness.sweep.runner).
+LOCAL_LAUNCH_ENV = "HARNESS_LOCAL_LAUNCH"
+
+
 def launch_local(
     params: Path,
     root: Path,
@@ -115,6 +121,7 @@ def launch_local(
     threads = worker_threads(n_workers)
     for i in range(n_workers):
         env = dict(os.environ, HARNESS_WORKER_ID=f"local-{os.getpid()}-{i}")
+        env[LOCAL_LAUNCH_ENV] = "1"
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         if threads is not None:
@@ -141,13 +148,24 @@ def launch_local(
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = [proc.wait() for proc in procs]
+        codes = _wait_all(procs)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     for pump in pumps:
         pump.join(timeout=5)
     return codes
+
+
+def _wait_all(procs: Sequence[subprocess.Popen[str]], poll_s: float = 0.2) -> list[int]:
+    """Wait for every process, reaping each as soon as it exits: waiting in order left a worker
+    that died first a zombie, which the others take for alive until its heartbeat goes stale."""
+    while True:
+        running = [proc for proc in procs if proc.poll() is None]  # poll() reaps the exited
+        if not running:
+            return [int(proc.returncode) for proc in procs]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            running[0].wait(timeout=poll_s)
 
 
 # -- SLURM ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.config import VALIDATION_KEYS, HarnessConfig, InferenceSetting, Rung, identity_dump
-from harness.errors import HarnessError, error_text
+from harness.errors import HarnessError, counted, error_text
 from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
@@ -114,20 +115,30 @@ def objective_values(cfg: HarnessConfig, scores: Mapping[str, float]) -> list[fl
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (cluster pre-emption, ``kill``) ends the run like Ctrl-C: recorded, re-queued."""
+    """SIGTERM (cluster pre-emption, ``kill``) ends the run like Ctrl-C: recorded, re-queued.
+
+    A worker of ``harness sweep launch --local`` also takes Ctrl-C when the launcher was
+    started in the background: such a process inherits SIGINT ignored, so the SIGINT the
+    launcher passes on did nothing (the launcher's own Ctrl-C is what the user meant).
+    """
+    from harness.sweep.launch import LOCAL_LAUNCH_ENV
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.SIG_IGN and os.environ.get(LOCAL_LAUNCH_ENV):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 class _Objective:
@@ -356,6 +367,8 @@ def _unreachable_in(exc: BaseException) -> StorageUnreachable | None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C says nothing; SIGTERM names itself
+        return f"KeyboardInterrupt: {exc or 'Ctrl-C'}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -561,7 +574,12 @@ def _log_budget_spent(budget: _Budget) -> None:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)),
         )
     else:
-        logger.info("the run budget is spent: %s runs claimed", budget.limit)
+        # What the study holds, which an earlier sweep with a larger budget may have raised.
+        logger.info(
+            "the run budget is spent: %s claimed, budget %s",
+            counted(budget.claims.used(), "run"),
+            budget.limit,
+        )
 
 
 def _optimize(

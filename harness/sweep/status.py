@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from harness.sweep.study import (
     storage_url,
     study_id,
 )
+from harness.sweep.worker import pid_gone
 
 __all__ = ["SweepStatus", "sweep_status"]
 
@@ -45,6 +47,15 @@ class SweepStatus:
         """Runs that may still start (None: no run-count budget)."""
         return None if self.budget is None else max(self.budget - self.used, 0)
 
+    @staticmethod
+    def _on_this_host_and_gone(worker: WorkerSlot) -> bool:
+        return worker.host == socket.gethostname() and pid_gone(worker.pid)
+
+    def _alive(self, worker: WorkerSlot, now: float) -> bool:
+        """Beating, and on this machine its process exists (a worker killed with -9 beats no
+        more, but its last beat is fresh for up to the grace period)."""
+        return worker.alive(now, self.grace_s) and not self._on_this_host_and_gone(worker)
+
     def lines(self) -> list[str]:
         """The report, one line each."""
         if not self.started:
@@ -59,15 +70,17 @@ class SweepStatus:
             f"runs: {states}"
             + (f" (+{self.skipped} duplicate draws skipped)" if self.skipped else ""),
             f"budget: {self.used} runs claimed, {left}",
-            f"workers: {sum(w.alive(now, self.grace_s) for w in self.workers)} live",
+            f"workers: {sum(self._alive(w, now) for w in self.workers)} live",
         ]
         out += [f"queued: {line}" for line in self.queued]
         out += [f"failed: run {n}, {why}" for n, why in sorted(self.given_up.items())]
         for w in self.workers:
-            alive = w.alive(now, self.grace_s)
+            alive = self._alive(w, now)
             seen = "live" if alive else f"gone (last seen {max(now - w.seen_at, 0):.0f} s ago)"
             if not alive and w.seen_at <= 0:
                 seen = "left"  # released on a clean exit (seen_at 0), not a lost heartbeat
+            elif not alive and w.alive(now, self.grace_s):
+                seen = "gone (its process has exited)"
             runs = self.runs_by_worker.get(w.worker, Counter())
             done = ", ".join(f"{n} {s}" for s, n in sorted(runs.items())) or "no runs"
             out.append(f"  slot {w.slot}: {w.worker} on {w.host} pid {w.pid}: {seen}; {done}")

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import optuna
@@ -95,7 +96,7 @@ class Worker:
         live = {
             w.worker
             for w in self.claims.workers()
-            if w.alive(now, self.grace_s) and not (w.host == host and _pid_gone(w.pid))
+            if w.alive(now, self.grace_s) and not (w.host == host and pid_gone(w.pid))
         }
         return live | {self.name}
 
@@ -135,12 +136,24 @@ class RunningRuns(NamedTuple):
     live: int
 
 
-def _pid_gone(pid: int) -> bool:
-    """Is there no process ``pid`` on this machine?"""
+def pid_gone(pid: int) -> bool:
+    """Is there no live process ``pid`` on this machine? A zombie (a worker killed with -9
+    whose parent has not reaped it yet) is gone: ``os.kill(pid, 0)`` succeeds on it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # someone else's process: it exists
         return False
-    return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """The process's state in ``/proc`` is Z (Linux; elsewhere: not known, so no)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] == "Z"

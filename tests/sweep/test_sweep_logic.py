@@ -321,3 +321,13 @@ def test_text_encoder_scale_is_no_dimension_of_a_run_without_text_encoder_lora(
     assert len(unet_only) == 2  # one point per checkpoint, not one per text-encoder scale
     assert unet_only["eval.text_encoder_lora_scale"].isna().all()
     assert summary.points == 6
+
+
+def test_the_budget_spent_line_counts_the_runs_the_study_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It printed the configured budget as the runs claimed ('4 runs claimed' of 12)."""
+    run_sweep(make_cfg(tmp_path, n_trials=3), tmp_path, FakeBackend())
+    with caplog.at_level(logging.INFO, logger="harness.sweep.runner"):
+        run_sweep(make_cfg(tmp_path, n_trials=2), tmp_path, FakeBackend())
+    assert "the run budget is spent: 3 runs claimed, budget 2" in caplog.text

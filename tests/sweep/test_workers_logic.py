@@ -626,3 +626,132 @@ def test_every_private_storage_method_optuna_calls_from_outside_is_retried() -> 
     assert called >= {"_create_new_trial", "_get_trials", "_get_stale_trial_ids"}
     for name in called:
         assert name in vars(RetryingRDBStorage), name
+
+
+def test_a_killed_worker_not_yet_reaped_is_gone() -> None:
+    """A worker killed with -9 stays a zombie until its parent reaps it; os.kill(pid, 0)
+    succeeds on a zombie, so the others waited out its heartbeat (up to the grace period)
+    and `harness sweep status` called it live."""
+    import subprocess
+    import sys
+
+    from harness.sweep.worker import pid_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}").exists() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    try:
+        assert pid_gone(child.pid)
+    finally:
+        child.wait()
+    assert not pid_gone(os.getpid())
+
+
+def test_the_local_launcher_reaps_each_worker_as_it_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the workers in order left one that died first a zombie until those before
+    it exited."""
+    import io
+    import sys
+    import threading
+
+    from harness.sweep import launch
+
+    commands = iter(
+        [
+            [sys.executable, "-c", "import time; time.sleep(4)"],
+            [sys.executable, "-c", "import os; print(os.getpid(), flush=True)"],
+        ]
+    )
+    monkeypatch.setattr(launch, "worker_command", lambda params, overrides: next(commands))
+    out = io.StringIO()
+    seen: dict[str, bool] = {}
+
+    def look() -> None:  # while the launcher (main thread: it installs signal handlers) waits
+        deadline = time.monotonic() + 10
+        while "[w1] " not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(out.getvalue().split("[w1] ")[1].split()[0])
+        time.sleep(1.5)  # worker 1 has exited; worker 0 still sleeps
+        seen["zombie"] = Path(f"/proc/{pid}").exists()
+
+    checker = threading.Thread(target=look)
+    checker.start()
+    codes = launch.launch_local(tmp_path / "params.yaml", tmp_path, 2, out=out)
+    checker.join(timeout=10)
+    assert codes == [0, 0]
+    assert seen == {"zombie": False}, "worker 1 stayed a zombie while worker 0 ran"
+
+
+def _register_and_die(url: str, study: str) -> None:
+    """A worker that takes a slot, beats once, and is killed (no clean leave)."""
+    from harness.sweep.claims import open_claims
+
+    open_claims(url, study).register("killed-worker", grace_s=120)
+    os._exit(0)
+
+
+def test_status_calls_a_worker_whose_process_exited_gone(tmp_path: Path) -> None:
+    from harness.sweep.claims import open_claims
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    studies = open_studies(cfg, tmp_path)
+    child = mp.get_context("spawn").Process(
+        target=_register_and_die, args=(studies.storage_url, studies.name)
+    )
+    child.start()
+    child.join(timeout=60)
+    assert [w.worker for w in open_claims(studies.storage_url, studies.name).workers()] == [
+        "killed-worker"
+    ]
+    lines = sweep_status(cfg, tmp_path).lines()
+    assert "workers: 0 live" in lines, lines
+    assert any(
+        "killed-worker" in line and "gone (its process has exited)" in line for line in lines
+    )
+
+
+def test_a_local_worker_takes_ctrl_c_even_started_in_the_background(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A launcher started with `&` passes SIGINT on to workers that inherited it ignored;
+    they went on training. Only the local launcher's workers change this."""
+    import signal
+
+    from harness.sweep.launch import LOCAL_LAUNCH_ENV
+    from harness.sweep.runner import _sigterm_as_interrupt
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.delenv(LOCAL_LAUNCH_ENV, raising=False)
+        with _sigterm_as_interrupt():  # a worker the user started in the background himself
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        monkeypatch.setenv(LOCAL_LAUNCH_ENV, "1")
+        with _sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_local_workers_are_told_they_were_launched_locally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import sys
+
+    from harness.sweep import launch
+
+    script = f"import os; print(os.environ.get({launch.LOCAL_LAUNCH_ENV!r}))"
+    monkeypatch.setattr(launch, "worker_command", lambda p, o: [sys.executable, "-c", script])
+    out = io.StringIO()
+    assert launch.launch_local(tmp_path / "params.yaml", tmp_path, 1, out=out) == [0]
+    assert out.getvalue().strip() == "[w0] 1"

@@ -144,6 +144,9 @@ class RetryDeadRun(RetryHeartbeatStaleTrialCallback):
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         deaths = len(trial.system_attrs.get("retry_history", [])) + 1
         if self._max_retry is None or deaths <= self._max_retry:
+            # Here for both ways a death is found (Optuna's stale heartbeat, or no live worker
+            # holds the run): one line each.
+            logger.warning("run %d: its worker is gone; it is queued again", trial.number)
             super().__call__(study, trial)
             return
         reason = (
@@ -419,6 +422,8 @@ def open_studies(cfg: HarnessConfig, root: Path) -> Studies:
             evaluation protocol (the message lists every difference).
     """
     url = storage_url(cfg, root)
+    # Optuna's "Using an existing study" lines, three per open, say nothing a user needs.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _storage_errors(url):
         storage = _storage(url, cfg)
         # Heartbeats belong to the optimised runs study only; the others are written by ask/tell.
@@ -510,7 +515,6 @@ def recover_dead_runs(studies: Studies, dead: Sequence[FrozenTrial] = ()) -> Non
                 studies.runs.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except (ValueError, RuntimeError):  # finished or failed meanwhile by someone else
                 continue
-            logger.warning("run %d: its worker is gone; it is queued again", trial.number)
             retry(studies.runs, studies.runs.get_trials(deepcopy=False)[trial.number])
     fail_orphan_proxies(studies)
 

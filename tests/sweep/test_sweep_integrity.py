@@ -273,6 +273,9 @@ def test_a_run_whose_worker_dies_every_time_is_given_up_with_a_reason(
     reason = given_up_runs(study)[trial.number]
     assert "died 3 times" in reason and "not retried again" in reason
     assert f"run {trial.number}: its worker died 3 times" in caplog.text
+    # Each death that is retried is said, whichever way it was found (on SQLite, Optuna's
+    # own heartbeat check found them without a word).
+    assert caplog.text.count("its worker is gone; it is queued again") == 2
 
 
 def test_the_summary_counts_runs_not_attempts(tmp_path: Path) -> None:

@@ -755,3 +755,18 @@ def test_local_workers_are_told_they_were_launched_locally(
     out = io.StringIO()
     assert launch.launch_local(tmp_path / "params.yaml", tmp_path, 1, out=out) == [0]
     assert out.getvalue().strip() == "[w0] 1"
+
+
+def test_opening_a_study_again_prints_no_optuna_lines(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`harness sweep status` and every worker printed Optuna's '[I ...] Using an existing
+    study' three times."""
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    open_studies(cfg, tmp_path)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # as a fresh process starts
+    capfd.readouterr()
+    sweep_status(cfg, tmp_path)
+    assert "Using an existing study" not in capfd.readouterr().err

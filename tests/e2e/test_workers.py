@@ -3,6 +3,7 @@ journal file, and a real one-node SLURM; every configuration trained exactly onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -288,8 +289,10 @@ def test_slurm_array_launched_by_the_cli_completes_the_study(
 def test_a_database_restart_mid_sweep_costs_nothing(
     prepared_template: Path, tmp_path: Path, postgres_server: Postgres
 ) -> None:
-    """PostgreSQL stopped for a few seconds while a run trains: the worker retries its storage
-    calls with backoff and finishes the sweep; every run is recorded once."""
+    """PostgreSQL stopped for a few seconds while a run trains, and again while a run is
+    evaluated (its points being added: Optuna's cached storage called the database directly,
+    unretried, and the run failed with its points lost): the worker retries its storage calls
+    with backoff and finishes the sweep; every run and point is recorded once."""
     storage = postgres_server.url("unused-pw")
     project = clone_project(
         prepared_template, tmp_path / "project", _overrides("outage", storage, 2, sampler="random")
@@ -299,16 +302,33 @@ def test_a_database_restart_mid_sweep_costs_nothing(
     proc = start_cli(project, ["sweep"], env, log)
     try:
         wait_for("a run in training", lambda: _mid_run(project, storage), 300, proc, log)
-        postgres_server.stop()
-        try:
-            time.sleep(6)
-        finally:
-            postgres_server.start()
+        _outage(postgres_server, 6)
+        wait_for("a run in evaluation", lambda: _points(project, storage) > 0, 300, proc, log)
+        _outage(postgres_server, 6)
         code = proc.wait(timeout=600)
     finally:
         stop_process(proc)
     text = log.read_text()
     assert code == 0, text[-4000:]
-    assert "retrying in" in text, text[-3000:]
+    assert text.count("retrying in") >= 2, text[-3000:]
+    assert "Traceback" not in text and "(2 completed, 0 pruned, 0 failed)" in text, text[-3000:]
     assert "unused-pw" not in text
     _assert_each_configuration_once(project, storage, 2)
+    assert _points(project, storage) == 2 * 2 * 4  # 2 runs x 2 checkpoints x 4 settings
+
+
+def _outage(server: Postgres, seconds: float) -> None:
+    server.stop()
+    try:
+        time.sleep(seconds)
+    finally:
+        server.start()
+
+
+def _points(project: Path, storage: str) -> int:
+    """Evaluated points recorded so far (the points study: one trial per point)."""
+    name = study_id(load_config(project / "params.yaml"), project)
+    with contextlib.suppress(KeyError):  # not created yet
+        study = optuna.load_study(study_name=name, storage=_optuna_storage(storage))
+        return len(study.get_trials(deepcopy=False))
+    return 0

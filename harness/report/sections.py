@@ -170,12 +170,26 @@ def _sweep_references(inputs: ReportInputs) -> dict[str, dict[str, float]]:
     return out
 
 
-def _reference_sentence(refs: Mapping[str, Mapping[str, float]], subject: str, prompt: str) -> str:
+def _sweep_baseline_setting(cfg: HarnessConfig, inputs: ReportInputs) -> str:
+    """The setting of the baseline :func:`_sweep_references` gives: ``eval``'s on the sweep's
+    seeds, else the evaluate stage's (the best point's)."""
+    from harness.sweep.confirm import base_setting
+
+    if isinstance(inputs.sweep_metrics.get("baseline"), dict):
+        return base_setting(cfg.eval.setting).id
+    return str(inputs.references.get("baseline_setting") or "")
+
+
+def _reference_sentence(
+    refs: Mapping[str, Mapping[str, float]], subject: str, prompt: str, setting: str = ""
+) -> str:
     base, ceiling = refs.get("baseline") or {}, refs.get("real_ceiling") or {}
     parts = []
+    under = f"; {setting}" if setting else ""  # its scores move with guidance and steps
     if subject in base and prompt in base:
         parts.append(
-            f"the base model (star) scores {label(subject)} {format_value(base[subject], 'score')} "
+            f"the base model (star{under}) scores {label(subject)} "
+            f"{format_value(base[subject], 'score')} "
             f"and {label(prompt)} {format_value(base[prompt], 'score')}"
         )
     if subject in ceiling:
@@ -207,7 +221,7 @@ def pareto_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section:
         f"inference setting, on the sweep's seeds); {int(front.shape[0])} on the Pareto front "
         f"of {label(subject)} (subject fidelity) and {label(prompt)} (prompt fidelity), both "
         "maximised: no other point is at least as good on both and better on one.",
-        _reference_sentence(refs, subject, prompt),
+        _reference_sentence(refs, subject, prompt, _sweep_baseline_setting(cfg, inputs)),
     ]
     figure = Figure("Pareto front", png=pareto_png(points, subject, prompt, refs))
     table = Table(

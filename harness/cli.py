@@ -585,6 +585,33 @@ def report_cmd() -> None:
     echo(f"report: {_shown_path(html)}")
 
 
+@app.command("export")
+def export_cmd(
+    point: Annotated[
+        int | None,
+        typer.Option(help="A point of runs/sweep/results.csv; default: the best confirmed one."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder; default: runs/export/point-<n>.")
+    ] = None,
+) -> None:
+    """Export the best point as a LoRA with its inference setting and a model card.
+
+    The point is the evaluate stage's best (confirmed on fresh seeds), else the sweep's best,
+    or --point. The folder holds the adapter (diffusers; kohya too when the run wrote it),
+    inference.json, an example image and README.md, whose diffusers snippet reproduces it.
+    """
+
+    def body() -> Any:
+        from harness.stages import run_export
+
+        return run_export(load(), project_root(), point, out)
+
+    result = run_command(body)
+    names = ", ".join(path.name for path in result.files)
+    echo(f"exported point {result.point} to {_shown_path(result.folder)}: {names}")
+
+
 def _shown_path(path: Path) -> Path:
     """``path`` relative to the working directory when inside it."""
     try:

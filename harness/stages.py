@@ -35,6 +35,7 @@ __all__ = [
     "identifier_inputs",
     "prepared_subject_dir",
     "run_evaluate_stage",
+    "run_export",
     "run_generate",
     "run_prepare",
     "run_report_stage",
@@ -373,6 +374,23 @@ def _point_adapters(adapter: Path, subjects: dict[Any, Any]) -> list[Path]:
     if lacking:
         raise HarnessError(f"{adapter}: no adapter for subject(s) {', '.join(lacking)}")
     return [adapters[name] for name in subjects]
+
+
+def run_export(
+    cfg: HarnessConfig, root: Path, point: int | None = None, out: Path | None = None
+) -> Any:
+    """``harness export``: the best point (the evaluate stage's, else the sweep's) or
+    ``point`` as a LoRA folder with its inference setting and a model card
+    (:mod:`harness.export`); returns the :class:`~harness.export.Export`. Loads no model."""
+    from harness.export import EXPORT_DIR, choose_point, export_point
+
+    _one_subject(cfg, "export")
+    cfg, _ = _load_subject(cfg, root)  # the token and class noun the card's prompt uses
+    row = choose_point(cfg, root, point)
+    out = out or root / EXPORT_DIR / f"point-{int(row['point'])}"
+    return export_point(
+        cfg, root, row, out, token=cfg.data.token, class_name=cfg.data.class_name or "object"
+    )
 
 
 def _one_subject(cfg: HarnessConfig, command: str) -> None:

@@ -222,6 +222,75 @@ def test_the_evaluate_stage_confirms_the_chosen_points_on_fresh_seeds(
     assert set(metrics["real_ceiling"]) == {"dino", "clip_i"}
 
 
+def test_harness_export_writes_a_lora_whose_card_reproduces_the_best_point(
+    reproduced: tuple[Path, dict[str, str], str], tmp_path: Path, tiny_sd15: Any
+) -> None:
+    """`harness export` after `dvc repro`: the confirmed best point's adapter, setting and
+    scores, and a model card whose diffusers snippet, run by itself in a copy of the folder,
+    gives the image the harness generates for that point, prompt and seed."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from harness.config import InferenceSetting
+    from harness.generate import generate_images
+
+    repo, env, _ = reproduced
+    proc = subprocess.run(
+        [str(VENV_BIN / "harness"), "export"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    best = pd.read_csv(repo / "runs/evaluate/results.csv").iloc[0]
+    folder = repo / f"runs/export/point-{best['point']}"
+    assert f"exported point {best['point']} to runs/export/point-{best['point']}" in proc.stdout
+    info = json.loads((folder / "inference.json").read_text())
+    assert (info["point"], info["setting_id"]) == (best["point"], best["setting_id"])
+    assert info["scores"]["confirmed"]["dino"] == pytest.approx(best["confirm.dino"])
+    assert info["scores"]["base"]["clip_t"] == pytest.approx(best["baseline.clip_t"])
+    weights = "pytorch_lora_weights.safetensors"
+    assert (folder / weights).read_bytes() == (repo / best["adapter"] / weights).read_bytes()
+
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S)
+    assert code is not None
+    user = tmp_path / "user"
+    shutil.copytree(folder, user)
+    ran = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", code.group(1)],
+        cwd=user, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    sample = np.asarray(Image.open(user / "sample.png").convert("RGB"), dtype=int)
+
+    example = info["example"]
+    setting = InferenceSetting(
+        guidance_scale=info["guidance_scale"],
+        lora_scale=info["lora_scale"],
+        text_encoder_lora_scale=info["text_encoder_lora_scale"] or 1.0,
+        num_inference_steps=info["num_inference_steps"],
+        scheduler=info["scheduler"],
+    )
+    (made,) = generate_images(
+        tiny_sd15, templates=[example["prompt"]], token=info["token"],
+        class_name=info["class_name"], seeds=[example["seed"]], settings=[setting],
+        out_dir=tmp_path / "harness", adapter=folder, resolution=info["resolution"],
+        batch_size=1,
+    )  # fmt: skip
+    harness = np.asarray(Image.open(tmp_path / "harness" / made.file).convert("RGB"), dtype=int)
+    assert np.abs(sample - harness).max() <= 2  # the same image, to float rounding
+    # ... and the point's own image (generated in a batch: a few levels apart at most).
+    shown = np.asarray(Image.open(folder / "example.png").convert("RGB"), dtype=int)
+    assert np.abs(sample - shown).mean() < 1.5
+
+    wrong = subprocess.run(
+        [str(VENV_BIN / "harness"), "export", "--point", "99999"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
+    assert "--point 99999: no such point" in wrong.stderr
+
+
 def _check_report(repo: Path, tmp_path: Path) -> None:
     """The report `dvc repro` wrote: every section, renders in a real headless Chromium with no
     console error, no network request and every image decoded; a screenshot is kept."""

@@ -351,3 +351,26 @@ def test_cli_without_sweep_results_is_one_line_exit_2(repo_root: Path, tmp_path:
     assert result.exit_code == 2
     assert "no sweep results table" in result.stderr and "harness sweep" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- harness export ---------------------------------------------------------------------------
+
+
+def test_export_picks_the_confirmed_best_or_a_chosen_point_and_refuses_what_it_cannot(
+    tmp_path: Path,
+) -> None:
+    from harness.export import ExportError, choose_point
+
+    cfg = make_cfg()
+    confirm(tmp_path, cfg)  # the evaluate stage's table: point 0 first
+    row = choose_point(cfg, tmp_path)
+    assert row["point"] == 0 and row["confirm.dino"] == pytest.approx(0.8)
+    assert row["baseline_setting"] == SETTINGS[0].model_copy(update={"lora_scale": 1.0}).id
+    assert choose_point(cfg, tmp_path, 3)["point"] == 3  # not confirmed: sweep scores only
+    with pytest.raises(ExportError, match=r"--point 9: no such point .* \(points 0\.\.3\)"):
+        choose_point(cfg, tmp_path, 9)
+    shutil.rmtree(tmp_path / "runs/evaluate")  # no evaluate stage: the sweep's best
+    assert choose_point(cfg, tmp_path)["point"] == 0
+    shutil.rmtree(tmp_path / choose_point(cfg, tmp_path, 2)["adapter"])
+    with pytest.raises(ExportError, match="point 2: its adapter was removed"):
+        choose_point(cfg, tmp_path, 2)

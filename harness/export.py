@@ -1,0 +1,355 @@
+"""Export a chosen sweep point as a LoRA ready to use: the adapter file(s), the inference
+setting it was chosen with (``inference.json``) and a model card (``README.md``, diffusers'
+layout) whose snippet reproduces the point's images with diffusers alone.
+
+A sweep's answer is a point: a checkpoint of a training run *and* an inference setting (guidance,
+LoRA scales of the UNet and text encoder, scheduler, steps). The adapter alone, used at
+diffusers' defaults, is not what was scored; the export keeps the two together::
+
+    runs/export/point-<n>/
+        pytorch_lora_weights.safetensors   diffusers format (pipe.load_lora_weights(folder))
+        kohya_lora.safetensors             A1111/ComfyUI format, when the run wrote one
+        inference.json                     base model, prompt, setting, scores, training
+        example.png                        the point's image of the card's prompt and seed
+        README.md                          model card with the diffusers snippet
+
+The point is the evaluate stage's best (confirmed on fresh seeds), else the sweep's best by its
+selection score, or ``--point N``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.config import HarnessConfig, InferenceSetting
+from harness.errors import HarnessError
+
+__all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "model_card"]
+
+EXPORT_DIR = "runs/export"
+INFERENCE_JSON = "inference.json"
+EXAMPLE_IMAGE = "example.png"
+KOHYA_FILE = "kohya_lora.safetensors"
+METRICS = ("dino", "clip_i", "clip_t")
+LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+
+
+class ExportError(HarnessError):
+    """The point cannot be exported: no results, no such point, its adapter is gone."""
+
+
+@dataclass(frozen=True)
+class Export:
+    """What :func:`export_point` wrote."""
+
+    folder: Path
+    point: int
+    files: list[Path]
+
+
+def choose_point(cfg: HarnessConfig, root: Path, point: int | None = None) -> dict[str, Any]:
+    """The results row of ``point``, or of the best point: the evaluate stage's first (its
+    confirmation scores added as ``confirm.*`` and ``baseline.*``), else the sweep's best by
+    its selection score among full-fidelity points.
+
+    Raises:
+        ExportError: no sweep results, no such point, or its adapter was removed.
+    """
+    from harness.sweep.confirm import EvaluateError, read_sweep_results
+    from harness.sweep.results import full_fidelity
+    from harness.sweep.select import select_points
+
+    try:
+        frame = read_sweep_results(cfg, root)
+    except EvaluateError as exc:
+        raise ExportError(str(exc)) from None
+    confirmed = _confirmed(cfg, root, frame)
+    if point is None:
+        if confirmed is not None:
+            point = int(confirmed.iloc[0]["point"])
+        else:
+            point = int(select_points(cfg, full_fidelity(frame)).iloc[0]["point"])
+    rows = frame[frame["point"] == point]
+    if rows.empty:
+        raise ExportError(
+            f"--point {point}: no such point in {cfg.sweep.dir}/results.parquet "
+            f"(points {int(frame['point'].min())}..{int(frame['point'].max())})"
+        )
+    row: dict[str, Any] = rows.iloc[0].to_dict()
+    if not isinstance(row.get("adapter"), str) or not (root / row["adapter"]).is_dir():
+        raise ExportError(
+            f"point {point}: its adapter was removed (sweep.keep_adapters keeps the Pareto "
+            "points' by default); export a point on the front, or sweep with keep_adapters: all"
+        )
+    if row.get("subjects", 1) not in (None, 1) and not pd.isna(row.get("subjects")):
+        raise ExportError(f"point {point}: a multi-subject point has one adapter per subject")
+    if confirmed is not None:
+        mine = confirmed[confirmed["point"] == point]
+        if not mine.empty:
+            extra = mine.iloc[0].to_dict()
+            row.update({k: v for k, v in extra.items() if k.startswith(("confirm.", "baseline"))})
+    return row
+
+
+def _confirmed(cfg: HarnessConfig, root: Path, frame: pd.DataFrame) -> pd.DataFrame | None:
+    """The evaluate stage's table, best first, when it is of this sweep's points."""
+    path = root / cfg.evaluate.dir / "results.parquet"
+    if not path.is_file():
+        return None
+    table = pd.read_parquet(path).sort_values("selection_rank")
+    ours = table.merge(frame[["point", "run_key", "setting_id"]], how="inner")
+    return ours if len(ours) == len(table) and not ours.empty else None
+
+
+def export_point(
+    cfg: HarnessConfig,
+    root: Path,
+    row: dict[str, Any],
+    out: Path,
+    *,
+    token: str,
+    class_name: str,
+) -> Export:
+    """Write the export of results ``row`` into ``out`` (replaced when it exists)."""
+    from harness.generate import LORA_WEIGHTS, resolve_adapter
+    from harness.sweep.confirm import point_setting
+
+    folder, weights = resolve_adapter(root / row["adapter"])  # safetensors, checked
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    files = [Path(shutil.copy2(folder / weights, out / LORA_WEIGHTS))]
+    if (folder / KOHYA_FILE).is_file():
+        files.append(Path(shutil.copy2(folder / KOHYA_FILE, out / KOHYA_FILE)))
+    setting = point_setting(cfg, row)
+    example = _example(root, row)
+    if example is not None:
+        files.append(Path(shutil.copy2(root / example["image"], out / EXAMPLE_IMAGE)))
+    info = inference_info(cfg, root, row, setting, token, class_name, example)
+    info["kohya"] = (out / KOHYA_FILE).is_file()
+    (out / INFERENCE_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(model_card(info), encoding="utf-8")
+    files += [out / INFERENCE_JSON, out / "README.md"]
+    return Export(out, int(row["point"]), files)
+
+
+def _example(root: Path, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The point's first image (its prompt, seed and file): from the confirmation when there
+    is one, else from the sweep's evaluation."""
+    for key in ("confirm.images_dir", "images_dir"):
+        folder = row.get(key)
+        if not isinstance(folder, str):
+            continue
+        manifest = root / folder / "manifest.jsonl"  # the point's own: its images only
+        if not manifest.is_file():
+            continue
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            image = manifest.parent / entry["file"]
+            if image.is_file():
+                return {
+                    "prompt": entry["prompt"],
+                    "seed": int(entry["seed"]),
+                    "image": str(image.relative_to(root)),
+                }
+    return None
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def inference_info(
+    cfg: HarnessConfig,
+    root: Path,
+    row: dict[str, Any],
+    setting: InferenceSetting,
+    token: str,
+    class_name: str,
+    example: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``inference.json``: what the card's snippet needs, and where the point came from."""
+    from harness.models import parse_model_ref
+    from harness.models.tiny import tiny_pipeline_dir
+    from harness.sweep.study import study_id
+
+    ref = parse_model_ref(cfg.model.pretrained)
+    # The harness's own test models have a diffusers folder diffusers can load.
+    base = str(tiny_pipeline_dir(ref.value)) if ref.kind == "tiny" else cfg.model.pretrained  # type: ignore[arg-type]
+    text_encoder = bool(row.get("train.train_text_encoder", cfg.train.train_text_encoder))
+    training = {
+        k.removeprefix("train."): _plain(v) for k, v in row.items() if k.startswith("train.")
+    }
+    return {
+        "base_model": base,
+        "base_model_kind": ref.kind,
+        "revision": cfg.model.revision,
+        "variant": cfg.model.variant,
+        "single_file_config": cfg.model.single_file_config,
+        "instance_prompt": f"a photo of {token} {class_name}",
+        "token": token,
+        "class_name": class_name,
+        "example": example,
+        "guidance_scale": setting.guidance_scale,
+        "num_inference_steps": setting.num_inference_steps,
+        "scheduler": setting.scheduler,
+        "lora_scale": setting.lora_scale,
+        "text_encoder_lora": text_encoder,
+        "text_encoder_lora_scale": setting.text_encoder_lora_scale if text_encoder else None,
+        "resolution": cfg.eval.resolution or cfg.data.resolution,
+        "study": study_id(cfg, root),
+        "point": int(row["point"]),
+        "run_key": row["run_key"],
+        "checkpoint_step": int(row["checkpoint_step"]),
+        "setting_id": row["setting_id"],
+        "scores": {
+            kind: {m: _number(row.get(f"{prefix}{m}")) for m in METRICS}
+            for kind, prefix in (
+                ("sweep", "score."),
+                ("confirmed", "confirm."),
+                ("base", "baseline."),
+            )
+        },
+        "training": training,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A results-table cell as JSON: NaN (a parameter the run did not use) as null, the lists
+    the table holds as JSON text as lists, numpy scalars as Python ones."""
+    if isinstance(value, float) and pd.isna(value):
+        return None
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value.item() if hasattr(value, "item") else value
+
+
+_SCHEDULERS = {
+    "dpmsolver++": ("DPMSolverMultistepScheduler", ', algorithm_type="dpmsolver++"'),
+    "ddim": ("DDIMScheduler", ""),
+    "ddpm": ("DDPMScheduler", ""),
+    "euler": ("EulerDiscreteScheduler", ""),
+    "euler_a": ("EulerAncestralDiscreteScheduler", ""),
+    "pndm": ("PNDMScheduler", ""),
+    "unipc": ("UniPCMultistepScheduler", ""),
+}
+
+
+def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
+    """Python that loads the base model and the LoRA with diffusers alone and generates the
+    example prompt under the point's setting (as the sweep generated it: a CPU generator per
+    image, the model's own scheduler config with the swept scheduler's class)."""
+    scheduler, extra = _SCHEDULERS[info["scheduler"]]
+    example = info.get("example") or {"prompt": info["instance_prompt"], "seed": 0}
+    if info["base_model_kind"] == "single_file":
+        load = "StableDiffusionPipeline.from_single_file(BASE, torch_dtype=dtype)"
+    else:
+        options = "".join(
+            f", {k}={info[k]!r}" for k in ("revision", "variant") if info.get(k) is not None
+        )
+        load = f"DiffusionPipeline.from_pretrained(BASE, torch_dtype=dtype{options})"
+    weights = {"unet": info["lora_scale"]}
+    if info["text_encoder_lora"]:
+        weights["text_encoder"] = info["text_encoder_lora_scale"]
+    return "\n".join(
+        [
+            "import torch",
+            f"from diffusers import DiffusionPipeline, StableDiffusionPipeline, {scheduler}",
+            "",
+            f"BASE = {info['base_model']!r}",
+            f"LORA = {folder!r}  # this folder",
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            'dtype = torch.float16 if device == "cuda" else torch.float32',
+            f"pipe = {load}.to(device)",
+            f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{extra})",
+            'pipe.load_lora_weights(LORA, adapter_name="subject")',
+            "# The LoRA scales the sweep chose, per component (SDXL: add text_encoder_2).",
+            f'pipe.set_adapters(["subject"], adapter_weights=[{weights!r}])',
+            "image = pipe(",
+            f"    {example['prompt']!r},",
+            f"    guidance_scale={info['guidance_scale']!r},",
+            f"    num_inference_steps={info['num_inference_steps']!r},",
+            f"    height={info['resolution']!r},",
+            f"    width={info['resolution']!r},",
+            f'    generator=torch.Generator("cpu").manual_seed({example["seed"]!r}),',
+            ").images[0]",
+            'image.save("sample.png")',
+        ]
+    )
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """The ``README.md`` of an export: diffusers' model-card front matter, the scores, the
+    snippet, the training settings."""
+    scores = info["scores"]
+    rows = [
+        f"| {LABELS[m]} | {_fmt(scores['sweep'][m])} | {_fmt(scores['confirmed'][m])} | "
+        f"{_fmt(scores['base'][m])} |"
+        for m in METRICS
+    ]
+    te = (
+        f"{info['text_encoder_lora_scale']:g}"
+        if info["text_encoder_lora"]
+        else "none (no text-encoder LoRA)"
+    )
+    training = [f"| {k} | {json.dumps(v)} |" for k, v in sorted(info["training"].items())]
+    example = info.get("example")
+    lines = [
+        "---",
+        f"base_model: {json.dumps(info['base_model'])}",
+        "library_name: diffusers",
+        "tags: [text-to-image, diffusers, lora, dreambooth]",
+        f"instance_prompt: {json.dumps(info['instance_prompt'])}",
+        "---",
+        "",
+        f"# DreamBooth LoRA: {info['token']} {info['class_name']}",
+        "",
+        f"Chosen by the sweep `{info['study']}`: point {info['point']} (run {info['run_key']}, "
+        f"checkpoint step {info['checkpoint_step']}, inference setting `{info['setting_id']}`). "
+        f"Use the identifier in prompts: `{info['instance_prompt']}`.",
+        "",
+        "| metric | sweep | confirmed on fresh seeds | base model, same setting |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "## Use it with diffusers",
+        "",
+        "The scores hold for this inference setting, not for diffusers' defaults: guidance "
+        f"{info['guidance_scale']:g}, {info['num_inference_steps']} steps of {info['scheduler']}, "
+        f"LoRA scale UNet {info['lora_scale']:g}, text encoder {te}, "
+        f"{info['resolution']} px.",
+        "",
+        "```python",
+        usage_snippet(info),
+        "```",
+        "",
+        *(
+            [f"![example: {example['prompt']}, seed {example['seed']}]({EXAMPLE_IMAGE})", ""]
+            if example
+            else []
+        ),
+        "Files: `pytorch_lora_weights.safetensors` (diffusers), "
+        + (f"`{KOHYA_FILE}` (A1111/ComfyUI), " if info.get("kohya") else "")
+        + f"`{INFERENCE_JSON}` (all of the above, machine-readable).",
+        "",
+        "## Training settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *training,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"

@@ -290,18 +290,11 @@ def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
 def model_card(info: dict[str, Any]) -> str:
     """The ``README.md`` of an export: diffusers' model-card front matter, the scores, the
     snippet, the training settings."""
-    scores = info["scores"]
-    rows = [
-        f"| {LABELS[m]} | {_fmt(scores['sweep'][m])} | {_fmt(scores['confirmed'][m])} | "
-        f"{_fmt(scores['base'][m])} |"
-        for m in METRICS
-    ]
     te = (
         f"{info['text_encoder_lora_scale']:g}"
         if info["text_encoder_lora"]
         else "none (no text-encoder LoRA)"
     )
-    training = [f"| {k} | {json.dumps(v)} |" for k, v in sorted(info["training"].items())]
     example = info.get("example")
     lines = [
         "---",
@@ -317,9 +310,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"checkpoint step {info['checkpoint_step']}, inference setting `{info['setting_id']}`). "
         f"Use the identifier in prompts: `{info['instance_prompt']}`.",
         "",
-        "| metric | sweep | confirmed on fresh seeds | base model, same setting |",
-        "|---|---|---|---|",
-        *rows,
+        *_scores_table(info["scores"]),
         "",
         "## Use it with diffusers",
         "",
@@ -345,10 +336,23 @@ def model_card(info: dict[str, Any]) -> str:
         "",
         "| setting | value |",
         "|---|---|",
-        *training,
+        *(f"| {k} | {json.dumps(v)} |" for k, v in sorted(info["training"].items())),
         "",
     ]
     return "\n".join(lines)
+
+
+def _scores_table(scores: dict[str, dict[str, float | None]]) -> list[str]:
+    """The card's scores: the sweep's, the confirmation's and the base model's."""
+    return [
+        "| metric | sweep | confirmed on fresh seeds | base model, same setting |",
+        "|---|---|---|---|",
+        *(
+            f"| {LABELS[m]} | {_fmt(scores['sweep'][m])} | {_fmt(scores['confirmed'][m])} | "
+            f"{_fmt(scores['base'][m])} |"
+            for m in METRICS
+        ),
+    ]
 
 
 def _fmt(value: float | None) -> str:

@@ -284,8 +284,11 @@ def run_inference_settings(
     """
     if run_cfg.train.train_text_encoder:
         return list(settings)
-    kept = (s.model_copy(update={TEXT_ENCODER_SCALE: NO_TEXT_ENCODER_SCALE}) for s in settings)
-    return list({s.id: s for s in reversed(list(kept))}.values())[::-1]
+    kept: dict[str, InferenceSetting] = {}
+    for setting in settings:
+        one = setting.model_copy(update={TEXT_ENCODER_SCALE: NO_TEXT_ENCODER_SCALE})
+        kept.setdefault(one.id, one)  # the first of each, in the grid's order
+    return list(kept.values())
 
 
 def point_params(

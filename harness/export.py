@@ -29,15 +29,15 @@ import pandas as pd
 
 from harness.config import HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
+from harness.report.figures import label
+from harness.sweep.confirm import METRICS
+from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
 
 __all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "model_card"]
 
 EXPORT_DIR = "runs/export"
 INFERENCE_JSON = "inference.json"
 EXAMPLE_IMAGE = "example.png"
-KOHYA_FILE = "kohya_lora.safetensors"
-METRICS = ("dino", "clip_i", "clip_t")
-LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 
 
 class ExportError(HarnessError):
@@ -233,22 +233,14 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-_SCHEDULERS = {
-    "dpmsolver++": ("DPMSolverMultistepScheduler", ', algorithm_type="dpmsolver++"'),
-    "ddim": ("DDIMScheduler", ""),
-    "ddpm": ("DDPMScheduler", ""),
-    "euler": ("EulerDiscreteScheduler", ""),
-    "euler_a": ("EulerAncestralDiscreteScheduler", ""),
-    "pndm": ("PNDMScheduler", ""),
-    "unipc": ("UniPCMultistepScheduler", ""),
-}
-
-
 def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
     """Python that loads the base model and the LoRA with diffusers alone and generates the
     example prompt under the point's setting (as the sweep generated it: a CPU generator per
     image, the model's own scheduler config with the swept scheduler's class)."""
-    scheduler, extra = _SCHEDULERS[info["scheduler"]]
+    from harness.generate import SCHEDULER_CLASSES, SCHEDULER_OPTIONS
+
+    scheduler = SCHEDULER_CLASSES[info["scheduler"]]
+    extra = "".join(f", {k}={v!r}" for k, v in SCHEDULER_OPTIONS.get(info["scheduler"], {}).items())
     example = info.get("example") or {"prompt": info["instance_prompt"], "seed": 0}
     if info["base_model_kind"] == "single_file":
         load = "StableDiffusionPipeline.from_single_file(BASE, torch_dtype=dtype)"
@@ -348,7 +340,7 @@ def _scores_table(scores: dict[str, dict[str, float | None]]) -> list[str]:
         "| metric | sweep | confirmed on fresh seeds | base model, same setting |",
         "|---|---|---|---|",
         *(
-            f"| {LABELS[m]} | {_fmt(scores['sweep'][m])} | {_fmt(scores['confirmed'][m])} | "
+            f"| {label(m)} | {_fmt(scores['sweep'][m])} | {_fmt(scores['confirmed'][m])} | "
             f"{_fmt(scores['base'][m])} |"
             for m in METRICS
         ),

@@ -36,6 +36,8 @@ from harness.models import PICKLE_SUFFIXES, LoadedModel, check_weights_file
 
 __all__ = [
     "ADAPTER_NAME",
+    "SCHEDULER_CLASSES",
+    "SCHEDULER_OPTIONS",
     "GeneratedImage",
     "Speed",
     "adapter_loaded",
@@ -84,31 +86,28 @@ def format_prompt(template: str, token: str, class_name: str) -> str:
         ) from None
 
 
+# Each eval.scheduler by its diffusers class, and the options it is built with from the model's
+# own scheduler config (harness.export writes the same into a model card's snippet).
+SCHEDULER_CLASSES = {
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {"dpmsolver++": {"algorithm_type": "dpmsolver++"}}
+
+
 def make_scheduler(name: str, base_config: Any) -> Any:
     """A diffusers scheduler of kind ``name`` built from the model's own scheduler config."""
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        UniPCMultistepScheduler,
-    )
+    import diffusers
 
-    if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
-    classes = {
-        "ddim": DDIMScheduler,
-        "ddpm": DDPMScheduler,
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-        "pndm": PNDMScheduler,
-        "unipc": UniPCMultistepScheduler,
-    }
-    if name not in classes:
+    if name not in SCHEDULER_CLASSES:
         raise HarnessError(f"eval.scheduler: unknown scheduler {name!r}")
-    return classes[name].from_config(base_config)
+    scheduler_class = getattr(diffusers, SCHEDULER_CLASSES[name])
+    return scheduler_class.from_config(base_config, **SCHEDULER_OPTIONS.get(name, {}))
 
 
 def _adapter_components(pipeline: Any, name: str) -> list[str]:

@@ -284,16 +284,17 @@ def confirm_points(
     fresh, out = confirmation_config(cfg), root / cfg.evaluate.dir
     records = selected.to_dict(orient="records")
     settings = [point_setting(cfg, row) for row in records]
-    bases = list({base_setting(s).id: base_setting(s) for s in settings}.values())
+    base_of = [base_setting(s) for s in settings]  # each point's, in selection order
+    bases = list({base.id: base for base in base_of}.values())
     rows, images = [], []
     total = len(records) + len(bases)
     with tqdm(total=total, desc="evaluate", unit="point", disable=not progress) as bar:
-        for row, setting in zip(records, settings, strict=True):
+        for row, setting, base in zip(records, settings, base_of, strict=True):
             checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
             point_dir = _fresh_dir(out / f"point-{int(row['point']):05d}")
             (measured,) = backend.evaluate(fresh, checkpoint, [setting], point_dir)
             rows.append(confirmation_row(cfg, root, row, measured))
-            images += confirmed_image_rows(root, measured, row, base_setting(setting).id)
+            images += confirmed_image_rows(root, measured, row, base.id)
             bar.update()
         # The base model under each confirmed point's guidance, steps and scheduler: its scores
         # move with them (CLIP-T above all), so a point is compared at its own setting.
@@ -303,10 +304,9 @@ def confirm_points(
             found[base.id], baseline = _references(backend, with_setting(fresh, base), baseline_dir)
             images += confirmed_image_rows(root, baseline) if baseline is not None else []
             bar.update()
-    for row, setting in zip(rows, settings, strict=True):
-        base_id = base_setting(setting).id
-        row["baseline_setting"] = base_id
-        scores = found[base_id].get("baseline", {})
+    for row, base in zip(rows, base_of, strict=True):
+        row["baseline_setting"] = base.id
+        scores = found[base.id].get("baseline", {})
         row.update({f"baseline.{m}": scores.get(m) for m in METRICS})
     best = bases[0].id  # the sweep's best point's: what reports/metrics.json compares
     return Confirmation(

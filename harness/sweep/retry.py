@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from optuna.storages import RDBStorage
@@ -32,6 +32,7 @@ __all__ = [
     "is_transient",
     "retry_schema_race",
     "retry_transient",
+    "unreachable_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,18 +70,29 @@ class StorageUnreachable(HarnessError):
     """The sweep's storage stayed unreachable for longer than ``sweep.storage_retry_s``."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    """A lost or refused connection anywhere in the exception's cause chain."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (or, without one, the exception it was raised while handling)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OperationalError | InterfaceError | DisconnectionError):
-            return True
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
+        yield current
         current = current.__cause__ or current.__context__
-    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lost or refused connection anywhere in the exception's cause chain."""
+    return any(
+        isinstance(e, OperationalError | InterfaceError | DisconnectionError)
+        or (isinstance(e, DBAPIError) and e.connection_invalidated)
+        for e in _chain(exc)
+    )
+
+
+def unreachable_in(exc: BaseException) -> StorageUnreachable | None:
+    """The :class:`StorageUnreachable` in ``exc``'s cause chain, if any (Optuna, failing to
+    record a trial on a database that is down, raises errors of its own over it)."""
+    return next((e for e in _chain(exc) if isinstance(e, StorageUnreachable)), None)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
-from harness.sweep.retry import StorageUnreachable
+from harness.sweep.retry import StorageUnreachable, unreachable_in
 from harness.sweep.space import (
     TRAIN_PREFIX,
     active_training_params,
@@ -354,18 +354,6 @@ class _Objective:
         return ScoredPoint(run, ckpt, measured, objective_values(self.cfg, measured.scores))
 
 
-def _unreachable_in(exc: BaseException) -> StorageUnreachable | None:
-    """The :class:`StorageUnreachable` in ``exc``'s cause or context chain, if any."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, StorageUnreachable):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C says nothing; SIGTERM names itself
         return f"KeyboardInterrupt: {exc or 'Ctrl-C'}"
@@ -612,7 +600,7 @@ def _optimize(
             except Exception as exc:
                 # Optuna, failing to record the stopped trial on a database that is down, may
                 # raise an error of its own from the StorageUnreachable: the user's is the one.
-                unreachable = _unreachable_in(exc)
+                unreachable = unreachable_in(exc)
                 if unreachable is None or unreachable is exc:
                     raise
                 raise unreachable from None

@@ -137,9 +137,9 @@ MAX_DEAD_RETRIES = 2
 
 class RetryDeadRun(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a run whose worker died (same parameters, queued to run first), which
-    gives up after ``max_retry`` retries in silence; here the given-up run gets a
-    ``fail_reason`` (so the summary and ``harness sweep status`` count it as failed and say
-    why) and the worker logs a warning."""
+    gives up after ``max_retry`` retries in silence; here the given-up run is recorded with its
+    reason in the study (:func:`given_up_runs`: the summary and ``harness sweep status`` count
+    it as failed and say why) and every death is logged."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         deaths = len(trial.system_attrs.get("retry_history", [])) + 1

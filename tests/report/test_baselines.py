@@ -14,33 +14,17 @@ from harness.report.grids import make_grids
 from harness.report.prompts import per_prompt
 from harness.sweep.per_image import EVALUATE_IMAGE_SCHEMA, write_table
 
-from .test_grids import _image, make_cfg
+from .test_grids import PROMPTS, _confirmed_rows, make_cfg
 
 G3, G7 = "g3-u1-t1-n4-dpmsolver++", "g7.5-u1-t1-n4-dpmsolver++"
 
 
 def _rows(root: Path, point: int, setting: str, base: str, clip_t: float) -> list[dict[str, Any]]:
-    folder = "baseline" if point == -1 else f"point-{point:05d}"
-    rows = []
-    for index, prompt in enumerate(("a photo of sks dog", "a sks dog in the snow")):
-        image = f"runs/evaluate/{folder}/images/{setting}/{index:03d}-20.png"
-        _image(root / image)
-        rows.append(
-            {
-                "point": point,
-                "run_key": None if point == -1 else "run-1",
-                "checkpoint_step": None if point == -1 else 20,
-                "setting_id": setting,
-                "prompt": prompt,
-                "seed": 20,
-                "image": image,
-                "dino": 0.5,
-                "clip_i": 0.5,
-                "clip_t": clip_t,
-                "baseline": point == -1,
-                "baseline_setting": base,
-            }
-        )
+    """One point's (or with ``point`` -1 the base model's) images of two prompts at seed 20."""
+    folder = "runs/evaluate/baseline" if point == -1 else f"runs/evaluate/point-{point:05d}"
+    rows = _confirmed_rows(root, point, folder, list(PROMPTS), (20,), None, setting)
+    for row in rows:
+        row.update(clip_i=0.5, clip_t=clip_t, baseline_setting=base)
     return rows
 
 

@@ -295,17 +295,18 @@ def _confirmed_rows(
     prompts: list[str],
     seeds: tuple[int, ...],
     subject: str | None,
+    setting: str = "g7.5",
 ) -> list[dict[str, Any]]:
     rows = []
     for index, (prompt, seed) in enumerate(itertools.product(prompts, seeds)):
-        image = f"{folder}/images/g7.5/{index // len(seeds):03d}-{seed}.png"
+        image = f"{folder}/images/{setting}/{index // len(seeds):03d}-{seed}.png"
         _image(root / image)
         rows.append(
             {
                 "point": point,
                 "run_key": None if point == -1 else "run-1",
                 "checkpoint_step": None if point == -1 else 20,
-                "setting_id": "g7.5",
+                "setting_id": setting,
                 "prompt": prompt,
                 "seed": seed,
                 "image": image,

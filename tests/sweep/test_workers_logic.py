@@ -597,7 +597,7 @@ def test_a_retry_popped_while_its_run_still_shows_running_is_trained(
 def test_optunas_own_error_over_an_unreachable_storage_is_the_one_line_error() -> None:
     """Optuna's trial bookkeeping on a database that is down can end in an error of its own
     (an UnboundLocalError in its _run_trial) raised while the StorageUnreachable is handled."""
-    from harness.sweep.runner import _unreachable_in
+    from harness.sweep.retry import unreachable_in
 
     down = StorageUnreachable("sweep.storage: unreachable for 120 s")
     try:
@@ -606,8 +606,8 @@ def test_optunas_own_error_over_an_unreachable_storage_is_the_one_line_error() -
         except StorageUnreachable:
             raise UnboundLocalError("cannot access local variable 'updated_state'") from None
     except UnboundLocalError as exc:
-        assert _unreachable_in(exc) is down
-    assert _unreachable_in(ValueError("x")) is None
+        assert unreachable_in(exc) is down
+    assert unreachable_in(ValueError("x")) is None
 
 
 def test_every_private_storage_method_optuna_calls_from_outside_is_retried() -> None:

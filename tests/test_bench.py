@@ -100,6 +100,46 @@ def test_the_exhaustive_summary_has_two_paths_and_the_ratio_last() -> None:
     assert lines[-1] == f"ratio={5.5 / 2.25:.4f}"
 
 
+def test_each_pass_logs_its_figures_and_the_summary_has_mfu_on_a_known_card() -> None:
+    """A pass's own line (what a run cut short by a time limit keeps), and the summary's MFU
+    lines, from counted FLOPs and the card's bf16 peak: 2 steps of batch 1 at 1e12 FLOPs a
+    forward in 2 s on an H100 (989e12 FLOP/s) is 2 * 2e12 / 2 / 989e12 = 0.202%."""
+    from types import SimpleNamespace
+
+    from harness.bench import pass_figures, pass_line, summarize
+    from harness.bench.flops import ModelFlops
+    from harness.config import HarnessConfig, InferenceSetting
+
+    cfg = HarnessConfig.model_validate(
+        {"preset": "t", "train": {"max_steps": 2, "checkpoint_steps": [1, 2], "batch_size": 1}}
+    )
+    settings = (InferenceSetting(guidance_scale=7.5, num_inference_steps=10),)
+    inputs = SimpleNamespace(cfg=cfg, settings=settings, prompts=("a",), seeds=(0,))
+    flops = ModelFlops(unet_forward=1e12, vae_decode=5e12)  # an image: 10 x 2 x 1e12 + 5e12
+    card = "cuda (NVIDIA H100 80GB HBM3)"
+    run = PathRun(2, 2.0, 2, 5.0, 4, 1.0, 4, peak_bytes=3 * 2**30)
+    line = pass_line(run, pass_figures(inputs, card, flops))  # type: ignore[arg-type]
+    assert line == (
+        "seconds per evaluated point 4 s; training steps/s 1; generation images/s 0.8; "
+        "scoring images/s 4; peak CUDA memory 3 GiB; training MFU 0.2022 %; "
+        "generation MFU 2.022 %"
+    )
+    cpu_run = PathRun(2, 2.0, 2, 5.0, 4, 1.0, 4)
+    assert pass_line(cpu_run, pass_figures(inputs, "cpu (test)")).endswith(  # type: ignore[arg-type]
+        "scoring images/s 4"
+    )
+    lines = summarize(inputs, {"naive": [run], "harness": [run]}, card, flops)  # type: ignore[arg-type]
+    names = [m["name"] for m in map(FIGURE.match, lines) if m]
+    assert names[-4:] == [
+        "training MFU, naive",
+        "training MFU, harness",
+        "generation MFU, naive",
+        "generation MFU, harness",
+    ]
+    unknown = summarize(inputs, {"naive": [run], "harness": [run]}, "cuda (X1)", flops)  # type: ignore[arg-type]
+    assert "model FLOP utilisation: the bf16 peak of cuda (X1) is not known" in unknown
+
+
 def _in_process(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The tiny bench config, for an in-process run (the CLI path has its own test); the
     bench points the cache variables at its folder, which the test puts back afterwards."""
@@ -112,8 +152,11 @@ def _in_process(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
     return load_config(tmp_path / "params.yaml")
 
 
-def _bench(tmp_path: Path, repo_root: Path, params: dict[str, object], *args: str) -> list[str]:
-    """``harness -p params.yaml bench --repeats 1 ARGS`` in a tmp project; its stdout lines."""
+def _bench(
+    tmp_path: Path, repo_root: Path, params: dict[str, object], *args: str
+) -> tuple[list[str], str]:
+    """``harness -p params.yaml bench --repeats 1 ARGS`` in a tmp project; its stdout lines
+    and its log (stderr)."""
     shutil.copytree(repo_root / "experiments", tmp_path / "experiments")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path / "home")}
@@ -127,7 +170,7 @@ def _bench(tmp_path: Path, repo_root: Path, params: dict[str, object], *args: st
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()
+    return proc.stdout.strip().splitlines(), proc.stderr
 
 
 def test_harness_bench_with_adaptive_evaluation(repo_root: Path, tmp_path: Path) -> None:
@@ -145,7 +188,15 @@ def test_harness_bench_with_adaptive_evaluation(repo_root: Path, tmp_path: Path)
         },
         "evaluation": {"rungs": [{"prompts": 1}], "keep_fraction": 0.25},
     }
-    lines = _bench(tmp_path, repo_root, params)
+    lines, log = _bench(tmp_path, repo_root, params)
+    passes = re.findall(
+        r"harness\.bench: (.+?) (warm-up|pass 1/1): seconds per evaluated point (\S+) s; ", log
+    )
+    assert sorted((p, label) for p, label, _ in passes) == sorted(
+        (p, label)
+        for p in ("naive", "harness", "harness exhaustive")
+        for label in ("warm-up", "pass 1/1")
+    ), log[-3000:]
     assert "harness evaluation adaptive (rungs 1x1, keep_fraction 0.25)" in lines[0], lines[0]
     assert lines[0].startswith("4 points per path (2 checkpoints x 2 inference settings)"), lines
     assert "2 prompts x 2 seeds" in lines[0] and "device cpu" in lines[0]
@@ -202,11 +253,15 @@ def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
     repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``harness bench --generation``: images/s of the runtime-scaled LoRA, the fused LoRA and
-    regional compilation on the same images, and their ratios (``compile_ratio=`` last)."""
+    regional compilation on the same images, each setting at least one full batch, and their
+    ratios (``compile_ratio=`` last)."""
     from harness.bench import run_generation
 
-    lines = run_generation(_in_process(tmp_path, repo_root, monkeypatch), tmp_path / "w", 1)
-    assert lines[0].startswith("4 images per pass (2 prompts x 1 seeds x 2 inference settings")
+    cfg = _in_process(tmp_path, repo_root, monkeypatch)
+    # A batch of 3 with 2 prompts and 1 seed: 2 seeds make each setting's batch full.
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 3})})
+    lines = run_generation(cfg, tmp_path / "w", 1)
+    assert lines[0].startswith("8 images per pass (2 prompts x 2 seeds x 2 inference settings")
     figures = {m["name"]: float(m["median"]) for m in map(GENERATION.match, lines) if m}
     assert set(figures) == {f"generation, {v}" for v in VARIANTS}, lines
     assert all(math.isfinite(v) and v > 0 for v in figures.values())

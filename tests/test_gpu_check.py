@@ -45,3 +45,30 @@ def test_the_gpu_check_script_runs_every_step_and_summarises_them(
         log = (tmp_path / f"{name}.log").read_text()
         assert "model.device: 'cuda' requested but no CUDA device is available" in log, log
         assert "Traceback" not in log, log
+
+
+def _dry_run(repo_root: Path, out: Path, *steps: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_INSTALL": "0", "OUT": str(out)}
+    return subprocess.run(
+        ["bash", str(repo_root / ".ci/gpu-check"), *steps],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_gpu_check_runs_only_the_steps_named(repo_root: Path, tmp_path: Path) -> None:
+    """A device session is 15 minutes and a call 10: the check splits into calls by step
+    (`generation` alone here); an unknown step is refused before anything runs."""
+    proc = _dry_run(repo_root, tmp_path, "generation")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["env", "generation"]
+    assert not (tmp_path / "bench.log").exists() and not (tmp_path / "gpu-tests.log").exists()
+    (tmp_path / "bad").mkdir()
+    bad = _dry_run(repo_root, tmp_path / "bad", "benhc")
+    assert bad.returncode == 2 and "unknown step: benhc (tests, bench, generation)" in bad.stdout
+    assert not (tmp_path / "bad" / "env.log").exists()

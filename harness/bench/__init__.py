@@ -66,6 +66,8 @@ __all__ = [
 EXHAUSTIVE = "harness exhaustive"
 PATHS = ("naive", "harness", EXHAUSTIVE)
 logger = logging.getLogger(__name__)
+# A figure of one pass: its unit, and its value from the pass (None: the pass has none).
+PassFigure = tuple[str, Callable[[PathRun], float | None]]
 
 
 def _inputs(cfg: HarnessConfig, work: Path) -> BenchInputs:
@@ -141,8 +143,11 @@ def measure(
         paths[EXHAUSTIVE] = lambda: harness_path(
             inputs, loaded, scorer, work / "exhaustive", evaluation="exhaustive"
         )
-    runs = interleaved({name: _logged(name, run, repeats) for name, run in paths.items()}, repeats)
-    return inputs, runs, _device_name(loaded.device), _model_flops(inputs, loaded)
+    device, flops = _device_name(loaded.device), _model_flops(inputs, loaded)
+    # Each pass logs its own figures: a run cut short by a time limit still says something.
+    figures = pass_figures(inputs, device, flops)
+    logged = {name: _logged(name, run, repeats, figures) for name, run in paths.items()}
+    return inputs, interleaved(logged, repeats), device, flops
 
 
 def _model_flops(inputs: BenchInputs, loaded: LoadedModel) -> ModelFlops | None:
@@ -154,18 +159,33 @@ def _model_flops(inputs: BenchInputs, loaded: LoadedModel) -> ModelFlops | None:
     return count_flops(loaded.pipeline, inputs.cfg.eval.resolution or inputs.cfg.data.resolution)
 
 
-def _logged(name: str, run: Callable[[], PathRun], repeats: int) -> Callable[[], PathRun]:
-    """``run``, with one progress line per pass on the log (a pass can take minutes)."""
+def _logged(
+    name: str, run: Callable[[], PathRun], repeats: int, figures: dict[str, PassFigure]
+) -> Callable[[], PathRun]:
+    """``run``, with one line per pass on the log, every figure of that pass in it (a pass
+    can take minutes, and a run stopped by a time limit keeps the passes it finished)."""
     done = [0]
 
     def logged() -> PathRun:
         result = run()
         label = "warm-up" if done[0] == 0 else f"pass {done[0]}/{repeats}"
         done[0] += 1
-        logger.info("bench: %s %s: %.2f s per point", name, label, result.per_point_s)
+        logger.info("%s %s: %s", name, label, pass_line(result, figures))
         return result
 
     return logged
+
+
+def pass_line(run: PathRun, figures: dict[str, PassFigure]) -> str:
+    """One pass's figures on one line: ``seconds per evaluated point 4.2 s; training steps/s
+    10.8; ...``
+    (a figure the pass has no value for, such as peak memory on a CPU, is left out)."""
+    parts = []
+    for title, (unit, value) in figures.items():
+        number = value(run)
+        if number is not None:  # the unit, unless the title says it ("training steps/s")
+            parts.append(f"{title} {number:.4g}" + ("" if title.endswith(unit) else f" {unit}"))
+    return "; ".join(parts)
 
 
 def _device_name(device: Any) -> str:
@@ -194,24 +214,16 @@ def summarize(
         f"{inputs.cfg.train.max_steps} training steps; device {device}; median of "
         f"{len(runs['harness'])} interleaved repeats after a warm-up"
     )
+    from harness.bench.flops import peak_flops
+
     lines = [header]
-    figures = {
-        "seconds per evaluated point": ("s", lambda r: r.per_point_s),
-        "training steps/s": ("steps/s", lambda r: r.train_steps / r.train_s),
-        "generation images/s": ("images/s", lambda r: r.images / r.generate_s),
-        "scoring images/s": ("images/s", lambda r: r.scored / r.score_s),
-    }
-    for title, (unit, value) in figures.items():
+    for title, (unit, value) in pass_figures(inputs, device, flops).items():
         for path in paths:
-            samples = tuple(value(r) for r in runs[path])
-            lines.append(Figure(f"{title}, {path}", unit, samples).line())
-    for path in paths:
-        peaks = [r.peak_bytes for r in runs[path] if r.peak_bytes is not None]
-        if peaks:
-            gib = tuple(p / 2**30 for p in peaks)
-            lines.append(Figure(f"peak CUDA memory, {path}", "GiB", gib).line())
-    if flops is not None:
-        lines += _mfu_lines(inputs, runs, paths, device, flops)
+            samples = tuple(v for v in map(value, runs[path]) if v is not None)
+            if samples:
+                lines.append(Figure(f"{title}, {path}", unit, samples).line())
+    if flops is not None and peak_flops(device) is None:
+        lines.append(f"model FLOP utilisation: the bf16 peak of {device} is not known")
     naive = statistics.median(r.per_point_s for r in runs["naive"])
     if EXHAUSTIVE in runs:
         lines += _adaptive_lines(runs, naive)
@@ -220,33 +232,34 @@ def summarize(
     return lines
 
 
-def _mfu_lines(
-    inputs: BenchInputs,
-    runs: dict[str, list[PathRun]],
-    paths: Sequence[str],
-    device: str,
-    flops: ModelFlops,
-) -> list[str]:
-    """Training and generation MFU per path against the card's bf16 peak (a line saying so
-    when the card is not in :data:`harness.bench.flops.PEAK_BF16`)."""
+def pass_figures(
+    inputs: BenchInputs, device: str, flops: ModelFlops | None = None
+) -> dict[str, PassFigure]:
+    """Every figure of one pass, by title: its unit and its value (None where the pass has
+    none: peak memory off CUDA). With ``flops`` and a card of known bf16 peak, the training
+    and generation model FLOP utilisation too."""
     from harness.bench.flops import mfu, peak_flops
 
+    figures: dict[str, PassFigure] = {
+        "seconds per evaluated point": ("s", lambda r: r.per_point_s),
+        "training steps/s": ("steps/s", lambda r: r.train_steps / r.train_s),
+        "generation images/s": ("images/s", lambda r: r.images / r.generate_s),
+        "scoring images/s": ("images/s", lambda r: r.scored / r.score_s),
+        "peak CUDA memory": (
+            "GiB",
+            lambda r: None if r.peak_bytes is None else r.peak_bytes / 2**30,
+        ),
+    }
     peak = peak_flops(device)
-    if peak is None:
-        return [f"model FLOP utilisation: the bf16 peak of {device} is not known"]
+    if flops is None or peak is None:
+        return figures
     step = flops.train_step(inputs.cfg.train.batch_size)
     image = statistics.mean(
         flops.image(s.num_inference_steps, s.guidance_scale > 1.0) for s in inputs.settings
     )
-    lines = []
-    for title, work, seconds in (
-        ("training MFU", lambda r: step * r.train_steps, lambda r: r.train_s),
-        ("generation MFU", lambda r: image * r.images, lambda r: r.generate_s),
-    ):
-        for path in paths:
-            samples = tuple(100 * mfu(work(r), seconds(r), peak) for r in runs[path])
-            lines.append(Figure(f"{title}, {path}", "%", samples).line())
-    return lines
+    figures["training MFU"] = ("%", lambda r: 100 * mfu(step * r.train_steps, r.train_s, peak))
+    figures["generation MFU"] = ("%", lambda r: 100 * mfu(image * r.images, r.generate_s, peak))
+    return figures
 
 
 def _describe(evaluation: AdaptiveEvaluation) -> str:
@@ -275,12 +288,27 @@ def run_bench(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
 
 def run_generation(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
     """``harness bench --generation``: runtime-scaled LoRA, fused LoRA and regional compile
-    on the same images (:mod:`harness.bench.generation`)."""
+    on the same images (:mod:`harness.bench.generation`), each setting one full batch at
+    least (:func:`full_batches`)."""
     from harness.bench.generation import generation_lines, measure_generation
 
     inputs, loaded, _ = _setup(cfg, work)
+    inputs = full_batches(inputs)
     runs = measure_generation(inputs, loaded, work / "generation", repeats)
     return generation_lines(inputs, runs, _device_name(loaded.device))
+
+
+def full_batches(inputs: BenchInputs) -> BenchInputs:
+    """``inputs`` with enough seeds that every setting fills one ``eval.batch_size`` batch.
+
+    Generation batches one setting's prompts x seeds; with fewer images than a batch the
+    images/s (and MFU) would be those of a smaller batch than the one configured. The extra
+    seeds continue ``eval.seed``'s sequence."""
+    eval_cfg = inputs.cfg.eval
+    wanted = -(-eval_cfg.batch_size // max(len(inputs.templates), 1))  # ceiling
+    if len(inputs.seeds) >= wanted:
+        return inputs
+    return replace(inputs, seeds=tuple(eval_cfg.seed + i for i in range(wanted)))
 
 
 def run_agreement(cfg: HarnessConfig, work: Path, reference: str = "ddim:50") -> list[str]:

@@ -53,11 +53,11 @@ def test_sdxl_flops_are_counted_with_its_added_conditions() -> None:
     assert flops.unet_forward > 0 and flops.vae_decode > 0
 
 
-def test_bench_mfu_lines_per_path_against_the_cards_peak() -> None:
+def test_bench_mfu_per_pass_against_the_cards_peak() -> None:
     """The MFU arithmetic of ``harness bench`` on CUDA, from counted FLOPs and measured times."""
     from types import SimpleNamespace
 
-    from harness.bench import _mfu_lines
+    from harness.bench import pass_figures
     from harness.bench.paths import PathRun
     from harness.config import HarnessConfig, InferenceSetting
 
@@ -71,10 +71,9 @@ def test_bench_mfu_lines_per_path_against_the_cards_peak() -> None:
     run = PathRun(
         points=1, train_s=2.0, train_steps=100, generate_s=1.3, images=10, score_s=1.0, scored=10
     )
-    lines = _mfu_lines(
-        inputs, {"harness": [run]}, ["harness"], "cuda (NVIDIA H100 80GB HBM3)", flops
-    )  # type: ignore[arg-type]
-    assert lines[0].startswith("training MFU, harness") and " 40.44 %" in lines[0], lines
-    assert lines[1].startswith("generation MFU, harness") and " 40.44 %" in lines[1], lines
-    unknown = _mfu_lines(inputs, {"harness": [run]}, ["harness"], "cuda (Mystery)", flops)  # type: ignore[arg-type]
-    assert unknown == ["model FLOP utilisation: the bf16 peak of cuda (Mystery) is not known"]
+    figures = pass_figures(inputs, "cuda (NVIDIA H100 80GB HBM3)", flops)  # type: ignore[arg-type]
+    for name in ("training MFU", "generation MFU"):
+        unit, value = figures[name]
+        assert unit == "%" and value(run) == pytest.approx(40.44, abs=0.01)
+    unknown = pass_figures(inputs, "cuda (Mystery)", flops)  # type: ignore[arg-type]
+    assert "training MFU" not in unknown and "generation MFU" not in unknown

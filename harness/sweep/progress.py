@@ -10,12 +10,14 @@ from tqdm.auto import tqdm
 
 from harness.config import HarnessConfig
 from harness.sweep._base import RunEnd, RunSpec, ScoredPoint, SweepSink
+from harness.sweep.space import run_budget
 
 __all__ = ["SweepProgress"]
 
 
 class SweepProgress(SweepSink):
-    """One bar over the sweep's budget of training runs, above the trainer's per-run bars.
+    """One bar over the sweep's budget of training runs (``sweep.n_trials``, or the space's
+    size when smaller), above the trainer's per-run bars.
 
     The budget counts every worker's runs, so the bar starts at the runs already finished and
     its postfix counts this worker's evaluated points and the last run's status.
@@ -23,7 +25,7 @@ class SweepProgress(SweepSink):
 
     def __init__(self, cfg: HarnessConfig, done: int = 0, file: IO[str] | None = None) -> None:
         self._bar = tqdm(
-            total=cfg.sweep.n_trials,
+            total=run_budget(cfg),
             initial=done,
             desc=f"sweep {cfg.sweep.study_name}",
             unit="run",

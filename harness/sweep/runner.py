@@ -46,12 +46,13 @@ from harness.sweep.space import (
     active_training_params,
     inference_settings,
     never_sampled,
+    run_budget,
     run_inference_settings,
     sample_training_params,
-    search_space_size,
     with_training_params,
 )
 from harness.sweep.study import (
+    BUDGET_ATTR,
     Studies,
     SweepError,
     fail_orphan_proxies,
@@ -404,12 +405,13 @@ class _Budget:
 
     def __init__(self, cfg: HarnessConfig, studies: Studies, claims: Claims) -> None:
         self.claims = claims
-        size = search_space_size(cfg)
-        limit = cfg.sweep.n_trials
-        if size is not None and (limit is None or size < limit):
-            logger.info("the search space has %d configurations: the budget is %d runs", size, size)
-            limit = size
+        limit = run_budget(cfg)
+        if limit is not None and limit != cfg.sweep.n_trials:
+            logger.info(
+                "the search space has %d configurations: the budget is %d runs", limit, limit
+            )
         self.limit = limit
+        studies.runs.set_user_attr(BUDGET_ATTR, limit)  # for `harness sweep status`
         started = studies.runs.user_attrs.get("started_at")
         if started is None:
             started = time.time()

@@ -52,6 +52,7 @@ __all__ = [
     "max_possible_steps",
     "never_sampled",
     "point_params",
+    "run_budget",
     "run_inference_settings",
     "sample_training_params",
     "sampling_order",
@@ -232,6 +233,15 @@ def search_space_size(cfg: HarnessConfig) -> int | None:
         for combo in itertools.product(*axes.values())
     }
     return len(distinct)
+
+
+def run_budget(cfg: HarnessConfig) -> int | None:
+    """The runs ``cfg`` allows: ``sweep.n_trials``, capped at the space's size when that is
+    smaller (None: no run-count budget, only ``sweep.timeout_s``)."""
+    size, limit = search_space_size(cfg), cfg.sweep.n_trials
+    if size is not None and (limit is None or size < limit):
+        return size
+    return limit
 
 
 def grid_search_space(sweep: SweepConfig) -> dict[str, list[Any]]:

@@ -12,8 +12,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
 from harness.sweep.claims import WorkerSlot, open_claims
-from harness.sweep.space import search_space_size
+from harness.sweep.space import run_budget
 from harness.sweep.study import (
+    BUDGET_ATTR,
     existing_studies,
     given_up_runs,
     safe_storage_url,
@@ -35,6 +36,8 @@ class SweepStatus:
     skipped: int
     budget: int | None
     used: int
+    # This command's own budget, where its config differs from the workers' (None: the same).
+    caller_budget: str | None = None
     workers: list[WorkerSlot] = field(default_factory=list)
     runs_by_worker: dict[str, Counter[str]] = field(default_factory=dict)
     grace_s: float = 120.0
@@ -65,6 +68,10 @@ class SweepStatus:
         now = time.time()
         states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "none"
         left = "no run budget" if self.left is None else f"{self.left} of {self.budget} runs left"
+        if self.caller_budget is not None:
+            left += (
+                f" (the workers' sweep.n_trials; this command's config says {self.caller_budget})"
+            )
         out = [
             f"study {self.study} in {self.storage}",
             f"runs: {states}"
@@ -97,7 +104,7 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
             storage=safe_storage_url(storage_url(cfg, root)),
             states={},
             skipped=0,
-            budget=cfg.sweep.n_trials,
+            budget=run_budget(cfg),
             used=0,
             started=False,
         )
@@ -111,10 +118,8 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
     for t in trials:
         if t.number in by_trial:
             per_worker.setdefault(by_trial[t.number], Counter())[t.state.name.lower()] += 1
-    size = search_space_size(cfg)
-    budget = cfg.sweep.n_trials
-    if size is not None and (budget is None or size < budget):
-        budget = size
+    mine = run_budget(cfg)
+    budget = studies.runs.user_attrs.get(BUDGET_ATTR, mine)  # what the workers hold it to
     return SweepStatus(
         study=studies.name,
         storage=safe_storage_url(studies.storage_url),
@@ -122,6 +127,7 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
         skipped=len(skipped),
         budget=budget,
         used=claims.used(),
+        caller_budget=None if mine == budget else ("no run budget" if mine is None else str(mine)),
         workers=claims.workers(),
         runs_by_worker=per_worker,
         grace_s=float(cfg.sweep.grace_period_s or 2 * cfg.sweep.heartbeat_interval_s),

@@ -57,6 +57,7 @@ from harness.sweep.retry import RetryingRDBStorage, retry_schema_race
 from harness.sweep.space import evaluated_distributions, grid_search_space, training_distributions
 
 __all__ = [
+    "BUDGET_ATTR",
     "Studies",
     "SweepError",
     "directions",
@@ -160,6 +161,9 @@ class RetryDeadRun(RetryHeartbeatStaleTrialCallback):
 
 
 GIVEN_UP_PREFIX = "given_up:"
+# The run budget the sweep's workers hold the study to (:func:`harness.sweep.space.run_budget`
+# of the last worker to start): what `harness sweep status` shows, whatever its caller's config.
+BUDGET_ATTR = "run_budget"
 
 
 def given_up_runs(study: optuna.Study) -> dict[int, str]:

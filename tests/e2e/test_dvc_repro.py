@@ -16,82 +16,10 @@ from typing import Any
 import optuna
 import pandas as pd
 import pytest
-import yaml
 
-from ._helpers import BASE_OVERRIDES, REPO, VENV_BIN, cli_env, deep_merge
+from ._dvc_project import VENV_BIN, dvc, dvc_project, git, run_ok
 
 pytestmark = pytest.mark.slow
-
-PROJECT = (".gitignore", ".dvcignore", "dvc.yaml", "experiments", "harness", "metrics", "reports")
-# The user's own overrides in experiments/config.yaml: the shrunk tiny preset, 2 runs of 2 points.
-HELD_OUT = ["a {token} {class_name} in the snow"]  # the evaluate stage's own prompt
-OVERRIDES = deep_merge(
-    BASE_OVERRIDES,
-    {
-        "sweep": {
-            "n_trials": 2,
-            "keep_adapters": "best",
-            "inference": {"guidance_scale": [5.0], "lora_scale": [1.0]},
-        },
-        "tracking": {"mode": "offline"},
-        "evaluate": {"top_k": 2, "prompts": HELD_OUT},
-    },
-)
-
-
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert proc.returncode == 0, f"$ {' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
-
-
-def _dvc(cwd: Path, env: dict[str, str], *args: str) -> str:
-    return _run([str(VENV_BIN / "dvc"), *args], cwd, env)
-
-
-def _git(cwd: Path, env: dict[str, str], *args: str) -> str:
-    return _run(["git", *args], cwd, env)
-
-
-def _project(
-    tmp_path: Path, overrides: dict[str, Any] | None = None
-) -> tuple[Path, dict[str, str]]:
-    """The project's files in a fresh git + DVC repository, the user's overrides (OVERRIDES and
-    ``overrides``) written into experiments/config.yaml and params.yaml composed with
-    `harness config compose`."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in PROJECT:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, repo / name)
-    config = repo / "experiments/config.yaml"
-    user = deep_merge(OVERRIDES, overrides or {})
-    config.write_text(config.read_text() + yaml.safe_dump(user, sort_keys=False))
-    env = cli_env(
-        tmp_path / "home",
-        {
-            "DVC_NO_ANALYTICS": "1",
-            "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
-            "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@example.com",
-            "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@example.com",
-        },
-    )
-    _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
-    _git(repo, env, "init", "-q", "-b", "main")
-    _dvc(repo, env, "init", "-q")
-    shutil.copy2(REPO / ".dvc/config", repo / ".dvc/config")  # hydra composition on
-    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")  # the plot templates
-    _git(repo, env, "add", "-A")
-    _git(repo, env, "commit", "-q", "-m", "project")
-    return repo, env
-
 
 _EXPERIMENTS = ("report-only", "changed", "back", "sd15")
 
@@ -125,10 +53,10 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     Shared by the tests below (one pipeline run, the slow part); each leaves it as it found it
     or works on a copy."""
     tmp_path = tmp_path_factory.mktemp("dvc")
-    repo, env = _project(tmp_path)
-    first = _dvc(repo, env, "repro")
-    _git(repo, env, "add", "-A")
-    _git(repo, env, "commit", "-q", "-m", "sweep results")
+    repo, env = dvc_project(tmp_path)
+    first = dvc(repo, env, "repro")
+    git(repo, env, "add", "-A")
+    git(repo, env, "commit", "-q", "-m", "sweep results")
     return repo, env, first
 
 
@@ -148,19 +76,19 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(
 
     _check_report(repo, tmp_path)
 
-    second = _dvc(repo, env, "repro")
+    second = dvc(repo, env, "repro")
     for stage in ("prepare", "sweep", "evaluate", "report"):
         assert f"Running stage '{stage}'" not in second
         assert f"Stage '{stage}' didn't change, skipping" in second, second[-4000:]
-    assert _git(repo, env, "status", "--porcelain").strip() == ""  # nothing churns
-    assert json.loads(_dvc(repo, env, "metrics", "show", "--json"))
-    (data,) = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json"))).values()
+    assert git(repo, env, "status", "--porcelain").strip() == ""  # nothing churns
+    assert json.loads(dvc(repo, env, "metrics", "show", "--json"))
+    (data,) = _rows(json.loads(dvc(repo, env, "exp", "show", "--json"))).values()
     committed = _metrics(data)
     assert committed["confirm"]["dino"] == metrics["confirm"]["dino"]
     assert committed["baseline"]["dino"] == metrics["baseline"]["dino"]
     assert _params(data)["train"]["lr_warmup_steps"] == 0  # every setting is a param
 
-    _dvc(repo, env, "plots", "show", "-o", str(tmp_path / "plots"))
+    dvc(repo, env, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots/index.html").read_text()
     for plot in ("pareto_front", "score_vs_checkpoint_step", "training_loss"):
         assert plot in html
@@ -169,14 +97,14 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(
     preset = repo / "experiments/preset/tiny-cpu.yaml"
     try:
         preset.write_text(preset.read_text().replace("  rank: 4\n", "  rank: 6\n"))
-        _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
-        diff = json.loads(_dvc(repo, env, "params", "diff", "--json"))
+        run_ok([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
+        diff = json.loads(dvc(repo, env, "params", "diff", "--json"))
         rank = diff["params.yaml"]["train.rank"]
         assert (rank["old"], rank["new"]) == (4, 6)
-        status = _dvc(repo, env, "status")
+        status = dvc(repo, env, "status")
         assert "sweep:" in status and "prepare:" not in status
     finally:  # the next test starts from the committed project
-        _git(repo, env, "checkout", "--", "experiments", "params.yaml")
+        git(repo, env, "checkout", "--", "experiments", "params.yaml")
 
 
 def test_the_evaluate_stage_confirms_the_chosen_points_on_fresh_seeds(
@@ -319,13 +247,13 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
     repo = tmp_path / "project"
     shutil.copytree(reproduced[0], repo, symlinks=True)
     env = reproduced[1]
-    report_only = _dvc(repo, env, "exp", "run", "-n", "report-only", "-S", "report.top_k=3")
+    report_only = dvc(repo, env, "exp", "run", "-n", "report-only", "-S", "report.top_k=3")
     assert "Running stage 'report'" in report_only
     for stage in ("prepare", "sweep", "evaluate"):  # a report setting reruns only the report
         assert f"Running stage '{stage}'" not in report_only, report_only[-3000:]
     # Two training settings as a DVC user sets them (plain -S, no '+'): trained, not the old
     # results again (one run: the budget is not part of the study's identity).
-    changed = _dvc(
+    changed = dvc(
         repo,
         env,
         "exp",
@@ -342,9 +270,9 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
     assert "1 training run (1 completed" in changed and "Running stage 'prepare'" not in changed
     # Composed again from experiments/: the base. DVC may restore the sweep's outputs from its
     # run cache or rerun the stage, which then resumes the base study (the counts below).
-    _dvc(repo, env, "exp", "run", "-n", "back")
+    dvc(repo, env, "exp", "run", "-n", "back")
 
-    rows = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json")))
+    rows = _rows(json.loads(dvc(repo, env, "exp", "show", "--json")))
     rows["base"] = rows.pop(next(name for name in rows if name not in _EXPERIMENTS))
     assert _params(rows["changed"])["train"]["rank"] == 8
     assert _params(rows["changed"])["train"]["lr_warmup_steps"] == 2
@@ -361,7 +289,7 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
     assert runs == {"base": 2, "changed": 1}
 
     # Another preset: DVC composes it (here only the cheap first stage runs).
-    _dvc(
+    dvc(
         repo,
         env,
         "exp",
@@ -378,37 +306,10 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
         "train.lr_warmup_steps=0",  # the sd15 preset warms up for 50 of its 800 steps
         "resolve",
     )
-    rows = _rows(json.loads(_dvc(repo, env, "exp", "show", "--json")))
+    rows = _rows(json.loads(dvc(repo, env, "exp", "show", "--json")))
     params = _params(rows["sd15"])
     assert (params["preset"], params["train"]["rank"], params["data"]["resolution"]) == (
         "sd15-lora",
         16,
         512,
     )
-
-
-def test_token_auto_is_chosen_again_when_a_prompt_takes_the_chosen_word(tmp_path: Path) -> None:
-    # `data.token: auto` avoids every word of the prompts a run uses, so those prompts are an
-    # input of the prepare stage (its manifest records the token) although they are `eval`
-    # settings: a prompt that takes up the chosen word must make `dvc repro` choose again.
-    repo, env = _project(tmp_path, {"data": {"token": "auto"}})
-    _dvc(repo, env, "repro", "prepare")
-    manifest = repo / "data/prepared/sample/manifest.json"
-    chosen = json.loads(manifest.read_text())["token"]
-    assert chosen not in ("auto", "sks")
-
-    config = repo / "experiments/config.yaml"
-    prompts = [*BASE_OVERRIDES["eval"]["prompts"], f"a {{token}} {{class_name}} next to a {chosen}"]
-    user = deep_merge(OVERRIDES, {"data": {"token": "auto"}, "eval": {"prompts": prompts}})
-    config.write_text((REPO / "experiments/config.yaml").read_text() + yaml.safe_dump(user))
-    _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
-    again = _dvc(repo, env, "repro", "prepare")
-    assert "Running stage 'prepare'" in again, again[-3000:]
-    rechosen = json.loads(manifest.read_text())["token"]
-    assert rechosen not in (chosen, "auto", "sks")
-
-    # A setting the choice does not read leaves the prepared data alone.
-    user = deep_merge(user, {"eval": {"guidance_scale": 3.0}})
-    config.write_text((REPO / "experiments/config.yaml").read_text() + yaml.safe_dump(user))
-    _run([str(VENV_BIN / "harness"), "config", "compose"], repo, env)
-    assert "Running stage 'prepare'" not in _dvc(repo, env, "repro", "prepare")

@@ -145,6 +145,20 @@ def test_sweep_progress_bar_counts_runs_and_points(tmp_path: Path) -> None:
     assert "16 points" in last, last  # 2 runs x 2 checkpoints x 4 settings
 
 
+def test_the_progress_bar_total_is_the_budget_a_small_space_caps(tmp_path: Path) -> None:
+    """A space of 2 configurations (rank 2 or 4, nothing else) caps ``n_trials: 6`` at 2 runs:
+    the bar showed "2/6" at the end of a finished sweep."""
+    import io
+
+    from harness.sweep.progress import SweepProgress
+
+    cfg = make_cfg(tmp_path, n_trials=6, sampler="grid", space={"rank": {"choices": [2, 4]}})
+    out = io.StringIO()
+    run_sweep(cfg, tmp_path, FakeBackend(), sinks=[SweepProgress(cfg, file=out)])
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "2/2" in last, last
+
+
 def test_a_plain_worker_tracks_its_runs_but_writes_no_summary_task(tmp_path: Path) -> None:
     """``harness sweep worker`` x N gave N summary tasks in ClearML; the summary task is
     ``harness sweep``'s (the results table every worker still rewrites, atomically)."""

@@ -501,6 +501,23 @@ def test_status_reads_and_never_creates_a_study(tmp_path: Path) -> None:
     assert ": left; 2 complete" in slot, slot
 
 
+def test_status_shows_the_workers_budget_not_the_callers(tmp_path: Path) -> None:
+    """Workers launched with ``-S sweep.n_trials=3``, then a plain ``harness sweep status``
+    (n_trials 1 in its config, the same study): it showed "3 runs claimed, 0 of 1 runs left".
+    The budget the workers hold is the study's; the caller's own is named when it differs."""
+    from harness.sweep.status import sweep_status
+
+    run_sweep(make_cfg(tmp_path, n_trials=3), tmp_path, FakeBackend())
+    lines = sweep_status(make_cfg(tmp_path, n_trials=1), tmp_path).lines()
+    (budget,) = [line for line in lines if line.startswith("budget:")]
+    assert budget == (
+        "budget: 3 runs claimed, 0 of 3 runs left (the workers' sweep.n_trials; this "
+        "command's config says 1)"
+    )
+    same = sweep_status(make_cfg(tmp_path, n_trials=3), tmp_path).lines()
+    assert "budget: 3 runs claimed, 0 of 3 runs left" in same
+
+
 def test_status_names_each_queued_retry_and_why_its_run_stopped(tmp_path: Path) -> None:
     from harness.sweep.status import sweep_status
 

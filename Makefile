@@ -39,11 +39,13 @@ typecheck: install
 	$(BIN)/mypy
 
 # Two test processes (most tests wait on subprocesses and imports: one core idles in a serial
-# run), each module on one of them; then the real cluster tests (PostgreSQL, SLURM, worker
+# run), each module on one of them, handed out in collection order (tests/conftest.py puts the
+# long end-to-end modules first; xdist's default order, most tests first, left them for last
+# and one process idle meanwhile); then the real cluster tests (PostgreSQL, SLURM, worker
 # processes) alone on a quiet machine, since their timing is what they check.
 TEST_PROCESSES ?= 2
 unit: install
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope -m "not cluster"
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder -m "not cluster"
 	$(BIN)/python -m pytest -m cluster
 
 test: lint typecheck unit

@@ -15,6 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
 
 
+def _long(item: pytest.Item) -> bool:
+    """End-to-end tests (CLI, DVC, worker processes) and tests marked slow: a minute or more
+    per module, where most unit modules take seconds."""
+    return "e2e" in item.path.parts or item.get_closest_marker("slow") is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a long test first (stable otherwise): `make test` hands modules to its two
+    processes in this order, so the short ones fill the end and neither process idles while
+    the other finishes a two-minute module."""
+    long_modules = {item.path for item in items if _long(item)}
+    items.sort(key=lambda item: item.path not in long_modules)
+
+
 def _share_the_cores_among_test_processes() -> int | None:
     """Under pytest-xdist, each test process (and every harness subprocess it starts) gets its
     share of the cores by the rule `harness sweep launch --local` gives its workers

@@ -173,6 +173,7 @@ def _bench(
     return proc.stdout.strip().splitlines(), proc.stderr
 
 
+@pytest.mark.slow
 def test_harness_bench_with_adaptive_evaluation(repo_root: Path, tmp_path: Path) -> None:
     """Through the CLI, as a user runs it. With ``sweep.evaluation`` adaptive, a third path
     evaluates exhaustively: every figure for the three paths, positive and finite, then the
@@ -249,6 +250,7 @@ def test_harness_bench_agreement_of_the_sampler_with_a_reference(
     assert last and -1.0 <= float(last[1]) <= 1.0, lines[-1]
 
 
+@pytest.mark.slow
 def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
     repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,6 +111,7 @@ def test_broken_subject_folder_symlink_is_named(folder_project: Path, tmp_path: 
     assert f"error: data/raw/my-dog: the subject folder is a broken symlink (-> {gone})" in err
 
 
+@pytest.mark.slow
 def test_each_prepare_warning_is_printed_once(folder_project: Path, add_photos: Writer) -> None:
     """A real ``harness prepare`` printed every warning twice: logged when found, and again
     after the result line."""

@@ -33,7 +33,7 @@ from harness.report.figures import label
 from harness.sweep.confirm import METRICS
 from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
 
-__all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "model_card"]
+__all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "lora_layout", "model_card"]
 
 EXPORT_DIR = "runs/export"
 INFERENCE_JSON = "inference.json"
@@ -132,11 +132,33 @@ def export_point(
     if example is not None:
         files.append(Path(shutil.copy2(root / example["image"], out / EXAMPLE_IMAGE)))
     info = inference_info(cfg, root, row, setting, token, class_name, example)
+    info["family"], info["lora_components"] = lora_layout(folder, weights)
     info["kohya"] = (out / KOHYA_FILE).is_file()
     (out / INFERENCE_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(model_card(info), encoding="utf-8")
     files += [out / INFERENCE_JSON, out / "README.md"]
     return Export(out, int(row["point"]), files)
+
+
+def lora_layout(folder: Path, weights: str) -> tuple[str, list[str]]:
+    """(model family, LoRA components) of an adapter checkpoint, without loading a tensor.
+
+    The components are the weight file's key prefixes (``unet``, ``text_encoder``,
+    ``text_encoder_2``): what :func:`harness.generate.set_lora_scales` scales, so what the
+    card's snippet must scale. The family comes from the checkpoint's ``checkpoint.json``
+    (without one, a second text encoder means SDXL)."""
+    from safetensors import safe_open
+
+    from harness.train.state import CHECKPOINT_JSON
+
+    with safe_open(str(folder / weights), framework="pt") as handle:
+        keys = handle.keys()  # names only: no tensor is read
+    components = sorted({key.split(".", 1)[0] for key in keys})
+    meta = folder / CHECKPOINT_JSON
+    family = json.loads(meta.read_text()).get("family") if meta.is_file() else None
+    if family is None:
+        family = "sdxl" if "text_encoder_2" in components else "sd15"
+    return str(family), components
 
 
 def _example(root: Path, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -243,19 +265,25 @@ def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
     extra = "".join(f", {k}={v!r}" for k, v in SCHEDULER_OPTIONS.get(info["scheduler"], {}).items())
     example = info.get("example") or {"prompt": info["instance_prompt"], "seed": 0}
     if info["base_model_kind"] == "single_file":
-        load = "StableDiffusionPipeline.from_single_file(BASE, torch_dtype=dtype)"
+        sdxl = info.get("family") == "sdxl"
+        pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        load = f"{pipeline}.from_single_file(BASE, torch_dtype=dtype)"
     else:
+        pipeline = "DiffusionPipeline"
         options = "".join(
             f", {k}={info[k]!r}" for k in ("revision", "variant") if info.get(k) is not None
         )
         load = f"DiffusionPipeline.from_pretrained(BASE, torch_dtype=dtype{options})"
-    weights = {"unet": info["lora_scale"]}
-    if info["text_encoder_lora"]:
-        weights["text_encoder"] = info["text_encoder_lora_scale"]
+    # Every component the adapter has, scaled as the sweep scaled it (SDXL: both encoders).
+    components = info.get("lora_components") or (
+        ["text_encoder", "unet"] if info["text_encoder_lora"] else ["unet"]
+    )
+    te_scale = info["text_encoder_lora_scale"]
+    weights = {c: info["lora_scale"] if c == "unet" else te_scale for c in components}
     return "\n".join(
         [
             "import torch",
-            f"from diffusers import DiffusionPipeline, StableDiffusionPipeline, {scheduler}",
+            f"from diffusers import {pipeline}, {scheduler}",
             "",
             f"BASE = {info['base_model']!r}",
             f"LORA = {folder!r}  # this folder",
@@ -264,7 +292,7 @@ def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
             f"pipe = {load}.to(device)",
             f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{extra})",
             'pipe.load_lora_weights(LORA, adapter_name="subject")',
-            "# The LoRA scales the sweep chose, per component (SDXL: add text_encoder_2).",
+            "# The LoRA scales the sweep chose, per component.",
             f'pipe.set_adapters(["subject"], adapter_weights=[{weights!r}])',
             "image = pipe(",
             f"    {example['prompt']!r},",

@@ -175,6 +175,7 @@ def test_harness_export_writes_a_lora_whose_card_reproduces_the_best_point(
     assert f"exported point {best['point']} to runs/export/point-{best['point']}" in proc.stdout
     info = json.loads((folder / "inference.json").read_text())
     assert (info["point"], info["setting_id"]) == (best["point"], best["setting_id"])
+    assert info["family"] == "sd15" and "unet" in info["lora_components"]
     assert info["scores"]["confirmed"]["dino"] == pytest.approx(best["confirm.dino"])
     assert info["scores"]["base"]["clip_t"] == pytest.approx(best["baseline.clip_t"])
     weights = "pytorch_lora_weights.safetensors"

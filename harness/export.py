@@ -30,7 +30,7 @@ import pandas as pd
 from harness.config import HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
 from harness.report.figures import label
-from harness.sweep.confirm import METRICS
+from harness.sweep.confirm import METRICS, optional_number
 from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
 
 __all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "lora_layout", "model_card"]
@@ -183,10 +183,6 @@ def _example(root: Path, row: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _number(value: Any) -> float | None:
-    return None if value is None or pd.isna(value) else float(value)
-
-
 def inference_info(
     cfg: HarnessConfig,
     root: Path,
@@ -231,7 +227,7 @@ def inference_info(
         "checkpoint_step": int(row["checkpoint_step"]),
         "setting_id": row["setting_id"],
         "scores": {
-            kind: {m: _number(row.get(f"{prefix}{m}")) for m in METRICS}
+            kind: {m: optional_number(row.get(f"{prefix}{m}")) for m in METRICS}
             for kind, prefix in (
                 ("sweep", "score."),
                 ("confirmed", "confirm."),

@@ -60,6 +60,7 @@ __all__ = [
     "confirmation_config",
     "confirmation_seeds",
     "metrics_summary",
+    "optional_number",
     "point_setting",
     "read_sweep_results",
     "selected_points",
@@ -386,7 +387,7 @@ def metrics_summary(
         "best_point": int(best["point"]),
         "best_checkpoint_step": int(best["checkpoint_step"]),
         "sweep": {m: float(best[f"score.{m}"]) for m in metrics},
-        "confirm": {k: _number(best[f"confirm.{k}"]) for k in confirm_keys},
+        "confirm": {k: optional_number(best[f"confirm.{k}"]) for k in confirm_keys},
         "shrinkage": {m: float(best[f"shrinkage.{m}"]) for m in metrics},
         "shrinkage_mean": {m: float(table[f"shrinkage.{m}"].mean()) for m in metrics},
     }
@@ -396,7 +397,8 @@ def metrics_summary(
     return data
 
 
-def _number(value: Any) -> float | None:
+def optional_number(value: Any) -> float | None:
+    """A results-table cell as a JSON number: None for a missing value or NaN."""
     return None if value is None or pd.isna(value) else float(value)
 
 

@@ -53,6 +53,7 @@ from harness.sweep.space import (
 )
 from harness.sweep.study import (
     BUDGET_ATTR,
+    WORKER_ATTR,
     Studies,
     SweepError,
     fail_orphan_proxies,
@@ -167,6 +168,9 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> list[float] | float:
         run = self._new_run(trial)
         self._claim(run)
+        # Which worker ran this attempt (the claim moves to a retry's worker; status counts
+        # each attempt for its own).
+        trial.set_user_attr(WORKER_ATTR, self.worker)
         self.started += 1
         self.duplicates_in_a_row = 0
         logger.info("run %d (%s): %s", run.number, run.key, run.params)

@@ -15,6 +15,7 @@ from harness.sweep.claims import WorkerSlot, open_claims
 from harness.sweep.space import run_budget
 from harness.sweep.study import (
     BUDGET_ATTR,
+    WORKER_ATTR,
     existing_studies,
     given_up_runs,
     safe_storage_url,
@@ -116,8 +117,10 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
     by_trial = {c.trial: c.worker for c in claims.all()}
     per_worker: dict[str, Counter[str]] = {}
     for t in trials:
-        if t.number in by_trial:
-            per_worker.setdefault(by_trial[t.number], Counter())[t.state.name.lower()] += 1
+        # Each attempt for the worker it ran under (a retry moves the claim, not the attempt).
+        owner = t.user_attrs.get(WORKER_ATTR) or by_trial.get(t.number)
+        if owner is not None:
+            per_worker.setdefault(owner, Counter())[t.state.name.lower()] += 1
     mine = run_budget(cfg)
     budget = studies.runs.user_attrs.get(BUDGET_ATTR, mine)  # what the workers hold it to
     return SweepStatus(

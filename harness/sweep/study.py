@@ -58,6 +58,7 @@ from harness.sweep.space import evaluated_distributions, grid_search_space, trai
 
 __all__ = [
     "BUDGET_ATTR",
+    "WORKER_ATTR",
     "Studies",
     "SweepError",
     "directions",
@@ -164,6 +165,8 @@ GIVEN_UP_PREFIX = "given_up:"
 # The run budget the sweep's workers hold the study to (:func:`harness.sweep.space.run_budget`
 # of the last worker to start): what `harness sweep status` shows, whatever its caller's config.
 BUDGET_ATTR = "run_budget"
+# The worker a run's attempt ran under (its trial's user attribute).
+WORKER_ATTR = "worker"
 
 
 def given_up_runs(study: optuna.Study) -> dict[int, str]:

@@ -499,6 +499,42 @@ def test_status_reads_and_never_creates_a_study(tmp_path: Path) -> None:
     assert after.started and after.states == {"COMPLETE": 2}
     (slot,) = [line for line in after.lines() if line.startswith("  slot 0: ")]
     assert ": left; 2 complete" in slot, slot
+    (worker,) = [w.worker for w in after.workers]  # each run names the worker that ran it
+    assert [t.user_attrs.get("worker") for t in open_studies(cfg, tmp_path).runs.trials] == [
+        worker,
+        worker,
+    ]
+
+
+def test_status_counts_a_run_for_the_worker_it_ran_under(tmp_path: Path) -> None:
+    """Worker "dead" died in run 0; "alive" took the run's claim over for its retry, run 1.
+    Status counted by claim holder: "dead" showed no runs, its failed attempt nowhere."""
+    from harness.sweep.claims import open_claims
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    studies = open_studies(cfg, tmp_path)
+    claims = open_claims(studies.storage_url, studies.name)
+    for name in ("dead", "alive"):
+        claims.register(name, grace_s=120)
+    dist = {"train.rank": optuna.distributions.CategoricalDistribution([2, 4])}
+    for state, worker in ((TrialState.FAIL, "dead"), (TrialState.RUNNING, "alive")):
+        studies.runs.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                params={"train.rank": 2},
+                distributions=dist,
+                user_attrs={"worker": worker},
+            )
+        )
+    claims.claim("k", 0, "dead", None)
+    assert claims.take_over("k", 0, 1, "alive")
+    slots = {
+        line.split(": ")[1].split(" on ")[0]: line.rsplit("; ", 1)[1]
+        for line in sweep_status(cfg, tmp_path).lines()
+        if line.startswith("  slot ")
+    }
+    assert slots == {"dead": "1 fail", "alive": "1 running"}, slots
 
 
 def test_status_shows_the_workers_budget_not_the_callers(tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def export_point(
     if example is not None:
         files.append(Path(shutil.copy2(root / example["image"], out / EXAMPLE_IMAGE)))
     info = inference_info(cfg, root, row, setting, token, class_name, example)
-    info["family"], info["lora_components"] = lora_layout(folder, weights)
+    info["family"], info["lora_components"] = lora_layout(folder / weights)
     info["kohya"] = (out / KOHYA_FILE).is_file()
     (out / INFERENCE_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(model_card(info), encoding="utf-8")
@@ -140,21 +140,21 @@ def export_point(
     return Export(out, int(row["point"]), files)
 
 
-def lora_layout(folder: Path, weights: str) -> tuple[str, list[str]]:
-    """(model family, LoRA components) of an adapter checkpoint, without loading a tensor.
+def lora_layout(weights: Path) -> tuple[str, list[str]]:
+    """(model family, LoRA components) of an adapter's weights file, without loading a tensor.
 
-    The components are the weight file's key prefixes (``unet``, ``text_encoder``,
+    The components are the file's key prefixes (``unet``, ``text_encoder``,
     ``text_encoder_2``): what :func:`harness.generate.set_lora_scales` scales, so what the
-    card's snippet must scale. The family comes from the checkpoint's ``checkpoint.json``
-    (without one, a second text encoder means SDXL)."""
+    card's snippet must scale. The family comes from the checkpoint's ``checkpoint.json`` beside
+    the file (without one, a second text encoder means SDXL)."""
     from safetensors import safe_open
 
     from harness.train.state import CHECKPOINT_JSON
 
-    with safe_open(str(folder / weights), framework="pt") as handle:
+    with safe_open(str(weights), framework="pt") as handle:
         keys = handle.keys()  # names only: no tensor is read
     components = sorted({key.split(".", 1)[0] for key in keys})
-    meta = folder / CHECKPOINT_JSON
+    meta = weights.parent / CHECKPOINT_JSON
     family = json.loads(meta.read_text()).get("family") if meta.is_file() else None
     if family is None:
         family = "sdxl" if "text_encoder_2" in components else "sd15"
@@ -261,7 +261,7 @@ def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
     extra = "".join(f", {k}={v!r}" for k, v in SCHEDULER_OPTIONS.get(info["scheduler"], {}).items())
     example = info.get("example") or {"prompt": info["instance_prompt"], "seed": 0}
     if info["base_model_kind"] == "single_file":
-        sdxl = info.get("family") == "sdxl"
+        sdxl = info["family"] == "sdxl"
         pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
         load = f"{pipeline}.from_single_file(BASE, torch_dtype=dtype)"
     else:
@@ -271,11 +271,8 @@ def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
         )
         load = f"DiffusionPipeline.from_pretrained(BASE, torch_dtype=dtype{options})"
     # Every component the adapter has, scaled as the sweep scaled it (SDXL: both encoders).
-    components = info.get("lora_components") or (
-        ["text_encoder", "unet"] if info["text_encoder_lora"] else ["unet"]
-    )
     te_scale = info["text_encoder_lora_scale"]
-    weights = {c: info["lora_scale"] if c == "unet" else te_scale for c in components}
+    weights = {c: info["lora_scale"] if c == "unet" else te_scale for c in info["lora_components"]}
     return "\n".join(
         [
             "import torch",

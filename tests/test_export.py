@@ -80,7 +80,7 @@ def test_the_sdxl_card_scales_both_text_encoders_as_the_sweep_did(tmp_path: Path
     """The card's snippet set only ``unet`` and ``text_encoder``: diffusers left
     ``text_encoder_2`` at scale 1.0 where the sweep had scored 0.25, another image."""
     folder = _trained_sdxl_adapter(tmp_path)
-    family, components = lora_layout(folder, LORA_WEIGHTS)
+    family, components = lora_layout(folder / LORA_WEIGHTS)
     assert (family, components) == ("sdxl", ["text_encoder", "text_encoder_2", "unet"])
 
     setting = InferenceSetting(

@@ -12,7 +12,7 @@ import yaml
 
 from ._helpers import BASE_OVERRIDES, REPO, VENV_BIN, cli_env, deep_merge
 
-__all__ = ["BASE_OVERRIDES", "OVERRIDES", "REPO", "VENV_BIN", "dvc", "dvc_project", "git", "run_ok"]
+__all__ = ["OVERRIDES", "dvc", "dvc_project", "git", "run_ok"]
 
 PROJECT = (".gitignore", ".dvcignore", "dvc.yaml", "experiments", "harness", "metrics", "reports")
 # The user's own overrides in experiments/config.yaml: the shrunk tiny preset, 2 runs of 2 points.

@@ -17,7 +17,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from ._dvc_project import VENV_BIN, dvc, dvc_project, git, run_ok
+from ._dvc_project import dvc, dvc_project, git, run_ok
+from ._helpers import VENV_BIN
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ._dvc_project import BASE_OVERRIDES, OVERRIDES, REPO, VENV_BIN, dvc, dvc_project, run_ok
-from ._helpers import deep_merge
+from ._dvc_project import OVERRIDES, dvc, dvc_project, run_ok
+from ._helpers import BASE_OVERRIDES, REPO, VENV_BIN, deep_merge
 
 pytestmark = pytest.mark.slow
 

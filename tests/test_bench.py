@@ -276,6 +276,14 @@ def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
     assert compiled and float(compiled[1]) == pytest.approx(
         figures["generation, regional compile"] / base, 1e-3
     )
+    # PNG writing (default variant): encoded on the writer threads, some of it waited for.
+    writing = {
+        m[1]: float(m[2])
+        for m in (re.match(r"(PNG \S+), .+?\s+(\S+) ms/image", line) for line in lines)
+        if m
+    }
+    assert set(writing) == {"PNG encoding", "PNG writing"}, lines
+    assert writing["PNG encoding"] > 0 and writing["PNG writing"] >= 0
 
 
 def test_a_bad_reference_is_refused_naming_the_expected_form() -> None:

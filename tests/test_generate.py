@@ -236,3 +236,78 @@ def test_compiled_blocks_are_compiled_only_while_generating(tiny_sd15: Any) -> N
     assert all(b._compiled_call_impl is None for b in blocks)
     with compiled_blocks(tiny_sd15.pipeline, False):
         assert all(b._compiled_call_impl is None for b in blocks)
+
+
+def test_written_images_are_the_pipelines_own_pil_images(tiny_sd15: Any, tmp_path: Path) -> None:
+    """The PNGs (uint8 on the device, encoded on writer threads) hold exactly the pixels of
+    diffusers' own ``output_type="pil"`` images for the same prompts and seeds."""
+    records = run(tiny_sd15, tmp_path, seeds=[3], resolution=64)
+    prompts = [r.prompt for r in records]
+    with torch.inference_mode():
+        own = tiny_sd15.pipeline(
+            prompt=prompts,
+            generator=[torch.Generator("cpu").manual_seed(3) for _ in prompts],
+            guidance_scale=FAST.guidance_scale,
+            num_inference_steps=FAST.num_inference_steps,
+            height=64,
+            width=64,
+        ).images
+    for record, image in zip(records, own, strict=True):
+        assert np.array_equal(pixels(tmp_path, record), np.asarray(image)), record.file
+
+
+def test_to_uint8_rounds_as_diffusers_numpy_to_pil() -> None:
+    """Every level boundary (k + 0.5) / 255 and its float neighbours, in float32 and bf16."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from harness.generate import to_uint8
+
+    edges = (torch.arange(256, dtype=torch.float64) + 0.5) / 255
+    values = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.rand(4000).double()])
+    values = values.float().clamp(0, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        images = values[: 3 * 4 * 4 * 25].reshape(25, 3, 4, 4).to(dtype)
+        theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+        ours = to_uint8(images)
+        assert ours.shape == (25, 4, 4, 3) and ours.dtype == np.uint8
+        assert np.array_equal(ours, np.stack([np.asarray(i) for i in theirs])), dtype
+
+
+def test_image_writer_bounds_what_waits_and_names_a_failed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submit blocks once max_pending images wait (memory stays bounded when encoding is
+    slower than generation); a write that fails is raised on leaving the block, naming the file."""
+    import threading
+    import time
+
+    from harness import generate
+    from harness.generate import ImageWriter, WriteTimes
+
+    release = threading.Event()
+    real_save = generate._save_png_atomically
+
+    def slow_save(image: Any, path: Path) -> None:
+        release.wait(10)
+        real_save(image, path)
+
+    monkeypatch.setattr(generate, "_save_png_atomically", slow_save)
+    pixels_ = np.zeros((8, 8, 3), np.uint8)
+    times = WriteTimes()
+    with ImageWriter(tmp_path, threads=1, max_pending=2, times=times) as writer:
+        writer.submit(pixels_, "a/0.png")
+        writer.submit(pixels_, "a/1.png")
+        third = threading.Thread(target=writer.submit, args=(pixels_, "a/2.png"))
+        third.start()
+        third.join(0.5)
+        assert third.is_alive()  # blocked: two images wait already
+        release.set()
+        third.join(10)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["0.png", "1.png", "2.png"]
+    assert times.images == 3 and times.wait_s > 0.3 and times.encode_s > 0.3
+
+    (tmp_path / "blocked").write_text("a file where the setting's folder goes")
+    start = time.perf_counter()
+    with pytest.raises(HarnessError, match=r"blocked/0\.png"), ImageWriter(tmp_path) as writer:
+        writer.submit(pixels_, "blocked/0.png")
+    assert time.perf_counter() - start < 10

@@ -9,7 +9,9 @@ warm-up (which also pays for compilation):
 - ``regional compile``: ``eval.compile``, the denoiser's repeated blocks under torch.compile.
 
 Printed: images/s of each (median, min, max) and each option's speed-up over the default; the
-last line is ``compile_ratio=<float>``. The same images come out of all three (to rounding),
+time PNG encoding takes on the writer threads and the time generation stood waiting for them
+(what overlapping them saves, and whether they keep up); the last line is
+``compile_ratio=<float>``. The same images come out of all three (to rounding),
 so the faster option can be switched on without changing any score.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +29,7 @@ from harness.bench.stats import Figure, interleaved
 if TYPE_CHECKING:
     from harness.models import LoadedModel
 
-__all__ = ["VARIANTS", "generation_lines", "measure_generation"]
+__all__ = ["VARIANTS", "GenerationPass", "generation_lines", "measure_generation"]
 
 VARIANTS = {
     "runtime LoRA": {},
@@ -35,11 +38,20 @@ VARIANTS = {
 }
 
 
+@dataclass(frozen=True)
+class GenerationPass:
+    """One timed pass: images/s, and PNG writing's milliseconds per image."""
+
+    images_per_s: float
+    encode_ms: float  # on the writer threads, overlapped with generation
+    wait_ms: float  # generation waiting for the writers
+
+
 def measure_generation(
     inputs: BenchInputs, loaded: LoadedModel, work: Path, repeats: int
-) -> dict[str, list[float]]:
-    """Images/s of each variant over ``repeats`` interleaved passes (after a warm-up)."""
-    from harness.generate import Speed, generate_images
+) -> dict[str, list[GenerationPass]]:
+    """Each variant's passes: ``repeats`` interleaved ones (after a warm-up)."""
+    from harness.generate import Speed, WriteTimes, generate_images
     from harness.train import train_lora
 
     cfg = inputs.cfg
@@ -48,8 +60,9 @@ def measure_generation(
     passes = [0]
 
     def variant(name: str, options: dict[str, Any]) -> Any:
-        def run() -> float:
+        def run() -> GenerationPass:
             passes[0] += 1
+            writes = WriteTimes()
             sync_device(loaded.device)
             started = time.perf_counter()
             records = generate_images(
@@ -65,17 +78,26 @@ def measure_generation(
                 batch_size=cfg.eval.batch_size,
                 progress=False,
                 speed=Speed(**options),
+                writes=writes,
             )
             sync_device(loaded.device)
-            return len(records) / (time.perf_counter() - started)
+            n = max(len(records), 1)
+            return GenerationPass(
+                images_per_s=len(records) / (time.perf_counter() - started),
+                encode_ms=1000 * writes.encode_s / n,
+                wait_ms=1000 * writes.wait_s / n,
+            )
 
         return run
 
     return interleaved({n: variant(n, o) for n, o in VARIANTS.items()}, repeats)
 
 
-def generation_lines(inputs: BenchInputs, runs: dict[str, list[float]], device: str) -> list[str]:
-    """The report: a header, images/s per variant, the speed-ups, ``compile_ratio=`` last."""
+def generation_lines(
+    inputs: BenchInputs, runs: dict[str, list[GenerationPass]], device: str
+) -> list[str]:
+    """The report: a header, images/s per variant, PNG writing, the speed-ups,
+    ``compile_ratio=`` last."""
     images = len(inputs.templates) * len(inputs.seeds) * len(inputs.settings)
     lines = [
         f"{images} images per pass ({len(inputs.templates)} prompts x {len(inputs.seeds)} seeds "
@@ -83,9 +105,19 @@ def generation_lines(inputs: BenchInputs, runs: dict[str, list[float]], device: 
         f"median of {len(runs['runtime LoRA'])} interleaved repeats after a warm-up"
     ]
     lines += [
-        Figure(f"generation, {name}", "images/s", tuple(r)).line() for name, r in runs.items()
+        Figure(f"generation, {name}", "images/s", tuple(p.images_per_s for p in r)).line()
+        for name, r in runs.items()
     ]
-    base = statistics.median(runs["runtime LoRA"])
-    fused = statistics.median(runs["fused LoRA"]) / base
-    compiled = statistics.median(runs["regional compile"]) / base
+    default = runs["runtime LoRA"]
+    lines += [
+        Figure(
+            "PNG encoding, on writer threads", "ms/image", tuple(p.encode_ms for p in default)
+        ).line(),
+        Figure(
+            "PNG writing, generation waited", "ms/image", tuple(p.wait_ms for p in default)
+        ).line(),
+    ]
+    base = statistics.median(p.images_per_s for p in default)
+    fused = statistics.median(p.images_per_s for p in runs["fused LoRA"]) / base
+    compiled = statistics.median(p.images_per_s for p in runs["regional compile"]) / base
     return [*lines, f"fused_ratio={fused:.4f}", f"compile_ratio={compiled:.4f}"]

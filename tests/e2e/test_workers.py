@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -151,6 +152,17 @@ def test_three_local_workers_cover_a_grid_once_and_finish_a_killed_workers_run(
     assert status.returncode == 0, report
     assert "runs: 4 complete, 1 fail" in report and "0 of 4 runs left" in report, report
     assert "unused-pw" not in report
+    # Each attempt counts for the worker it ran under: the killed worker's slot shows its
+    # failed attempt (counted by claim holder, it moved to the retry's worker).
+    slots = [line for line in report.splitlines() if line.startswith("  slot ")]
+    assert len(slots) == 3, report
+    assert sum("1 fail" in line for line in slots) == 1, report
+    completes = [re.search(r"(\d+) complete", line) for line in slots]
+    assert sum(int(m.group(1)) for m in completes if m) == 4, report
+    # A caller whose own config has another budget is told the workers' one.
+    run_cli(project, ["-S", "sweep.n_trials=1", "sweep", "status"], env, tmp_path / "status2.log")
+    other = (tmp_path / "status2.log").read_text()
+    assert "0 of 4 runs left (the workers' sweep.n_trials; this command's config says 1)" in other
 
 
 class _ConnectionSampler:

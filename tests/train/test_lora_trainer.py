@@ -624,3 +624,51 @@ def test_evaluation_seeds_among_the_class_images_seeds_are_a_config_error() -> N
     assert len(str(err.value).splitlines()) == 1
     # Without prior preservation there are no class images to collide with.
     validate_config({"preset": "t", "eval": {"seed": start}})
+
+
+@pytest.mark.gpu
+def test_sd15_lora_at_512_px_batch_1_peaks_under_16_gib(tmp_path: Path) -> None:
+    """The memory target of the speed issue: the SD 1.5 architecture (random weights, built
+    on the GPU) in bf16, LoRA at 512 px and batch 1 with the heaviest choices of the
+    sd15-lora preset's space (rank 32, the text encoder trained too, prior preservation: a
+    class image beside each instance image) peaks under 16 GiB of CUDA memory, everything
+    on the device counted (all three networks, optimizer states, activations). The figure
+    is printed (``pytest -rP``, as ``.ci/gpu-check`` runs it)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = load_pipeline(ModelConfig(pretrained="random://sd15", device="cuda", dtype="bfloat16"))
+    photos = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((512, 512, 3), 40 * i, np.uint8)).save(path)
+        photos.append(path)
+    cfg = HarnessConfig.model_validate(
+        {
+            "preset": "t",
+            "model": {"pretrained": "random://sd15", "device": "cuda", "dtype": "bfloat16"},
+            "data": {"class_name": "dog", "resolution": 512},
+            "train": {
+                "max_steps": 3,
+                "checkpoint_steps": [3],
+                "batch_size": 1,
+                "rank": 32,
+                "train_text_encoder": True,
+                "prior_preservation": True,
+                "mixed_precision": "bf16",
+            },
+        }
+    )
+    torch.cuda.reset_peak_memory_stats()
+    pairs = [(p, "a photo of sks dog") for p in photos[:2]]
+    result = train_lora(
+        cfg, model, pairs, tmp_path / "run", class_images=photos[2:], progress=False
+    )
+    assert result.status == "completed", result.reason
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    logged = max(r["cuda_max_memory_mb"] for r in _log(tmp_path / "run")) / 1024
+    print(
+        f"SD 1.5 LoRA at 512 px, batch 1 (rank 32, text encoder, prior preservation), bf16, "
+        f"{torch.cuda.get_device_name()}: peak CUDA memory {peak_gib:.2f} GiB "
+        f"(training steps logged {logged:.2f} GiB)"
+    )
+    assert 0 < logged <= peak_gib < 16.0

@@ -380,3 +380,26 @@ def test_module_entry_point_fails_in_one_line_on_a_missing_params_file(tmp_path:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "nope.yaml" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_naive_path_trains_the_same_points_at_the_configured_batch_size(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example script run as a researcher runs it for the same points: with
+    ``--train_batch_size`` = ``train.batch_size`` (3 here), so each of its steps denoises 3
+    photos (cycling through the subject's), as the harness's steps do. At batch 1 it did a
+    third of the harness's training work and its steps/s and MFU were not comparable."""
+    from harness.bench import _inputs
+    from harness.bench.naive import _train
+    from harness.models import load_pipeline
+
+    cfg = _in_process(tmp_path, repo_root, monkeypatch)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 3})})
+    inputs = _inputs(cfg, tmp_path / "w")
+    pipe = load_pipeline(inputs.cfg.model).pipeline
+    batches: list[int] = []
+    pipe.unet.register_forward_hook(lambda _m, args, _out: batches.append(args[0].shape[0]))
+    checkpoints = _train(inputs, pipe, tmp_path / "train", "cpu")
+    assert batches == [3, 3]  # 2 steps of 3 photos
+    assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    assert all((c / "pytorch_lora_weights.safetensors").is_file() for c in checkpoints)

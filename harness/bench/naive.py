@@ -1,7 +1,8 @@
 """The naive path: what researchers do today with diffusers' example scripts.
 
-Training follows ``examples/dreambooth/train_dreambooth_lora.py``: every step encodes its photo
-with the VAE and its caption with the text encoder again (no latent or text-embedding cache),
+Training follows ``examples/dreambooth/train_dreambooth_lora.py`` at ``--train_batch_size`` =
+``train.batch_size``: every step encodes its photos with the VAE and their captions with the
+text encoder again (no latent or text-embedding cache),
 and ``--checkpointing_steps`` saves the LoRA with ``save_lora_weights``. Evaluation is the
 usual inference script: one freshly loaded pipeline, ``load_lora_weights`` per checkpoint, one
 image per pipeline call for every inference setting, and every point scored from scratch (the
@@ -63,19 +64,19 @@ def naive_path(inputs: BenchInputs, load: Any, scorer: Any, work: Path, device: 
 
 
 def _train(inputs: BenchInputs, pipe: Any, out_dir: Path, device: Any) -> list[Path]:
-    """The example script's loop: batch size 1, AdamW, epsilon or v-prediction MSE."""
-    import numpy as np
+    """The example script's loop at ``--train_batch_size`` = ``train.batch_size`` (the same
+    points as the harness's): AdamW, epsilon or v-prediction MSE, every photo VAE-encoded and
+    every caption text-encoded at every step (no caches)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    from PIL import Image
 
     from harness.train.lora import lora_configs
 
     cfg = inputs.cfg
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
@@ -88,22 +89,14 @@ def _train(inputs: BenchInputs, pipe: Any, out_dir: Path, device: Any) -> list[P
     saved = []
     unet.train()
     for step in range(1, cfg.train.max_steps + 1):
-        photo, caption = inputs.pairs[(step - 1) % len(inputs.pairs)]
-        array = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(device, dtype)
+        pixels, ids = _example_batch(inputs, pipe.tokenizer, step)
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            ids = tokenizer(
-                caption,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            states = text_encoder(ids)[0]
+            latents = vae.encode(pixels.to(device, dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            states = text_encoder(ids.to(device))[0]
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
         steps = noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (1,), generator=generator).to(device)
+        t = torch.randint(0, steps, (len(latents),), generator=generator).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, states).sample
         target = (
@@ -121,6 +114,30 @@ def _train(inputs: BenchInputs, pipe: Any, out_dir: Path, device: Any) -> list[P
             StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers)
             saved.append(folder)
     return saved
+
+
+def _example_batch(inputs: BenchInputs, tokenizer: Any, step: int) -> tuple[Any, Any]:
+    """Step ``step``'s ``train.batch_size`` photos (cycling through the subject's, as an
+    epoch-looping dataloader does) as pixels in [-1, 1], and their captions' token ids."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    size = inputs.cfg.train.batch_size
+    pairs = [inputs.pairs[((step - 1) * size + i) % len(inputs.pairs)] for i in range(size)]
+    arrays = [
+        np.asarray(Image.open(photo).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        for photo, _ in pairs
+    ]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    ids = tokenizer(
+        [caption for _, caption in pairs],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return pixels, ids
 
 
 def _generate(

@@ -598,7 +598,7 @@ def export_cmd(
     """Export the best point as a LoRA with its inference setting and a model card.
 
     The point is the evaluate stage's best (confirmed on fresh seeds), else the sweep's best,
-    or --point. The folder holds the adapter (diffusers; kohya too when the run wrote it),
+    or --point. The folder holds the adapter (diffusers, and kohya for A1111 and ComfyUI),
     inference.json, an example image and README.md, whose diffusers snippet reproduces it.
     """
 

@@ -8,7 +8,8 @@ diffusers' defaults, is not what was scored; the export keeps the two together::
 
     runs/export/point-<n>/
         pytorch_lora_weights.safetensors   diffusers format (pipe.load_lora_weights(folder))
-        kohya_lora.safetensors             A1111/ComfyUI format, when the run wrote one
+        kohya_lora.safetensors             A1111/ComfyUI format (the run's, else converted;
+                                           none for DoRA and rsLoRA adapters)
         inference.json                     base model, prompt, setting, scores, training
         example.png                        the point's image of the card's prompt and seed
         README.md                          model card with the diffusers snippet
@@ -20,6 +21,7 @@ selection score, or ``--point N``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from harness.sweep.confirm import METRICS, optional_number
 from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
 
 __all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "lora_layout", "model_card"]
+
+logger = logging.getLogger(__name__)
 
 EXPORT_DIR = "runs/export"
 INFERENCE_JSON = "inference.json"
@@ -125,15 +129,18 @@ def export_point(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     files = [Path(shutil.copy2(folder / weights, out / LORA_WEIGHTS))]
-    if (folder / KOHYA_FILE).is_file():
-        files.append(Path(shutil.copy2(folder / KOHYA_FILE, out / KOHYA_FILE)))
+    family, components = lora_layout(folder / weights)
+    kohya, why_not = _kohya_file(folder, weights, out, family)
+    files += [kohya] if kohya else []
     setting = point_setting(cfg, row)
     example = _example(root, row)
     if example is not None:
         files.append(Path(shutil.copy2(root / example["image"], out / EXAMPLE_IMAGE)))
     info = inference_info(cfg, root, row, setting, token, class_name, example)
-    info["family"], info["lora_components"] = lora_layout(folder / weights)
-    info["kohya"] = (out / KOHYA_FILE).is_file()
+    info["family"], info["lora_components"] = family, components
+    info["kohya"] = kohya is not None
+    if why_not:
+        info["kohya_not_written"] = why_not
     (out / INFERENCE_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(model_card(info), encoding="utf-8")
     files += [out / INFERENCE_JSON, out / "README.md"]
@@ -159,6 +166,24 @@ def lora_layout(weights: Path) -> tuple[str, list[str]]:
     if family is None:
         family = "sdxl" if "text_encoder_2" in components else "sd15"
     return str(family), components
+
+
+def _kohya_file(folder: Path, weights: str, out: Path, family: str) -> tuple[Path | None, str]:
+    """``out/kohya_lora.safetensors`` (A1111, ComfyUI): the run's own when it wrote one
+    (``train.export_kohya``), else converted from the diffusers file; or why there is none
+    (DoRA and rsLoRA adapters have no kohya form), logged."""
+    from harness.train.kohya import KohyaUnsupported, kohya_from_diffusers
+    from harness.train.state import CHECKPOINT_JSON
+
+    if (folder / KOHYA_FILE).is_file():
+        return Path(shutil.copy2(folder / KOHYA_FILE, out / KOHYA_FILE)), ""
+    meta = folder / CHECKPOINT_JSON
+    layout = json.loads(meta.read_text()).get("unet_layout") if meta.is_file() else None
+    try:
+        return kohya_from_diffusers(folder / weights, out / KOHYA_FILE, family, layout), ""
+    except KohyaUnsupported as exc:
+        logger.warning("export: no %s: %s", KOHYA_FILE, exc)
+        return None, str(exc)
 
 
 def _example(root: Path, row: dict[str, Any]) -> dict[str, Any] | None:

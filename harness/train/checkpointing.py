@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from harness.train.distributed import gather_rng, own_rng
+from harness.train.kohya import UNET_LAYOUT_KEYS
 from harness.train.lora import export_kohya, save_diffusers_lora
 from harness.train.records import CheckpointInfo, TrainingError, TrainResult
 from harness.train.session import TrainingSession
@@ -126,7 +127,9 @@ def _write_files(
             "grad_scaler": scaler.state_dict() if scaler else None,
         },
     )
-    return {**meta, "loss": loss, "components": sorted(peft_state)}
+    unet = session.model.pipeline.unet.config
+    layout = {key: unet[key] for key in UNET_LAYOUT_KEYS if key in unet}
+    return {**meta, "loss": loss, "components": sorted(peft_state), "unet_layout": layout}
 
 
 def save_checkpoint(

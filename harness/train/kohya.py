@@ -21,6 +21,7 @@ diffusers' ``load_lora_weights`` converts exactly these names back
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,23 @@ from peft import LoraConfig
 from harness.models.ldm import ldm_unet_module_name
 from harness.train.tensorfiles import atomic_write_tensors
 
-__all__ = ["export_kohya", "kohya_module_name", "kohya_state_dict"]
+__all__ = [
+    "UNET_LAYOUT_KEYS",
+    "KohyaUnsupported",
+    "export_kohya",
+    "kohya_from_diffusers",
+    "kohya_module_name",
+    "kohya_state_dict",
+]
+
+# The UNet config keys the SDXL (sgm) module names depend on (harness.models.ldm); a checkpoint
+# records them (checkpoint.json's ``unet_layout``) so its file converts without the model.
+UNET_LAYOUT_KEYS = ("layers_per_block", "block_out_channels", "up_block_types")
+
+
+class KohyaUnsupported(ValueError):
+    """The adapter has no kohya equivalent (DoRA, rsLoRA) or lacks what naming it needs."""
+
 
 _TE_PREFIX = {
     "sd15": {"text_encoder": "lora_te_"},
@@ -120,3 +137,71 @@ def export_kohya(
         metadata["ss_network_alpha"] = f"{float(unet.lora_alpha):g}"
     atomic_write_tensors(out_file, tensors, metadata)
     return out_file
+
+
+# The suffixes of a diffusers-format file (harness.train.lora.save_diffusers_lora: diffusers'
+# spellings, and PEFT's own where diffusers' converter keeps them) -> PEFT's
+_FROM_DIFFUSERS = {
+    ".lora_A.weight": ".lora_A.weight",
+    ".lora_B.weight": ".lora_B.weight",
+    ".lora.down.weight": ".lora_A.weight",
+    ".lora.up.weight": ".lora_B.weight",
+    ".lora_linear_layer.down.weight": ".lora_A.weight",
+    ".lora_linear_layer.up.weight": ".lora_B.weight",
+}
+
+
+def kohya_from_diffusers(
+    weights: Path,
+    out_file: Path,
+    family: str,
+    unet_layout: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``out_file`` in the kohya layout from a diffusers-format LoRA file as
+    :func:`harness.train.lora.save_diffusers_lora` writes it (its adapter configs, alphas
+    included, in the file's ``lora_adapter_metadata``), with the same tensors: what
+    ``harness export`` ships for a run that did not set ``train.export_kohya``.
+
+    Raises:
+        KohyaUnsupported: DoRA or rsLoRA adapters, a file without adapter metadata, or an SDXL
+            UNet adapter without ``unet_layout`` (its kohya names need the UNet's layout).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        meta = json.loads((handle.metadata() or {}).get("lora_adapter_metadata") or "{}")
+        names = handle.keys()  # a safe_open handle is not iterable
+        tensors = {key: handle.get_tensor(key) for key in names}
+    peft_state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        component, path = key.split(".", 1)
+        suffix = next((s for s in _FROM_DIFFUSERS if path.endswith(s)), None)
+        if suffix is None:
+            raise KohyaUnsupported(f"{weights}: {key} has no kohya equivalent (DoRA?)")
+        peft_state.setdefault(component, {})[
+            path.removesuffix(suffix) + _FROM_DIFFUSERS[suffix]
+        ] = value
+    configs = {c: _config_from_metadata(weights, meta, c) for c in peft_state}
+    if family == "sdxl" and "unet" in peft_state and unet_layout is None:
+        raise KohyaUnsupported(
+            f"{weights}: an SDXL UNet adapter's kohya names need the UNet layout, which its "
+            "checkpoint.json lacks (written before it was recorded): train with "
+            "train.export_kohya: true"
+        )
+    return export_kohya(out_file, family, peft_state, configs, unet_layout)
+
+
+def _config_from_metadata(weights: Path, meta: Mapping[str, Any], component: str) -> LoraConfig:
+    """The LoRA config of ``component`` from diffusers' packed metadata (``<component>.<key>``)."""
+    mine = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(component + ".")}
+    if "r" not in mine or "lora_alpha" not in mine:
+        raise KohyaUnsupported(f"{weights}: no adapter metadata for {component} (its alpha)")
+    if mine.get("use_dora") or mine.get("use_rslora"):
+        kind = "DoRA" if mine.get("use_dora") else "rsLoRA"
+        raise KohyaUnsupported(f"{weights}: {component} is a {kind} adapter, which kohya lacks")
+    return LoraConfig(
+        r=int(mine["r"]),
+        lora_alpha=mine["lora_alpha"],  # as trained (an int or a float)
+        alpha_pattern=dict(mine.get("alpha_pattern") or {}),
+        rank_pattern=dict(mine.get("rank_pattern") or {}),
+    )

@@ -209,6 +209,17 @@ def test_harness_export_writes_a_lora_whose_card_reproduces_the_best_point(
     )  # fmt: skip
     harness = np.asarray(Image.open(tmp_path / "harness" / made.file).convert("RGB"), dtype=int)
     assert np.abs(sample - harness).max() <= 2  # the same image, to float rounding
+    # The run set no train.export_kohya: the export converted the diffusers file, and
+    # diffusers' loader reads it as the same adapter (A1111 and ComfyUI read this layout).
+    assert info["kohya"] is True and "kohya_not_written" not in info, info
+    (from_kohya,) = generate_images(
+        tiny_sd15, templates=[example["prompt"]], token=info["token"],
+        class_name=info["class_name"], seeds=[example["seed"]], settings=[setting],
+        out_dir=tmp_path / "kohya", adapter=folder / "kohya_lora.safetensors",
+        resolution=info["resolution"], batch_size=1,
+    )  # fmt: skip
+    kohya = np.asarray(Image.open(tmp_path / "kohya" / from_kohya.file).convert("RGB"), dtype=int)
+    assert np.abs(kohya - harness).max() <= 2
     # ... and the point's own image (generated in a batch: a few levels apart at most).
     shown = np.asarray(Image.open(folder / "example.png").convert("RGB"), dtype=int)
     assert np.abs(sample - shown).mean() < 1.5

@@ -9,6 +9,7 @@ names under ``lora_te_`` (SD 1.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL). diffu
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from harness.config import HarnessConfig, ModelConfig
 from harness.models import load_pipeline
@@ -164,8 +165,9 @@ def _sample(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, image
 
 
-def _compare_loaders(family: str, result: TrainResult) -> None:
-    """Same embeddings and images from the kohya file as from the diffusers file; not base."""
+def _compare_loaders(family: str, result: TrainResult, kohya_file: Path | None = None) -> None:
+    """Same embeddings and images from the kohya file (the run's, or ``kohya_file``) as from
+    the diffusers file; not base."""
     pipe = load_pipeline(ModelConfig(pretrained=f"tiny://{family}", device="cpu")).pipeline
     base = _sample(pipe)
     ckpt = result.checkpoints[-1]
@@ -173,7 +175,7 @@ def _compare_loaders(family: str, result: TrainResult) -> None:
     reference = _sample(pipe)
     pipe.unload_lora_weights()
     assert torch.equal(_sample(pipe)[1], base[1])
-    pipe.load_lora_weights(str(ckpt.kohya_path), adapter_name="kohya")
+    pipe.load_lora_weights(str(kohya_file or ckpt.kohya_path), adapter_name="kohya")
     components = {c for c, names in pipe.get_list_adapters().items() if "kohya" in names}
     expected = {"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set())
     assert components == expected
@@ -296,3 +298,47 @@ def test_every_module_name_round_trips_through_diffusers_kohya_converter(family:
     ]
     assert len(set(names)) == len(names)
     assert _through_diffusers_converter(pipe, names) == modules
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_diffusers_file_converts_to_the_kohya_file_training_writes(
+    family: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``harness export`` converts a run's diffusers file when the run did not set
+    ``train.export_kohya``: the same tensors and alphas as the file training writes (SDXL's
+    sgm names from the UNet layout its checkpoint.json records), and diffusers' loader gives
+    the diffusers file's images from it."""
+    from harness.train.kohya import kohya_from_diffusers
+
+    result: TrainResult = request.getfixturevalue(f"{family}_run")
+    ckpt = result.checkpoints[-1]
+    layout = json.loads((ckpt.path / "checkpoint.json").read_text())["unet_layout"]
+    weights = ckpt.path / "pytorch_lora_weights.safetensors"
+    out = kohya_from_diffusers(weights, tmp_path / "kohya.safetensors", family, layout)
+    ours, theirs = load_file(str(out)), load_file(str(ckpt.kohya_path))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), family
+    _compare_loaders(family, result, out)
+
+
+def test_dora_and_a_layoutless_sdxl_file_are_refused_naming_the_file(
+    sdxl_run: TrainResult, tmp_path: Path
+) -> None:
+    """DoRA has no kohya form (diffusers' loader drops its magnitudes): refused, not a file
+    that loads as another adapter; an SDXL file without the UNet layout cannot be named."""
+    from harness.train.kohya import KohyaUnsupported, kohya_from_diffusers
+
+    weights = sdxl_run.checkpoints[-1].path / "pytorch_lora_weights.safetensors"
+    with pytest.raises(KohyaUnsupported, match="UNet layout") as layoutless:
+        kohya_from_diffusers(weights, tmp_path / "k.safetensors", "sdxl", None)
+    assert str(weights) in str(layoutless.value)
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata, names = handle.metadata(), handle.keys()
+        tensors = {k: handle.get_tensor(k) for k in names}
+    meta = json.loads(metadata["lora_adapter_metadata"])
+    meta["unet.use_dora"] = True
+    dora = tmp_path / "dora.safetensors"
+    save_file(tensors, str(dora), metadata={**metadata, "lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(KohyaUnsupported, match="unet is a DoRA adapter"):
+        kohya_from_diffusers(dora, tmp_path / "k.safetensors", "sdxl", {"layers_per_block": 2})
+    assert not (tmp_path / "k.safetensors").exists()

@@ -45,7 +45,7 @@ typecheck: install
 # processes) alone on a quiet machine, since their timing is what they check.
 TEST_PROCESSES ?= 2
 unit: install
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder -m "not cluster"
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder -m "not cluster" --durations=25
 	$(BIN)/python -m pytest -m cluster
 
 test: lint typecheck unit

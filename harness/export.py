@@ -181,9 +181,12 @@ def _kohya_file(folder: Path, weights: str, out: Path, family: str) -> tuple[Pat
     layout = json.loads(meta.read_text()).get("unet_layout") if meta.is_file() else None
     try:
         return kohya_from_diffusers(folder / weights, out / KOHYA_FILE, family, layout), ""
-    except KohyaUnsupported as exc:
-        logger.warning("export: no %s: %s", KOHYA_FILE, exc)
-        return None, str(exc)
+    except (KohyaUnsupported, KeyError, ValueError) as exc:
+        # A module outside the standard SD layout has no kohya name either (KeyError,
+        # ValueError): the diffusers file, already exported, is what this point ships.
+        reason = str(exc) if isinstance(exc, KohyaUnsupported) else f"no kohya name: {exc}"
+        logger.warning("export: no %s: %s", KOHYA_FILE, reason)
+        return None, reason
 
 
 def _example(root: Path, row: dict[str, Any]) -> dict[str, Any] | None:

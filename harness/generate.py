@@ -45,6 +45,7 @@ __all__ = [
     "GeneratedImage",
     "ImageWriter",
     "Speed",
+    "WriteTimes",
     "adapter_loaded",
     "compiled_blocks",
     "format_prompt",
@@ -52,6 +53,7 @@ __all__ = [
     "lora_fused",
     "make_scheduler",
     "resolve_adapter",
+    "to_uint8",
 ]
 
 logger = logging.getLogger(__name__)

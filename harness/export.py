@@ -156,16 +156,21 @@ def lora_layout(weights: Path) -> tuple[str, list[str]]:
     the file (without one, a second text encoder means SDXL)."""
     from safetensors import safe_open
 
-    from harness.train.state import CHECKPOINT_JSON
-
     with safe_open(str(weights), framework="pt") as handle:
         keys = handle.keys()  # names only: no tensor is read
     components = sorted({key.split(".", 1)[0] for key in keys})
-    meta = weights.parent / CHECKPOINT_JSON
-    family = json.loads(meta.read_text()).get("family") if meta.is_file() else None
+    family = _checkpoint_meta(weights.parent).get("family")
     if family is None:
         family = "sdxl" if "text_encoder_2" in components else "sd15"
     return str(family), components
+
+
+def _checkpoint_meta(folder: Path) -> dict[str, Any]:
+    """The ``checkpoint.json`` of an adapter's checkpoint folder ({} for a bare file's folder)."""
+    from harness.train.state import CHECKPOINT_JSON
+
+    meta = folder / CHECKPOINT_JSON
+    return dict(json.loads(meta.read_text())) if meta.is_file() else {}
 
 
 def _kohya_file(folder: Path, weights: str, out: Path, family: str) -> tuple[Path | None, str]:
@@ -173,12 +178,10 @@ def _kohya_file(folder: Path, weights: str, out: Path, family: str) -> tuple[Pat
     (``train.export_kohya``), else converted from the diffusers file; or why there is none
     (DoRA and rsLoRA adapters have no kohya form), logged."""
     from harness.train.kohya import KohyaUnsupported, kohya_from_diffusers
-    from harness.train.state import CHECKPOINT_JSON
 
     if (folder / KOHYA_FILE).is_file():
         return Path(shutil.copy2(folder / KOHYA_FILE, out / KOHYA_FILE)), ""
-    meta = folder / CHECKPOINT_JSON
-    layout = json.loads(meta.read_text()).get("unet_layout") if meta.is_file() else None
+    layout = _checkpoint_meta(folder).get("unet_layout")
     try:
         return kohya_from_diffusers(folder / weights, out / KOHYA_FILE, family, layout), ""
     except (KohyaUnsupported, KeyError, ValueError) as exc:

@@ -108,8 +108,8 @@ def _write_files(
     peft_state = lora.peft_state_dicts()
     adapter = session.adapter_state()  # the EMA when it is on: what is evaluated and shipped
     save_diffusers_lora(tmp, family, lora, adapter)
+    unet_config = session.model.pipeline.unet.config
     if session.cfg.train.export_kohya:
-        unet_config = session.model.pipeline.unet.config
         export_kohya(tmp / KOHYA_NAME, family, adapter, lora.configs, unet_config)
     flat = {f"{c}::{k}": v for c, sd in peft_state.items() for k, v in sd.items()}
     atomic_write_tensors(tmp / "state" / "lora.safetensors", flat)
@@ -127,8 +127,7 @@ def _write_files(
             "grad_scaler": scaler.state_dict() if scaler else None,
         },
     )
-    unet = session.model.pipeline.unet.config
-    layout = {key: unet[key] for key in UNET_LAYOUT_KEYS if key in unet}
+    layout = {key: unet_config[key] for key in UNET_LAYOUT_KEYS if key in unet_config}
     return {**meta, "loss": loss, "components": sorted(peft_state), "unet_layout": layout}
 
 

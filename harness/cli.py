@@ -530,8 +530,9 @@ def bench_cmd(
         bool,
         typer.Option(
             "--generation",
-            help="Instead: images/s with the LoRA scaled at run time, fused (eval.fuse_lora) "
-            "and with regional torch.compile (eval.compile).",
+            help="Instead: images/s with the LoRA scaled at run time, fused (eval.fuse_lora), "
+            "with regional torch.compile (eval.compile), channels-last (eval.channels_last) "
+            "and all three.",
         ),
     ] = False,
     reference: Annotated[

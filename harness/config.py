@@ -552,6 +552,13 @@ class EvalConfig(InferenceSetting):
         "generating (training stays eager); compiles on first use and again when a new adapter "
         "changes the blocks. `harness bench --generation` measures it.",
     )
+    channels_last: bool = Field(
+        False,
+        description="Run the UNet and the VAE in the channels-last (NHWC) memory layout while "
+        "generating, the layout tensor cores' convolutions prefer (diffusers' speed-up guide); "
+        "the weights are put back in the default layout afterwards. `harness bench "
+        "--generation` measures it.",
+    )
 
     @property
     def setting(self) -> InferenceSetting:

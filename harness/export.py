@@ -125,11 +125,11 @@ def export_point(
     from harness.sweep.confirm import point_setting
 
     folder, weights = resolve_adapter(root / row["adapter"])  # safetensors, checked
+    family, components = lora_layout(folder / weights)  # a bad checkpoint.json: nothing lost
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     files = [Path(shutil.copy2(folder / weights, out / LORA_WEIGHTS))]
-    family, components = lora_layout(folder / weights)
     kohya, why_not = _kohya_file(folder, weights, out, family)
     files += [kohya] if kohya else []
     setting = point_setting(cfg, row)
@@ -166,11 +166,24 @@ def lora_layout(weights: Path) -> tuple[str, list[str]]:
 
 
 def _checkpoint_meta(folder: Path) -> dict[str, Any]:
-    """The ``checkpoint.json`` of an adapter's checkpoint folder ({} for a bare file's folder)."""
+    """The ``checkpoint.json`` of an adapter's checkpoint folder ({} for a bare file's folder).
+
+    Raises:
+        ExportError: the file is there but not a JSON object (naming it), before anything is
+            written.
+    """
     from harness.train.state import CHECKPOINT_JSON
 
     meta = folder / CHECKPOINT_JSON
-    return dict(json.loads(meta.read_text())) if meta.is_file() else {}
+    if not meta.is_file():
+        return {}
+    try:
+        value = json.loads(meta.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{meta}: not a JSON object ({exc})") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{meta}: not a JSON object (a {type(value).__name__})")
+    return value
 
 
 def _kohya_file(folder: Path, weights: str, out: Path, family: str) -> tuple[Path | None, str]:

@@ -47,6 +47,7 @@ __all__ = [
     "Speed",
     "WriteTimes",
     "adapter_loaded",
+    "channels_last",
     "compiled_blocks",
     "format_prompt",
     "generate_images",
@@ -198,15 +199,21 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
 
 @dataclass(frozen=True)
 class Speed:
-    """How generation runs, never what it produces: ``eval.fuse_lora`` and ``eval.compile``."""
+    """How generation runs, never what it produces: ``eval.fuse_lora``, ``eval.compile`` and
+    ``eval.channels_last``."""
 
     fuse_lora: bool = False
     compile: bool = False
+    channels_last: bool = False
 
     @classmethod
     def of(cls, cfg: HarnessConfig) -> Speed:
         """The ``eval`` section's choices."""
-        return cls(fuse_lora=cfg.eval.fuse_lora, compile=cfg.eval.compile)
+        return cls(
+            fuse_lora=cfg.eval.fuse_lora,
+            compile=cfg.eval.compile,
+            channels_last=cfg.eval.channels_last,
+        )
 
 
 @contextmanager
@@ -269,6 +276,31 @@ def compiled_blocks(pipeline: Any, enabled: bool) -> Iterator[None]:
             block._compiled_call_impl = None
 
 
+@contextmanager
+def channels_last(pipeline: Any, enabled: bool) -> Iterator[None]:
+    """The UNet and the VAE (a loaded adapter's convolutions included) in the channels-last
+    memory layout for the block, the default layout after it.
+
+    Convolutions on tensor cores run in NHWC; with NCHW weights every convolution pays for
+    layout transposes. The outputs of a convolution with NHWC weights are NHWC, so the latents
+    need no conversion. Only the layout changes, never a value; converting back matters:
+    safetensors refuses to save non-contiguous tensors, and training follows on the same
+    pipeline. Parameters keep their identity (``Module.to`` sets ``.data``).
+    """
+    if not enabled:
+        yield
+        return
+    found = (getattr(pipeline, name, None) for name in ("unet", "transformer", "vae"))
+    parts: list[Any] = [part for part in found if part is not None]
+    for part in parts:
+        part.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.to(memory_format=torch.contiguous_format)
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -304,7 +336,7 @@ def generate_images(
         batch_size: images per forward pass.
         skip: ``(setting id, prompt index, seed)`` of images that exist already (an earlier,
             smaller evaluation of the same adapter): not generated, not in the result.
-        speed: ``eval.fuse_lora`` and ``eval.compile`` (default: neither).
+        speed: ``eval.fuse_lora``, ``eval.compile`` and ``eval.channels_last`` (default: none).
         writes: filled in with where PNG writing time went (``harness bench --generation``).
 
     Returns:
@@ -330,7 +362,7 @@ def generate_images(
             resolution,
             batch_size,
             bar,
-            speed.fuse_lora,
+            speed,
         )
     _append_manifest(out_dir, records)
     return records
@@ -361,7 +393,7 @@ def _generate_settings(
     resolution: int | None,
     batch_size: int,
     bar: tqdm[Any],
-    fuse: bool = False,
+    speed: Speed,
 ) -> list[GeneratedImage]:
     """Each setting's (prompt index, template, seed) jobs (``jobs[setting.id]``), with
     ``adapter`` loaded once.
@@ -374,6 +406,7 @@ def _generate_settings(
     try:
         with (
             adapter_loaded(pipeline, adapter) as active,
+            channels_last(pipeline, speed.channels_last),  # after loading: the adapter too
             eval_mode(pipeline),
             torch.inference_mode(),
         ):
@@ -385,7 +418,7 @@ def _generate_settings(
                         pipeline, ADAPTER_NAME, setting.lora_scale, setting.text_encoder_lora_scale
                     )
                 pipeline.scheduler = make_scheduler(setting.scheduler, base_scheduler.config)
-                with lora_fused(pipeline, active and fuse):
+                with lora_fused(pipeline, active and speed.fuse_lora):
                     for batch in _batches(jobs[setting.id], batch_size):
                         records += _generate_batch(
                             loaded, batch, token, class_name, setting, writer, adapter, resolution

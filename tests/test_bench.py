@@ -251,13 +251,15 @@ def test_harness_bench_agreement_of_the_sampler_with_a_reference(
 
 
 @pytest.mark.slow
-def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
+def test_harness_bench_generation_measures_every_speed_option(
     repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``harness bench --generation``: images/s of the runtime-scaled LoRA, the fused LoRA and
-    regional compilation on the same images, each setting at least one full batch, and their
-    ratios (``compile_ratio=`` last)."""
+    """``harness bench --generation``: images/s of the runtime-scaled LoRA, the fused LoRA,
+    regional compilation, channels-last and all three together on the same images, each
+    setting at least one full batch, and each option's ratio over the default
+    (``compile_ratio=`` last)."""
     from harness.bench import run_generation
+    from harness.bench.generation import RATIOS
 
     cfg = _in_process(tmp_path, repo_root, monkeypatch)
     # A batch of 3 with 2 prompts and 1 seed: 2 seeds make each setting's batch full.
@@ -267,15 +269,15 @@ def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
     figures = {m["name"]: float(m["median"]) for m in map(GENERATION.match, lines) if m}
     assert set(figures) == {f"generation, {v}" for v in VARIANTS}, lines
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
+    assert not any("MFU" in line for line in lines)  # no bf16 peak to compare with on a CPU
     base = figures["generation, runtime LoRA"]
-    fused = re.fullmatch(r"fused_ratio=(\d+\.\d{4})", lines[-2])
-    compiled = re.fullmatch(r"compile_ratio=(\d+\.\d{4})", lines[-1])
-    assert fused and float(fused[1]) == pytest.approx(
-        figures["generation, fused LoRA"] / base, 1e-3
-    )
-    assert compiled and float(compiled[1]) == pytest.approx(
-        figures["generation, regional compile"] / base, 1e-3
-    )
+    ratios = [re.fullmatch(r"(\w+)=(\d+\.\d{4})", line) for line in lines[-len(RATIOS) :]]
+    assert [m[1] for m in ratios if m] == list(RATIOS), lines
+    assert lines[-1].startswith("compile_ratio=")
+    for match in ratios:
+        assert match and float(match[2]) == pytest.approx(
+            figures[f"generation, {RATIOS[match[1]]}"] / base, 1e-3
+        )
     # PNG writing (default variant): encoded on the writer threads, some of it waited for.
     writing = {
         m[1]: float(m[2])
@@ -284,6 +286,35 @@ def test_harness_bench_generation_measures_fused_lora_and_regional_compile(
     }
     assert set(writing) == {"PNG encoding", "PNG writing"}, lines
     assert writing["PNG encoding"] > 0 and writing["PNG writing"] >= 0
+
+
+def test_generation_lines_give_each_options_mfu_on_a_known_card() -> None:
+    """On a card of known bf16 peak, ``bench --generation`` prints each option's generation
+    MFU: 2 images/s of 10 steps with guidance at 1e12 FLOPs a UNet forward and 5e12 a decode
+    is 2 * 25e12 FLOP/s, 5.056% of an H100's 989e12."""
+    from types import SimpleNamespace
+
+    from harness.bench.flops import ModelFlops
+    from harness.bench.generation import GenerationPass, generation_lines
+    from harness.config import InferenceSetting
+
+    settings = (InferenceSetting(guidance_scale=7.5, num_inference_steps=10),)
+    inputs = SimpleNamespace(templates=("a", "b"), seeds=(0,), settings=settings)
+    runs = {name: [GenerationPass(2.0 * (i + 1), 1.0, 0.0)] for i, name in enumerate(VARIANTS)}
+    flops = ModelFlops(unet_forward=1e12, vae_decode=5e12)
+    card = "cuda (NVIDIA H100 80GB HBM3)"
+    lines = generation_lines(inputs, runs, card, flops)  # type: ignore[arg-type]
+    mfu = {
+        m[1]: float(m[2])
+        for m in (re.match(r"generation MFU, (.+?)\s+(\S+) %", line) for line in lines)
+        if m
+    }
+    assert list(mfu) == list(VARIANTS)
+    assert mfu["runtime LoRA"] == pytest.approx(100 * 2 * 25e12 / 989e12, 1e-3)
+    assert mfu["fused LoRA"] == pytest.approx(2 * mfu["runtime LoRA"], 1e-3)
+    unknown = generation_lines(inputs, runs, "cuda (X1)", flops)  # type: ignore[arg-type]
+    assert not any("MFU" in line for line in unknown)
+    assert any("bf16 peak of cuda (X1) is not known" in line for line in unknown)
 
 
 def test_a_bad_reference_is_refused_naming_the_expected_form() -> None:

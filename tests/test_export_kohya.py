@@ -35,3 +35,33 @@ def test_an_adapter_outside_the_sd_layout_exports_without_a_kohya_file(tmp_path:
     kohya, why = _kohya_file(folder, "pytorch_lora_weights.safetensors", out, "sdxl")
     assert kohya is None and why.startswith("no kohya name:") and "extra_block" in why, why
     assert list(out.iterdir()) == []
+
+
+def test_a_damaged_checkpoint_json_is_an_export_error_naming_it(tmp_path: Path) -> None:
+    """A ``checkpoint.json`` that is not a JSON object (a truncated write, a hand edit) beside
+    the exported adapter: one error naming the file, not a JSON traceback."""
+    import pytest
+
+    from harness.export import ExportError, lora_layout
+
+    folder = tmp_path / "step-000010"
+    folder.mkdir()
+    weights = folder / "pytorch_lora_weights.safetensors"
+    save_file({"unet.a.lora.down.weight": torch.zeros(2, 4)}, str(weights))
+    for damaged in ('{"family": "sd', "[1, 2]"):
+        (folder / "checkpoint.json").write_text(damaged)
+        with pytest.raises(ExportError, match=r"step-000010/checkpoint\.json: not a JSON object"):
+            lora_layout(weights)
+    # Through the export of a point: the earlier export in the way is kept.
+    from harness.export import export_point
+
+    earlier = tmp_path / "export" / "README.md"
+    earlier.parent.mkdir()
+    earlier.write_text("the earlier export")
+    with pytest.raises(ExportError, match=r"checkpoint\.json"):
+        export_point(
+            None, tmp_path, {"adapter": folder.name}, earlier.parent, token="s", class_name="c"
+        )  # type: ignore[arg-type]
+    assert earlier.read_text() == "the earlier export"
+    (folder / "checkpoint.json").write_text('{"family": "sd15"}')
+    assert lora_layout(weights) == ("sd15", ["unet"])

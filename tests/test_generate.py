@@ -311,3 +311,47 @@ def test_image_writer_bounds_what_waits_and_names_a_failed_file(
     with pytest.raises(HarnessError, match=r"blocked/0\.png"), ImageWriter(tmp_path) as writer:
         writer.submit(pixels_, "blocked/0.png")
     assert time.perf_counter() - start < 10
+
+
+def _conv_weights(pipeline: Any) -> list[torch.Tensor]:
+    """Every 4-D weight of the UNet and the VAE (the tensors a memory format applies to)."""
+    return [p for part in (pipeline.unet, pipeline.vae) for p in part.parameters() if p.dim() == 4]
+
+
+def test_channels_last_gives_the_same_images_and_restores_the_layout(
+    tiny_sd15: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``eval.channels_last``: the UNet and the VAE (the adapter's convolutions included) run in
+    NHWC while generating and give the NCHW images; after it every weight is contiguous again
+    (safetensors refuses other strides, and training follows on the same pipeline) with the
+    same values."""
+    from harness.generate import Speed
+
+    lora = random_lora(tiny_sd15.pipeline, tmp_path / "lora")
+    pipeline = tiny_sd15.pipeline
+    before = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    plain = run(tiny_sd15, tmp_path / "plain", seeds=[3], adapter=lora)
+    layouts: list[bool] = []  # per pipeline call: were all 4-D weights NHWC?
+
+    def spying(self: Any, *args: Any, **kwargs: Any) -> Any:
+        weights = _conv_weights(self)
+        layouts.append(
+            bool(weights)
+            and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+        )
+        return original(self, *args, **kwargs)
+
+    original = type(pipeline).__call__
+    monkeypatch.setattr(type(pipeline), "__call__", spying)
+    nhwc = run(
+        tiny_sd15, tmp_path / "nhwc", seeds=[3], adapter=lora, speed=Speed(channels_last=True)
+    )
+    monkeypatch.undo()
+    assert layouts == [True]
+    for a, b in zip(plain, nhwc, strict=True):
+        diff = np.abs(pixels(tmp_path / "plain", a).astype(int) - pixels(tmp_path / "nhwc", b))
+        assert diff.max() <= 2, (a.file, diff.max())  # the same maths, other rounding
+    assert all(w.is_contiguous() for w in _conv_weights(pipeline))
+    after = pipeline.unet.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)

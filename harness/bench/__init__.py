@@ -20,8 +20,8 @@ affordable on a CPU: ``harness -S preset=tiny-adaptive bench``.
 
 ``harness bench --agreement [--reference ddim:50]`` checks instead that the configured sampler
 ranks the points as a many-step reference does (:mod:`harness.bench.agreement`);
-``harness bench --generation`` measures fused LoRA and regional compilation against the
-runtime-scaled LoRA (:mod:`harness.bench.generation`).
+``harness bench --generation`` measures fused LoRA, regional compilation and the
+channels-last layout against the runtime-scaled LoRA (:mod:`harness.bench.generation`).
 """
 
 from __future__ import annotations
@@ -287,15 +287,16 @@ def run_bench(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
 
 
 def run_generation(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
-    """``harness bench --generation``: runtime-scaled LoRA, fused LoRA and regional compile
-    on the same images (:mod:`harness.bench.generation`), each setting one full batch at
+    """``harness bench --generation``: runtime-scaled LoRA, fused LoRA, regional compile and
+    channels-last on the same images (:mod:`harness.bench.generation`), each setting one full batch at
     least (:func:`full_batches`)."""
     from harness.bench.generation import generation_lines, measure_generation
 
     inputs, loaded, _ = _setup(cfg, work)
     inputs = full_batches(inputs)
     runs = measure_generation(inputs, loaded, work / "generation", repeats)
-    return generation_lines(inputs, runs, _device_name(loaded.device))
+    flops = _model_flops(inputs, loaded)
+    return generation_lines(inputs, runs, _device_name(loaded.device), flops)
 
 
 def full_batches(inputs: BenchInputs) -> BenchInputs:

@@ -1,18 +1,21 @@
 """``harness bench --generation``: the generation options against each other, measured.
 
 One run is trained with the config's steps; its last checkpoint generates the evaluation
-prompts x seeds under every ``sweep.inference`` setting, three ways, interleaved after a
+prompts x seeds under every ``sweep.inference`` setting, five ways, interleaved after a
 warm-up (which also pays for compilation):
 
 - ``runtime LoRA``: peft scales the adapter at run time (the default);
 - ``fused LoRA``: ``eval.fuse_lora``, the scaled adapter fused into the weights per setting;
-- ``regional compile``: ``eval.compile``, the denoiser's repeated blocks under torch.compile.
+- ``regional compile``: ``eval.compile``, the denoiser's repeated blocks under torch.compile;
+- ``channels last``: ``eval.channels_last``, the UNet and the VAE in the NHWC layout;
+- ``all three``: the three options together (whether their gains add up).
 
-Printed: images/s of each (median, min, max) and each option's speed-up over the default; the
-time PNG encoding takes on the writer threads and the time generation stood waiting for them
-(what overlapping them saves, and whether they keep up); the last line is
-``compile_ratio=<float>``. The same images come out of all three (to rounding),
-so the faster option can be switched on without changing any score.
+Printed: images/s of each (median, min, max); on a CUDA card of known bf16 peak each one's
+generation MFU (:mod:`harness.bench.flops`); the time PNG encoding takes on the writer threads
+and the time generation stood waiting for them (what overlapping them saves, and whether they
+keep up); then each option's speed-up over the default, one ``<name>_ratio=<float>`` line each,
+``compile_ratio=`` last. The same images come out of all of them (to rounding), so the faster
+option can be switched on without changing any score.
 """
 
 from __future__ import annotations
@@ -27,14 +30,25 @@ from harness.bench.paths import BenchInputs, sync_device
 from harness.bench.stats import Figure, interleaved
 
 if TYPE_CHECKING:
+    from harness.bench.flops import ModelFlops
     from harness.models import LoadedModel
 
-__all__ = ["VARIANTS", "GenerationPass", "generation_lines", "measure_generation"]
+__all__ = ["RATIOS", "VARIANTS", "GenerationPass", "generation_lines", "measure_generation"]
 
 VARIANTS = {
     "runtime LoRA": {},
     "fused LoRA": {"fuse_lora": True},
     "regional compile": {"compile": True},
+    "channels last": {"channels_last": True},
+    "all three": {"fuse_lora": True, "compile": True, "channels_last": True},
+}
+# The ratio lines, in print order, and the variant each one divides by the default's images/s;
+# ``compile_ratio`` stays last, where it has always been.
+RATIOS = {
+    "fused_ratio": "fused LoRA",
+    "channels_last_ratio": "channels last",
+    "all_ratio": "all three",
+    "compile_ratio": "regional compile",
 }
 
 
@@ -94,10 +108,13 @@ def measure_generation(
 
 
 def generation_lines(
-    inputs: BenchInputs, runs: dict[str, list[GenerationPass]], device: str
+    inputs: BenchInputs,
+    runs: dict[str, list[GenerationPass]],
+    device: str,
+    flops: ModelFlops | None = None,
 ) -> list[str]:
-    """The report: a header, images/s per variant, PNG writing, the speed-ups,
-    ``compile_ratio=`` last."""
+    """The report: a header, images/s per variant, with ``flops`` on a card of known bf16 peak
+    each variant's generation MFU, PNG writing, the speed-ups, ``compile_ratio=`` last."""
     images = len(inputs.templates) * len(inputs.seeds) * len(inputs.settings)
     lines = [
         f"{images} images per pass ({len(inputs.templates)} prompts x {len(inputs.seeds)} seeds "
@@ -108,6 +125,7 @@ def generation_lines(
         Figure(f"generation, {name}", "images/s", tuple(p.images_per_s for p in r)).line()
         for name, r in runs.items()
     ]
+    lines += _mfu_lines(inputs, runs, device, flops)
     default = runs["runtime LoRA"]
     lines += [
         Figure(
@@ -118,6 +136,35 @@ def generation_lines(
         ).line(),
     ]
     base = statistics.median(p.images_per_s for p in default)
-    fused = statistics.median(p.images_per_s for p in runs["fused LoRA"]) / base
-    compiled = statistics.median(p.images_per_s for p in runs["regional compile"]) / base
-    return [*lines, f"fused_ratio={fused:.4f}", f"compile_ratio={compiled:.4f}"]
+    return lines + [
+        f"{key}={statistics.median(p.images_per_s for p in runs[name]) / base:.4f}"
+        for key, name in RATIOS.items()
+    ]
+
+
+def _mfu_lines(
+    inputs: BenchInputs,
+    runs: dict[str, list[GenerationPass]],
+    device: str,
+    flops: ModelFlops | None,
+) -> list[str]:
+    """Each variant's generation MFU (none without counted FLOPs; a line saying why for a
+    card whose bf16 peak is not known)."""
+    from harness.bench.flops import mfu, peak_flops
+
+    if flops is None:
+        return []
+    peak = peak_flops(device)
+    if peak is None:
+        return [f"model FLOP utilisation: the bf16 peak of {device} is not known"]
+    image = statistics.mean(
+        flops.image(s.num_inference_steps, s.guidance_scale > 1.0) for s in inputs.settings
+    )
+    return [
+        Figure(
+            f"generation MFU, {name}",
+            "%",
+            tuple(100 * mfu(image * p.images_per_s, 1.0, peak) for p in r),
+        ).line()
+        for name, r in runs.items()
+    ]

@@ -20,8 +20,10 @@ option can be switched on without changing any score.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from harness.models import LoadedModel
 
 __all__ = ["RATIOS", "VARIANTS", "GenerationPass", "generation_lines", "measure_generation"]
+
+logger = logging.getLogger(__name__)
 
 VARIANTS = {
     "runtime LoRA": {},
@@ -104,7 +108,32 @@ def measure_generation(
 
         return run
 
-    return interleaved({n: variant(n, o) for n, o in VARIANTS.items()}, repeats)
+    runs = {name: _logged(name, variant(name, o), repeats) for name, o in VARIANTS.items()}
+    return interleaved(runs, repeats)
+
+
+def _logged(
+    name: str, run: Callable[[], GenerationPass], repeats: int
+) -> Callable[[], GenerationPass]:
+    """``run``, with one line per pass on the log (a run stopped by a time limit keeps the
+    passes it finished)."""
+    done = [0]
+
+    def logged() -> GenerationPass:
+        result = run()
+        label = "warm-up" if done[0] == 0 else f"pass {done[0]}/{repeats}"
+        done[0] += 1
+        logger.info(
+            "generation, %s %s: %.4g images/s; PNG encoding %.3g ms/image, waited %.3g ms/image",
+            name,
+            label,
+            result.images_per_s,
+            result.encode_ms,
+            result.wait_ms,
+        )
+        return result
+
+    return logged
 
 
 def generation_lines(

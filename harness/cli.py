@@ -600,7 +600,8 @@ def export_cmd(
 
     The point is the evaluate stage's best (confirmed on fresh seeds), else the sweep's best,
     or --point. The folder holds the adapter (diffusers, and kohya for A1111 and ComfyUI),
-    inference.json, an example image and README.md, whose diffusers snippet reproduces it.
+    inference.json, an example image and README.md, whose diffusers snippet reproduces it;
+    after a sweep across subjects (data.subjects), one such folder per subject.
     """
 
     def body() -> Any:
@@ -609,8 +610,10 @@ def export_cmd(
         return run_export(load(), project_root(), point, out)
 
     result = run_command(body)
-    names = ", ".join(path.name for path in result.files)
-    echo(f"exported point {result.point} to {_shown_path(result.folder)}: {names}")
+    names = ", ".join(path.name + ("/" if path.is_dir() else "") for path in result.files)
+    subjects = sum(path.is_dir() for path in result.files)
+    several = f" ({subjects} subjects)" if subjects else ""
+    echo(f"exported point {result.point}{several} to {_shown_path(result.folder)}: {names}")
 
 
 def _shown_path(path: Path) -> Path:

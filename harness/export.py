@@ -15,7 +15,10 @@ diffusers' defaults, is not what was scored; the export keeps the two together::
         README.md                          model card with the diffusers snippet
 
 The point is the evaluate stage's best (confirmed on fresh seeds), else the sweep's best by its
-selection score, or ``--point N``.
+selection score, or ``--point N``. A point of a sweep across subjects (``data.subjects``) has
+one adapter per subject: :func:`export_subjects` writes ``point-<n>/<subject>/``, each an
+export as above with that subject's token, class noun, scores and image, and an index
+``README.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,15 @@ from harness.report.figures import label
 from harness.sweep.confirm import METRICS, optional_number
 from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
 
-__all__ = ["EXPORT_DIR", "Export", "choose_point", "export_point", "lora_layout", "model_card"]
+__all__ = [
+    "EXPORT_DIR",
+    "Export",
+    "choose_point",
+    "export_point",
+    "export_subjects",
+    "lora_layout",
+    "model_card",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +69,16 @@ class Export:
     files: list[Path]
 
 
-def choose_point(cfg: HarnessConfig, root: Path, point: int | None = None) -> dict[str, Any]:
+def choose_point(
+    cfg: HarnessConfig, root: Path, point: int | None = None, *, multi_subject: bool = False
+) -> dict[str, Any]:
     """The results row of ``point``, or of the best point: the evaluate stage's first (its
     confirmation scores added as ``confirm.*`` and ``baseline.*``), else the sweep's best by
     its selection score among full-fidelity points.
 
     Raises:
-        ExportError: no sweep results, no such point, or its adapter was removed.
+        ExportError: no sweep results, no such point, its adapter was removed, or a point of
+            several subjects without ``multi_subject`` (it has no one adapter to export).
     """
     from harness.sweep.confirm import EvaluateError, read_sweep_results
     from harness.sweep.results import full_fidelity
@@ -91,8 +106,12 @@ def choose_point(cfg: HarnessConfig, root: Path, point: int | None = None) -> di
             f"point {point}: its adapter was removed (sweep.keep_adapters keeps the Pareto "
             "points' by default); export a point on the front, or sweep with keep_adapters: all"
         )
-    if row.get("subjects", 1) not in (None, 1) and not pd.isna(row.get("subjects")):
-        raise ExportError(f"point {point}: a multi-subject point has one adapter per subject")
+    several = row.get("subjects", 1) not in (None, 1) and not pd.isna(row.get("subjects"))
+    if several and not multi_subject:
+        raise ExportError(
+            f"point {point}: a multi-subject point has one adapter per subject; export it "
+            "with the sweep's data.subjects"
+        )
     if confirmed is not None:
         mine = confirmed[confirmed["point"] == point]
         if not mine.empty:
@@ -145,6 +164,129 @@ def export_point(
     (out / "README.md").write_text(model_card(info), encoding="utf-8")
     files += [out / INFERENCE_JSON, out / "README.md"]
     return Export(out, int(row["point"]), files)
+
+
+def export_subjects(
+    cfg: HarnessConfig,
+    root: Path,
+    row: dict[str, Any],
+    out: Path,
+    subjects: Mapping[str, tuple[str, str]],
+) -> Export:
+    """Write the export of multi-subject point ``row`` (its results row: the mean over
+    subjects) into ``out``: ``out/<subject>/`` as :func:`export_point` writes it for that
+    subject's adapter, token and class noun (``subjects``: ``{name: (token, class noun)}``)
+    and its own scores and images, and ``out/README.md`` listing them.
+
+    Every subject's adapter is checked before ``out`` is replaced, so a missing one loses no
+    earlier export.
+
+    Raises:
+        ExportError: the sweep's per-subject table is missing or lacks a subject of the point.
+    """
+    from harness.generate import resolve_adapter
+
+    rows = _subject_rows(cfg, root, int(row["point"]), subjects)
+    for name, scores in _subject_confirmations(cfg, root, row, subjects).items():
+        rows[name].update(scores)
+    for one in rows.values():
+        folder, weights = resolve_adapter(root / one["adapter"])
+        lora_layout(folder / weights)
+    if out.exists():
+        shutil.rmtree(out)
+    for name, (token, class_name) in subjects.items():
+        export_point(cfg, root, rows[name], out / name, token=token, class_name=class_name)
+    index = out / "README.md"
+    index.write_text(_subjects_index(cfg, root, row, rows, subjects), encoding="utf-8")
+    return Export(out, int(row["point"]), [*(out / name for name in subjects), index])
+
+
+def _subject_rows(
+    cfg: HarnessConfig, root: Path, point: int, subjects: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``{subject: its row of the sweep's per-subject table}`` for ``point``."""
+    from harness.sweep.results import MEAN_SUBJECT, SUBJECTS_PARQUET
+
+    path = root / cfg.sweep.dir / SUBJECTS_PARQUET
+    if not path.is_file():
+        raise ExportError(f"{path}: no per-subject table; rerun `harness sweep` to write it")
+    table = pd.read_parquet(path)
+    mine = table[(table["point"] == point) & (table["subject"] != MEAN_SUBJECT)]
+    rows = {str(r["subject"]): r for r in mine.to_dict(orient="records")}
+    missing = sorted(set(subjects) - set(rows))
+    if missing:
+        raise ExportError(f"{path}: point {point} has no row for subject(s) {missing}")
+    return rows
+
+
+def _subject_confirmations(
+    cfg: HarnessConfig, root: Path, row: dict[str, Any], subjects: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Each subject's ``confirm.*`` and ``baseline.*`` scores of a confirmed point: the means
+    of its own images in the evaluate stage's per-image table (its results table has only
+    their mean); {} for a point the evaluate stage did not confirm."""
+    from harness.report.data import PER_IMAGE
+
+    path = root / cfg.evaluate.dir / PER_IMAGE
+    if not any(k.startswith("confirm.") for k in row) or not path.is_file():
+        return {}
+    images = pd.read_parquet(path)
+    if "subject" not in images:
+        return {}
+    base_setting = row.get("baseline_setting")
+    if not isinstance(base_setting, str):  # absent or NaN: the point's own setting
+        base_setting = row["setting_id"]
+    point = images["point"] == int(row["point"])
+    base = images["baseline"].astype(bool) & (images["setting_id"] == base_setting)
+    out: dict[str, dict[str, float]] = {}
+    for name in subjects:
+        mine = images["subject"] == name
+        out[name] = {
+            f"{prefix}{m}": float(images.loc[rows_of & mine, m].mean())
+            for prefix, rows_of in (("confirm.", point & ~base), ("baseline.", base))
+            for m in METRICS
+            if (rows_of & mine).any()
+        }
+    return out
+
+
+def _subjects_index(
+    cfg: HarnessConfig,
+    root: Path,
+    row: dict[str, Any],
+    rows: Mapping[str, dict[str, Any]],
+    subjects: Mapping[str, tuple[str, str]],
+) -> str:
+    """The ``README.md`` of a multi-subject export: the point, its setting, and one line per
+    subject (folder, class noun, its sweep scores) with the mean."""
+    from harness.sweep.confirm import point_setting
+    from harness.sweep.study import study_id
+
+    setting = point_setting(cfg, row)
+    trained = bool(row.get("train.train_text_encoder", cfg.train.train_text_encoder))
+    text_encoder = f"{setting.text_encoder_lora_scale:g}" if trained else "none"
+    head = "| subject | folder | class | " + " | ".join(label(m) for m in METRICS) + " |"
+    lines = [
+        f"# DreamBooth LoRAs: point {row['point']} of the sweep `{study_id(cfg, root)}`",
+        "",
+        f"One configuration (run {row['run_key']}, checkpoint step {row['checkpoint_step']}) "
+        f"trained once per subject; each folder is that subject's LoRA with its own model "
+        f"card. Inference setting `{row['setting_id']}`: guidance {setting.guidance_scale:g}, "
+        f"{setting.num_inference_steps} steps of {setting.scheduler}, LoRA scale UNet "
+        f"{setting.lora_scale:g}, text encoder {text_encoder}.",
+        "",
+        "Sweep scores (each subject's own; the point was chosen by their mean; each card has "
+        "the subject's confirmed and base-model scores too):",
+        "",
+        head,
+        "|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for name, (_, class_name) in subjects.items():
+        scores = " | ".join(_fmt(optional_number(rows[name].get(f"score.{m}"))) for m in METRICS)
+        lines.append(f"| {name} | `{name}/` | {class_name} | {scores} |")
+    mean = " | ".join(_fmt(optional_number(row.get(f"score.{m}"))) for m in METRICS)
+    lines += [f"| mean | | | {mean} |", ""]
+    return "\n".join(lines)
 
 
 def lora_layout(weights: Path) -> tuple[str, list[str]]:

@@ -381,16 +381,27 @@ def run_export(
 ) -> Any:
     """``harness export``: the best point (the evaluate stage's, else the sweep's) or
     ``point`` as a LoRA folder with its inference setting and a model card
-    (:mod:`harness.export`); returns the :class:`~harness.export.Export`. Loads no model."""
-    from harness.export import EXPORT_DIR, choose_point, export_point
+    (:mod:`harness.export`); for a sweep across subjects, one such folder per subject.
+    Returns the :class:`~harness.export.Export`. Loads no model."""
+    from harness.export import EXPORT_DIR, choose_point, export_point, export_subjects
 
-    _one_subject(cfg, "export")
-    cfg, _ = _load_subject(cfg, root)  # the token and class noun the card's prompt uses
-    row = choose_point(cfg, root, point)
+    cfg, subject = _load_subject(cfg, root)  # the token and class noun the card's prompt uses
+    several = isinstance(subject, dict)  # data.subjects: {name: prepared subject}
+    row = choose_point(cfg, root, point, multi_subject=several)
     out = out or root / EXPORT_DIR / f"point-{int(row['point'])}"
-    return export_point(
-        cfg, root, row, out, token=cfg.data.token, class_name=cfg.data.class_name or "object"
-    )
+    if several:
+        names = {name: _token_and_class(cfg, one) for name, one in subject.items()}
+        return export_subjects(cfg, root, row, out, names)
+    token, class_name = _token_and_class(cfg, subject)
+    return export_point(cfg, root, row, out, token=token, class_name=class_name)
+
+
+def _token_and_class(cfg: HarnessConfig, subject: Any) -> tuple[str, str]:
+    """The identifier and class noun prompts use for prepared ``subject``."""
+    from harness.data import with_subject
+
+    data = with_subject(cfg, subject).data
+    return data.token, data.class_name or "object"
 
 
 def _one_subject(cfg: HarnessConfig, command: str) -> None:

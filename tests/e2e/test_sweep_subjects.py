@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -115,6 +116,44 @@ def test_a_sweep_over_four_dreambench_subjects_scores_each_point_by_their_mean(
         assert mine.groupby("baseline")["template"].nunique().to_dict() == {False: 25, True: 25}
         hat = mine["template"].eq("a {token} {class_name} wearing a red hat").any()
         assert hat == (name in LIVE)
+
+    point = int(confirmed["point"].iloc[0])
+    _check_export(project, env, log, point, table, confirmed_images)
+
+
+def _check_export(
+    project: Path, env: dict[str, str], log: Path, point: int, table: Any, images: Any
+) -> None:
+    """``harness export`` of the chosen multi-subject point: one complete export per subject
+    (its own adapter, token, class noun, image, and sweep, confirmed and base-model scores),
+    which diffusers' LoRA loader reads, and an index README."""
+    from diffusers import StableDiffusionPipeline
+
+    done = run_cli(project, ["export"], env, log, timeout=120)
+    assert done.returncode == 0, tail(log)
+    out = project / "runs/export" / f"point-{point}"
+    assert f"exported point {point} (4 subjects) to runs/export/point-{point}" in log.read_text()
+    index = (out / "README.md").read_text(encoding="utf-8")
+    rows = table[(table["point"] == point) & (table["subject"] != "mean")]
+    for name, noun in SUBJECTS.items():
+        mine = rows[rows["subject"] == name].iloc[0]
+        folder = out / name
+        weights = folder / "pytorch_lora_weights.safetensors"
+        adapter = project / mine["adapter"] / "pytorch_lora_weights.safetensors"
+        assert weights.read_bytes() == adapter.read_bytes()
+        assert StableDiffusionPipeline.lora_state_dict(str(folder))[0]  # diffusers reads it
+        info = json.loads((folder / "inference.json").read_text(encoding="utf-8"))
+        assert (info["token"], info["class_name"], info["point"]) == ("sks", noun, point)
+        assert info["instance_prompt"] == f"a photo of sks {noun}"
+        for metric in ("dino", "clip_i", "clip_t"):  # the subject's own, not the mean
+            assert info["scores"]["sweep"][metric] == pytest.approx(mine[f"score.{metric}"])
+            for kind, is_base in (("confirmed", False), ("base", True)):
+                own = images[(images["subject"] == name) & (images["baseline"] == is_base)]
+                assert info["scores"][kind][metric] == pytest.approx(own[metric].mean())
+        assert info["example"]["image"].startswith(str(mine["images_dir"]))
+        assert (folder / "example.png").is_file() and (folder / "kohya_lora.safetensors").is_file()
+        assert f"# DreamBooth LoRA: sks {noun}" in (folder / "README.md").read_text()
+        assert f"| {name} | `{name}/` | {noun} |" in index, index
 
 
 def test_a_subject_whose_photos_all_fail_stops_the_sweep_before_training(tmp_path: Path) -> None:

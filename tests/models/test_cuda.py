@@ -42,7 +42,7 @@ def _images(out: Path, records: list) -> list[np.ndarray]:  # type: ignore[type-
     return [np.asarray(Image.open(out / r.file), dtype=np.float32) for r in records]
 
 
-def test_bf16_generation_is_deterministic_and_regional_compile_matches_it(
+def test_bf16_generation_is_deterministic_and_compile_and_channels_last_match_it(
     bf16: LoadedModel, tmp_path: Path
 ) -> None:
     def generate(out: Path, speed: Speed) -> list[np.ndarray]:
@@ -67,7 +67,11 @@ def test_bf16_generation_is_deterministic_and_regional_compile_matches_it(
     assert all(np.isfinite(image).all() and image.std() > 0 for image in eager)
     again = generate(tmp_path / "again", Speed())
     assert all(np.array_equal(a, b) for a, b in zip(eager, again, strict=True))
-    compiled = generate(tmp_path / "compiled", Speed(compile=True))
-    # Compiled kernels round bf16 differently: the same images to within a few levels.
-    diffs = [float(np.abs(a - b).mean()) for a, b in zip(eager, compiled, strict=True)]
-    assert max(diffs) < 4.0, diffs
+    # Compiled kernels and NHWC convolutions round bf16 differently: the same images to
+    # within a few levels; afterwards the weights are contiguous again.
+    for name, speed in (("compiled", Speed(compile=True)), ("nhwc", Speed(channels_last=True))):
+        other = generate(tmp_path / name, speed)
+        diffs = [float(np.abs(a - b).mean()) for a, b in zip(eager, other, strict=True)]
+        print(f"{name}: mean |difference| per image {diffs}")
+        assert max(diffs) < 4.0, (name, diffs)
+    assert all(p.is_contiguous() for p in bf16.pipeline.unet.parameters())

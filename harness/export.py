@@ -236,14 +236,15 @@ def _subject_confirmations(
     base_setting = row.get("baseline_setting")
     if not isinstance(base_setting, str):  # absent or NaN: the point's own setting
         base_setting = row["setting_id"]
-    point = images["point"] == int(row["point"])
-    base = images["baseline"].astype(bool) & (images["setting_id"] == base_setting)
+    is_base = images["baseline"].astype(bool)
+    confirmed = (images["point"] == int(row["point"])) & ~is_base
+    base = is_base & (images["setting_id"] == base_setting)
     out: dict[str, dict[str, float]] = {}
     for name in subjects:
         mine = images["subject"] == name
         out[name] = {
             f"{prefix}{m}": float(images.loc[rows_of & mine, m].mean())
-            for prefix, rows_of in (("confirm.", point & ~base), ("baseline.", base))
+            for prefix, rows_of in (("confirm.", confirmed), ("baseline.", base))
             for m in METRICS
             if (rows_of & mine).any()
         }

@@ -44,7 +44,7 @@ from harness.bench.paths import (
     harness_path,
     is_cuda,
 )
-from harness.bench.stats import Figure, interleaved
+from harness.bench.stats import Figure, interleaved, logged_passes
 from harness.config import AdaptiveEvaluation, HarnessConfig
 from harness.errors import HarnessError
 
@@ -146,7 +146,10 @@ def measure(
     device, flops = _device_name(loaded.device), _model_flops(inputs, loaded)
     # Each pass logs its own figures: a run cut short by a time limit still says something.
     figures = pass_figures(inputs, device, flops)
-    logged = {name: _logged(name, run, repeats, figures) for name, run in paths.items()}
+    logged = {
+        name: logged_passes(name, run, repeats, lambda r: pass_line(r, figures), logger)
+        for name, run in paths.items()
+    }
     return inputs, interleaved(logged, repeats), device, flops
 
 
@@ -157,23 +160,6 @@ def _model_flops(inputs: BenchInputs, loaded: LoadedModel) -> ModelFlops | None:
     if not is_cuda(loaded.device):
         return None
     return count_flops(loaded.pipeline, inputs.cfg.eval.resolution or inputs.cfg.data.resolution)
-
-
-def _logged(
-    name: str, run: Callable[[], PathRun], repeats: int, figures: dict[str, PassFigure]
-) -> Callable[[], PathRun]:
-    """``run``, with one line per pass on the log, every figure of that pass in it (a pass
-    can take minutes, and a run stopped by a time limit keeps the passes it finished)."""
-    done = [0]
-
-    def logged() -> PathRun:
-        result = run()
-        label = "warm-up" if done[0] == 0 else f"pass {done[0]}/{repeats}"
-        done[0] += 1
-        logger.info("%s %s: %s", name, label, pass_line(result, figures))
-        return result
-
-    return logged
 
 
 def pass_line(run: PathRun, figures: dict[str, PassFigure]) -> str:
@@ -214,7 +200,7 @@ def summarize(
         f"{inputs.cfg.train.max_steps} training steps; device {device}; median of "
         f"{len(runs['harness'])} interleaved repeats after a warm-up"
     )
-    from harness.bench.flops import peak_flops
+    from harness.bench.flops import peak_flops, unknown_peak
 
     lines = [header]
     for title, (unit, value) in pass_figures(inputs, device, flops).items():
@@ -223,7 +209,7 @@ def summarize(
             if samples:
                 lines.append(Figure(f"{title}, {path}", unit, samples).line())
     if flops is not None and peak_flops(device) is None:
-        lines.append(f"model FLOP utilisation: the bf16 peak of {device} is not known")
+        lines.append(unknown_peak(device))
     naive = statistics.median(r.per_point_s for r in runs["naive"])
     if EXHAUSTIVE in runs:
         lines += _adaptive_lines(runs, naive)
@@ -254,9 +240,7 @@ def pass_figures(
     if flops is None or peak is None:
         return figures
     step = flops.train_step(inputs.cfg.train.batch_size)
-    image = statistics.mean(
-        flops.image(s.num_inference_steps, s.guidance_scale > 1.0) for s in inputs.settings
-    )
+    image = flops.mean_image(inputs.settings)
     figures["training MFU"] = ("%", lambda r: 100 * mfu(step * r.train_steps, r.train_s, peak))
     figures["generation MFU"] = ("%", lambda r: 100 * mfu(image * r.images, r.generate_s, peak))
     return figures
@@ -288,8 +272,8 @@ def run_bench(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
 
 def run_generation(cfg: HarnessConfig, work: Path, repeats: int = 3) -> list[str]:
     """``harness bench --generation``: runtime-scaled LoRA, fused LoRA, regional compile and
-    channels-last on the same images (:mod:`harness.bench.generation`), each setting one full batch at
-    least (:func:`full_batches`)."""
+    channels-last on the same images (:mod:`harness.bench.generation`), each setting one full
+    batch at least (:func:`full_batches`)."""
     from harness.bench.generation import generation_lines, measure_generation
 
     inputs, loaded, _ = _setup(cfg, work)

@@ -17,12 +17,17 @@ data sheets); for a card not in the table it is not printed.
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["PEAK_BF16", "ModelFlops", "count_flops", "mfu", "peak_flops"]
+if TYPE_CHECKING:
+    from harness.config import InferenceSetting
+
+__all__ = ["PEAK_BF16", "ModelFlops", "count_flops", "mfu", "peak_flops", "unknown_peak"]
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of the device name.
 PEAK_BF16: dict[str, float] = {
@@ -51,6 +56,12 @@ class ModelFlops:
     def image(self, steps: int, guidance: bool) -> float:
         """One generated image: every denoising step's UNet forward(s), then the decode."""
         return steps * (2 if guidance else 1) * self.unet_forward + self.vae_decode
+
+    def mean_image(self, settings: Sequence[InferenceSetting]) -> float:
+        """An image's FLOPs averaged over ``settings`` (each generates as many images)."""
+        return statistics.mean(
+            self.image(s.num_inference_steps, s.guidance_scale > 1.0) for s in settings
+        )
 
 
 def count_flops(pipeline: Any, resolution: int) -> ModelFlops:
@@ -98,6 +109,11 @@ def peak_flops(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
+
+
+def unknown_peak(device: str) -> str:
+    """The line printed instead of MFU figures for a card not in :data:`PEAK_BF16`."""
+    return f"model FLOP utilisation: the bf16 peak of {device} is not known"
 
 
 def mfu(flops: float, seconds: float, peak: float) -> float:

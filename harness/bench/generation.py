@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.bench.paths import BenchInputs, sync_device
-from harness.bench.stats import Figure, interleaved
+from harness.bench.stats import Figure, interleaved, logged_passes
 
 if TYPE_CHECKING:
     from harness.bench.flops import ModelFlops
@@ -108,32 +107,18 @@ def measure_generation(
 
         return run
 
-    runs = {name: _logged(name, variant(name, o), repeats) for name, o in VARIANTS.items()}
+    runs = {
+        name: logged_passes(f"generation, {name}", variant(name, o), repeats, _described, logger)
+        for name, o in VARIANTS.items()
+    }
     return interleaved(runs, repeats)
 
 
-def _logged(
-    name: str, run: Callable[[], GenerationPass], repeats: int
-) -> Callable[[], GenerationPass]:
-    """``run``, with one line per pass on the log (a run stopped by a time limit keeps the
-    passes it finished)."""
-    done = [0]
-
-    def logged() -> GenerationPass:
-        result = run()
-        label = "warm-up" if done[0] == 0 else f"pass {done[0]}/{repeats}"
-        done[0] += 1
-        logger.info(
-            "generation, %s %s: %.4g images/s; PNG encoding %.3g ms/image, waited %.3g ms/image",
-            name,
-            label,
-            result.images_per_s,
-            result.encode_ms,
-            result.wait_ms,
-        )
-        return result
-
-    return logged
+def _described(result: GenerationPass) -> str:
+    return (
+        f"{result.images_per_s:.4g} images/s; PNG encoding {result.encode_ms:.3g} ms/image, "
+        f"waited {result.wait_ms:.3g} ms/image"
+    )
 
 
 def generation_lines(
@@ -179,16 +164,14 @@ def _mfu_lines(
 ) -> list[str]:
     """Each variant's generation MFU (none without counted FLOPs; a line saying why for a
     card whose bf16 peak is not known)."""
-    from harness.bench.flops import mfu, peak_flops
+    from harness.bench.flops import mfu, peak_flops, unknown_peak
 
     if flops is None:
         return []
     peak = peak_flops(device)
     if peak is None:
-        return [f"model FLOP utilisation: the bf16 peak of {device} is not known"]
-    image = statistics.mean(
-        flops.image(s.num_inference_steps, s.guidance_scale > 1.0) for s in inputs.settings
-    )
+        return [unknown_peak(device)]
+    image = flops.mean_image(inputs.settings)
     return [
         Figure(
             f"generation MFU, {name}",

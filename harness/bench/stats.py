@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["Figure", "interleaved"]
+__all__ = ["Figure", "interleaved", "logged_passes"]
 
 T = TypeVar("T")
 
@@ -32,6 +33,29 @@ class Figure:
             f"{self.name:<48} {self.median:12.4g} {self.unit:<10} "
             f"(min {low:.4g}, max {high:.4g}, n={len(self.samples)})"
         )
+
+
+def logged_passes(
+    name: str,
+    run: Callable[[], T],
+    repeats: int,
+    describe: Callable[[T], str],
+    logger: logging.Logger,
+) -> Callable[[], T]:
+    """``run`` (as :func:`interleaved` calls it: a warm-up, then ``repeats`` passes), with one
+    line per pass on ``logger``, ``<name> warm-up: ...`` or ``<name> pass 2/3: ...`` and
+    ``describe(result)``: a pass can take minutes, and a run stopped by a time limit keeps the
+    passes it finished."""
+    done = [0]
+
+    def logged() -> T:
+        result = run()
+        label = "warm-up" if done[0] == 0 else f"pass {done[0]}/{repeats}"
+        done[0] += 1
+        logger.info("%s %s: %s", name, label, describe(result))
+        return result
+
+    return logged
 
 
 def interleaved(runs: Mapping[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:

@@ -252,38 +252,29 @@ def test_harness_bench_agreement_of_the_sampler_with_a_reference(
 
 @pytest.mark.slow
 def test_harness_bench_generation_measures_every_speed_option(
-    repo_root: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    repo_root: Path, tmp_path: Path
 ) -> None:
-    """``harness bench --generation``: images/s of the runtime-scaled LoRA, the fused LoRA,
-    regional compilation, channels-last and all three together on the same images, each
-    setting at least one full batch, and each option's ratio over the default
+    """``harness bench --generation`` through the CLI: images/s of the runtime-scaled LoRA, the
+    fused LoRA, regional compilation, channels-last and all three together on the same images,
+    each setting at least one full batch, and each option's ratio over the default
     (``compile_ratio=`` last)."""
-    from harness.bench import run_generation
     from harness.bench.generation import RATIOS
 
-    cfg = _in_process(tmp_path, repo_root, monkeypatch)
+    params = _tiny_params()
     # A batch of 3 with 2 prompts and 1 seed: 2 seeds make each setting's batch full.
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 3})})
-    with caplog.at_level("INFO", logger="harness.bench.generation"):
-        lines = run_generation(cfg, tmp_path / "w", 1)
+    params["eval"] = {**params["eval"], "batch_size": 3}  # type: ignore[dict-item]
+    lines, log = _bench(tmp_path, repo_root, params, "--generation")
     assert lines[0].startswith("8 images per pass (2 prompts x 2 seeds x 2 inference settings")
     figures = {m["name"]: float(m["median"]) for m in map(GENERATION.match, lines) if m}
     assert set(figures) == {f"generation, {v}" for v in VARIANTS}, lines
     # Every pass on the log as it ends (what a run stopped by a time limit keeps).
-    logged = [
-        m.groups()
-        for m in (
-            re.fullmatch(r"generation, (.+) (warm-up|pass 1/1): (\S+) images/s; .+", r.message)
-            for r in caplog.records
-        )
-        if m
-    ]
+    logged = re.findall(
+        r"harness\.bench\.generation: generation, (.+) (warm-up|pass 1/1): (\S+) images/s; ",
+        log,
+    )
     assert sorted((n, label) for n, label, _ in logged) == sorted(
         (v, label) for v in VARIANTS for label in ("warm-up", "pass 1/1")
-    )
+    ), log[-3000:]
     assert {n: float(x) for n, label, x in logged if label != "warm-up"} == pytest.approx(
         {v[len("generation, ") :]: x for v, x in figures.items()}, rel=1e-3
     )

@@ -16,40 +16,64 @@ from harness.data.subjects import is_multi_subject
 from harness.report.data import ReportInputs
 from harness.report.figures import label
 from harness.report.model import Section, Table, format_value
+from harness.sweep.per_image import baseline_rows, is_baseline
 
-__all__ = ["dreambench_section", "per_subject", "subjects_section"]
+__all__ = [
+    "base_columns",
+    "dreambench_section",
+    "per_subject",
+    "subjects_section",
+    "weak_subjects",
+]
 
-BASELINE_POINT = -1
 PAPER_METRICS = ("dino", "clip_i", "clip_t", "div", "pres")
 
 
-def per_subject(per_image: pd.DataFrame, metric: str, points: list[int]) -> pd.DataFrame:
-    """One row per subject: the base model's mean ``metric`` (``base``) and each confirmed
-    point's (``point <n>``), from the evaluate stage's per-image rows."""
-    rows = per_image.dropna(subset=["subject"])
-    means = rows.groupby(["point", "subject"])[metric].mean().unstack("point")
-    table = pd.DataFrame(index=means.index)
-    if BASELINE_POINT in means:
-        table["base"] = means[BASELINE_POINT]
+def base_columns(per_image: pd.DataFrame, points: list[int]) -> dict[int, str]:
+    """Each point's base-model column: ``base`` for the first (best) point's guidance, steps
+    and scheduler, ``base at <setting>`` for any other; points that share a setting share it."""
+    names: dict[str | None, str] = {}
+    out = {}
     for point in points:
-        if point in means:
-            table[f"point {point}"] = means[point]
+        base = baseline_rows(per_image, point)
+        settings = base["setting_id"].dropna().unique() if "setting_id" in base else []
+        setting = str(settings[0]) if len(settings) == 1 else None
+        if setting not in names:
+            names[setting] = "base" if not names else f"base at {setting}"
+        out[point] = names[setting]
+    return out
+
+
+def per_subject(per_image: pd.DataFrame, metric: str, points: list[int]) -> pd.DataFrame:
+    """One row per subject: each confirmed point's mean ``metric`` (``point <n>``), each after
+    the base model's under the point's own setting (:func:`base_columns`), from the evaluate
+    stage's per-image rows."""
+    rows = per_image.dropna(subset=["subject"])
+    table = pd.DataFrame(index=pd.Index(sorted(rows["subject"].unique()), name="subject"))
+    for point, column in base_columns(rows, points).items():
+        base = baseline_rows(rows, point)
+        if column not in table and not base.empty:
+            table[column] = base.groupby("subject")[metric].mean()
+        mine = rows[(rows["point"] == point) & ~is_baseline(rows)]
+        if not mine.empty:
+            table[f"point {point}"] = mine.groupby("subject")[metric].mean()
     return table.reset_index()
 
 
-def _weak_subjects(table: pd.DataFrame, points: list[int]) -> list[str]:
+def weak_subjects(table: pd.DataFrame, points: list[int], bases: dict[int, str]) -> list[str]:
     """One sentence per point: its weakest subject, and the subjects on which it is no
-    better than the base model (it fails on them)."""
+    better than the base model under its own setting (``bases``: :func:`base_columns`)."""
     out = []
+    by_subject = table.set_index("subject")
     for point in points:
         column = f"point {point}"
-        if column not in table:
+        if column not in by_subject:
             continue
-        scores = table.set_index("subject")[column]
+        scores = by_subject[column]
         weakest = str(scores.idxmin())
         text = f"point {point}: weakest on `{weakest}` ({format_value(scores[weakest], 'score')})"
-        if "base" in table:
-            base = table.set_index("subject")["base"]
+        if bases.get(point) in by_subject:
+            base = by_subject[bases[point]]
             failed = [s for s in scores.index if scores[s] <= base[s]]
             text += (
                 "; no better than the base model on " + ", ".join(f"`{s}`" for s in failed)
@@ -84,12 +108,15 @@ def subjects_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section | None
     for metric in metrics:
         table = per_subject(per_image, metric, points)
         columns = list(table.columns)
-        caption = f"{label(metric)} per subject: the base model and each confirmed point"
+        caption = (
+            f"{label(metric)} per subject: each confirmed point after the base model under its "
+            "guidance, steps and scheduler"
+        )
         section.tables.append(
             Table(table, columns, {c: c for c in columns}, key="subject", caption=caption)
         )
         if metric == cfg.sweep.subject_metric:
-            section.paragraphs += _weak_subjects(table, points)
+            section.paragraphs += weak_subjects(table, points, base_columns(per_image, points))
     return section
 
 

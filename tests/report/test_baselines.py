@@ -12,6 +12,7 @@ import pytest
 
 from harness.report.grids import make_grids
 from harness.report.prompts import per_prompt
+from harness.report.subjects import base_columns, per_subject, weak_subjects
 from harness.sweep.per_image import EVALUATE_IMAGE_SCHEMA, write_table
 
 from .test_grids import PROMPTS, _confirmed_rows, make_cfg
@@ -58,3 +59,18 @@ def test_base_vs_lora_shows_the_base_model_at_the_best_points_setting(
     manifest = json.loads(figure.manifest.read_text())
     base_cells = [c for c in manifest["cells"] if c["point"] == -1]
     assert base_cells and all(f"/images/{G3}/" in c["image"] for c in base_cells)
+
+
+def test_per_subject_compares_each_point_with_its_own_baseline(
+    two_baselines: pd.DataFrame,
+) -> None:
+    """Not the mean of both base settings (0.275): each point beside the base model under its
+    own guidance, the best point's as ``base``."""
+    frame = two_baselines.assign(subject="dog")
+    table = per_subject(frame, "clip_t", [7, 3]).set_index("subject")
+    assert list(table.columns) == ["base", "point 7", f"base at {G7}", "point 3"]
+    assert table.loc["dog"].tolist() == pytest.approx([0.20, 0.25, 0.35, 0.30])
+    # Point 3 is worse than its own base model (0.30 < 0.35), point 7 better than its (0.20).
+    weak = weak_subjects(table.reset_index(), [7, 3], base_columns(frame, [7, 3]))
+    assert "better than the base model on every subject" in weak[0]
+    assert "no better than the base model on `dog`" in weak[1]

@@ -32,10 +32,14 @@ app = typer.Typer(
     "report, bench.",
     no_args_is_help=True,
     add_completion=False,
+    # Docstrings wrap at 100 columns: markdown joins a paragraph's lines (rich keeps them).
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(
-    help="Inspect and validate the resolved configuration.", no_args_is_help=True
+    help="Inspect and validate the resolved configuration.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
 )
 app.add_typer(config_app, name="config")
 
@@ -354,6 +358,7 @@ def generate_cmd(
 sweep_app = typer.Typer(
     help="Run the sweep (no sub-command), or work on a shared study: worker, launch, status.",
     invoke_without_command=True,
+    rich_markup_mode="markdown",
 )
 app.add_typer(sweep_app, name="sweep")
 
@@ -523,7 +528,7 @@ def bench_cmd(
         typer.Option(
             "--agreement",
             help="Instead: does the configured sampler rank the points as --reference does? "
-            "Last line agreement=<spearman>.",
+            "Last line `agreement=<spearman>`.",
         ),
     ] = False,
     generation: Annotated[
@@ -538,7 +543,7 @@ def bench_cmd(
     reference: Annotated[
         str,
         typer.Option(
-            "--reference", help="The reference sampler of --agreement: <scheduler>:<steps>."
+            "--reference", help="The reference sampler of --agreement: `<scheduler>:<steps>`."
         ),
     ] = "ddim:50",
 ) -> None:
@@ -593,7 +598,7 @@ def export_cmd(
         typer.Option(help="A point of runs/sweep/results.csv; default: the best confirmed one."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Output folder; default: runs/export/point-<n>.")
+        Path | None, typer.Option(help="Output folder; default: `runs/export/point-<n>`.")
     ] = None,
 ) -> None:
     """Export the best point as a LoRA with its inference setting and a model card.

@@ -220,7 +220,7 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
 
         def on_validation(made: Any) -> None:
             for index, (image, prompt) in enumerate(zip(made.images, made.prompts, strict=True)):
-                run.log_image("validation", f"{index}: {prompt}", image, made.step)
+                run.log_image(made.title, f"{index}: {prompt}", image, made.step)
 
         result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log, on_validation=on_validation)
         for ckpt in result.checkpoints:

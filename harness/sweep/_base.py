@@ -24,6 +24,8 @@ from harness.train import CheckpointInfo, TrainResult
 if TYPE_CHECKING:
     import optuna
 
+    from harness.train.validation import ValidationCallback, ValidationImages
+
 __all__ = [
     "PointScores",
     "RunEnd",
@@ -113,8 +115,10 @@ class SweepBackend(Protocol):
         run_dir: Path,
         on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
+        on_validation: ValidationCallback | None = None,
     ) -> TrainResult:
-        """Train to ``cfg.train.max_steps``; stop early when ``on_checkpoint`` returns True."""
+        """Train to ``cfg.train.max_steps``; stop early when ``on_checkpoint`` returns True.
+        ``on_validation`` gets each round of ``train.validation_steps`` images."""
         ...
 
     def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
@@ -163,6 +167,9 @@ class SweepSink:
 
     def point_scored(self, point: ScoredPoint) -> None:
         """One evaluated point."""
+
+    def validated(self, run: RunSpec, images: ValidationImages) -> None:
+        """A round of validation images (``train.validation_steps``) while the run trains."""
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         """The run ended (completed, pruned, failed or interrupted)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.data import PreparedSubject
@@ -18,6 +18,9 @@ from harness.evaluate import SettingScores, evaluate_adapter, image_grid
 from harness.generate import GeneratedImage, Speed, eval_seeds, generate_images
 from harness.models import LoadedModel
 from harness.sweep._base import PointScores
+
+if TYPE_CHECKING:
+    from harness.train.validation import ValidationCallback
 from harness.train import CheckpointInfo, TrainResult
 
 __all__ = ["HarnessBackend", "evaluation_templates", "point_scores"]
@@ -60,6 +63,7 @@ class HarnessBackend:
         run_dir: Path,
         on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
+        on_validation: ValidationCallback | None = None,
     ) -> TrainResult:
         """One training run to ``max_steps`` (resumes from its last checkpoint)."""
         from harness.train import train_lora
@@ -72,6 +76,7 @@ class HarnessBackend:
             on_log=on_log,
             on_checkpoint=on_checkpoint,
             progress=self.progress,
+            on_validation=on_validation,
         )
 
     def release(self) -> None:

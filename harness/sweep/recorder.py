@@ -29,6 +29,7 @@ from harness.tracking.base import NullRun, Run, Tracker
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
     from harness.sweep.summary import SweepSummary
+    from harness.train.validation import ValidationImages
 
 __all__ = ["Recorder", "ResultsTable", "StudySink", "TrackerSink"]
 
@@ -62,6 +63,10 @@ class Recorder(SweepSink):
     def point_scored(self, point: ScoredPoint) -> None:
         for sink in self.sinks:
             sink.point_scored(point)
+
+    def validated(self, run: RunSpec, images: ValidationImages) -> None:
+        for sink in self.sinks:
+            sink.validated(run, images)
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         with _all_then_raise() as call:
@@ -298,6 +303,11 @@ class TrackerSink(SweepSink):
         if measured.per_prompt:
             table = pd.DataFrame(measured.per_prompt)
             track.log_table(f"per-prompt/{setting}", f"step {step}", table, step)
+
+    def validated(self, run: RunSpec, images: ValidationImages) -> None:
+        # As `harness train` logs them: one series per prompt, at the optimizer step.
+        for index, (image, prompt) in enumerate(zip(images.images, images.prompts, strict=True)):
+            self._run(run).log_image(images.title, f"{index}: {prompt}", image, images.step)
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         track = self._runs.pop(run.number, None)

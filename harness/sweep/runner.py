@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -66,6 +66,9 @@ from harness.sweep.worker import Worker
 from harness.tracking.base import NullTracker, Tracker, TrackingError
 from harness.train import CheckpointInfo
 from metrics.errors import MetricsError
+
+if TYPE_CHECKING:
+    from harness.train.validation import ValidationImages
 
 __all__ = ["finished_runs", "objective_values", "run_key", "run_sweep", "scalarize"]
 
@@ -290,8 +293,11 @@ class _Objective:
         def on_log(values: Mapping[str, Any], step: int) -> None:
             self.recorder.log(run, values, step)
 
+        def on_validation(images: ValidationImages) -> None:
+            self.recorder.validated(run, images)
+
         started = time.perf_counter()
-        outcome = self.backend.train(run.cfg, run.run_dir, on_checkpoint, on_log)
+        outcome = self.backend.train(run.cfg, run.run_dir, on_checkpoint, on_log, on_validation)
         train_s = time.perf_counter() - started - sum(proxy_s.values())
         if outcome.status == "pruned":
             return RunEnd("pruned", outcome.reason or "proxy score below the pruner's bar")

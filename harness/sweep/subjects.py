@@ -25,13 +25,17 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import HarnessConfig, InferenceSetting, Rung
 from harness.errors import HarnessError
 from harness.sweep._base import PointScores, SweepBackend
 from harness.train import CheckpointInfo, TrainResult
+
+if TYPE_CHECKING:
+    from harness.train.validation import ValidationCallback, ValidationImages
 
 __all__ = [
     "SUBJECTS_FILE",
@@ -180,8 +184,10 @@ class SubjectsBackend:
         run_dir: Path,
         on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
+        on_validation: ValidationCallback | None = None,
     ) -> TrainResult:
-        """Train every subject in turn; stop at the first subject pruned or failed."""
+        """Train every subject in turn; stop at the first subject pruned or failed. Each
+        subject's steps (checkpoints, log, validation images) follow the previous ones'."""
         stride, results = step_stride(cfg), {}
         for index, name in enumerate(self.subjects):
             offset = index * stride
@@ -193,8 +199,12 @@ class SubjectsBackend:
             def log(values: Mapping[str, Any], step: int, offset: int = offset) -> None:
                 on_log(values, offset + step)
 
+            def validated(made: ValidationImages, offset: int = offset, name: str = name) -> None:
+                if on_validation is not None:
+                    on_validation(replace(made, step=offset + made.step, subject=name))
+
             result = self.backends[name].train(
-                self.config(cfg, name), run_dir / "subjects" / name, checkpoint, log
+                self.config(cfg, name), run_dir / "subjects" / name, checkpoint, log, validated
             )
             if result.status != "completed":
                 reason = f"subject {name!r} ({index + 1} of {len(self.subjects)}): {result.reason}"

@@ -48,6 +48,12 @@ class ValidationImages:
     images: tuple[Path, ...]
     prompts: tuple[str, ...]
     seed: int
+    subject: str | None = None  # set by a sweep across subjects (``data.subjects``)
+
+    @property
+    def title(self) -> str:
+        """The tracker's title of these images: ``validation`` (``/<subject>``)."""
+        return "validation" if self.subject is None else f"validation/{self.subject}"
 
 
 ValidationCallback = Callable[[ValidationImages], None]

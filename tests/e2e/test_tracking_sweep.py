@@ -22,6 +22,7 @@ from .conftest import Postgres, postgres_missing_reason
 STUDY = "e2e-tracked"
 N_RUNS = 2
 STEPS = (2, 4)
+VALIDATION_PROMPT = "a {token} {class_name} on the moon"
 DB_PASSWORD = "Pw-s3cret-42"
 API_SECRET = "supersecretkey123456"
 HF_TOKEN = "hf_abcdefghijklmnop1234"
@@ -69,6 +70,8 @@ def tracked_sweep(
         project,
         {
             "tracking": {"mode": "offline", "offline_dir": "runs/clearml"},
+            # One validation image per run after its last step (the tracker's "validation").
+            "train": {"validation_steps": STEPS[-1], "validation_prompts": [VALIDATION_PROMPT]},
             "sweep": {
                 "study_name": STUDY,
                 "n_trials": N_RUNS,
@@ -202,9 +205,16 @@ def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
             assert abs(scalars[at] - row["score.clip_t"]) < 1e-6
 
         images = {
-            (e["metric"], int(e["iter"])) for e in events if e.get("type") == "training_debug_image"
+            (e["metric"], e["variant"], int(e["iter"]))
+            for e in events
+            if e.get("type") == "training_debug_image"
         }
-        assert images == {(f"samples/{s}", step) for s in set(rows["setting_id"]) for step in STEPS}
+        samples = {(f"samples/{s}", step) for s in set(rows["setting_id"]) for step in STEPS}
+        assert {(title, step) for title, _, step in images} - {("validation", STEPS[-1])} == samples
+        # The run's validation image, as `harness train` logs it; also on disk in the run.
+        assert ("validation", "0: a sks toy on the moon", STEPS[-1]) in images
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert (run_dir / f"validation/step-{STEPS[-1]}/validation.json").is_file()
     assert seen == set(trials)
 
     task, events = _session(Path(summary[0]["zip"]))
@@ -311,6 +321,8 @@ def test_a_plain_worker_writes_its_runs_and_no_summary_task(
         tmp_path / "project",
         {
             "tracking": {"mode": "offline", "offline_dir": "runs/clearml"},
+            # One validation image per run after its last step (the tracker's "validation").
+            "train": {"validation_steps": STEPS[-1], "validation_prompts": [VALIDATION_PROMPT]},
             "sweep": {"study_name": "e2e-worker-tracked", "n_trials": 1},
         },
     )

@@ -51,6 +51,7 @@ class FakeBackend:
         run_dir: Path,
         on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
+        on_validation: Callable[[Any], None] | None = None,
     ) -> TrainResult:
         self.trained.append(cfg.train.model_dump())
         max_steps = cfg.train.max_steps

@@ -35,6 +35,7 @@ class LoggingBackend(FakeBackend):
         run_dir: Path,
         on_checkpoint: Callable[[CheckpointInfo], bool],
         on_log: Callable[[Mapping[str, Any], int], None],
+        on_validation: Callable[[Any], None] | None = None,
     ) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         lines = [
@@ -42,7 +43,7 @@ class LoggingBackend(FakeBackend):
             for s in range(1, cfg.train.max_steps + 1)
         ]
         (run_dir / "train_log.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return super().train(cfg, run_dir, on_checkpoint, on_log)
+        return super().train(cfg, run_dir, on_checkpoint, on_log, on_validation)
 
 
 def _cfg(**sweep: Any) -> HarnessConfig:

@@ -41,6 +41,9 @@ class RecordingSink(SweepSink):
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         self.events.append(("run_finished", run.number, end.status))
 
+    def validated(self, run: RunSpec, images: Any) -> None:
+        self.events.append(("validated", run.number, images.step))
+
     def sweep_finished(self, summary: Any) -> None:
         self.events.append(("sweep_finished", summary.points))
 
@@ -167,3 +170,62 @@ def test_a_plain_worker_tracks_its_runs_but_writes_no_summary_task(tmp_path: Pat
     summary = run_sweep(cfg, tmp_path, FakeBackend(), tracker, summary_task=False)
     assert [kind for _, kind in tracker.started] == ["train"]
     assert summary.results_parquet.is_file()
+
+
+class ValidatingBackend(FakeBackend):
+    """The fake backend, making ``train.validation_steps`` images as the real trainer does
+    (every N steps and after the last one) and handing them to ``on_validation``."""
+
+    def train(self, cfg: Any, run_dir: Path, *args: Any) -> Any:
+        from harness.train.validation import ValidationImages
+
+        on_validation = args[2] if len(args) > 2 else None
+        every = cfg.train.validation_steps
+        if on_validation is not None and every:
+            last = cfg.train.max_steps
+            for step in sorted({*range(every, last + 1, every), last}):
+                folder = run_dir / "validation" / f"step-{step}"
+                folder.mkdir(parents=True, exist_ok=True)
+                image = folder / "000-0.png"
+                image.write_bytes(b"png")
+                made = ValidationImages(step, folder, (image,), ("a photo of sks toy",), 0)
+                on_validation(made)
+        return super().train(cfg, run_dir, *args)
+
+
+class ImageTracker(RecordingTracker):
+    """Also remembers every image its runs log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, str, int, str]] = []
+
+    def start_run(self, name: str, **kwargs: Any) -> Run:
+        run = super().start_run(name, **kwargs)
+        tracker = self
+
+        def log_image(title: str, series: str, image: Path, step: int) -> None:
+            tracker.images.append((title, series, step, Path(image).name))
+
+        run.log_image = log_image  # type: ignore[method-assign]
+        return run
+
+
+def test_validation_images_of_a_sweep_run_reach_the_sinks_and_the_tracker(
+    tmp_path: Path,
+) -> None:
+    """``train.validation_steps`` in a sweep: each round of images is an event of its run (the
+    config promises them in the tracker, as ``harness train`` logs them)."""
+    cfg = make_cfg(tmp_path, n_trials=1, inference={"guidance_scale": [3.0], "lora_scale": [1.0]})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"validation_steps": 15})})
+    sink, tracker = RecordingSink(), ImageTracker()
+    run_sweep(cfg, tmp_path, ValidatingBackend(), tracker, sinks=[sink])
+    assert [e for e in sink.events if e[0] == "validated"] == [
+        ("validated", 0, 15),
+        ("validated", 0, 20),
+    ]
+    validation = [i for i in tracker.images if i[0] == "validation"]
+    assert validation == [
+        ("validation", "0: a photo of sks toy", 15, "000-0.png"),
+        ("validation", "0: a photo of sks toy", 20, "000-0.png"),
+    ]

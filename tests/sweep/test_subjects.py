@@ -300,3 +300,22 @@ def test_adaptive_evaluation_promotes_on_the_mean_and_reuses_each_subjects_image
         rows = table[(table["point"] == point) & (table["subject"] != MEAN_SUBJECT)]
         row = full[full["point"] == point].iloc[0]
         assert row["score.dino"] == pytest.approx(rows["score.dino"].mean())
+
+
+def test_each_subjects_validation_images_are_tracked_under_its_name_after_its_steps(
+    tmp_path: Path,
+) -> None:
+    from .test_recorder import ImageTracker, ValidatingBackend
+
+    class ValidatingSubject(ValidatingBackend, SubjectFake):
+        pass
+
+    cfg = subjects_cfg(tmp_path, n_trials=1)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"validation_steps": 20})})
+    tracker = ImageTracker()
+    fakes = {name: ValidatingSubject(OFFSETS[name]) for name in SUBJECTS}
+    run_sweep(cfg, tmp_path, SubjectsBackend(fakes), tracker)
+    stride = step_stride(cfg)
+    assert [(t, step) for t, _, step, _ in tracker.images if t.startswith("validation")] == [
+        (f"validation/{name}", i * stride + 20) for i, name in enumerate(SUBJECTS)
+    ]

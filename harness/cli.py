@@ -150,9 +150,13 @@ def _main(
 def config_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
 ) -> None:
-    """Print the fully resolved configuration (preset + params.yaml + -S overrides)."""
+    """Print the fully resolved configuration (preset + params.yaml + -S overrides).
+
+    Passwords (of a sweep.storage URL, say) are masked: the output gets pasted into issues."""
+    from harness.tracking.secrets import scrub_secrets
+
     cfg = run_command(load)
-    data = cfg.to_dict()
+    data = scrub_secrets(cfg.to_dict())
     if as_json:
         echo(json.dumps(data, indent=2))
     else:
@@ -420,7 +424,13 @@ def sweep_launch_cmd(
         str | None, typer.Option("--clearml-queue", help="Enqueue workers for clearml-agent.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", "-n", min=1, help="Workers (default launch.workers).")
+        int | None,
+        typer.Option(
+            "--workers",
+            "-n",
+            min=1,
+            help="Workers of --slurm and --clearml-queue (default launch.workers).",
+        ),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Write and show what would run; start nothing.")
@@ -435,11 +445,14 @@ def sweep_launch_cmd(
     if len(chosen) != 1:
         err_console.print("[bold red]error:[/] choose one of --local N, --slurm, --clearml-queue Q")
         raise typer.Exit(code=2)
+    if local is not None and workers is not None:
+        err_console.print("[bold red]error:[/] --local N says how many workers; -n is not for it")
+        raise typer.Exit(code=2)
 
     def body() -> int:
         cfg, root, params = load(), project_root(), _state.params.resolve()
         if local is not None:
-            return _launch_local(root, params, local)
+            return _launch_local(root, params, local, dry_run)
         n = workers or cfg.launch.workers
         if slurm:
             return _launch_slurm(cfg, root, params, n, dry_run)
@@ -451,9 +464,14 @@ def sweep_launch_cmd(
         raise typer.Exit(code=code)
 
 
-def _launch_local(root: Path, params: Path, n: int) -> int:
+def _launch_local(root: Path, params: Path, n: int, dry_run: bool) -> int:
     from harness.sweep import launch
 
+    if dry_run:
+        for i, worker in enumerate(launch.local_workers(params, n, _state.overrides)):
+            echo(f"worker {i}: {worker.describe()}")
+        echo(f"not started (--dry-run); they would run in {root}")
+        return 0
     codes = launch.launch_local(params, root, n, overrides=_state.overrides)
     echo(f"{len(codes)} workers finished; exit codes {codes}")
     return 2 if any(c != 0 for c in codes) else 0

@@ -272,7 +272,8 @@ def check_params(params: str | Path, root: str | Path) -> list[str]:
         name = key.removeprefix("train.")
         if key.startswith("train.") and name in space:
             notes.append(
-                f"{key} does not change the sweep: sweep.space.{name} searches it (set "
-                f"sweep.space.{name} instead, e.g. -S 'sweep.space.{name}.choices=[...]')"
+                f"{key} does not change the sweep: sweep.space.{name} searches it (replace "
+                f"that entry instead: dvc exp run -S '~sweep.space.{name}' "
+                f"-S '+sweep.space.{name}={{choices:[...]}}')"
             )
     return notes

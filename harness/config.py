@@ -9,8 +9,8 @@ override any key of it::
 
 The preset is deep-merged under the overrides, the result is validated strictly (unknown keys,
 wrong types and impossible values are errors) and every error names the file that supplied the
-offending key and its dotted path, e.g. ``experiments/sd15-lora.yaml: train.rank: must be >= 1,
-got 0``. Nothing loads a model before this succeeds.
+offending key and its dotted path, e.g. ``experiments/preset/sd15-lora.yaml: train.rank: must
+be >= 1, got 0``. Nothing loads a model before this succeeds.
 
 Example:
     >>> from harness.config import load_config
@@ -475,7 +475,8 @@ class InferenceSetting(_Strict):
     ``sweep.inference`` (a grid of them), the search space, generation and the results table.
 
     Its numeric fields (:data:`INFERENCE_DIMENSIONS`) are the swept inference dimensions; the
-    scheduler is fixed per sweep (``eval.scheduler``).
+    scheduler is ``eval.scheduler``, or one of ``sweep.inference.scheduler``'s when a sweep
+    searches it.
     """
 
     guidance_scale: float = Field(default=7.5, ge=0.0)
@@ -965,7 +966,8 @@ class EvaluateConfig(_Strict):
         ge=1,
         description="Most points re-scored: the sweep's best point by sweep.weights (when set) "
         "and its Pareto front, ranked by the sweep's objective sum (see harness.sweep.select). "
-        "Their adapters are never removed by sweep.keep_adapters.",
+        "Their adapters are never removed by sweep.keep_adapters (at the top_k the sweep ran "
+        "with: raising it afterwards needs sweep.keep_adapters: all).",
     )
     prompts: list[str] | None = Field(
         None,

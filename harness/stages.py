@@ -2,8 +2,8 @@
 whose thin command calls one function here).
 
 ``resolve``
-    always runs (cheap): validates the config, writes each resolved config section to
-    ``runs/resolved/<section>.json`` (secrets masked, for people) and a fingerprint of the
+    always runs (cheap): validates the config, writes the resolved sections of the training
+    side (:data:`SECTIONS`) to ``runs/resolved/<section>.json`` (secrets masked, for people) and a fingerprint of the
     subject's raw photos to ``runs/resolved/source.json``, on which ``prepare`` depends (the
     stages declare their settings as DVC params of ``params.yaml``; what ``data.token: auto``
     reads outside ``data`` is in ``source.json`` too, see :func:`identifier_inputs`).

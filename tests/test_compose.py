@@ -156,6 +156,10 @@ def test_overriding_a_searched_training_setting_is_noted(project: Path) -> None:
     params.write_text(dump_params(data))
     notes = check_params(params, project)
     assert any(f"sweep.space.{searched} searches it" in note for note in notes), notes
+    # The fix as Hydra takes it under `dvc exp run` (a plain `.choices=` merges into the
+    # preset's low/high and is refused).
+    fix = f"-S '~sweep.space.{searched}' -S '+sweep.space.{searched}={{choices:[...]}}'"
+    assert any(fix in note for note in notes), notes
 
 
 def test_choices_over_a_presets_range_is_one_line_with_the_fix(

@@ -27,9 +27,12 @@ from harness.errors import HarnessError
 
 __all__ = [
     "LaunchError",
+    "LocalWorker",
     "SlurmJob",
     "clearml_worker_spec",
     "launch_local",
+    "local_workers",
+    "refuse_secret_overrides",
     "slurm_script",
     "submit_slurm",
     "worker_command",
@@ -49,6 +52,33 @@ def worker_command(
     every worker opens the same study)."""
     sets = [arg for item in overrides for arg in ("-S", item)]
     return [python or sys.executable, "-m", "harness", "-p", str(params), *sets, "sweep", "worker"]
+
+
+def refuse_secret_overrides(overrides: Sequence[str], carrier: str) -> None:
+    """Refuse a ``-S key=value`` whose value holds a password or token: ``carrier`` (the sbatch
+    script, the ClearML task, every worker's command line) would hold it in plain text.
+
+    Raises:
+        LaunchError: naming the key, and where the value goes instead.
+    """
+    from harness.sweep.study import STORAGE_ENV
+    from harness.tracking.secrets import DEFAULT_KEEP_PATHS, is_secret_key, redact_text
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip().lstrip("+~")
+        named = is_secret_key(key.rsplit(".", 1)[-1]) and key not in DEFAULT_KEEP_PATHS
+        if not named and redact_text(value) == value:  # data.token (sks) is no secret
+            continue
+        instead = (
+            f"{STORAGE_ENV} (set where you launch; the workers inherit it)"
+            if key == "sweep.storage"
+            else "params.yaml or the environment"
+        )
+        raise LaunchError(
+            f"-S {key}: its value holds a password or token, which {carrier} would carry in "
+            f"plain text; put it in {instead}"
+        )
 
 
 def require_shared_storage(cfg: HarnessConfig, url: str, engine: str) -> None:
@@ -98,6 +128,42 @@ def worker_threads(n_workers: int) -> int | None:
 LOCAL_LAUNCH_ENV = "HARNESS_LOCAL_LAUNCH"
 
 
+@dataclass(frozen=True)
+class LocalWorker:
+    """One worker of ``launch --local``: the variables it gets on top of the launcher's
+    environment, and its command."""
+
+    env: dict[str, str]
+    command: list[str]
+
+    def describe(self) -> str:
+        """The worker as a shell line (what ``--dry-run`` shows)."""
+        return shlex.join([f"{k}={v}" for k, v in self.env.items()] + self.command)
+
+
+def local_workers(params: Path, n_workers: int, overrides: Sequence[str] = ()) -> list[LocalWorker]:
+    """The ``n_workers`` workers :func:`launch_local` starts: one GPU each when there are GPUs,
+    the CPU cores shared out (:func:`worker_threads`).
+
+    Raises:
+        LaunchError: an override holds a password (:func:`refuse_secret_overrides`).
+    """
+    refuse_secret_overrides(overrides, "every worker's command line (which ps shows)")
+    gpus = _gpu_ids()
+    if gpus and n_workers > len(gpus):
+        log.warning("%d workers on %d GPUs: some GPUs run several workers", n_workers, len(gpus))
+    threads = worker_threads(n_workers)
+    workers = []
+    for i in range(n_workers):
+        env = {"HARNESS_WORKER_ID": f"local-{os.getpid()}-{i}", LOCAL_LAUNCH_ENV: "1"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        workers.append(LocalWorker(env, worker_command(params, overrides)))
+    return workers
+
+
 def launch_local(
     params: Path,
     root: Path,
@@ -106,30 +172,19 @@ def launch_local(
     overrides: Sequence[str] = (),
     out: IO[str] | None = None,
 ) -> list[int]:
-    """Start ``n_workers`` workers here (one GPU each when there are GPUs, the CPU cores shared
-    out: :func:`worker_threads`), wait for all.
+    """Start the ``n_workers`` workers of :func:`local_workers` here, wait for all.
 
     Their output is prefixed ``[w<i>]``; SIGINT/SIGTERM is passed on to every worker (each
     records its run as interrupted). Returns the workers' exit codes.
     """
     out = out or sys.stdout
-    gpus = _gpu_ids()
-    if gpus and n_workers > len(gpus):
-        log.warning("%d workers on %d GPUs: some GPUs run several workers", n_workers, len(gpus))
     procs: list[subprocess.Popen[str]] = []
     pumps: list[threading.Thread] = []
-    threads = worker_threads(n_workers)
-    for i in range(n_workers):
-        env = dict(os.environ, HARNESS_WORKER_ID=f"local-{os.getpid()}-{i}")
-        env[LOCAL_LAUNCH_ENV] = "1"
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        if threads is not None:
-            env["OMP_NUM_THREADS"] = str(threads)
+    for i, worker in enumerate(local_workers(params, n_workers, overrides)):
         proc = subprocess.Popen(
-            worker_command(params, overrides),
+            worker.command,
             cwd=root,
-            env=env,
+            env=dict(os.environ, **worker.env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -267,10 +322,12 @@ def launch_slurm(
     """Write the sbatch array script and (``submit``) submit it.
 
     Raises:
-        LaunchError: for a SQLite storage, a missing ``sbatch`` or a refused submission.
+        LaunchError: for a password in an override, a SQLite storage, a missing ``sbatch`` or
+            a refused submission.
     """
     from harness.sweep.study import storage_url
 
+    refuse_secret_overrides(overrides, "the sbatch script")
     require_shared_storage(cfg, storage_url(cfg, root), "SLURM")
     job = write_slurm_script(cfg, root, params, n_workers, overrides)
     return submit_slurm(job) if submit else job
@@ -331,13 +388,15 @@ def launch_clearml(
     written to ``<sweep.dir>/launch/clearml-*.json`` first. Returns one line per worker.
 
     Raises:
-        LaunchError: for a SQLite storage, or when ClearML refuses (no server configured).
+        LaunchError: for a password in an override, a SQLite storage, or when ClearML refuses
+            (no server configured).
     """
     import json
 
     from harness.sweep.study import storage_url
     from harness.tracking import TrackingError, enqueue_worker_task
 
+    refuse_secret_overrides(overrides, "the ClearML task")
     require_shared_storage(cfg, storage_url(cfg, root), "ClearML agent")
     specs = [clearml_worker_spec(cfg, root, params, queue, i, overrides) for i in range(n_workers)]
     folder = root / cfg.sweep.dir / "launch"

@@ -480,6 +480,10 @@ def _name_metrics(
                 study.set_metric_names(metric)
 
 
+# Only PostgreSQL's driver is a dependency: a MySQL user installs one.
+MYSQL_DRIVER_HINT = "pip install -e '.[mysql]' and write the URL as mysql+pymysql://..."
+
+
 @contextlib.contextmanager
 def _storage_errors(url: str) -> Iterator[None]:
     """A storage that cannot be opened (bad URL, server down, wrong password, no database) is a
@@ -492,6 +496,8 @@ def _storage_errors(url: str) -> Iterator[None]:
         password = _url_password(url)
         if password:
             reason = reason.replace(password, "***")
+        if isinstance(exc, ImportError) and url.startswith("mysql"):
+            reason = f"no MySQL driver ({reason}): {MYSQL_DRIVER_HINT}"
         raise SweepError(
             f"sweep.storage: cannot open {safe_storage_url(url)}: {safe_storage_url(reason)}"
         ) from None

@@ -108,10 +108,10 @@ def _preset_file(root: Path, name: str, source: str) -> tuple[str, dict[str, Any
         names = ", ".join(available_presets(root)) or "none found"
         raise _error(f"{source}: preset: unknown preset {name!r}; available: {names}")
     label = f"{PRESET_DIR}/{path.name}"
+    data = load_yaml(path)  # first: an unreadable file (not UTF-8, bad YAML) is its error
     if GLOBAL_PACKAGE not in path.read_text(encoding="utf-8").splitlines()[:5]:
         # Without it Hydra nests the whole file under a `preset:` key.
         raise _error(f"{label}: must start with the line '{GLOBAL_PACKAGE}'")
-    data = load_yaml(path)
     if data.get("preset") != name:
         raise _error(f"{label}: preset: must be {name!r} (the file's own name)")
     return label, data

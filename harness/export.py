@@ -35,6 +35,7 @@ import pandas as pd
 
 from harness.config import HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
+from harness.outputs import read_table
 from harness.report.figures import label
 from harness.sweep.confirm import METRICS, optional_number
 from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
@@ -81,8 +82,6 @@ def choose_point(
             several subjects without ``multi_subject`` (it has no one adapter to export).
     """
     from harness.sweep.confirm import EvaluateError, read_sweep_results
-    from harness.sweep.results import full_fidelity
-    from harness.sweep.select import select_points
 
     try:
         frame = read_sweep_results(cfg, root)
@@ -93,7 +92,7 @@ def choose_point(
         if confirmed is not None:
             point = int(confirmed.iloc[0]["point"])
         else:
-            point = int(select_points(cfg, full_fidelity(frame)).iloc[0]["point"])
+            point = _best_swept_point(cfg, frame)
     rows = frame[frame["point"] == point]
     if rows.empty:
         raise ExportError(
@@ -120,12 +119,31 @@ def choose_point(
     return row
 
 
+def _best_swept_point(cfg: HarnessConfig, frame: pd.DataFrame) -> int:
+    """The sweep's best full-fidelity point by its selection score (no evaluate output).
+
+    Raises:
+        ExportError: no point has reached the full protocol yet (adaptive evaluation keeps
+            the cheap rungs' points out: they rank nothing).
+    """
+    from harness.sweep.results import full_fidelity
+    from harness.sweep.select import select_points
+
+    chosen = select_points(cfg, full_fidelity(frame))
+    if chosen.empty:
+        raise ExportError(
+            f"{cfg.sweep.dir}/results.parquet: no point measured with the full protocol yet "
+            "(and no evaluate output); sweep on until one is, or export one with --point N"
+        )
+    return int(chosen.iloc[0]["point"])
+
+
 def _confirmed(cfg: HarnessConfig, root: Path, frame: pd.DataFrame) -> pd.DataFrame | None:
     """The evaluate stage's table, best first, when it is of this sweep's points."""
     path = root / cfg.evaluate.dir / "results.parquet"
     if not path.is_file():
         return None
-    table = pd.read_parquet(path).sort_values("selection_rank")
+    table = read_table(path, "harness evaluate", ExportError).sort_values("selection_rank")
     ours = table.merge(frame[["point", "run_key", "setting_id"]], how="inner")
     return ours if len(ours) == len(table) and not ours.empty else None
 
@@ -145,14 +163,14 @@ def export_point(
 
     folder, weights = resolve_adapter(root / row["adapter"])  # safetensors, checked
     family, components = lora_layout(folder / weights)  # a bad checkpoint.json: nothing lost
+    setting = point_setting(cfg, row)  # likewise: what can fail is read before out goes
+    example = _example(root, row)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     files = [Path(shutil.copy2(folder / weights, out / LORA_WEIGHTS))]
     kohya, why_not = _kohya_file(folder, weights, out, family)
     files += [kohya] if kohya else []
-    setting = point_setting(cfg, row)
-    example = _example(root, row)
     if example is not None:
         files.append(Path(shutil.copy2(root / example["image"], out / EXAMPLE_IMAGE)))
     info = inference_info(cfg, root, row, setting, token, class_name, example)
@@ -210,7 +228,7 @@ def _subject_rows(
     path = root / cfg.sweep.dir / SUBJECTS_PARQUET
     if not path.is_file():
         raise ExportError(f"{path}: no per-subject table; rerun `harness sweep` to write it")
-    table = pd.read_parquet(path)
+    table = read_table(path, "harness sweep", ExportError)
     mine = table[(table["point"] == point) & (table["subject"] != MEAN_SUBJECT)]
     rows = {str(r["subject"]): r for r in mine.to_dict(orient="records")}
     missing = sorted(set(subjects) - set(rows))
@@ -230,7 +248,7 @@ def _subject_confirmations(
     path = root / cfg.evaluate.dir / PER_IMAGE
     if not any(k.startswith("confirm.") for k in row) or not path.is_file():
         return {}
-    images = pd.read_parquet(path)
+    images = read_table(path, "harness evaluate", ExportError)
     if "subject" not in images:
         return {}
     base_setting = row.get("baseline_setting")
@@ -359,9 +377,12 @@ def _example(root: Path, row: dict[str, Any]) -> dict[str, Any] | None:
         if not manifest.is_file():
             continue
         for line in manifest.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            image = manifest.parent / entry["file"]
-            if image.is_file():
+            try:  # a line torn by a crash, or a hand edit: the next image will do
+                entry = json.loads(line)
+                image = manifest.parent / entry["file"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if image.is_file() and "prompt" in entry and "seed" in entry:
                 return {
                     "prompt": entry["prompt"],
                     "seed": int(entry["seed"]),

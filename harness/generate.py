@@ -168,6 +168,25 @@ def resolve_adapter(adapter: Path) -> tuple[Path, str]:
     return checked.parent, checked.name
 
 
+def _load_lora(pipeline: Any, folder: Path, weight_name: str, name: str) -> None:
+    """``pipeline.load_lora_weights``, a file this model cannot take (another model's LoRA:
+    peft's size mismatch; no LoRA keys: diffusers' "Invalid LoRA checkpoint") one error
+    naming it."""
+    import torch
+
+    try:
+        pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as exc:
+        lines = str(exc).strip().splitlines()
+        detail = "; ".join(line.strip() for line in lines[:2]) or type(exc).__name__
+        raise HarnessError(
+            f"adapter: {folder / weight_name}: not a LoRA this model can load (a LoRA of "
+            f"another base model or family?): {detail}"
+        ) from None
+
+
 @contextmanager
 def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME) -> Iterator[bool]:
     """Load a LoRA checkpoint folder (or file) for the duration of the block, then delete it.
@@ -189,7 +208,7 @@ def adapter_loaded(pipeline: Any, adapter: Path | None, name: str = ADAPTER_NAME
     try:
         # Inside the try: an interrupt in the middle of the load must not leave half-injected
         # LoRA layers behind.
-        pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+        _load_lora(pipeline, folder, weight_name, name)
         yield True
     finally:
         # unload (not delete_adapters): it also removes peft's wrapper modules, so the base

@@ -137,6 +137,16 @@ def test_unknown_preset_lists_the_available_ones(project: Path) -> None:
     ]
 
 
+def test_a_preset_that_is_not_utf8_is_one_error_naming_it(project: Path) -> None:
+    """Written by PowerShell's `>` (UTF-16): the config error of that file, not a
+    UnicodeDecodeError traceback from the header check."""
+    preset = project / "experiments/preset/tiny-cpu.yaml"
+    preset.write_text(preset.read_text(encoding="utf-8"), encoding="utf-16")
+    with pytest.raises(ConfigError) as info:
+        compose(project, "tiny-cpu", "command line")
+    assert any("tiny-cpu.yaml" in p and "UTF-8" in p for p in info.value.problems), info.value
+
+
 def test_harness_config_compose_writes_what_dvc_would(project: Path, tmp_path: Path) -> None:
     config = project / "experiments/config.yaml"
     config.write_text(config.read_text() + "train:\n  rank: 8\n")

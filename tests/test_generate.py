@@ -142,6 +142,33 @@ def test_pickle_adapter_refused_without_unpickling(
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
+@pytest.mark.parametrize("kind", ["another model's LoRA", "not a LoRA"])
+def test_an_adapter_this_model_cannot_load_is_one_error_naming_it(
+    tiny_sd15: Any, tmp_path: Path, kind: str
+) -> None:
+    """A valid safetensors file that is an SDXL LoRA on SD 1.5 (every shape off) or a base
+    checkpoint: one error naming the file, the pipeline left without adapters (it was
+    peft's size-mismatch or diffusers' "Invalid LoRA checkpoint" traceback)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    weights = folder / "pytorch_lora_weights.safetensors"
+    if kind == "not a LoRA":
+        save_file({"conv_in.weight": torch.zeros(4, 4)}, str(weights))
+    else:
+        good = load_file(str(random_lora(tiny_sd15.pipeline, tmp_path / "good") / weights.name))
+        wider = {
+            k: torch.zeros(v.shape[0], v.shape[1] + 3) if ".down." in k else v
+            for k, v in good.items()
+        }
+        save_file(wider, str(weights))
+    with pytest.raises(HarnessError, match=rf"^adapter: {re.escape(str(weights))}: not a LoRA "):
+        run(tiny_sd15, tmp_path / "out", adapter=folder)
+    assert not any(tiny_sd15.pipeline.get_list_adapters().values())
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
 def test_format_prompt_both_placeholder_styles() -> None:
     assert format_prompt("a {token} {class_name}", "sks", "dog") == "a sks dog"
     assert format_prompt("a {0} {1} on the beach", "sks", "dog") == "a sks dog on the beach"

@@ -77,7 +77,7 @@ def parse_dreambench_file(path: Path) -> tuple[dict[str, str], list[str], list[s
     """
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:  # a Latin-1 or UTF-16 copy: not UTF-8
         raise DataError(f"{path}: cannot read DreamBench prompt file ({exc})") from None
     classes: dict[str, str] = {}
     prompts: dict[str, list[str]] = {"object": [], "live": []}

@@ -18,6 +18,7 @@ import pandas as pd
 
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
+from harness.outputs import read_json_object, read_table
 from harness.sweep.results import full_fidelity
 
 __all__ = [
@@ -54,15 +55,12 @@ class ReportInputs:
     paths: dict[str, Path] = field(default_factory=dict)  # relative to the project root
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
+def _read_json(path: Path, writer: str) -> dict[str, Any]:
+    return read_json_object(path, writer, ReportError)
 
 
-def _optional_parquet(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.is_file() else None
+def _optional_parquet(path: Path, writer: str) -> pd.DataFrame | None:
+    return read_table(path, writer, ReportError) if path.is_file() else None
 
 
 def _required(path: Path, stage: str) -> Path:
@@ -97,22 +95,22 @@ def load_inputs(cfg: HarnessConfig, root: Path) -> ReportInputs:
     evaluate_path = _required(evaluate_dir / RESULTS, "evaluate")
     references_path = _required(evaluate_dir / REFERENCES, "evaluate")
     sweep_path = _required(sweep_dir / RESULTS, "sweep")
-    evaluate = pd.read_parquet(evaluate_path)
+    evaluate = read_table(evaluate_path, "harness evaluate", ReportError)
     if evaluate.empty:
         raise ReportError(f"{evaluate_path}: no confirmed point; run `harness evaluate` first")
-    sweep_metrics = _read_json(sweep_dir / SWEEP_METRICS)
-    study = _study(sweep_metrics, _read_json(root / EVALUATE_METRICS), cfg)
+    sweep_metrics = _read_json(sweep_dir / SWEEP_METRICS, "harness sweep")
+    study = _study(sweep_metrics, _read_json(root / EVALUATE_METRICS, "harness evaluate"), cfg)
     if "selection_rank" in evaluate:
         evaluate = evaluate.sort_values("selection_rank").reset_index(drop=True)
     return ReportInputs(
         # Full-fidelity points only: adaptive evaluation's cheap rungs rank nothing here.
-        sweep=full_fidelity(pd.read_parquet(sweep_path)),
+        sweep=full_fidelity(read_table(sweep_path, "harness sweep", ReportError)),
         evaluate=evaluate,
-        references=_read_json(references_path),
+        references=_read_json(references_path, "harness evaluate"),
         sweep_metrics=sweep_metrics,
         study=study,
-        per_image_eval=_optional_parquet(evaluate_dir / PER_IMAGE),
-        per_image_sweep=_optional_parquet(sweep_dir / PER_IMAGE),
+        per_image_eval=_optional_parquet(evaluate_dir / PER_IMAGE, "harness evaluate"),
+        per_image_sweep=_optional_parquet(sweep_dir / PER_IMAGE, "harness sweep"),
         paths={
             name: _relative(path, root)
             for name, path in (
@@ -159,7 +157,10 @@ def run_cost(run_dir: Path) -> dict[str, Any]:
     """One training run's recorded cost: ``train_s`` (wall time of its last training call,
     ``result.json``), ``processes``, ``device_s`` (wall time x processes), ``device`` and
     ``peak_mib``; None for what its folder does not record."""
-    result = _read_json(run_dir / "result.json")
+    try:  # a run's own record: a damaged one costs the report its cost columns, no more
+        result = read_json_object(run_dir / "result.json", "harness sweep", ReportError)
+    except ReportError:
+        result = {}
     wall = result.get("wall_s")
     processes = (result.get("info") or {}).get("num_processes") or 1
     device, peak = _log_memory(run_dir / "train_log.jsonl")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from harness.config import INFERENCE_DIMENSIONS, HarnessConfig, InferenceSetting, seed_spans
 from harness.errors import HarnessError
+from harness.outputs import read_json_object, read_table
 from harness.sweep._base import PointScores
 from harness.sweep.per_image import (
     EVALUATE_IMAGE_SCHEMA,
@@ -192,7 +193,7 @@ def read_sweep_results(cfg: HarnessConfig, root: Path) -> pd.DataFrame:
         raise EvaluateError(
             f"{parquet}: no sweep results table; run `harness sweep` (the sweep stage) first"
         )
-    frame = pd.read_parquet(parquet)
+    frame = read_table(parquet, "harness sweep", EvaluateError)
     if frame.empty:
         raise EvaluateError(
             f"{parquet}: the sweep has no evaluated points yet (every run pruned or failed?); "
@@ -212,7 +213,7 @@ def _check_same_study(cfg: HarnessConfig, root: Path, parquet: Path) -> None:
     """The table must be this configuration's study: confirming another configuration's
     points would report them under these params."""
     summary = root / cfg.sweep.dir / SWEEP_METRICS
-    study = json.loads(summary.read_text()).get("study") if summary.is_file() else None
+    study = read_json_object(summary, "harness sweep", EvaluateError).get("study")
     expected = study_id(cfg, root)
     if study is not None and study != expected:
         raise EvaluateError(

@@ -84,14 +84,23 @@ def resume_point(
 
 
 def truncate_log(log_path: Path, keep_up_to: int) -> None:
-    """Drop the log records of steps after ``keep_up_to`` (they are trained again)."""
+    """Drop the log records of steps after ``keep_up_to`` (they are trained again), and any
+    line that is not a record: the one a crash or a full disk tore mid-write (a warning)."""
     if not log_path.is_file():
         return
-    kept = [
-        line
-        for line in log_path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= keep_up_to
-    ]
+    kept = []
+    for number, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            logger.warning(
+                "%s: line %d is no log record (torn by a crash?); dropped", log_path, number
+            )
+            continue
+        if step <= keep_up_to:
+            kept.append(line)
     log_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 

@@ -130,3 +130,17 @@ def test_sample_subject_generated_and_prepared(tmp_path: Path) -> None:
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert {r["format"] for r in manifest["images"]} == {"JPEG", "PNG", "WEBP", "HEIF"}
     assert {r["orientation"] for r in manifest["images"]} >= {1, 3, 6, 8}
+
+
+def test_a_dreambench_prompt_file_that_is_not_utf8_is_a_data_error_naming_it(
+    dreambench_dir: Path, tmp_path: Path
+) -> None:
+    """A copy saved as UTF-16 (a Windows editor): one DataError naming it, not a
+    UnicodeDecodeError traceback."""
+    from harness.data import DataError
+
+    copy = tmp_path / "prompts_and_classes.txt"
+    text = (dreambench_dir / "prompts_and_classes.txt").read_text(encoding="utf-8-sig")
+    copy.write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match=rf"^{copy}: cannot read DreamBench prompt file"):
+        parse_dreambench_file(copy)

@@ -78,3 +78,35 @@ def test_report_settings_change_no_study_and_no_run() -> None:
     )
     assert study_id(base) == study_id(changed)
     assert run_key(base) == run_key(changed)
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        "runs/evaluate/references.json",
+        "runs/sweep/metrics.json",
+        "reports/metrics.json",
+        "runs/evaluate/results.parquet",
+        "runs/sweep/results.parquet",
+        "runs/evaluate/per_image.parquet",
+    ],
+)
+def test_a_damaged_input_is_one_error_naming_it_and_the_old_report_stays(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damaged: str
+) -> None:
+    """A torn write (a full disk, a killed stage), a merge conflict in the git-tracked
+    reports/metrics.json: one line naming the file and the stage that writes it."""
+    params = _params(repo_root, tmp_path)
+    write_project(tmp_path, make_cfg())
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "reports" / "index.html"
+    earlier.write_text("the earlier report")
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = CliRunner().invoke(app, ["-p", str(params), "report"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ") and damaged in lines[0], lines[0]
+    assert "harness " in lines[0], lines[0]  # which stage to run again
+    assert earlier.read_text() == "the earlier report"

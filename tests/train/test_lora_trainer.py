@@ -486,6 +486,8 @@ def test_truncated_state_file_resumes_from_previous_checkpoint(
     trained = {k: v.clone() for k, v in load_file(str(last / "lora.safetensors")).items()}
     target = (last / broken).resolve()
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a crash mid-copy
+    with (run / "train_log.jsonl").open("a", encoding="utf-8") as log:
+        log.write('{"step": 5, "loss": 0.1')  # and mid-write of the log (a full disk, a kill)
 
     with caplog.at_level("WARNING", logger="harness.train"):
         again = train_lora(cfg, sd15, images(1), run, progress=False)

@@ -37,6 +37,7 @@ from harness.config import INFERENCE_DIMENSIONS, HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
 from harness.outputs import read_json_object, read_table
 from harness.sweep._base import PointScores
+from harness.sweep._files import replaced_together
 from harness.sweep.per_image import (
     EVALUATE_IMAGE_SCHEMA,
     PER_IMAGE,
@@ -410,11 +411,7 @@ def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmatio
     out = root / cfg.evaluate.dir
     out.mkdir(parents=True, exist_ok=True)
     csv_path, parquet_path = out / RESULTS_CSV, out / RESULTS_PARQUET
-    confirmation.table.to_csv(csv_path, index=False)
-    confirmation.table.to_parquet(parquet_path, index=False)
-    confirmation.per_image_parquet = write_table(
-        confirmation.per_image, EVALUATE_IMAGE_SCHEMA, out / PER_IMAGE
-    )
+    metrics_path = root / METRICS_FILE
     references = {
         **confirmation.references,
         "baseline_setting": confirmation.baseline_setting,
@@ -422,9 +419,17 @@ def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmatio
         "seeds": confirmation.seeds,
         "held_out_prompts": cfg.evaluate.prompts,
     }
-    _write_json(out / REFERENCES_JSON, references)
-    metrics_path = root / METRICS_FILE
-    _write_json(metrics_path, metrics_summary(cfg, confirmation, root))
+    # Replaced together: a failed write (a full disk) leaves the previous confirmation whole,
+    # never a new table beside old references for the report to mix.
+    paths = (csv_path, parquet_path, out / REFERENCES_JSON, metrics_path)
+    with replaced_together(*paths) as (csv, parquet, refs, metrics):
+        confirmation.table.to_csv(csv, index=False)
+        confirmation.table.to_parquet(parquet, index=False)
+        _write_json(refs, references)
+        _write_json(metrics, metrics_summary(cfg, confirmation, root))
+        confirmation.per_image_parquet = write_table(
+            confirmation.per_image, EVALUATE_IMAGE_SCHEMA, out / PER_IMAGE
+        )
     confirmation.results_csv, confirmation.results_parquet = csv_path, parquet_path
     confirmation.metrics_path = metrics_path
     return confirmation

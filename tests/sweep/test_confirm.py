@@ -226,6 +226,34 @@ def test_metrics_json_has_best_point_sweep_confirmation_shrinkage_and_references
     assert len(lines) == 1 + 3 + 1 and lines[-1].startswith("baseline")
 
 
+def test_a_failed_write_leaves_the_previous_outputs_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results table, references.json and reports/metrics.json are replaced together: a
+    full disk while writing the last one left a new table beside old references (the report
+    then mixed two confirmations)."""
+    cfg = make_cfg()
+    confirm(tmp_path, cfg)
+    names = ("runs/evaluate/results.csv", "runs/evaluate/results.parquet")
+    names += ("runs/evaluate/references.json", "reports/metrics.json")
+    before = {name: (tmp_path / name).read_bytes() for name in names}
+    table = sweep_table(tmp_path, cfg)
+    confirmation = confirm_points(
+        cfg, tmp_path, selected_points(cfg, tmp_path, table), StubBackend(table, tmp_path), False
+    )
+    confirmation.table["point"] = confirmation.table["point"][::-1].to_numpy()  # another table
+    import harness.sweep.confirm as module
+
+    def full_disk(cfg: HarnessConfig, confirmation: Any, root: Path) -> dict[str, Any]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "metrics_summary", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_confirmation(cfg, tmp_path, confirmation)
+    assert {name: (tmp_path / name).read_bytes() for name in names} == before
+    assert not list((tmp_path / "runs/evaluate").glob(".*.tmp"))
+
+
 def test_each_point_is_compared_with_the_base_model_under_its_own_guidance_and_steps(
     tmp_path: Path,
 ) -> None:

@@ -114,8 +114,17 @@ def load_prepared(prepared_subject_dir: Path) -> PreparedSubject:
         raise DataError(
             f"{folder}: no manifest.json; run the prepare stage (if it failed, see rejects.txt)"
         ) from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError included
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    try:
+        return _parse_manifest(folder, path, manifest)
+    except (KeyError, TypeError, AttributeError) as exc:  # a hand edit into another shape
+        raise DataError(
+            f"{path}: malformed manifest ({type(exc).__name__}: {exc}); rerun prepare"
+        ) from None
+
+
+def _parse_manifest(folder: Path, path: Path, manifest: Any) -> PreparedSubject:
     if manifest.get("schema_version") != _SCHEMA_VERSION:
         raise DataError(
             f"{path}: schema_version {manifest.get('schema_version')!r}, expected {_SCHEMA_VERSION}"

@@ -301,28 +301,5 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
     }
     assert runs == {"base": 2, "changed": 1}
 
-    # Another preset: DVC composes it (here only the cheap first stage runs).
-    dvc(
-        repo,
-        env,
-        "exp",
-        "run",
-        "-n",
-        "sd15",
-        "-S",
-        "preset=sd15-lora",
-        "-S",
-        "data.source=sample",
-        "-S",
-        "data.class_name=toy",
-        "-S",
-        "train.lr_warmup_steps=0",  # the sd15 preset warms up for 50 of its 800 steps
-        "resolve",
-    )
-    rows = _rows(json.loads(dvc(repo, env, "exp", "show", "--json")))
-    params = _params(rows["sd15"])
-    assert (params["preset"], params["train"]["rank"], params["data"]["resolution"]) == (
-        "sd15-lora",
-        16,
-        512,
-    )
+    # Another preset (`-S preset=sd15-lora`) is composed by DVC's own Hydra function exactly as
+    # `harness config compose` does: tests/test_compose.py, without a fourth `dvc exp run`.

@@ -25,10 +25,8 @@ def _damaged(
     return error(f"{path}: unreadable ({reason}); run `{writer}` again to rewrite it")
 
 
-def read_table(
-    path: Path, writer: str, error: type[HarnessError], columns: list[str] | None = None
-) -> pd.DataFrame:
-    """``path`` as a DataFrame (``columns`` only, when given).
+def read_table(path: Path, writer: str, error: type[HarnessError]) -> pd.DataFrame:
+    """``path`` as a DataFrame.
 
     Raises:
         HarnessError: ``error``, naming ``path`` and ``writer`` (the command that writes it),
@@ -37,7 +35,7 @@ def read_table(
     import pandas as pd
 
     try:
-        return pd.read_parquet(path, columns=columns)
+        return pd.read_parquet(path)
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise _damaged(path, exc, writer, error) from None
 

@@ -3,10 +3,11 @@ whose thin command calls one function here).
 
 ``resolve``
     always runs (cheap): validates the config, writes the resolved sections of the training
-    side (:data:`SECTIONS`) to ``runs/resolved/<section>.json`` (secrets masked, for people) and a fingerprint of the
-    subject's raw photos to ``runs/resolved/source.json``, on which ``prepare`` depends (the
-    stages declare their settings as DVC params of ``params.yaml``; what ``data.token: auto``
-    reads outside ``data`` is in ``source.json`` too, see :func:`identifier_inputs`).
+    side (:data:`SECTIONS`) to ``runs/resolved/<section>.json`` (secrets masked, for people)
+    and a fingerprint of the subject's raw photos to ``runs/resolved/source.json``, on which
+    ``prepare`` depends (the stages declare their settings as DVC params of ``params.yaml``;
+    what ``data.token: auto`` reads outside ``data`` is in ``source.json`` too, see
+    :func:`identifier_inputs`).
 ``prepare``
     the dataset stage (:mod:`harness.data`).
 ``sweep``
@@ -219,8 +220,7 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
             run.log_scalars(record, step, title="train")
 
         def on_validation(made: Any) -> None:
-            for index, (image, prompt) in enumerate(zip(made.images, made.prompts, strict=True)):
-                run.log_image(made.title, f"{index}: {prompt}", image, made.step)
+            made.log_to(run)
 
         result = train_lora(cfg, loaded, pairs, run_dir, on_log=on_log, on_validation=on_validation)
         for ckpt in result.checkpoints:

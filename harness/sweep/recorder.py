@@ -305,9 +305,7 @@ class TrackerSink(SweepSink):
             track.log_table(f"per-prompt/{setting}", f"step {step}", table, step)
 
     def validated(self, run: RunSpec, images: ValidationImages) -> None:
-        # As `harness train` logs them: one series per prompt, at the optimizer step.
-        for index, (image, prompt) in enumerate(zip(images.images, images.prompts, strict=True)):
-            self._run(run).log_image(images.title, f"{index}: {prompt}", image, images.step)
+        images.log_to(self._run(run))  # as `harness train` logs them
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         track = self._runs.pop(run.number, None)

@@ -31,6 +31,7 @@ from harness.train.tensorfiles import atomic_write_json
 
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
+    from harness.tracking.base import Run
     from harness.train.step import Trainer
 
 __all__ = ["VALIDATION_JSON", "ValidationCallback", "ValidationImages", "Validator"]
@@ -54,6 +55,12 @@ class ValidationImages:
     def title(self) -> str:
         """The tracker's title of these images: ``validation`` (``/<subject>``)."""
         return "validation" if self.subject is None else f"validation/{self.subject}"
+
+    def log_to(self, run: Run) -> None:
+        """Log the images to a tracked run: under :attr:`title`, one series per prompt
+        (``<index>: <prompt>``), at the optimizer step (``harness train`` and the sweep)."""
+        for index, (image, prompt) in enumerate(zip(self.images, self.prompts, strict=True)):
+            run.log_image(self.title, f"{index}: {prompt}", image, self.step)
 
 
 ValidationCallback = Callable[[ValidationImages], None]

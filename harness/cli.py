@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
-from harness.config import HarnessConfig, load_config, parse_override
+from harness.config import HarnessConfig, combine_overrides, load_config
 from harness.errors import HarnessError, error_text
 from harness.tracking import install_log_redaction
 
@@ -44,6 +44,24 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 
 err_console = Console(stderr=True)
+
+
+def _flags_take_no_value() -> None:
+    """Typer 0.29's rich help gives every flag a type column, ``--dry-run <bool>``, as if it
+    took a value (``--dry-run true`` is a usage error): a flag is shown with none."""
+    option: Any = typer.core.TyperOption
+    shown = option.display_type_rich
+    if getattr(shown, "flags_without_type", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_without_type = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 
 def echo(message: str = "", *, err: bool = False, nl: bool = True) -> None:
@@ -72,23 +90,13 @@ _state = _State()
 
 def load() -> HarnessConfig:
     """Load the config named by the global options (``--params``, ``-S``)."""
-    merged: dict[str, Any] = {}
-    for item in _state.overrides:
-        _deep_update(merged, parse_override(item))
+    merged = combine_overrides(_state.overrides)
     return load_config(_state.params, overrides=merged or None)
 
 
 def project_root() -> Path:
     """The project root: the folder of the params file (relative paths in the config start there)."""
     return _state.params.resolve().parent
-
-
-def _deep_update(into: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_update(into[key], value)
-        else:
-            into[key] = value
 
 
 def run_command(fn: Callable[[], T]) -> T:
@@ -123,7 +131,10 @@ def _main(
     set_: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", "-S", help="Override a config key, e.g. -S train.rank=8 (repeatable)."
+            "--set",
+            "-S",
+            metavar="<key=value>",
+            help="Override a config key, e.g. -S train.rank=8 (repeatable).",
         ),
     ] = None,
     verbose: Annotated[
@@ -216,7 +227,7 @@ def model_info() -> None:
         from harness.models import load_pipeline
 
         cfg = load()
-        loaded = load_pipeline(cfg.model)
+        loaded = load_pipeline(cfg.model, root=project_root())
         params = sum(p.numel() for p in loaded.pipeline.unet.parameters())
         return {
             "pretrained": cfg.model.pretrained,
@@ -578,12 +589,16 @@ def bench_cmd(
 
         if agreement and generation:
             raise HarnessError("bench: --agreement and --generation are two benchmarks; pick one")
+        from harness.models import rooted_model
+
+        cfg = load()
+        cfg = cfg.model_copy(update={"model": rooted_model(cfg.model, project_root())})
         with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
             if agreement:
-                return run_agreement(load(), Path(tmp), reference)
+                return run_agreement(cfg, Path(tmp), reference)
             if generation:
-                return run_generation(load(), Path(tmp), repeats)
-            return run_bench(load(), Path(tmp), repeats)
+                return run_generation(cfg, Path(tmp), repeats)
+            return run_bench(cfg, Path(tmp), repeats)
 
     for line in run_command(body):
         echo(line)

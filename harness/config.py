@@ -29,7 +29,8 @@ import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -951,6 +952,14 @@ class SweepConfig(_Strict):
                 )
         if self.n_trials is None and self.timeout_s is None:
             raise _KeysError(("n_trials", "timeout_s"), "give a budget: n_trials and/or timeout_s")
+        if self.grace_period_s is not None and self.grace_period_s <= self.heartbeat_interval_s:
+            # A live worker beats once per interval: a shorter grace declares it dead between
+            # two beats, and its run is retried by another worker while it still trains.
+            raise _KeysError(
+                ("grace_period_s", "heartbeat_interval_s"),
+                f"sweep.grace_period_s ({self.grace_period_s} s) must be longer than "
+                f"sweep.heartbeat_interval_s ({self.heartbeat_interval_s} s); twice it is safe",
+            )
         return self
 
 
@@ -1297,12 +1306,36 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             ]
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+        raise ConfigError([_yaml_problem(path, text, exc)]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: top level must be a mapping, got {type(data).__name__}"])
     return data
+
+
+def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """One line ``<file>:<line>:<col>: invalid YAML: <problem>`` (1-based, as editors count).
+
+    PyYAML's own text spans several lines and names ``<unicode string>`` (it parsed a string,
+    not the file), so each line would print as its own ``error:`` with no usable position.
+    """
+    where, problem = "", str(exc)
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}"
+        problem = exc.problem or exc.context or "syntax error"
+        if exc.problem and exc.context and exc.context_mark is not None:
+            # "expected ']'" at the end of the file is only clear with where the list began.
+            start = exc.context_mark
+            problem += f" ({exc.context} at line {start.line + 1}, column {start.column + 1})"
+    elif isinstance(exc, yaml.reader.ReaderError):
+        # A character the YAML reader refuses carries an offset into the text, not a mark.
+        lines = text[: exc.position].split("\n")
+        where = f":{len(lines)}:{len(lines[-1]) + 1}"
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        problem = f"unacceptable character {char}: {exc.reason}"
+    return f"{path}{where}: invalid YAML: {' '.join(problem.split())}"
 
 
 def available_presets(root: str | Path = ".") -> list[str]:
@@ -1322,6 +1355,21 @@ ATOMIC_PATHS: tuple[tuple[str, ...], ...] = (
 )
 
 
+class _Dotted(dict[str, Any]):
+    """A mapping that :func:`parse_override` built from the dots of a key (``sweep.weights`` of
+    ``-S sweep.weights.dino=0.7``), not one the user wrote as a value (``-S 'sweep.weights={dino:
+    0.7}'``): :func:`_merge` merges it even at an :data:`ATOMIC_PATHS` path, so a dotted key
+    sets one leaf, as Hydra's and ``dvc exp run -S`` do. Never left in a merged config
+    (:func:`_undotted`): yaml.safe_dump cannot write a dict subclass."""
+
+
+def _undotted(value: Any) -> Any:
+    """``value`` with every mapping a plain ``dict`` (no :class:`_Dotted` marker left)."""
+    if isinstance(value, dict):
+        return {key: _undotted(sub) for key, sub in value.items()}
+    return value
+
+
 def _is_atomic(path: tuple[str, ...]) -> bool:
     return any(
         len(pattern) == len(path) and all(p in ("*", k) for p, k in zip(pattern, path, strict=True))
@@ -1330,7 +1378,7 @@ def _is_atomic(path: tuple[str, ...]) -> bool:
 
 
 def _merge(
-    base: dict[str, Any],
+    base: Mapping[str, Any],
     override: Mapping[str, Any],
     origin: dict[tuple[str, ...], str],
     source: str,
@@ -1338,18 +1386,20 @@ def _merge(
 ) -> dict[str, Any]:
     """Deep-merge ``override`` into a copy of ``base``, recording which file set each key.
 
-    Mappings merge key by key, except at :data:`ATOMIC_PATHS`; anything else (lists included)
-    is replaced.
+    Mappings merge key by key, except at :data:`ATOMIC_PATHS` where only a :class:`_Dotted`
+    one (from a dotted ``-S`` key) merges; anything else (lists included) is replaced. A
+    ``_Dotted`` base stays one, so :func:`combine_overrides` keeps the marks for the config.
     """
-    out = dict(base)
+    out: dict[str, Any] = _Dotted(base) if isinstance(base, _Dotted) else dict(base)
     for key, value in override.items():
         path = (*prefix, str(key))
+        here = out.get(key)
         if (
             isinstance(value, Mapping)
-            and isinstance(out.get(key), Mapping)
-            and not _is_atomic(path)
+            and isinstance(here, Mapping)
+            and (isinstance(value, _Dotted) or not _is_atomic(path))
         ):
-            out[key] = _merge(dict(out[key]), value, origin, source, path)
+            out[key] = _merge(here, value, origin, source, path)
         else:
             out[key] = value
             for known in [p for p in origin if p[: len(path)] == path]:
@@ -1433,11 +1483,24 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
         found = _model_in(field.annotation) if field else None
         if found is None:
             return []
-        # ``sweep.space.<name>``: after a dict field the next part is its own key, not a field.
-        if field is not None and get_origin(field.annotation) is dict and next(parts, None) is None:
+        # ``sweep.space.<name>``, ``sweep.evaluation.rungs.<index>``: after a dict or list
+        # field the next part is a key or an index into it, not a field of the item's model.
+        if field is not None and _is_container(field.annotation) and next(parts, None) is None:
             return []
         model = found
     return list(model.model_fields)
+
+
+def _is_container(annotation: Any) -> bool:
+    """Whether an annotation is a dict or list (or an optional / annotated one)."""
+    origin = get_origin(annotation)
+    if origin in (dict, list, tuple):
+        return True
+    if origin is Annotated:
+        return _is_container(get_args(annotation)[0])
+    if origin in (Union, UnionType):  # ``list[X] | None``
+        return any(_is_container(member) for member in get_args(annotation))
+    return False
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -1512,7 +1575,7 @@ def load_config(
         user = {k: v for k, v in user.items() if not (switching and k == "preset")}
         merged, origin = _apply_params(merged, origin, user, str(params))
     if overrides:
-        merged = _merge(merged, overrides, origin, "command line")
+        merged = _undotted(_merge(merged, overrides, origin, "command line"))
     return validate_config(merged, origin, str(params))
 
 
@@ -1577,7 +1640,21 @@ def parse_override(item: str) -> dict[str, Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError([f"command line: {item!r}: empty key"])
+    # The mappings made from the dots are marked: below an atomic path (``sweep.weights.dino``)
+    # they set one key, where a mapping written as the value replaces the whole entry.
     out: dict[str, Any] = {parts[-1]: value}
     for part in reversed(parts[:-1]):
-        out = {part: out}
+        out = {part: _Dotted(out)}
     return out
+
+
+def combine_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Several ``-S`` items as one ``overrides`` mapping for :func:`load_config`, each applied
+    after the ones before as :func:`load_config` applies them to the config: a later mapping
+    written whole (``sweep.weights={dino: 1}``) replaces what an earlier dotted key set there,
+    and dotted keys of one mapping (``sweep.weights.dino=.7``, ``sweep.weights.clip_t=.3``)
+    combine and still merge into the preset's mapping."""
+    combined: dict[str, Any] = {}
+    for item in items:
+        combined = _merge(combined, parse_override(item), {}, "command line")
+    return combined

@@ -405,7 +405,7 @@ def inference_info(
     from harness.models.tiny import tiny_pipeline_dir
     from harness.sweep.study import study_id
 
-    ref = parse_model_ref(cfg.model.pretrained)
+    ref = parse_model_ref(cfg.model.pretrained, root)  # a relative path starts at the root
     # The harness's own test models have a diffusers folder diffusers can load.
     base = str(tiny_pipeline_dir(ref.value)) if ref.kind == "tiny" else cfg.model.pretrained  # type: ignore[arg-type]
     text_encoder = bool(row.get("train.train_text_encoder", cfg.train.train_text_encoder))
@@ -471,7 +471,11 @@ def usage_snippet(info: dict[str, Any], folder: str = ".") -> str:
     if info["base_model_kind"] == "single_file":
         sdxl = info["family"] == "sdxl"
         pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-        load = f"{pipeline}.from_single_file(BASE, torch_dtype=dtype)"
+        # The components' configs the sweep loaded the file with (diffusers' ``config``):
+        # inferred ones can differ (another scheduler or text encoder), so another image.
+        config = info.get("single_file_config")
+        options = f", config={config!r}" if config is not None else ""
+        load = f"{pipeline}.from_single_file(BASE, torch_dtype=dtype{options})"
     else:
         pipeline = "DiffusionPipeline"
         options = "".join(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 import threading
 import time
 from collections import deque
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from harness.config import HarnessConfig, InferenceSetting
 from harness.errors import HarnessError
 from harness.models import PICKLE_SUFFIXES, LoadedModel, check_weights_file
+from harness.outputs import temporary_beside
 
 __all__ = [
     "ADAPTER_NAME",
@@ -168,6 +169,13 @@ def resolve_adapter(adapter: Path) -> tuple[Path, str]:
     return checked.parent, checked.name
 
 
+# What torch's load_state_dict says about a state dict of the wrong model (peft loads a LoRA
+# through it); every other RuntimeError is the machine's, not the file's.
+_FILE_FAULT = re.compile(
+    r"size mismatch|Error\(s\) in loading state_dict|Missing key|Unexpected key"
+)
+
+
 def _load_lora(pipeline: Any, folder: Path, weight_name: str, name: str) -> None:
     """``pipeline.load_lora_weights``, a file this model cannot take (another model's LoRA:
     peft's size mismatch; no LoRA keys: diffusers' "Invalid LoRA checkpoint") one error
@@ -179,6 +187,8 @@ def _load_lora(pipeline: Any, folder: Path, weight_name: str, name: str) -> None
     except torch.OutOfMemoryError:
         raise
     except (ValueError, KeyError, RuntimeError) as exc:
+        if type(exc) is RuntimeError and not _FILE_FAULT.search(str(exc)):
+            raise  # a device or driver error (CUDA, NCCL) is not the file's fault
         lines = str(exc).strip().splitlines()
         detail = "; ".join(line.strip() for line in lines[:2]) or type(exc).__name__
         raise HarnessError(
@@ -248,13 +258,17 @@ def lora_fused(pipeline: Any, enabled: bool, name: str = ADAPTER_NAME) -> Iterat
         yield
         return
     components = _adapter_components(pipeline, name)
-    saved = _base_weights(pipeline, components)
-    pipeline.fuse_lora(components=components, lora_scale=1.0, adapter_names=[name])
+    # Outside inference mode, even inside a caller's: DoRA's fuse and unfuse give the base
+    # weights new tensors, which inference mode would make inference tensors, and training
+    # on this pipeline afterwards (a sweep evaluates checkpoints mid-run) could not use them.
+    with torch.inference_mode(False), torch.no_grad():
+        saved = _base_weights(pipeline, components)
+        pipeline.fuse_lora(components=components, lora_scale=1.0, adapter_names=[name])
     try:
         yield
     finally:
-        pipeline.unfuse_lora(components=components)
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
+            pipeline.unfuse_lora(components=components)
             for param, original in saved:
                 param.copy_(original)
 
@@ -427,7 +441,6 @@ def _generate_settings(
             adapter_loaded(pipeline, adapter) as active,
             channels_last(pipeline, speed.channels_last),  # after loading: the adapter too
             eval_mode(pipeline),
-            torch.inference_mode(),
         ):
             for setting in settings:
                 if not jobs[setting.id]:
@@ -437,7 +450,8 @@ def _generate_settings(
                         pipeline, ADAPTER_NAME, setting.lora_scale, setting.text_encoder_lora_scale
                     )
                 pipeline.scheduler = make_scheduler(setting.scheduler, base_scheduler.config)
-                with lora_fused(pipeline, active and speed.fuse_lora):
+                # Fusing outside inference mode (lora_fused); generating inside it.
+                with lora_fused(pipeline, active and speed.fuse_lora), torch.inference_mode():
                     for batch in _batches(jobs[setting.id], batch_size):
                         records += _generate_batch(
                             loaded, batch, token, class_name, setting, writer, adapter, resolution
@@ -590,6 +604,6 @@ def _save_png_atomically(image: Any, path: Path) -> None:
     """Write to a unique temporary file, then rename: workers that write the same image (the
     base model's references at the end of every worker's sweep) never let a reader see half
     a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temporary_beside(path)
     image.save(tmp, format="PNG")
     tmp.replace(path)

@@ -7,6 +7,8 @@ and the command that writes it again, not a parser's traceback.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +17,17 @@ from harness.errors import HarnessError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["read_json_object", "read_table"]
+__all__ = ["read_json_object", "read_table", "temporary_beside"]
+
+
+def temporary_beside(path: Path) -> Path:
+    """A temporary name in ``path``'s folder, to write and then rename over ``path``.
+
+    Unique across processes, threads and machines: workers on several hosts (or containers,
+    each with its own process ids) share ``sweep.dir``, and a name made of the process id alone
+    let one worker rename another's half-written file over the table.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def _damaged(

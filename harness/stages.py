@@ -110,10 +110,10 @@ def run_prepare(cfg: HarnessConfig, root: Path, progress: bool = True) -> list[A
     resolved here, once, with the model's tokenizer when it is on disk."""
     from harness.data.subjects import prepare_subjects
 
-    return prepare_subjects(cfg.data, root, progress=progress, identifier=_identifier(cfg))
+    return prepare_subjects(cfg.data, root, progress=progress, identifier=_identifier(cfg, root))
 
 
-def _identifier(cfg: HarnessConfig) -> Any:
+def _identifier(cfg: HarnessConfig, root: Path) -> Any:
     """What ``data.token: auto`` chooses with: the model's own tokenizer (else the offline
     CLIP BPE, the same ids) and the words of every prompt a run will use; None for a fixed
     token."""
@@ -123,7 +123,7 @@ def _identifier(cfg: HarnessConfig) -> Any:
         return None
     from harness.models import load_tokenizer
 
-    found = load_tokenizer(cfg.model)
+    found = load_tokenizer(cfg.model, root=root)
     avoid = _avoided_prompts(cfg)
     if found is None:
         return IdentifierContext(avoid=avoid)
@@ -208,7 +208,7 @@ def run_train(cfg: HarnessConfig, root: Path, run_dir: Path | None = None) -> An
     # Under `accelerate launch` every process trains, but only the first one is tracked.
     tracker = _ready_tracker(cfg, root) if is_main_launched_process() else NullTracker()
     bind_launched_device()
-    loaded = load_pipeline(cfg.model)
+    loaded = load_pipeline(cfg.model, root=root)
     run_dir = run_dir or root / cfg.train.output_dir
     pairs = list(zip(subject.train_paths, subject.train_captions, strict=True))
     config = cfg.to_dict()
@@ -254,7 +254,7 @@ def run_generate(
         cfg, subject = _load_subject(cfg, root)  # a clear error when it was never prepared
         templates = evaluation_templates(cfg, subject)
     return generate_images(
-        load_pipeline(cfg.model),
+        load_pipeline(cfg.model, root=root),
         templates=templates,
         token=cfg.data.token,
         class_name=cfg.data.class_name or "object",
@@ -291,7 +291,7 @@ def run_sweep_stage(
     tracker = _ready_tracker(cfg, root)
     scorer = make_scorer(cfg, device=str(device))
     scorer.load_encoders()
-    loaded = load_pipeline(cfg.model)
+    loaded = load_pipeline(cfg.model, root=root)
     backend = _backend(cfg, loaded, scorer, progress, subject)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(
@@ -356,7 +356,7 @@ def run_evaluate_stage(cfg: HarnessConfig, root: Path, progress: bool = True) ->
         evaluation_templates(fresh, prepared)
     scorer = make_scorer(cfg, device=str(resolve_device(cfg.model.device)))
     scorer.load_encoders()
-    backend = _backend(fresh, load_pipeline(cfg.model), scorer, progress, subject)
+    backend = _backend(fresh, load_pipeline(cfg.model, root=root), scorer, progress, subject)
     confirmation = confirm_points(cfg, root, selected, backend, progress=progress)
     return write_confirmation(cfg, root, confirmation)
 

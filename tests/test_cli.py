@@ -110,6 +110,22 @@ def test_every_placeholder_of_a_help_text_is_shown() -> None:
             assert placeholder in flat, f"harness {name} --help: {placeholder} not shown"
 
 
+def test_a_flag_is_shown_without_a_value_and_an_override_as_key_value() -> None:
+    """Typer's help gave every flag a type, ``--dry-run <bool>``, as if it took a value (it is a
+    usage error to pass one), and ``-S`` a ``<list[str]>``."""
+    import re
+
+    import typer.main
+
+    for name, _command in [("", None), *_commands(typer.main.get_command(app))]:
+        shown = CliRunner().invoke(app, [*name.split(), "--help"], terminal_width=200)
+        assert shown.exit_code == 0, name
+        assert "<bool>" not in shown.stdout, f"harness {name} --help:\n{shown.stdout}"
+    top = CliRunner().invoke(app, ["--help"], terminal_width=200).stdout
+    assert re.search(r"--verbose\s+-v\s+Debug logging", top), top
+    assert re.search(r"--set\s+-S\s+<key=value>\s+Override a config key", top), top
+
+
 def test_validate_ok(project: Path) -> None:
     code, out, _ = invoke("-p", str(project / "params.yaml"), "config", "validate")
     assert code == 0

@@ -166,7 +166,7 @@ def test_unknown_preset_lists_available(tmp_path: Path) -> None:
 def test_invalid_yaml_names_file(tmp_path: Path) -> None:
     params = write_project(tmp_path, "preset: base\ntrain: [unclosed\n")
     (problem,) = errors_of(params)
-    assert problem.startswith(f"{params}: invalid YAML")
+    assert problem.startswith(f"{params}:3:1: invalid YAML: ")
 
 
 def test_config_is_immutable(repo_root: Path) -> None:

@@ -15,14 +15,15 @@ from PIL import Image
 
 from harness.config import InferenceSetting
 from harness.errors import HarnessError
-from harness.generate import format_prompt, generate_images
+from harness.generate import Speed, format_prompt, generate_images
 from harness.models import WeightsFileError
 
 FAST = InferenceSetting(guidance_scale=5.0, num_inference_steps=2, scheduler="ddim")
 
 
-def random_lora(pipeline: Any, out_dir: Path, seed: int = 0) -> Path:
-    """Save a UNet LoRA with non-zero random weights in diffusers' format."""
+def random_lora(pipeline: Any, out_dir: Path, seed: int = 0, dora: bool = False) -> Path:
+    """Save a UNet LoRA (a DoRA one with ``dora``) with non-zero random weights in diffusers'
+    format."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -30,7 +31,12 @@ def random_lora(pipeline: Any, out_dir: Path, seed: int = 0) -> Path:
 
     unet = copy.deepcopy(pipeline.unet)
     unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            use_dora=dora,
+        )
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -167,6 +173,42 @@ def test_an_adapter_this_model_cannot_load_is_one_error_naming_it(
         run(tiny_sd15, tmp_path / "out", adapter=folder)
     assert not any(tiny_sd15.pipeline.get_list_adapters().values())
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_a_device_error_while_loading_an_adapter_is_not_blamed_on_the_file(
+    tiny_sd15: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the file's own faults become "not a LoRA this model can load": a CUDA error raised
+    while copying weights to the GPU propagates as it is."""
+    lora = random_lora(tiny_sd15.pipeline, tmp_path / "lora")
+
+    def device_fault(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tiny_sd15.pipeline, "load_lora_weights", device_fault)
+    with pytest.raises(RuntimeError, match=r"^CUDA error: an illegal memory access"):
+        run(tiny_sd15, tmp_path / "out", adapter=lora)
+
+
+def test_a_fused_dora_adapter_leaves_the_base_weights_trainable(
+    tiny_sd15: Any, tmp_path: Path
+) -> None:
+    """DoRA's fuse and unfuse replace the base weights' tensors; done under inference mode they
+    became inference tensors, and training on the same pipeline after a sweep's checkpoint
+    evaluation failed ("Inference tensors cannot be saved for backward"), on that worker's
+    every later run too."""
+    dora = random_lora(tiny_sd15.pipeline, tmp_path / "dora", dora=True)
+    fused = run(tiny_sd15, tmp_path / "fused", adapter=dora, speed=Speed(fuse_lora=True))
+    plain = run(tiny_sd15, tmp_path / "plain", adapter=dora)
+    for a, b in zip(fused, plain, strict=True):
+        gap = np.abs(pixels(tmp_path / "fused", a).astype(int) - pixels(tmp_path / "plain", b))
+        assert gap.max() <= 2, "the fused DoRA adapter generates what the runtime one does"
+    unet = tiny_sd15.pipeline.unet
+    assert [n for n, p in unet.named_parameters() if p.is_inference()] == []
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, requires_grad=True)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim)
+    unet(sample, 1, encoder_hidden_states=context).sample.mean().backward()
+    assert sample.grad is not None
 
 
 def test_format_prompt_both_placeholder_styles() -> None:

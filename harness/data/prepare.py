@@ -52,9 +52,10 @@ from harness.data.ingest import SUPPORTED_SUFFIXES, DecodeError, decode_image, f
 from harness.data.source import (
     SubjectSource,
     ensure_folder,
+    entry_problem,
     list_entries,
+    printable_name,
     resolve_source,
-    symlink_problem,
 )
 from harness.data.split import assign_splits, reference_members
 from harness.data.transform import (
@@ -211,7 +212,7 @@ def _classify(src: SubjectSource, rejects: list[Rejection]) -> tuple[list[Path],
     images: list[Path] = []
     texts: list[Path] = []
     for entry in list_entries(src.folder):
-        problem = symlink_problem(entry, src.allowed_roots)
+        problem = entry_problem(entry, src.allowed_roots)
         suffix = entry.suffix.lower()
         if problem is None and entry.is_dir():
             problem = "sub-folder ignored: photos must sit directly in the subject folder"
@@ -220,7 +221,7 @@ def _classify(src: SubjectSource, rejects: list[Rejection]) -> tuple[list[Path],
         elif problem is None and suffix not in SUPPORTED_SUFFIXES | {".txt"}:
             problem = f"unsupported file type {suffix or '(no suffix)'!r} (supported: {_SUPPORTED})"
         if problem is not None:
-            rejects.append(Rejection(entry.name, problem))
+            rejects.append(Rejection(printable_name(entry), problem))
         else:
             (texts if suffix == ".txt" else images).append(entry)
     return images, texts
@@ -455,13 +456,19 @@ def _write_outputs(
     """Write into a staging folder, then swap it in: a crash never leaves a half-written set."""
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     _remove(staging)
-    for split in ("train", "val"):
-        (staging / split).mkdir(parents=True)
-    by_source = {rec["source"]: rec["file"] for rec in manifest["images"]}
-    for photo in photos:
-        (staging / by_source[photo.name]).write_bytes(photo.png)
-    write_json(staging / MANIFEST, manifest)
-    _write_rejects(staging, rejects)
+    try:
+        for split in ("train", "val"):
+            (staging / split).mkdir(parents=True)
+        by_source = {rec["source"]: rec["file"] for rec in manifest["images"]}
+        for photo in photos:
+            (staging / by_source[photo.name]).write_bytes(photo.png)
+        write_json(staging / MANIFEST, manifest)
+        _write_rejects(staging, rejects)
+    except BaseException:
+        # A failed write (a full disk, a name no file system takes) leaves no hidden
+        # half-written folder beside the previous set, which stays as it was.
+        _remove(staging)
+        raise
     _remove(out_dir)
     staging.rename(out_dir)
 

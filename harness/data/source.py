@@ -15,6 +15,8 @@ photo is listed in the rejection report, a subject folder stops the stage).
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,10 @@ __all__ = [
     "SAMPLE_DIR",
     "SAMPLE_SEED",
     "SubjectSource",
+    "entry_problem",
     "list_entries",
     "parse_dreambench_file",
+    "printable_name",
     "resolve_source",
     "scan_source",
     "symlink_problem",
@@ -189,7 +193,9 @@ def ensure_folder(src: SubjectSource, cfg: DataConfig) -> None:
     if src.kind == "sample":
         make_sample_subject(src.folder, cfg.sample_images, seed=SAMPLE_SEED)
     if src.folder.is_symlink():
-        target = src.folder.resolve()
+        target = _resolved(src.folder)
+        if target is None:
+            raise DataError(f"{src.label}: the subject folder is a symlink loop")
         if not target.exists():
             raise DataError(f"{src.label}: the subject folder is a broken symlink (-> {target})")
         if not is_within(target, list(src.allowed_roots)):
@@ -212,15 +218,48 @@ def list_entries(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
 
 
+def printable_name(path: Path | str) -> str:
+    """``path.name`` (a string: itself) as text any report can hold: a name that is not UTF-8
+    (``café`` saved in Latin-1) has its bad bytes as ``\\xe9`` escapes (Python keeps them as
+    lone surrogates, which no UTF-8 file or terminal can take)."""
+    name = path if isinstance(path, str) else path.name
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def entry_problem(path: Path, allowed_roots: tuple[Path, ...]) -> str | None:
+    """Why an entry of a subject folder is unusable before it is even read (a name that is not
+    UTF-8, or :func:`symlink_problem`), else None."""
+    if printable_name(path) != path.name:
+        # Its name could not go into manifest.json, rejects.txt or a caption file's lines.
+        return "file name is not valid UTF-8 (rename the file)"
+    return symlink_problem(path, allowed_roots)
+
+
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or None for a symlink loop (``a.jpg -> b.jpg -> a.jpg``)."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        return None
+    except OSError as exc:  # Python >= 3.13 raises ELOOP itself
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+
+
 def symlink_problem(path: Path, allowed_roots: tuple[Path, ...]) -> str | None:
-    """Why a symlinked entry is unusable (broken, or leaving the dataset root), else None."""
+    """Why a symlinked entry is unusable (broken, in a loop, or leaving the dataset root), else
+    None."""
     if not path.is_symlink():
         return None
-    target = path.resolve()
+    target = _resolved(path)
+    if target is None:
+        return "symlink loop"
+    shown = printable_name(str(target))  # the target's name may not be UTF-8 either
     if not target.exists():
-        return f"broken symlink (-> {target})"
+        return f"broken symlink (-> {shown})"
     if not is_within(target, list(allowed_roots)):
-        return f"symlink leaves the dataset root (-> {target})"
+        return f"symlink leaves the dataset root (-> {shown})"
     return None
 
 
@@ -239,9 +278,9 @@ def scan_source(cfg: DataConfig, root: Path) -> dict[str, Any]:
     ensure_folder(src, cfg)
     files: list[dict[str, Any]] = []
     for entry in list_entries(src.folder):
-        problem = symlink_problem(entry, src.allowed_roots)
+        problem = entry_problem(entry, src.allowed_roots)
         if problem is not None:
-            files.append({"path": entry.name, "problem": problem})
+            files.append({"path": printable_name(entry), "problem": problem})
         elif entry.is_file():
             files.append(
                 {"path": entry.name, "size": entry.stat().st_size, "sha256": sha256_file(entry)}

@@ -6,9 +6,12 @@ A model reference (``model.pretrained``) is one of
   folders (see :mod:`harness.models.tiny`);
 * ``random://sd15``: the full-size SD 1.5 architecture with random weights, built in memory on
   its device (for ``harness bench`` on a GPU: speed does not depend on the weights);
-* a local diffusers folder (holds ``model_index.json``);
+* a local diffusers folder (holds ``model_index.json``), with ``model.variant``;
 * a single-file ``.safetensors`` checkpoint in the original (LDM) layout;
 * a Hugging Face hub id (``owner/name``), with ``model.revision`` and ``model.variant``.
+
+A relative path (``model.pretrained``, ``model.single_file_config``) starts at the project root
+when the caller passes it (``root``), as every other config path does.
 
 SD 1.x versus SDXL is decided from the loaded components (a second text encoder and a UNet with
 ``text_time`` additional embeddings mean SDXL), never from the name. Only safetensors weights are
@@ -23,6 +26,7 @@ import os
 import re
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ __all__ = [
     "parse_model_ref",
     "resolve_device",
     "resolve_dtype",
+    "rooted_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,8 +132,33 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def parse_model_ref(pretrained: str) -> ModelRef:
+def _rooted(path_text: str, root: Path | None) -> Path:
+    """A config path as the harness reads it: a relative one starts at the project ``root``
+    (the params file's folder, where every other config path starts), not at the working
+    directory; without a root (a caller that has none) the working directory it is."""
+    path = Path(path_text).expanduser()
+    return root / path if root is not None and not path.is_absolute() else path
+
+
+def rooted_model(cfg: ModelConfig, root: Path) -> ModelConfig:
+    """``cfg`` with a relative local ``model.pretrained`` / ``model.single_file_config`` made
+    absolute at ``root``: for code that runs in another folder (``harness bench`` works in a
+    temporary one). Not for a sweep's config, whose model reference is part of the study's
+    identity, the same in every copy of the project."""
+    update = {}
+    for key in ("pretrained", "single_file_config"):
+        value = getattr(cfg, key)
+        if value and "://" not in value and _rooted(value, root).exists():
+            update[key] = str(_rooted(value, root).resolve())
+    return cfg.model_copy(update=update)
+
+
+def parse_model_ref(pretrained: str, root: Path | None = None) -> ModelRef:
     """Classify a model reference without loading anything (a single file's header is read).
+
+    Args:
+        pretrained: the ``model.pretrained`` value.
+        root: the project root a relative path starts at (default: the working directory).
 
     Raises:
         ModelLoadError: for unknown tiny models, or strings that are neither an existing path
@@ -149,7 +179,7 @@ def parse_model_ref(pretrained: str) -> ModelRef:
                 f"model.pretrained: unknown random model {pretrained!r}; use random://sd15"
             )
         return ModelRef("random", "sd15")
-    path = Path(pretrained).expanduser()
+    path = _rooted(pretrained, root)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         check_weights_file(path, "model.pretrained")  # raises: pickle-based
     if path.is_dir():
@@ -207,10 +237,26 @@ def _hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
+def _behind_proxy(scheme: str, host: str) -> bool:
+    """Do the environment's proxy variables (``HTTPS_PROXY``, ``ALL_PROXY``..., either case)
+    send requests for ``host`` through a proxy (``NO_PROXY`` honoured)?"""
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(host)
+
+
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Can we open a TCP connection to the hub endpoint within ``timeout_s``?"""
+    """Can we open a TCP connection to the hub endpoint within ``timeout_s``?
+
+    Behind an HTTP(S) proxy a direct connection is often blocked while huggingface_hub, which
+    honours the proxy variables, downloads fine: then the hub counts as reachable and
+    huggingface_hub itself decides (a wrong proxy fails there, with its own message).
+    """
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     parsed = urlparse(endpoint)
+    if _behind_proxy(parsed.scheme or "https", parsed.hostname or ""):
+        return True
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
@@ -273,7 +319,41 @@ def _pipeline_class_for_checkpoint(path: str) -> Any:
     )
 
 
-def _load(ref: ModelRef, cfg: ModelConfig, dtype: torch.dtype, cache_root: Path | None) -> Any:
+def _config_source(cfg: ModelConfig, root: Path | None) -> str | None:
+    """``model.single_file_config`` as diffusers takes it: a local folder (a relative one
+    starts at the project root) or else a hub id."""
+    value = cfg.single_file_config
+    if not value:  # unset (an empty string too: it would name the root folder itself)
+        return None
+    folder = _rooted(value, root)
+    return str(folder) if folder.is_dir() else value
+
+
+def _load_single_file(
+    ref: ModelRef, cfg: ModelConfig, dtype: torch.dtype, root: Path | None
+) -> Any:
+    """A single-file checkpoint, its component configs inferred or from ``single_file_config``."""
+    cls = _pipeline_class_for_checkpoint(ref.value)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}  # from_single_file still spells it so
+    local_only = _hf_offline()
+    config = _config_source(cfg, root)
+    if config is not None:
+        kwargs["config"] = config
+        local_only = Path(config).is_dir() or _hub_local_only(config, None, cfg.cache_dir)
+    if cls.__name__ == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_single_file(
+        ref.value, local_files_only=local_only, cache_dir=cfg.cache_dir, **kwargs
+    )
+
+
+def _load(
+    ref: ModelRef,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    cache_root: Path | None,
+    root: Path | None = None,
+) -> Any:
     from diffusers import DiffusionPipeline
 
     common: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
@@ -284,24 +364,12 @@ def _load(ref: ModelRef, cfg: ModelConfig, dtype: torch.dtype, cache_root: Path 
         # Built where it runs (a GPU initialises a billion weights in a blink), never saved.
         return build_random_sd15(device=resolve_device(cfg.device)).to(dtype=dtype)
     if ref.kind == "local_dir":
+        # A folder saved with save_pretrained(variant="fp16") holds only *.fp16.safetensors.
         return DiffusionPipeline.from_pretrained(
-            ref.value, local_files_only=True, safety_checker=None, **common
+            ref.value, local_files_only=True, safety_checker=None, variant=cfg.variant, **common
         )
     if ref.kind == "single_file":
-        cls = _pipeline_class_for_checkpoint(ref.value)
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}  # from_single_file still spells it so
-        local_only = _hf_offline()
-        if cfg.single_file_config:
-            kwargs["config"] = cfg.single_file_config
-            if Path(cfg.single_file_config).is_dir():
-                local_only = True
-            else:
-                local_only = _hub_local_only(cfg.single_file_config, None, cfg.cache_dir)
-        if cls.__name__ == "StableDiffusionPipeline":
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        return cls.from_single_file(
-            ref.value, local_files_only=local_only, cache_dir=cfg.cache_dir, **kwargs
-        )
+        return _load_single_file(ref, cfg, dtype, root)
     local_only = _hub_local_only(ref.value, cfg.revision, cfg.cache_dir)
     return DiffusionPipeline.from_pretrained(
         ref.value,
@@ -336,31 +404,75 @@ def _no_loading_bars() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedModel:
+_VARIANT_FILE = re.compile(r"\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def _local_dir_hint(folder: Path, variant: str | None) -> str:
+    """What a failed load of a local diffusers folder most likely means, from its files."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if any(p.suffix.lower() in PICKLE_SUFFIXES for p in files):
+        return " (only safetensors weights are accepted)"
+    found = sorted({m.group(1) for p in files if (m := _VARIANT_FILE.search(p.name))})
+    if found and variant not in found:
+        # save_pretrained(variant=...) writes only <name>.<variant>.safetensors files.
+        names = " / ".join(map(repr, found))
+        return f" (the folder holds {names} variant weights: set model.variant)"
+    return ""
+
+
+def _load_failure(exc: Exception, ref: ModelRef, cfg: ModelConfig) -> ModelLoadError:
+    """The user error for a library's failure to load ``ref``: one line naming the key."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    where = f"model.pretrained: {cfg.pretrained}"
+    if isinstance(exc, SingleFileComponentError):
+        # diffusers' first line names the component; the rest is multi-line code advice.
+        first = (str(exc).strip().splitlines() or ["a component's weights are missing"])[0]
+        return ModelLoadError(
+            f"{where}: {first.rstrip('.')}; use a single-file checkpoint that holds every "
+            "component (UNet, VAE, text encoders), a diffusers folder or a hub id "
+            "(model.single_file_config supplies the components' configs, not their weights)"
+        )
+    if ref.kind == "local_dir":
+        hint = _local_dir_hint(Path(ref.value), cfg.variant)
+    elif "safetensors" in str(exc).lower() or ".bin" in str(exc):
+        hint = " (only safetensors weights are accepted)"
+    else:
+        hint = ""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return ModelLoadError(f"{where}: {text}{hint}")
+
+
+def load_pipeline(
+    cfg: ModelConfig, cache_root: Path | None = None, root: Path | None = None
+) -> LoadedModel:
     """Load the base pipeline named by ``cfg`` onto its device, in eval mode.
 
     Args:
         cfg: the ``model`` section of the config.
         cache_root: where tiny models are cached (default ``HARNESS_CACHE_DIR`` or
             ``~/.cache/harness``).
+        root: the project root (the params file's folder) that relative ``model.pretrained``
+            and ``model.single_file_config`` paths start at; default: the working directory.
 
     Raises:
         ModelLoadError: with a message that says how to fix the reference or supply weights.
     """
-    ref = parse_model_ref(cfg.pretrained)
+    ref = parse_model_ref(cfg.pretrained, root)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    # Imported after the checks above: a bad reference fails before diffusers loads.
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     started = time.perf_counter()
     try:
         with _no_loading_bars():
-            pipeline = _load(ref, cfg, dtype, cache_root)
+            pipeline = _load(ref, cfg, dtype, cache_root, root)
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as exc:
-        hint = ""
-        if "safetensors" in str(exc).lower() or ".bin" in str(exc):
-            hint = " (only safetensors weights are accepted)"
-        raise ModelLoadError(f"model.pretrained: {cfg.pretrained}: {exc}{hint}") from exc
+    except (OSError, ValueError, SingleFileComponentError) as exc:
+        raise _load_failure(exc, ref, cfg) from exc
     family = detect_family(pipeline)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -375,11 +487,13 @@ def load_pipeline(cfg: ModelConfig, cache_root: Path | None = None) -> LoadedMod
     return LoadedModel(pipeline=pipeline, family=family, ref=ref, device=device, dtype=dtype)
 
 
-def _tokenizer_source(cfg: ModelConfig, ref: ModelRef) -> tuple[str, dict[str, Any]] | None:
+def _tokenizer_source(
+    cfg: ModelConfig, ref: ModelRef, root: Path | None
+) -> tuple[str, dict[str, Any]] | None:
     """Where the model's first tokenizer lies on disk: (diffusers folder or hub id, options)."""
     if ref.kind == "local_dir":
         return ref.value, {}
-    hub = ref.value if ref.kind == "hub" else cfg.single_file_config
+    hub = ref.value if ref.kind == "hub" else _config_source(cfg, root)
     if hub is None:
         return None
     if Path(hub).is_dir():
@@ -390,17 +504,18 @@ def _tokenizer_source(cfg: ModelConfig, ref: ModelRef) -> tuple[str, dict[str, A
     return hub, {"revision": revision, "cache_dir": cfg.cache_dir}
 
 
-def load_tokenizer(cfg: ModelConfig) -> tuple[Any, str] | None:
+def load_tokenizer(cfg: ModelConfig, root: Path | None = None) -> tuple[Any, str] | None:
     """The model's own (first) tokenizer from local files, with where it came from, or None
     when only a download could supply it or the model has none on disk: ``tiny://`` and
     ``random://`` models use the offline CLIP BPE, whose ids are SD's (the caller falls back
-    to it). Never downloads and never loads weights."""
+    to it). Never downloads and never loads weights. Relative paths start at ``root`` (the
+    project root; default: the working directory), as in :func:`load_pipeline`."""
     from transformers import CLIPTokenizer
 
-    ref = parse_model_ref(cfg.pretrained)
+    ref = parse_model_ref(cfg.pretrained, root)
     if ref.kind in ("tiny", "random"):
         return None
-    source = _tokenizer_source(cfg, ref)
+    source = _tokenizer_source(cfg, ref, root)
     if source is None:
         return None
     where, options = source

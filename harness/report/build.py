@@ -8,7 +8,6 @@ run ``<sweep.study_name>/report`` (a ``summary`` task) with the leaderboard tabl
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.config import HarnessConfig
 from harness.errors import counted
+from harness.outputs import temporary_beside
 from harness.report.data import ReportInputs, load_inputs
 from harness.report.figures import label
 from harness.report.html import render_html
@@ -147,7 +147,7 @@ def _beside(figure: Figure, folder: Path) -> Figure:
 def _write_text(path: Path, text: str) -> None:
     """Replace ``path`` in one step (a reader never sees half a report)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_beside(path)
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 

@@ -19,7 +19,9 @@ import pandas as pd
 from harness.config import HarnessConfig
 from harness.errors import HarnessError
 from harness.outputs import read_json_object, read_table
+from harness.sweep._base import run_folder
 from harness.sweep.results import full_fidelity
+from harness.sweep.summary import results_study
 
 __all__ = [
     "PER_IMAGE",
@@ -71,11 +73,10 @@ def _required(path: Path, stage: str) -> Path:
     return path
 
 
-def _study(
-    sweep_metrics: dict[str, Any], evaluate_metrics: dict[str, Any], cfg: HarnessConfig
-) -> str:
-    """The study both tables belong to (as recorded by the sweep and the evaluate stage)."""
-    swept, confirmed = sweep_metrics.get("study"), evaluate_metrics.get("study")
+def _study(swept: str | None, evaluate_metrics: dict[str, Any], cfg: HarnessConfig) -> str:
+    """The study both tables belong to (as recorded with the sweep's tables and by the
+    evaluate stage)."""
+    confirmed = evaluate_metrics.get("study")
     if swept and confirmed and swept != confirmed:
         raise ReportError(
             f"{EVALUATE_METRICS}: the evaluate output is of study {confirmed!r} but the sweep "
@@ -99,7 +100,8 @@ def load_inputs(cfg: HarnessConfig, root: Path) -> ReportInputs:
     if evaluate.empty:
         raise ReportError(f"{evaluate_path}: no confirmed point; run `harness evaluate` first")
     sweep_metrics = _read_json(sweep_dir / SWEEP_METRICS, "harness sweep")
-    study = _study(sweep_metrics, _read_json(root / EVALUATE_METRICS, "harness evaluate"), cfg)
+    swept = results_study(sweep_dir, ReportError)
+    study = _study(swept, _read_json(root / EVALUATE_METRICS, "harness evaluate"), cfg)
     if "selection_rank" in evaluate:
         evaluate = evaluate.sort_values("selection_rank").reset_index(drop=True)
     return ReportInputs(
@@ -183,7 +185,7 @@ def run_costs(cfg: HarnessConfig, root: Path, study: str, sweep: pd.DataFrame) -
     counts = sweep.groupby("run_key").size()
     rows = []
     for key, points in counts.items():
-        cost = run_cost(root / cfg.sweep.dir / "runs" / study / str(key))
+        cost = run_cost(run_folder(root / cfg.sweep.dir, study, str(key)))
         per_point = cost["device_s"] / points if cost["device_s"] is not None else None
         rows.append(
             {"run_key": key, "points_of_run": int(points), **cost, "device_s_per_point": per_point}

@@ -61,15 +61,19 @@ def per_subject(per_image: pd.DataFrame, metric: str, points: list[int]) -> pd.D
 
 
 def weak_subjects(table: pd.DataFrame, points: list[int], bases: dict[int, str]) -> list[str]:
-    """One sentence per point: its weakest subject, and the subjects on which it is no
-    better than the base model under its own setting (``bases``: :func:`base_columns`)."""
+    """One sentence per point with a score: its weakest subject, and the subjects on which it
+    is no better than the base model under its own setting (``bases``: :func:`base_columns`)."""
     out = []
     by_subject = table.set_index("subject")
     for point in points:
         column = f"point {point}"
         if column not in by_subject:
             continue
-        scores = by_subject[column]
+        # A subject the point has no score for (every image's metric NaN) is left out; a
+        # point with none at all gets no sentence (pandas 3's idxmin raises on all-NaN).
+        scores = by_subject[column].dropna()
+        if scores.empty:
+            continue
         weakest = str(scores.idxmin())
         text = f"point {point}: weakest on `{weakest}` ({format_value(scores[weakest], 'score')})"
         if bases.get(point) in by_subject:

@@ -33,7 +33,19 @@ __all__ = [
     "ScoredPoint",
     "SweepBackend",
     "SweepSink",
+    "run_folder",
 ]
+
+
+def run_folder(sweep_dir: Path, study: str, key: str) -> Path:
+    """The folder of run ``key`` of ``study`` under ``sweep_dir`` (``<root>/<sweep.dir>``).
+
+    Per study: another configuration's run of the same training settings keeps its own
+    evaluation outputs. Always rebuilt from the root at hand, never read back from the study:
+    copies of a project on one shared study (``dvc exp run --temp``, a moved project) each
+    own the folders under their root, whichever copy trained the run.
+    """
+    return sweep_dir / "runs" / (study or "study") / key
 
 
 @dataclass(frozen=True)

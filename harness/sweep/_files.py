@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from harness.outputs import temporary_beside
 
 __all__ = ["replaced_together"]
 
@@ -22,7 +23,7 @@ def replaced_together(*paths: Path) -> Iterator[list[Path]]:
     """
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-    temporaries = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in paths]
+    temporaries = [temporary_beside(path) for path in paths]
     try:
         yield temporaries
         for temporary, path in zip(temporaries, paths, strict=True):

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from harness.outputs import temporary_beside
 from harness.sweep.pooling import close_when_idle
 from harness.sweep.retry import retry_schema_race
 
@@ -396,7 +397,7 @@ class FileClaims(Claims):
                 state = json.loads(self.path.read_text(encoding="utf-8"))
             yield state
             if write:
-                tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+                tmp = temporary_beside(self.path)
                 tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
                 tmp.replace(self.path)
         finally:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from harness.config import INFERENCE_DIMENSIONS, HarnessConfig, InferenceSetting, seed_spans
 from harness.errors import HarnessError
-from harness.outputs import read_json_object, read_table
+from harness.outputs import read_table
 from harness.sweep._base import PointScores
 from harness.sweep._files import replaced_together
 from harness.sweep.per_image import (
@@ -50,7 +50,7 @@ from harness.sweep.runner import scalarize
 from harness.sweep.select import SELECTED_BY, select_points
 from harness.sweep.space import NO_TEXT_ENCODER_SCALE, TEXT_ENCODER_SCALE
 from harness.sweep.study import study_id
-from harness.sweep.summary import METRICS_FILE as SWEEP_METRICS
+from harness.sweep.summary import results_study
 from harness.train import CheckpointInfo
 
 __all__ = [
@@ -213,8 +213,7 @@ def read_sweep_results(cfg: HarnessConfig, root: Path) -> pd.DataFrame:
 def _check_same_study(cfg: HarnessConfig, root: Path, parquet: Path) -> None:
     """The table must be this configuration's study: confirming another configuration's
     points would report them under these params."""
-    summary = root / cfg.sweep.dir / SWEEP_METRICS
-    study = read_json_object(summary, "harness sweep", EvaluateError).get("study")
+    study = results_study(root / cfg.sweep.dir, EvaluateError)
     expected = study_id(cfg, root)
     if study is not None and study != expected:
         raise EvaluateError(

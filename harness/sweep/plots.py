@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +40,12 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from harness.outputs import temporary_beside
+from harness.sweep._base import run_folder
+
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
+    from harness.sweep.study import Studies
 
 __all__ = [
     "LOSS_FILE",
@@ -138,17 +141,18 @@ def _bucketed(steps: list[tuple[int, float | None]]) -> Iterable[tuple[int, floa
         yield bucket[-1][0], (sum(losses) / len(losses) if losses else None)
 
 
-def loss_records(runs: optuna.Study) -> list[dict[str, Any]]:
-    """The loss curve of every training run of ``S.runs`` that has a training log (one per
-    run key: a retried run shares its folder and log with the run it retries)."""
+def loss_records(studies: Studies, sweep_dir: Path) -> list[dict[str, Any]]:
+    """The loss curve of every training run of ``S.runs`` that has a training log in its
+    folder under ``sweep_dir`` (``<root>/<sweep.dir>``; one per run key: a retried run shares
+    its folder and log with the run it retries)."""
     latest: dict[str, optuna.trial.FrozenTrial] = {}
-    for trial in runs.get_trials(deepcopy=False):
-        key, run_dir = trial.user_attrs.get("run_key"), trial.user_attrs.get("run_dir")
-        if key and run_dir and (key not in latest or trial.number > latest[key].number):
+    for trial in studies.runs.get_trials(deepcopy=False):
+        key = trial.user_attrs.get("run_key")
+        if key and (key not in latest or trial.number > latest[key].number):
             latest[key] = trial
     out: list[dict[str, Any]] = []
     for key, trial in sorted(latest.items()):
-        log = Path(trial.user_attrs["run_dir"]) / "train_log.jsonl"
+        log = run_folder(sweep_dir, studies.name, key) / "train_log.jsonl"
         for step, loss in _bucketed(_read_log(log)):
             out.append({"run_trial": trial.number, "run_key": key, "step": step, "loss": loss})
     return out
@@ -156,16 +160,16 @@ def loss_records(runs: optuna.Study) -> list[dict[str, Any]]:
 
 def _write_json(path: Path, records: list[dict[str, Any]]) -> None:
     """Replace ``path`` in one step: ``dvc plots show`` during a sweep never reads half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_beside(path)
     tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
 def write_plots(
-    cfg: HarnessConfig, frame: pd.DataFrame, runs: optuna.Study, out_dir: Path
+    cfg: HarnessConfig, frame: pd.DataFrame, studies: Studies, out_dir: Path
 ) -> list[Path]:
-    """Write the three plot files of a results frame and the runs study into
-    ``<out_dir>/plots``; return their paths."""
+    """Write the three plot files of a results frame and the studies' runs into
+    ``<out_dir>/plots`` (``out_dir``: ``<root>/<sweep.dir>``); return their paths."""
     from harness.sweep.results import full_fidelity
     from harness.sweep.study import objective_names
 
@@ -177,7 +181,7 @@ def write_plots(
         STEPS_FILE: step_records(
             frame, objective_names(cfg), sweep.subject_metric, sweep.prompt_metric
         ),
-        LOSS_FILE: loss_records(runs),
+        LOSS_FILE: loss_records(studies, out_dir),
     }
     for name, records in files.items():
         _write_json(folder / name, records)

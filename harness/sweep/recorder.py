@@ -363,16 +363,16 @@ class ResultsTable(SweepSink):
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
-        write_results(frame, self.out_dir, objectives)
+        write_results(frame, self.out_dir, objectives, self.studies.name)
         write_subject_results(self.studies.points, frame, self.out_dir)
         write_score_tables(frame, self.store, self.out_dir)
-        write_plots(self.cfg, frame, self.studies.runs, self.out_dir)
+        write_plots(self.cfg, frame, self.studies, self.out_dir)
 
     def sweep_finished(self, summary: SweepSummary) -> None:
         from harness.sweep.summary import write_metrics
 
-        write_results(summary.frame, self.out_dir, objective_names(self.cfg))
+        write_results(summary.frame, self.out_dir, objective_names(self.cfg), self.studies.name)
         write_subject_results(self.studies.points, summary.frame, self.out_dir)
         write_score_tables(summary.frame, self.store, self.out_dir)
-        write_plots(self.cfg, summary.frame, self.studies.runs, self.out_dir)
+        write_plots(self.cfg, summary.frame, self.studies, self.out_dir)
         write_metrics(self.cfg, self.root, summary)

@@ -211,13 +211,20 @@ def results_paths(out_dir: Path) -> tuple[Path, Path]:
 
 
 def write_results(
-    frame: pd.DataFrame, out_dir: Path, objectives: list[str]
+    frame: pd.DataFrame, out_dir: Path, objectives: list[str], study: str | None = None
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
-    """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (point count and Pareto
-    rows) of a :func:`points_frame`; return the two table paths and the Pareto rows."""
+    """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (point count, Pareto
+    rows and the ``study`` the points are of) of a :func:`points_frame`; return the two table
+    paths and the Pareto rows."""
     csv_path, parquet_path = results_paths(out_dir)
     pareto = pareto_rows(frame, objectives)
-    summary = json.dumps({"points": len(frame), "pareto": pareto}, indent=2, sort_keys=True)
+    content: dict[str, Any] = {"points": len(frame), "pareto": pareto}
+    if study is not None:
+        # Replaced with the tables: the one record of whose points they hold. The sweep's
+        # metrics.json is written only when a sweep ends, so after an interrupted sweep of
+        # another configuration it names the previous study while the tables are the new one's.
+        content["study"] = study
+    summary = json.dumps(content, indent=2, sort_keys=True)
     with replaced_together(csv_path, parquet_path, out_dir / SUMMARY_JSON) as (csv, pq, js):
         frame.to_csv(csv, index=False)
         frame.to_parquet(pq, index=False)
@@ -233,6 +240,7 @@ def remove_unkept_adapters(cfg: HarnessConfig, root: Path, studies: Studies) -> 
     at most ``evaluate.top_k``) always keep theirs: ``best`` keeps exactly those, ``pareto``
     also every point of the study's Pareto front.
     """
+    from harness.sweep._base import run_folder
     from harness.sweep.select import select_points
 
     if cfg.sweep.keep_adapters == "all":
@@ -245,10 +253,12 @@ def remove_unkept_adapters(cfg: HarnessConfig, root: Path, studies: Studies) -> 
     for trial in studies.runs.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
     ):
-        run_dir = trial.user_attrs.get("run_dir")
-        if not run_dir:
+        key = trial.user_attrs.get("run_key")
+        if not key:
             continue
-        for ckpt in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
+        # This root's folder of the run, whichever copy of the project trained it.
+        run_dir = run_folder(root / cfg.sweep.dir, studies.name, key)
+        for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
             if ckpt.resolve() not in keep and ckpt.is_dir():
                 _remove_checkpoint(ckpt)
 

@@ -35,7 +35,15 @@ from optuna.trial import TrialState
 
 from harness.config import VALIDATION_KEYS, HarnessConfig, InferenceSetting, Rung, identity_dump
 from harness.errors import HarnessError, counted, error_text
-from harness.sweep._base import PointScores, RunEnd, RunSpec, ScoredPoint, SweepBackend, SweepSink
+from harness.sweep._base import (
+    PointScores,
+    RunEnd,
+    RunSpec,
+    ScoredPoint,
+    SweepBackend,
+    SweepSink,
+    run_folder,
+)
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
@@ -118,9 +126,40 @@ def objective_values(cfg: HarnessConfig, scores: Mapping[str, float]) -> list[fl
     return [float(scores[cfg.sweep.subject_metric]), float(scores[cfg.sweep.prompt_metric])]
 
 
+class _Stops:
+    """SIGINT and SIGTERM as a KeyboardInterrupt, held back while a run's end is recorded.
+
+    A stop that lands in the middle of the record (the tables rewritten, the artifact
+    uploaded) turned a completed run into a failed trial, or lost an interrupted run's retry;
+    ``sweep launch --local`` workers even get each Ctrl-C twice (the terminal's and the one the
+    launcher passes on). Held back, it is raised once Optuna has the trial's state.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: str | None = None
+
+    def handler(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.holding:
+            self.pending = self.pending or name
+            return
+        raise KeyboardInterrupt(name)
+
+    def hold(self) -> None:
+        """Hold stops back until :meth:`release` (a run's end is being recorded)."""
+        self.holding = True
+
+    def release(self) -> str | None:
+        """Stop holding; the signal that arrived meanwhile, if any (its name)."""
+        pending, self.holding, self.pending = self.pending, False, None
+        return pending
+
+
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (cluster pre-emption, ``kill``) ends the run like Ctrl-C: recorded, re-queued.
+def _sigterm_as_interrupt(stops: _Stops) -> Iterator[None]:
+    """SIGTERM (cluster pre-emption, ``kill``) ends the run like Ctrl-C: recorded, re-queued;
+    both are held back while a run's end is recorded (:class:`_Stops`).
 
     A worker of ``harness sweep launch --local`` also takes Ctrl-C when the launcher was
     started in the background: such a process inherits SIGINT ignored, so the SIGINT the
@@ -128,17 +167,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     """
     from harness.sweep.launch import LOCAL_LAUNCH_ENV
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, stops.handler)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     previous_int = signal.getsignal(signal.SIGINT)
-    if previous_int is signal.SIG_IGN and os.environ.get(LOCAL_LAUNCH_ENV):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if previous_int is not signal.SIG_IGN or os.environ.get(LOCAL_LAUNCH_ENV):
+        signal.signal(signal.SIGINT, stops.handler)
     try:
         yield
     finally:
@@ -165,6 +201,7 @@ class _Objective:
         self.claims, self.worker, self.budget = claims, worker, budget
         self.settings = inference_settings(cfg)
         self.started = 0
+        self.stops = _Stops()  # installed as the signal handlers by _optimize
         self.duplicates_in_a_row = 0
         self.failures_in_a_row = 0  # unexpected errors of this worker's runs, in a row
 
@@ -181,10 +218,13 @@ class _Objective:
         try:
             self.recorder.run_started(run)
             end = self._train_and_evaluate(run)
+            self.stops.hold()  # until Optuna has the trial's state (_optimize releases)
         except _STOPS as exc:
+            self.stops.hold()  # a second Ctrl-C must not cut the retry's record short
             self.recorder.run_finished(run, RunEnd("interrupted", _reason(exc)))
             raise
         except _USER_ERRORS as exc:
+            self.stops.hold()
             self.recorder.run_finished(run, RunEnd("interrupted", _reason(exc)))
             raise SweepError(
                 f"run {run.number} ({run.key}): {error_text(exc)}\nthe sweep stopped: any run "
@@ -192,6 +232,7 @@ class _Objective:
                 f"kept; run {run.number} runs first)"
             ) from exc
         except Exception as exc:  # a bug: its traceback is the report
+            self.stops.hold()
             logger.exception("run %d failed", run.number)
             end, unexpected = RunEnd("failed", _reason(exc)), True
         finally:
@@ -272,11 +313,7 @@ class _Objective:
         params = sample_training_params(trial, self.cfg)
         run_cfg = with_training_params(self.cfg, params)
         key = run_key(run_cfg)
-        # Per study: another configuration's run of the same training settings keeps its own
-        # evaluation outputs.
-        run_dir = (
-            self.root / self.cfg.sweep.dir / "runs" / (self.studies.studies.name or "study") / key
-        )
+        run_dir = run_folder(self.root / self.cfg.sweep.dir, self.studies.studies.name, key)
         return RunSpec(trial.number, key, params, run_cfg, run_dir, trial)
 
     def _train_and_evaluate(self, run: RunSpec) -> RunEnd:
@@ -595,7 +632,7 @@ def _optimize(
     _quiet_optuna_failures()
     started = time.perf_counter()
     poll = min(5.0, max(0.5, cfg.sweep.heartbeat_interval_s / 2))
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(objective.stops):
         while True:
             running = worker.running(studies.runs)  # one look per turn: one claims query
             recover_dead_runs(studies, running.dead)
@@ -616,6 +653,10 @@ def _optimize(
                 if unreachable is None or unreachable is exc:
                     raise
                 raise unreachable from None
+            finally:
+                held = objective.stops.release()
+            if held is not None:  # arrived while the run's end was recorded: stop now
+                raise KeyboardInterrupt(held)
             if objective.duplicates_in_a_row >= _MAX_DUPLICATES_IN_A_ROW:
                 logger.warning(
                     "the sampler proposed %d configurations in a row that already ran; "

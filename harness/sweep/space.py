@@ -224,15 +224,29 @@ def search_space_size(cfg: HarnessConfig) -> int | None:
             return None
         axes[name.removeprefix(TRAIN_PREFIX)] = values
     product = math.prod(len(v) for v in axes.values())
-    if product > _ENUMERATE_AT_MOST or not set(axes) & set(SEARCH_CONDITIONS):
+    merging = set(SEARCH_CONDITIONS) | {"lr_warmup_steps"}
+    if product > _ENUMERATE_AT_MOST or not set(axes) & merging:
         return product
     distinct = {
-        tuple(
-            sorted(active_training_params(dict(zip(axes, combo, strict=True)), cfg.train).items())
-        )
+        tuple(sorted(_run_params(dict(zip(axes, combo, strict=True)), cfg.train).items()))
         for combo in itertools.product(*axes.values())
     }
     return len(distinct)
+
+
+def _run_params(params: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+    """The sampled ``params`` as the run trains them: the active ones, the warm-up clamped to
+    the run's steps as :func:`with_training_params` clamps it (two grid cells can be one run)."""
+    active = active_training_params(params, train)
+    if "lr_warmup_steps" in active:
+        max_steps = active.get("max_steps", train.max_steps)
+        active["lr_warmup_steps"] = warmup_within(active["lr_warmup_steps"], max_steps)
+    return active
+
+
+def warmup_within(warmup_steps: int, max_steps: int) -> int:
+    """A warm-up longer than the run is the whole run (the scheduler's own bound)."""
+    return min(int(warmup_steps), int(max_steps))
 
 
 def run_budget(cfg: HarnessConfig) -> int | None:
@@ -266,8 +280,7 @@ def with_training_params(cfg: HarnessConfig, params: Mapping[str, Any]) -> Harne
     max_steps = int(data["train"]["max_steps"])
     steps = sorted({s for s in data["train"]["checkpoint_steps"] if s <= max_steps} | {max_steps})
     data["train"]["checkpoint_steps"] = steps
-    if data["train"]["lr_warmup_steps"] > max_steps:
-        data["train"]["lr_warmup_steps"] = max_steps
+    data["train"]["lr_warmup_steps"] = warmup_within(data["train"]["lr_warmup_steps"], max_steps)
     return validate_config(data, default_source="sweep.space")
 
 

@@ -486,8 +486,9 @@ MYSQL_DRIVER_HINT = "pip install -e '.[mysql]' and write the URL as mysql+pymysq
 
 @contextlib.contextmanager
 def _storage_errors(url: str) -> Iterator[None]:
-    """A storage that cannot be opened (bad URL, server down, wrong password, no database) is a
-    user error naming ``sweep.storage`` with the password masked, not a driver traceback."""
+    """A storage that cannot be opened (bad URL, server down, wrong password, no database, a
+    schema of another Optuna version) is a user error naming ``sweep.storage`` with the password
+    masked, not a driver traceback."""
     try:
         yield
     except (SQLAlchemyError, ImportError, ValueError) as exc:
@@ -501,6 +502,12 @@ def _storage_errors(url: str) -> Iterator[None]:
         raise SweepError(
             f"sweep.storage: cannot open {safe_storage_url(url)}: {safe_storage_url(reason)}"
         ) from None
+    except RuntimeError as exc:
+        # Optuna refuses a schema another Optuna version wrote, and says how to fix it.
+        if "table schema" not in str(exc):
+            raise
+        advice = str(exc).replace("$STORAGE_URL", safe_storage_url(url))
+        raise SweepError(f"sweep.storage: {safe_storage_url(url)}: {advice}") from None
 
 
 def _url_password(url: str) -> str | None:

@@ -23,9 +23,16 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
-from harness.errors import counted
+from harness.errors import HarnessError, counted
+from harness.outputs import read_json_object
 from harness.sweep._files import replaced_together
-from harness.sweep.results import full_fidelity, pareto_rows, points_frame, results_paths
+from harness.sweep.results import (
+    SUMMARY_JSON,
+    full_fidelity,
+    pareto_rows,
+    points_frame,
+    results_paths,
+)
 from harness.sweep.study import (
     Studies,
     fail_reason,
@@ -39,6 +46,7 @@ __all__ = [
     "figures",
     "leaderboard",
     "param_importances",
+    "results_study",
     "summarize",
     "write_metrics",
 ]
@@ -48,6 +56,20 @@ logger = logging.getLogger(__name__)
 # reports/metrics.json that `dvc exp show` reads belongs to the evaluate stage
 # (harness.sweep.confirm), whose confirmation scores are not selection-biased.
 METRICS_FILE = "metrics.json"
+
+
+def results_study(sweep_dir: Path, error: type[HarnessError]) -> str | None:
+    """The study whose points ``sweep_dir``'s results tables hold: the one ``summary.json``
+    (written with them) names, or for tables of an older harness ``metrics.json``'s.
+
+    Raises:
+        HarnessError: ``error``, naming the file, when one of them is damaged.
+    """
+    for name in (SUMMARY_JSON, METRICS_FILE):
+        study = read_json_object(sweep_dir / name, "harness sweep", error).get("study")
+        if study is not None:
+            return str(study)
+    return None
 
 
 @dataclass

@@ -23,12 +23,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
-from harness.sweep.claims import Claims, WorkerSlot, worker_identity
+from harness.sweep.claims import Claim, Claims, WorkerSlot, worker_identity
 from harness.sweep.study import Studies, SweepError, make_sampler, safe_storage_url
 
 __all__ = ["RunningRuns", "Worker"]
 
 logger = logging.getLogger(__name__)
+# A claim older than its worker name's live slot is a dead predecessor's; this much older only
+# in case the claiming host's clock was stepped back between registering and claiming.
+_CLOCK_SLACK_S = 1.0
 
 
 @dataclass
@@ -91,14 +94,25 @@ class Worker:
             with contextlib.suppress(Exception):
                 self.claims.leave(self.slot.slot)
 
-    def _live_workers(self) -> set[str]:
+    def _live_workers(self) -> dict[str, float]:
+        """Each live worker name and the start of its oldest live slot (this one included)."""
         now, host = time.time(), self.slot.host
-        live = {
-            w.worker
-            for w in self.claims.workers()
-            if w.alive(now, self.grace_s) and not (w.host == host and pid_gone(w.pid))
-        }
-        return live | {self.name}
+        live = {self.name: self.slot.started_at}
+        for w in self.claims.workers():
+            if w.alive(now, self.grace_s) and not (w.host == host and pid_gone(w.pid)):
+                live[w.worker] = min(live.get(w.worker, w.started_at), w.started_at)
+        return live
+
+    def _claim_live(self, claim: Claim, live_workers: dict[str, float]) -> bool:
+        """Is the worker process that made ``claim`` still alive?
+
+        By name, and the claim must be younger than that name's live slot: SLURM requeues a
+        task whose node failed under the same array id (``HARNESS_WORKER_ID``), and the dead
+        worker's claim, under the requeued one's name, would otherwise look alive for ever.
+        Both times come from the claiming host's clock (a worker registers before it claims).
+        """
+        started = live_workers.get(claim.worker)
+        return started is not None and claim.claimed_at >= started - _CLOCK_SLACK_S
 
     def running(self, study: optuna.Study) -> RunningRuns:
         """The RUNNING trials of ``study``, split into dead ones and a count of live ones.
@@ -110,15 +124,15 @@ class Worker:
         """
         now = time.time()
         live_workers = self._live_workers()
-        owner = {c.trial: c.worker for c in self.claims.all()}
+        owner = {c.trial: c for c in self.claims.all()}
         others_alive = len(live_workers) > 1
         dead: list[FrozenTrial] = []
         live = 0
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = owner.get(trial.number)
+            claim = owner.get(trial.number)
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
-            if worker is not None:
-                if worker in live_workers:
+            if claim is not None:
+                if self._claim_live(claim, live_workers):
                     live += 1
                 else:
                     dead.append(trial)

@@ -159,8 +159,7 @@ def save_checkpoint(
             path,
         )
     accelerator.wait_for_everyone()
-    kohya = path / KOHYA_NAME
-    return CheckpointInfo(step, path, loss, kohya if kohya.is_file() else None)
+    return CheckpointInfo(step, path, loss, _file_or_none(path / KOHYA_NAME))
 
 
 def _restore_own_rng(session: TrainingSession, state: TrainingState) -> None:
@@ -199,6 +198,17 @@ def restore_checkpoint(session: TrainingSession, state: TrainingState) -> float 
     return float(loss) if loss is not None else None
 
 
+def _checkpoint_info(state: TrainingState) -> CheckpointInfo:
+    """The record of a checkpoint written before this resume, as :func:`save_checkpoint`
+    made it: its kohya file included when ``train.export_kohya`` wrote one."""
+    kohya = state.path / KOHYA_NAME
+    return CheckpointInfo(state.step, state.path, state.meta.get("loss"), _file_or_none(kohya))
+
+
+def _file_or_none(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
 def resume_from(session: TrainingSession, states: list[TrainingState], result: TrainResult) -> int:
     """Restore the last of ``states`` (if any) into ``session`` and ``result``; returns the
     step training continues after."""
@@ -206,7 +216,7 @@ def resume_from(session: TrainingSession, states: list[TrainingState], result: T
     if states:
         start, last_loss = states[-1].step, restore_checkpoint(session, states[-1])
         result.resumed_from = start
-        result.checkpoints = [CheckpointInfo(s.step, s.path, s.meta.get("loss")) for s in states]
+        result.checkpoints = [_checkpoint_info(s) for s in states]
         logger.info("resuming %s from step %d", result.run_dir, start)
     result.steps_done, result.final_loss = start, last_loss
     return start

@@ -11,18 +11,23 @@ mode and gradient checkpointing. The base weights are frozen throughout, so they
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import (
+    NoMatchingPeftModuleError,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 from harness.config import TrainConfig
 from harness.models import LoadedModel
 from harness.train.kohya import export_kohya
+from harness.train.records import TrainingError
 from harness.train.state import ADAPTER_WEIGHTS as WEIGHTS_NAME
 
 __all__ = [
@@ -128,10 +133,47 @@ def _detach(module: Any, had_peft: bool) -> None:
         module._hf_peft_config_loaded = False
 
 
-def _add_adapter(module: Any, config: LoraConfig) -> None:
-    if _has_peft(module) and ADAPTER in module.peft_config:
+# The attention projections of SD's UNet and CLIP text encoders: what the error suggests.
+_EXAMPLES = {"unet": "to_q, to_k, to_v, to_out.0", "text_encoder": "q_proj, k_proj, v_proj"}
+
+
+def _unmatched_targets(module: Any, targets: Iterable[str]) -> list[str]:
+    """The names in ``targets`` that no module of ``module`` has (peft's rule: the module's
+    full name, or its last dotted part(s))."""
+    names = [name for name, _ in module.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def _add_adapter(module: Any, name: str, config: LoraConfig, train: TrainConfig) -> None:
+    """Attach our adapter to ``module`` (component ``name``).
+
+    Raises:
+        TrainingError: when no module matches the configured target modules, naming the key.
+    """
+    had_peft = _has_peft(module)
+    if had_peft and ADAPTER in module.peft_config:
         _detach(module, had_peft=True)  # left over by an earlier crash
-    module.add_adapter(config, adapter_name=ADAPTER)
+        had_peft = _has_peft(module)
+    try:
+        module.add_adapter(config, adapter_name=ADAPTER)
+    except NoMatchingPeftModuleError:
+        # Undo what add_adapter did before it failed, or the next attach fails another way:
+        # a module without adapters was marked as having some (with no peft_config), one
+        # with adapters has ours registered in peft_config though no layer has it.
+        if had_peft:
+            module.peft_config.pop(ADAPTER, None)
+        else:
+            _detach(module, had_peft=False)
+        unet = name == "unet"
+        key = "train.target_modules" if unet else "train.text_encoder_target_modules"
+        targets = list(train.target_modules if unet else train.text_encoder_target_modules)
+        missing = _unmatched_targets(module, targets) or targets
+        verb = "matches" if len(missing) == 1 else "match"
+        raise TrainingError(
+            f"{key}: {', '.join(map(repr, missing))} {verb} no layer of the {name} "
+            f"({type(module).__name__}); name layers it has, e.g. "
+            f"{_EXAMPLES['unet' if unet else 'text_encoder']}"
+        ) from None
 
 
 def _make_trainable(module: Any) -> None:
@@ -194,7 +236,7 @@ def attached_lora(
         for module in modules.values():
             module.requires_grad_(False)
         for name, config in configs.items():
-            _add_adapter(modules[name], config)
+            _add_adapter(modules[name], name, config, train)
             attached.append(name)
             _make_trainable(modules[name])
             if checkpointing and _enable_checkpointing(modules[name], name):

@@ -239,6 +239,16 @@ def test_evaluate_output_of_another_study_is_refused(tmp_path: Path) -> None:
         build_report(project.cfg, tmp_path)
 
 
+def test_sweep_tables_of_another_study_are_refused(tmp_path: Path) -> None:
+    """An interrupted sweep of another configuration rewrote the tables (and summary.json
+    with them) but not metrics.json, which still names the evaluated study."""
+    project = write_project(tmp_path, make_cfg())
+    summary = tmp_path / "runs/sweep/summary.json"
+    summary.write_text(json.dumps({"points": 1, "pareto": [], "study": "rep-interrupted"}))
+    with pytest.raises(ReportError, match="rep-interrupted"):
+        build_report(project.cfg, tmp_path)
+
+
 def _png(path: Path, colour: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), colour).save(path)

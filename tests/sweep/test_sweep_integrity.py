@@ -99,7 +99,7 @@ def _running(study: optuna.Study) -> list[int]:
 def test_stale_run_is_finished_even_when_the_budget_is_used_up(tmp_path: Path) -> None:
     """A run whose worker died (RUNNING, heartbeat stale) is retried by the next `harness sweep`
     although no new run may start, and its proxy twin is not left RUNNING."""
-    cfg = make_cfg(tmp_path, n_trials=1, heartbeat_interval_s=1, grace_period_s=1)
+    cfg = make_cfg(tmp_path, n_trials=1, heartbeat_interval_s=1, grace_period_s=2)
     studies = open_studies(cfg, tmp_path)
     # What a killed worker leaves: a RUNNING run with parameters, and its RUNNING proxy twin.
     dead = studies.runs.ask(
@@ -112,7 +112,7 @@ def test_stale_run_is_finished_even_when_the_budget_is_used_up(tmp_path: Path) -
     dead.set_user_attr("proxy_trial", proxy.number)
     studies.runs._storage.record_heartbeat(dead._trial_id)  # type: ignore[attr-defined]
     run_sweep(make_cfg(tmp_path, n_trials=1), tmp_path, FakeBackend())  # uses up the budget
-    time.sleep(2.2)  # past the grace period: the dead run is stale
+    time.sleep(2.5)  # past the grace period: the dead run is stale
     backend = FakeBackend()
     summary = run_sweep(cfg, tmp_path, backend)
     assert len(backend.trained) == 1, "the stale run was not retried"

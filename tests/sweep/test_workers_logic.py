@@ -778,16 +778,17 @@ def test_a_local_worker_takes_ctrl_c_even_started_in_the_background(
     import signal
 
     from harness.sweep.launch import LOCAL_LAUNCH_ENV
-    from harness.sweep.runner import _sigterm_as_interrupt
+    from harness.sweep.runner import _sigterm_as_interrupt, _Stops
 
+    stops = _Stops()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         monkeypatch.delenv(LOCAL_LAUNCH_ENV, raising=False)
-        with _sigterm_as_interrupt():  # a worker the user started in the background himself
+        with _sigterm_as_interrupt(stops):  # a worker the user started in the background himself
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         monkeypatch.setenv(LOCAL_LAUNCH_ENV, "1")
-        with _sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with _sigterm_as_interrupt(stops), pytest.raises(KeyboardInterrupt):
+            assert signal.getsignal(signal.SIGINT) == stops.handler
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
@@ -823,3 +824,60 @@ def test_opening_a_study_again_prints_no_optuna_lines(
     capfd.readouterr()
     sweep_status(cfg, tmp_path)
     assert "Using an existing study" not in capfd.readouterr().err
+
+
+def test_a_grid_whose_cells_clamp_to_one_run_ends_after_the_distinct_runs(tmp_path: Path) -> None:
+    """A warm-up longer than a run is clamped to its steps, so two grid cells can be one run
+    (max_steps 10 with warm-up 15 or 25). The space's size counted them apart: the budget was
+    never spent and the grid proposed its repeats forever."""
+    data = make_cfg(
+        tmp_path,
+        n_trials=10,
+        sampler="grid",
+        space={"max_steps": {"choices": [10, 20]}, "lr_warmup_steps": {"choices": [0, 15, 25]}},
+        inference={"guidance_scale": [3.0], "lora_scale": [1.0]},
+    ).to_dict()
+    data["train"]["lr_scheduler"] = "cosine"  # a warm-up only matters with a decaying rate
+    cfg = HarnessConfig.model_validate(data)
+    assert search_space_size(cfg) == 5  # (10, 0), (10, 10), (20, 0), (20, 15), (20, 20)
+    backend = FakeBackend()
+    summary = run_sweep(cfg, tmp_path, backend)
+    assert summary.runs_completed == 5
+    trained = sorted((t["max_steps"], t["lr_warmup_steps"]) for t in backend.trained)
+    assert trained == [(10, 0), (10, 10), (20, 0), (20, 15), (20, 20)]
+
+
+class _DiesInSecondRun(FakeBackend):
+    def train(self, cfg: HarnessConfig, run_dir: Path, *args: Any, **kwargs: Any) -> Any:
+        if len(self.trained) == 1:
+            os._exit(9)  # killed hard (a node failure) while the second run trains
+        return super().train(cfg, run_dir, *args, **kwargs)
+
+
+def _requeued_worker(root: str, dies: bool, out: Any) -> None:
+    os.environ["HARNESS_WORKER_ID"] = "slurm-77_0"  # the same array task, before and after
+    cfg = make_cfg(Path(root), n_trials=2, storage=f"journal:///{root}/study.log")
+    summary = run_sweep(cfg, Path(root), _DiesInSecondRun() if dies else FakeBackend())
+    out.put(summary.runs_completed)
+
+
+def test_a_requeued_worker_of_the_same_name_retries_the_run_its_predecessor_left(
+    tmp_path: Path,
+) -> None:
+    """SLURM requeues a task whose node failed under the same array id, so the new worker has
+    the dead one's name: the dead run's claim looked like the new worker's own live run, and on
+    a journal study (no Optuna heartbeat) every worker then waited for it forever."""
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    first = ctx.Process(target=_requeued_worker, args=(str(tmp_path), True, out))
+    first.start()
+    first.join(timeout=60)
+    assert first.exitcode == 9
+    time.sleep(1.2)  # SLURM takes longer than this to requeue (claims within 1 s count as live)
+    second = ctx.Process(target=_requeued_worker, args=(str(tmp_path), False, out))
+    second.start()
+    second.join(timeout=30)
+    if second.is_alive():
+        second.kill()
+        pytest.fail("the requeued worker waited for its predecessor's dead run")
+    assert out.get(timeout=5) == 2

@@ -585,15 +585,21 @@ def bench_cmd(
     def body() -> list[str]:
         import tempfile
 
-        from harness.bench import run_agreement, run_bench, run_generation
+        from harness.bench import (
+            link_dvc_cache,
+            rooted_config,
+            run_agreement,
+            run_bench,
+            run_generation,
+        )
 
         if agreement and generation:
             raise HarnessError("bench: --agreement and --generation are two benchmarks; pick one")
-        from harness.models import rooted_model
-
-        cfg = load()
-        cfg = cfg.model_copy(update={"model": rooted_model(cfg.model, project_root())})
+        # The bench works in a temporary folder: the project's model and subject paths are
+        # made absolute, and its DVC cache linked there (photos may be links into it).
+        cfg = rooted_config(load(), project_root())
         with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
+            link_dvc_cache(project_root(), Path(tmp))
             if agreement:
                 return run_agreement(cfg, Path(tmp), reference)
             if generation:

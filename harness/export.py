@@ -401,13 +401,16 @@ def inference_info(
     example: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """``inference.json``: what the card's snippet needs, and where the point came from."""
-    from harness.models import parse_model_ref
+    from harness.models import parse_model_ref, rooted_model
     from harness.models.tiny import tiny_pipeline_dir
     from harness.sweep.study import study_id
 
     ref = parse_model_ref(cfg.model.pretrained, root)  # a relative path starts at the root
+    # The card's snippet runs in the export folder, not at the root: a relative local model
+    # (or config folder) there is no folder, and diffusers would take it for a hub id.
+    model = rooted_model(cfg.model, root)
     # The harness's own test models have a diffusers folder diffusers can load.
-    base = str(tiny_pipeline_dir(ref.value)) if ref.kind == "tiny" else cfg.model.pretrained  # type: ignore[arg-type]
+    base = str(tiny_pipeline_dir(ref.value)) if ref.kind == "tiny" else model.pretrained  # type: ignore[arg-type]
     text_encoder = bool(row.get("train.train_text_encoder", cfg.train.train_text_encoder))
     training = {
         k.removeprefix("train."): _plain(v) for k, v in row.items() if k.startswith("train.")
@@ -417,7 +420,7 @@ def inference_info(
         "base_model_kind": ref.kind,
         "revision": cfg.model.revision,
         "variant": cfg.model.variant,
-        "single_file_config": cfg.model.single_file_config,
+        "single_file_config": model.single_file_config,
         "instance_prompt": f"a photo of {token} {class_name}",
         "token": token,
         "class_name": class_name,

@@ -1,10 +1,12 @@
 """Embedding cache: one safetensors file per (encoder, image content).
 
 A sweep scores hundreds of generated sets against the same few real photos; their embeddings
-are computed once and then read back. The key is the sha256 of the image bytes plus the
-encoder id (weights, preprocessing and precision), so an edited photo or another model never
-hits a stale entry. Files are safetensors (never pickle) and are written atomically, so
-parallel sweep workers can share one cache folder.
+are computed once and then read back. The key is the sha256 of the image file's bytes (of the
+upright RGB pixels the encoder sees, for an in-memory image) plus the encoder id (weights,
+preprocessing and precision), so an edited photo or another model never hits a stale entry. Files are safetensors (never pickle) and are written atomically, so
+parallel sweep workers can share one cache folder. The cache is only an optimisation: a
+folder that cannot be written (read-only home, a path under a file, a full disk) logs one
+warning and scoring goes on without storing embeddings.
 
 Layout: ``<root>/<sha256(encoder_id)[:16]>/<image_sha256>.safetensors``, each holding the
 tensor ``embedding`` (``[D]``, float32) and the metadata ``encoder_id`` and ``image_sha256``.
@@ -13,6 +15,7 @@ tensor ``embedding`` (``[D]``, float32) and the metadata ``encoder_id`` and ``im
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,6 +31,8 @@ __all__ = ["DEFAULT_CACHE_DIR", "EmbeddingCache", "default_cache_dir", "encode_c
 
 DEFAULT_CACHE_DIR = "~/.cache/harness-metrics"
 
+_LOG = logging.getLogger(__name__)
+
 
 def default_cache_dir() -> Path:
     """``$METRICS_CACHE_DIR`` if set, else ``~/.cache/harness-metrics``."""
@@ -39,6 +44,9 @@ class EmbeddingCache:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        # Set by the first failed write: later writes would fail the same way, so they are
+        # skipped and the user is warned once, not once per image.
+        self._writes_failed = False
 
     def path(self, encoder_id: str, image_hash: str) -> Path:
         """The file that holds (or would hold) this embedding."""
@@ -48,9 +56,9 @@ class EmbeddingCache:
     def get(self, encoder_id: str, image_hash: str) -> torch.Tensor | None:
         """The cached ``[D]`` embedding, or ``None`` when missing or unreadable."""
         path = self.path(encoder_id, image_hash)
-        if not path.is_file():
-            return None
         try:
+            if not path.is_file():  # PermissionError on an unreadable folder: a miss
+                return None
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             if metadata.get("encoder_id") != encoder_id:
@@ -60,7 +68,25 @@ class EmbeddingCache:
             return None  # a damaged entry is recomputed and overwritten, not fatal
 
     def put(self, encoder_id: str, image_hash: str, embedding: torch.Tensor) -> None:
-        """Store one ``[D]`` embedding (atomic: write a temp file, then rename)."""
+        """Store one ``[D]`` embedding (atomic: write a temp file, then rename).
+
+        A write that fails (:class:`OSError`, or safetensors' I/O error) logs one warning and
+        turns writing off for this cache: the caller keeps its embedding, only unstored.
+        """
+        if self._writes_failed:
+            return
+        try:
+            self._write(encoder_id, image_hash, embedding)
+        except (OSError, SafetensorError) as exc:
+            self._writes_failed = True
+            _LOG.warning(
+                "embedding cache %s cannot be written (%s); scoring goes on without caching",
+                self.root,
+                exc,
+            )
+
+    def _write(self, encoder_id: str, image_hash: str, embedding: torch.Tensor) -> None:
+        """Write one entry atomically; raises on any I/O failure (handled by :meth:`put`)."""
         path = self.path(encoder_id, image_hash)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

@@ -5,14 +5,16 @@
 per-prompt rows, and optionally writes everything as JSON; DIV (LPIPS) needs
 ``--lpips-weights``. ``lpips-convert`` writes the LPIPS weights file from the ``lpips``
 package's lin weights and torchvision's AlexNet (:func:`metrics.lpips.convert`). Input problems
-(empty folder, non-image file, prompts file that does not match the images, missing weights)
-print one line naming the file and exit with status 2.
+(empty folder, non-image file, prompts file that does not match the images, missing weights,
+a ``--json`` destination that cannot be written: checked before scoring) print one line naming
+the file and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 from metrics.api import Scorer, ScorerConfig, ScoreResult
 from metrics.encoders import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_DINO_MODEL
-from metrics.errors import MetricsError
+from metrics.errors import MetricsError, MetricsInputError
 from metrics.images import list_image_files
 from metrics.lpips import NETS
 from metrics.manifest import match_prompts
@@ -158,7 +160,56 @@ def _print_tables(result: ScoreResult, ceiling: dict[str, Any] | None) -> None:
         console.print(per_prompt)
 
 
+def _check_json_destination(path: Path) -> None:
+    """Fail in a second, not after the whole scoring, when ``--json`` cannot be written.
+
+    The file must be writable, or its nearest existing ancestor a writable folder (the
+    missing folders in between are created when writing). Nothing is created here.
+    """
+    try:
+        if path.is_dir():
+            raise MetricsInputError(f"cannot write --json {path}: it is a folder")
+        if path.exists():
+            target = path
+        else:
+            target = path.parent
+            while not target.exists() and target != target.parent:
+                target = target.parent
+            if not target.is_dir():
+                raise MetricsInputError(f"cannot write --json {path}: {target} is not a folder")
+    except OSError as exc:  # e.g. a folder on the way that cannot be searched
+        raise MetricsInputError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+    if not os.access(target, os.W_OK):
+        raise MetricsInputError(f"cannot write --json {path}: {target} is not writable")
+
+
+def _write_json(
+    args: argparse.Namespace, result: ScoreResult, ceiling: dict[str, Any] | None
+) -> None:
+    """Write the ``--json`` file; a failure (the disk changed while scoring) is one line."""
+    payload = {
+        "inputs": {
+            "real": str(args.real),
+            "generated": str(args.generated),
+            "prompts": str(args.prompts) if args.prompts is not None else None,
+        },
+        **result.to_dict(),
+        "real_ceiling": ceiling,
+    }
+    path: Path = args.json_out
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise MetricsInputError(
+            f"cannot write --json {path}: {exc.strerror or exc} (the scores printed above "
+            "were not saved)"
+        ) from None
+
+
 def _score(args: argparse.Namespace) -> int:
+    if args.json_out is not None:
+        _check_json_destination(args.json_out)
     real = list_image_files(args.real)
     if args.prompts is not None:
         generated, prompts = match_prompts(args.generated, args.prompts)
@@ -187,17 +238,7 @@ def _score(args: argparse.Namespace) -> int:
     ceiling = scorer.real_ceiling(real) if len(real) >= 2 else None
     _print_tables(result, ceiling)
     if args.json_out is not None:
-        payload = {
-            "inputs": {
-                "real": str(args.real),
-                "generated": str(args.generated),
-                "prompts": str(args.prompts) if args.prompts is not None else None,
-            },
-            **result.to_dict(),
-            "real_ceiling": ceiling,
-        }
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        _write_json(args, result, ceiling)
     return 0
 
 

@@ -341,9 +341,12 @@ def _dino_source(
     if ref.lower().endswith((".safetensors", *_PICKLE_SUFFIXES)) or Path(ref).is_file():
         weights = _safetensors_file(ref, "DINO")
         kwargs.update(timm_kwargs or {})
-        return _DinoSource(
-            arch, kwargs, weights, f"dino:{arch}:file-sha256={_file_sha256(weights)}"
-        )
+        encoder_id = f"dino:{arch}:file-sha256={_file_sha256(weights)}"
+        if timm_kwargs:
+            # The same weights file under other model arguments (e.g. global_pool="avg")
+            # gives other embeddings: they are part of the cache key.
+            encoder_id += ":timm=" + json.dumps(dict(timm_kwargs), sort_keys=True, default=repr)
+        return _DinoSource(arch, kwargs, weights, encoder_id)
     repo_id = ref if ref.startswith("timm/") else f"timm/{ref}"
     weights = _hub_file(repo_id, "model.safetensors", "DINO", hub_cache_dir)
     # The hub cache keeps files under snapshots/<commit>/: new weights, new cache key.

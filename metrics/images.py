@@ -75,11 +75,19 @@ def load_image(item: ImageInput) -> Image.Image:
 
 
 def image_sha256(item: ImageInput) -> str:
-    """Content hash: sha256 of the file's bytes, or of mode/size/pixels for an in-memory image."""
+    """Content hash (the embedding-cache key of an image).
+
+    A file: sha256 of its bytes, which hold everything :func:`load_image` reads (palette,
+    EXIF orientation, alpha). An in-memory image: sha256 of size and pixels of its
+    :func:`load_image` result, i.e. of what the encoder sees: its raw ``tobytes()`` would be
+    palette indices for a ``P`` image and ignore the EXIF orientation, so two different
+    pictures would share one cache entry.
+    """
     digest = hashlib.sha256()
     if isinstance(item, Image.Image):
-        digest.update(f"pil:{item.mode}:{item.size[0]}x{item.size[1]}:".encode())
-        digest.update(item.tobytes())
+        rgb = load_image(item)
+        digest.update(f"pil-rgb:{rgb.size[0]}x{rgb.size[1]}:".encode())
+        digest.update(rgb.tobytes())
         return digest.hexdigest()
     path = Path(item)
     try:

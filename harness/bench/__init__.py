@@ -56,7 +56,9 @@ __all__ = [
     "BenchInputs",
     "Figure",
     "PathRun",
+    "link_dvc_cache",
     "main",
+    "rooted_config",
     "run_agreement",
     "run_bench",
     "run_generation",
@@ -68,6 +70,34 @@ PATHS = ("naive", "harness", EXHAUSTIVE)
 logger = logging.getLogger(__name__)
 # A figure of one pass: its unit, and its value from the pass (None: the pass has none).
 PassFigure = tuple[str, Callable[[PathRun], float | None]]
+
+
+def rooted_config(cfg: HarnessConfig, root: Path) -> HarnessConfig:
+    """``cfg`` with the project's inputs as absolute paths at ``root``: the model
+    (:func:`harness.models.rooted_model`) and the subject's source folders (``data.raw_dir``,
+    ``data.dreambench_dir``). The bench works in a temporary folder, where a relative input
+    path would name nothing; its outputs (``data.prepared_dir``) stay relative, inside it."""
+    from harness.data.files import resolve_path
+    from harness.models import rooted_model
+
+    data = {
+        key: str(resolve_path(value, root))
+        for key in ("raw_dir", "dreambench_dir")
+        if (value := getattr(cfg.data, key))
+    }
+    return cfg.model_copy(
+        update={"model": rooted_model(cfg.model, root), "data": cfg.data.model_copy(update=data)}
+    )
+
+
+def link_dvc_cache(root: Path, work: Path) -> None:
+    """Link ``work/.dvc/cache`` to the project's DVC cache, if it has one: a subject's photos
+    may be links into it (``dvc checkout`` with symlinks), which preparing accepts only inside
+    the cache of the folder it prepares in."""
+    cache = root / ".dvc" / "cache"
+    if cache.is_dir() and not (work / ".dvc" / "cache").exists():
+        (work / ".dvc").mkdir(parents=True, exist_ok=True)
+        (work / ".dvc" / "cache").symlink_to(cache.resolve(), target_is_directory=True)
 
 
 def _inputs(cfg: HarnessConfig, work: Path) -> BenchInputs:
@@ -308,20 +338,36 @@ def run_agreement(cfg: HarnessConfig, work: Path, reference: str = "ddim:50") ->
     return [f"{lines[0]}; device {_device_name(loaded.device)}", *lines[1:]]
 
 
+# ``harness``'s global options (its callback's): they go before the ``bench`` command, which
+# refuses them ("No such option"). With a value: ``-p x``, ``-px``, ``--params=x``.
+_GLOBAL_WITH_VALUE = ("-p", "--params", "-S", "--set")
+_GLOBAL_FLAGS = ("-v", "--verbose")
+
+
 def cli_args(argv: Sequence[str]) -> list[str]:
-    """``python -m harness.bench`` arguments as ``harness`` arguments: ``-p``/``--params``
-    before the ``bench`` command, the rest (``--repeats N``) after it."""
+    """``python -m harness.bench`` arguments as ``harness`` arguments: the global options
+    (``-p``/``--params``, ``-S``/``--set`` with their values, ``-v``/``--verbose``) before the
+    ``bench`` command, in their order (a later ``-S`` wins), the rest (``--repeats N``) after
+    it."""
     before: list[str] = []
     after: list[str] = []
     args = iter(argv)
     for arg in args:
-        if arg in ("-p", "--params"):
+        if arg in _GLOBAL_WITH_VALUE:
             before += [arg, next(args, "")]
-        elif arg.startswith("--params="):
+        elif arg in _GLOBAL_FLAGS or _attached_global(arg):
             before.append(arg)
         else:
             after.append(arg)
     return [*before, "bench", *after]
+
+
+def _attached_global(arg: str) -> bool:
+    """A global option with its value in the same argument: ``--set=k=v``, ``-Sk=v``, ``-px``."""
+    return any(
+        arg.startswith(f"{name}=") if name.startswith("--") else len(arg) > 2 and arg[:2] == name
+        for name in _GLOBAL_WITH_VALUE
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

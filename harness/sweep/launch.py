@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -233,29 +234,74 @@ class SlurmJob:
     job_id: str | None = None
 
 
+# What sbatch's own #SBATCH parser (src/sbatch/opt.c, ``_get_argument``) does not take
+# literally outside quotes: whitespace ends the value, quotes group, a backslash escapes, an
+# unquoted ``#`` starts a comment.
+_SBATCH_SPECIAL = re.compile(r"[\s\"'\\#]")
+
+
+def _sbatch_word(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line: as is when sbatch reads it literally,
+    else in double quotes with ``\\``, ``"`` and ``#`` escaped by a backslash (``#`` too: older
+    sbatch versions end the line at a ``#`` even inside quotes).
+
+    Raises:
+        LaunchError: for a line break, which no #SBATCH line can hold.
+    """
+    if "\n" in value or "\r" in value:
+        raise LaunchError(f"{value!r}: an #SBATCH directive cannot hold a line break")
+    if value and not _SBATCH_SPECIAL.search(value):
+        return value
+    escaped = re.sub(r'([\\"#])', r"\\\1", value)
+    return f'"{escaped}"'
+
+
+def _sbatch_directive(option: str, value: str) -> str:
+    """``#SBATCH --<option>=<value>`` with the value quoted for sbatch (:func:`_sbatch_word`)."""
+    return f"#SBATCH --{option}={_sbatch_word(value)}"
+
+
+def _log_pattern(folder: Path) -> str:
+    """The ``--output`` file-name pattern of the array's logs in ``folder``: one file per task
+    (``%A_%a``), a literal ``%`` of the folder's path doubled so sbatch does not replace it.
+
+    Raises:
+        LaunchError: for a backslash in the path: sbatch then replaces no ``%`` pattern at
+            all and drops the backslashes (every task would write one file in a folder that
+            does not exist); nothing escapes it.
+    """
+    path = str(folder.resolve())
+    if "\\" in path:
+        raise LaunchError(
+            f"{path}: sbatch cannot write its logs under a path with a backslash (it turns "
+            "off the per-task log names); move the project, or set sweep.dir to an absolute "
+            "path without one"
+        )
+    return path.replace("%", "%%") + "/slurm-%A_%a.out"
+
+
 def slurm_script(
     cfg: HarnessConfig, root: Path, params: Path, n_workers: int, overrides: Sequence[str] = ()
 ) -> str:
     """An sbatch array script: one task per worker, each ``harness sweep worker``."""
     slurm = cfg.launch.slurm
-    logs = (root / cfg.sweep.dir / "launch").resolve()
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={cfg.sweep.study_name}-sweep",
+        _sbatch_directive("job-name", f"{cfg.sweep.study_name}-sweep"),
         f"#SBATCH --array=0-{n_workers - 1}",
         "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
-        f"#SBATCH --time={slurm.time}",
-        f"#SBATCH --output={logs}/slurm-%A_%a.out",
+        _sbatch_directive("time", slurm.time),
+        _sbatch_directive("output", _log_pattern(root / cfg.sweep.dir / "launch")),
     ]
     if slurm.gpus_per_task:
         lines.append(f"#SBATCH --gpus-per-task={slurm.gpus_per_task}")
-    if slurm.partition:
-        lines.append(f"#SBATCH --partition={slurm.partition}")
-    if slurm.account:
-        lines.append(f"#SBATCH --account={slurm.account}")
+    for key, value in (("partition", slurm.partition), ("account", slurm.account)):
+        if value:
+            lines.append(_sbatch_directive(key, value))
     if slurm.mem:
-        lines.append(f"#SBATCH --mem={slurm.mem}")
+        lines.append(_sbatch_directive("mem", slurm.mem))
+    # The user's own directives, written in sbatch's syntax already: kept as they are.
     lines += [f"#SBATCH {arg}" for arg in slurm.extra_args]
     lines += [
         "",

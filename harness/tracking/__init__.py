@@ -91,7 +91,8 @@ def default_tags(config: Mapping[str, Any]) -> list[str]:
 def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[Path, str]:
     """Upload the offline session zips under ``folder`` to the configured ClearML server.
 
-    See :func:`harness.tracking.clearml_backend.import_offline_sessions`.
+    See :func:`harness.tracking.clearml_backend.import_offline_sessions` (a zip that fails is
+    logged and skipped; :class:`TrackingError` at the end when any failed).
     """
     from .clearml_backend import import_offline_sessions as _import
 

@@ -13,7 +13,10 @@ offline (``tracking.strict: true``: :class:`TrackingError` instead).
 
 Offline runs disable ClearML's reporting subprocess for their lifetime (the class attribute behind
 ``sdk.development.report_use_subprocess``), so closing takes milliseconds instead of ~10 s; the
-user's ``clearml.conf`` is never touched and online runs keep ClearML's defaults.
+user's ``clearml.conf`` is never touched and online runs keep ClearML's defaults, except two that
+could send secrets to the server: no run stores the uncommitted git diff
+(``sdk.development.store_uncommitted_code_diff``), and captured console lines are masked before
+ClearML reports them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "ClearMLRun",
     "ClearMLTracker",
     "ServerSettings",
+    "SessionImportError",
     "TrackingError",
     "detect_server",
     "enqueue_worker_task",
@@ -257,6 +261,7 @@ class ClearMLTracker(Tracker):
             restore.exit()
             raise
         secrets = collect_secret_literals(config)
+        _mask_console(task, secrets)
         _connect_config(task, scrub_secrets(config))
         run = ClearMLRun(
             task=task,
@@ -316,9 +321,19 @@ def _connect_config(task: Task, clean: Mapping[str, Any]) -> None:
         )
 
 
+# Task class attributes one run overrides (restored at close). The first two are what
+# sdk.development.store_uncommitted_code_diff / store_code_diff_from_remote set: ClearML would
+# store the uncommitted git diff (an edited params.yaml can hold a storage URL or a token) in the
+# task, sent to the server unmasked; the repository, branch and commit are still recorded.
+_ALWAYS_OVERRIDDEN: dict[str, Any] = {"_store_diff": False, "_store_remote_diff": False}
+# sdk.development.report_use_subprocess: with the subprocess, close() of an offline task waits
+# ~10 s for it; threads flush in milliseconds.
+_OFFLINE_OVERRIDDEN: dict[str, Any] = {"_report_subprocess_enabled": False}
+
+
 class _OfflineSwitch:
-    """Process state one run changes, given back when it closes: ClearML's offline mode with
-    in-thread reporting, and the console streams.
+    """Process state one run changes, given back when it closes: ClearML's offline mode, the
+    Task class attributes above, and the console streams.
 
     ``Task.init`` wraps ``sys.stdout``/``sys.stderr`` to capture the console and leaves the
     wrappers in place after ``close()``; writes through click (``typer.echo``) to such a wrapper
@@ -328,21 +343,20 @@ class _OfflineSwitch:
     def __init__(self, offline: bool) -> None:
         self.offline = offline
         self._env_before: str | None = None
-        self._had_attr = False
-        self._attr_before: Any = None
+        # attribute name -> (set on Task itself before?, its value then)
+        self._attrs_before: dict[str, tuple[bool, Any]] = {}
         self._streams: tuple[Any, Any] = (sys.stdout, sys.stderr)
         self._active = False
 
     def enter(self) -> None:
         self._streams = (sys.stdout, sys.stderr)
         self._env_before = os.environ.get("CLEARML_OFFLINE_MODE")
-        self._had_attr = "_report_subprocess_enabled" in vars(Task)
-        self._attr_before = vars(Task).get("_report_subprocess_enabled")
+        overrides = {**_ALWAYS_OVERRIDDEN, **(_OFFLINE_OVERRIDDEN if self.offline else {})}
+        own = vars(Task)
+        self._attrs_before = {name: (name in own, own.get(name)) for name in overrides}
         Task.set_offline(self.offline)
-        if self.offline:
-            # The attribute behind sdk.development.report_use_subprocess: with the subprocess,
-            # close() of an offline task waits ~10 s for it; threads flush in milliseconds.
-            setattr(Task, "_report_subprocess_enabled", False)  # noqa: B010
+        for name, value in overrides.items():
+            setattr(Task, name, value)
         self._active = True
 
     def exit(self) -> None:
@@ -350,10 +364,11 @@ class _OfflineSwitch:
             return
         self._active = False
         sys.stdout, sys.stderr = self._streams
-        if self._had_attr:
-            setattr(Task, "_report_subprocess_enabled", self._attr_before)  # noqa: B010
-        elif "_report_subprocess_enabled" in vars(Task):
-            delattr(Task, "_report_subprocess_enabled")
+        for name, (had, before) in self._attrs_before.items():
+            if had:
+                setattr(Task, name, before)
+            elif name in vars(Task):
+                delattr(Task, name)
         # Task.set_offline() wrote CLEARML_OFFLINE_MODE; give the user's value back so the next
         # run's "auto" decision is not polluted by ours. (Task.init's CLEARML_PROC_MASTER_ID
         # stays: ClearML's exit hook reads it, and without it exits without flushing stdout.)
@@ -361,6 +376,29 @@ class _OfflineSwitch:
             os.environ.pop("CLEARML_OFFLINE_MODE", None)
         else:
             os.environ["CLEARML_OFFLINE_MODE"] = self._env_before
+
+
+def _mask_console(task: Task, secrets: set[str]) -> None:
+    """Mask secrets in every console line ClearML reports for ``task``, before it is reported.
+
+    ClearML's stdout/stderr capture and its ``report_text`` both end in the task logger's
+    private ``_console``; online, what it gets goes to the server as is (offline sessions are
+    masked again at close). The terminal itself still shows the original text. A ClearML
+    without ``_console`` gets no wrapper (logged at debug level).
+    """
+    try:  # a private API: a failure here must not stop the run
+        logger = task.get_logger()
+        console = getattr(logger, "_console", None)
+        if not callable(console):
+            log.debug("tracking: ClearML's logger has no _console; console lines are not masked")
+            return
+
+        def redacting_console(msg: Any, *args: Any, **kwargs: Any) -> Any:
+            return console(redact_text(str(msg), secrets), *args, **kwargs)
+
+        setattr(logger, "_console", redacting_console)  # noqa: B010
+    except Exception as exc:
+        log.debug("tracking: masking ClearML's console failed: %s", exc)
 
 
 class ClearMLRun(Run):
@@ -544,8 +582,40 @@ def _require_server() -> None:
         raise TrackingError("no ClearML server configured (clearml.conf or CLEARML_API_HOST)")
     reach = check_reachable(server.api_host, 10.0)
     if not reach.ok:
-        raise TrackingError(f"ClearML server {redact_text(server.api_host)}: {reach.detail}")
+        raise TrackingError(
+            f"ClearML server {redact_text(server.api_host)} unreachable: {redact_text(reach.detail)}"
+        )
     Task.set_offline(False)
+
+
+class SessionImportError(TrackingError):
+    """Some offline session zips could not be imported (each was logged on one line); the others
+    were. ``imported`` maps each imported zip to its new task id, ``failed`` to the reason."""
+
+    def __init__(self, imported: dict[Path, str], failed: dict[Path, str]) -> None:
+        self.imported = imported
+        self.failed = failed
+        tried = len(imported) + len(failed)
+        super().__init__(
+            f"{len(failed)} of {tried} offline session zip(s) not imported "
+            f"({len(imported)} imported); see the lines above"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception on one line, secrets masked (it is printed)."""
+    return f"{type(exc).__name__}: {redact_text(' '.join(str(exc).split()))}"
+
+
+def _fails_every_import(exc: BaseException) -> bool:
+    """Whether every further zip would fail the same way: the server refused our credentials, or
+    could not be reached, or ClearML has no usable configuration."""
+    import requests
+    from clearml.backend_api.session.defs import MissingConfigError
+    from clearml.backend_api.session.session import LoginError
+
+    fatal = (LoginError, MissingConfigError, requests.ConnectionError, requests.Timeout)
+    return isinstance(exc, fatal)
 
 
 def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[Path, str]:
@@ -554,19 +624,42 @@ def import_offline_sessions(folder: str | Path, *, force: bool = False) -> dict[
     Each imported zip gets a ``<zip>.imported`` marker holding the new task id, so running this
     again skips it (``force=True`` re-imports). Returns ``{zip: task_id}`` of this call.
     Needs a configured, reachable server (``clearml.conf`` or ``CLEARML_*`` variables).
+
+    A zip that fails (corrupt, not a session) is logged on one line and the next one is tried.
+
+    Raises:
+        TrackingError: no reachable server, or a failure every zip would meet (login refused,
+            connection lost): raised at once, naming the zip.
+        SessionImportError: after trying every zip, when some of them failed.
     """
     _require_server()
     imported: dict[Path, str] = {}
+    failed: dict[Path, str] = {}
     for zip_path in sorted(Path(folder).rglob("*.zip")):
         marker = zip_path.with_name(zip_path.name + ".imported")
         if marker.exists() and not force:
             log.info("tracking: %s already imported (%s)", zip_path, marker.read_text().strip())
             continue
-        task_id = Task.import_offline_session(str(zip_path))
-        if task_id:
-            marker.write_text(task_id + "\n", encoding="utf-8")
-            imported[zip_path] = task_id
-            log.info("tracking: imported %s as task %s", zip_path, task_id)
+        try:
+            task_id = Task.import_offline_session(str(zip_path))
+        except Exception as exc:
+            if _fails_every_import(exc):
+                raise TrackingError(
+                    f"importing {zip_path} failed ({_one_line(exc)}); stopped, as every other "
+                    f"zip would fail the same way ({len(imported)} imported before)"
+                ) from None
+            failed[zip_path] = _one_line(exc)
+            log.error("tracking: %s not imported: %s", zip_path, failed[zip_path])
+            continue
+        if not task_id:
+            failed[zip_path] = "ClearML returned no task id"
+            log.error("tracking: %s not imported: %s", zip_path, failed[zip_path])
+            continue
+        marker.write_text(task_id + "\n", encoding="utf-8")
+        imported[zip_path] = task_id
+        log.info("tracking: imported %s as task %s", zip_path, task_id)
+    if failed:
+        raise SessionImportError(imported, failed)
     return imported
 
 

@@ -2,12 +2,15 @@
 
 Three kinds of secret are removed:
 
-* values under secret-looking keys (``password``, ``token``, ``secret``, ``api_key``,
-  ``access_key``, ``private_key``, ``credentials`` ...), replaced by ``***``;
-* passwords inside URLs: ``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``,
-  and secret query parameters (``?token=...``);
+* values under secret-looking keys (keys ending with ``password``, ``token``, ``secret``,
+  ``api_key``, ``access_key``, ``private_key``, ``credentials`` ...; not ``token_seed``),
+  replaced by ``***``;
+* passwords inside URLs: ``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``
+  (the password runs to the last ``@``, so it may hold ``/`` and ``@``), and secret query
+  parameters (``?token=...``);
 * the literal values of secret-looking environment variables (``HF_TOKEN``, ``PGPASSWORD``,
-  ``CLEARML_API_SECRET_KEY`` ...) wherever they appear inside a string.
+  ``CLEARML_API_SECRET_KEY`` ...) wherever they appear inside a string; numbers and short
+  strings are never hunted as literals (they occur inside unrelated text and numbers).
 
 ``data.token`` is the DreamBooth identifier (``sks``), not a credential, so it is kept.
 
@@ -41,40 +44,63 @@ DEFAULT_KEEP_PATHS: frozenset[str] = frozenset({"data.token"})
 """Dotted paths whose keys look secret but are not (the DreamBooth identifier token)."""
 
 _SECRET_WORDS = (
-    r"password|passwd|pwd|pass|secret|token|api_?key|apikey|access_?key|secret_?key|"
+    r"password|passwd|pwd|pass|pgpassword|secret|token|api_?key|apikey|access_?key|secret_?key|"
     r"private_?key|credentials?|auth|authorization|session_?key|signature"
 )
-# A secret word as a whole segment of a key: ``hf_token``, ``DB-PASSWORD``, ``secretKey`` ...
-_SECRET_KEY_RE = re.compile(rf"(?:^|[_\-.\s])(?:{_SECRET_WORDS})(?:$|[_\-.\s])", re.IGNORECASE)
+# A key names a secret when it ENDS with a secret word (whole words): ``hf_token``,
+# ``DB-PASSWORD``, ``secretKey``, ``AWS_SECRET_ACCESS_KEY``. A secret word elsewhere describes
+# something else: ``token_seed`` (an integer), ``password_file`` (a path), ``SSH_AUTH_SOCK``.
+_SECRET_KEY_RE = re.compile(rf"(?:^|[_\-.\s])(?:{_SECRET_WORDS})$", re.IGNORECASE)
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-# scheme://user:password@host  (user may be empty: redis://:pw@host)
-_URL_PASSWORD_RE = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)(?P<pw>[^\s/@]+)@")
+# scheme://user:password@host (user may be empty: redis://:pw@host). The password runs to the
+# LAST "@" of the URL: it may hold "/" (sqlalchemy's make_url reads "Xy7/kP+q9Lm2") and "@"
+# (urllib.parse.urlsplit reads "p@ss"); stopping at the first one would leave the rest in clear. It never
+# crosses whitespace, quotes or brackets, so a URL inside JSON or a sentence ends where its
+# string does (``{"db": "pg://u:pw@h", "mail": "me@x.org"}`` masks ``pw`` only). At most 256
+# characters: an unbounded run made long "x://u:x://u:..." texts take quadratic time.
+_URL_PASSWORD_RE = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@\"'`<>]*:)(?P<pw>[^\s\"'`<>]{1,256})@"
+)
 _QUERY_SECRET_RE = re.compile(
     rf"(?P<head>[?&;](?:[\w\-]*?)(?:{_SECRET_WORDS})=)(?P<val>[^&;#\s]+)", re.I
 )
-_MIN_ENV_SECRET_LEN = 4
 _MIN_ENV_LITERAL_LEN = 6
 _NOT_SECRET_VALUES = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off"})
+# What a JSON number (or a date, a version) is made of: such a literal also occurs inside
+# unrelated numbers ("2024" in 1.2024, in timestamps), and masking it there breaks the JSON.
+_NUMBER_LIKE_RE = re.compile(r"[\d.eE+\-:_/ ]+")
 # Environment variables whose names contain a secret word but whose values are locations: masking
 # them would replace the working directory (PWD) or a socket path everywhere in logs and zips.
 _NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD", "SSH_AUTH_SOCK", "GPG_AGENT_INFO", "XAUTHORITY"})
 
 
-def _plausible_secret(value: str) -> bool:
-    """Skip flags like ``HF_HUB_DISABLE_TOKEN=true``: masking those would garble every text."""
+def _plausible_secret(value: object) -> bool:
+    """Whether ``value`` may be masked wherever it occurs as a literal substring.
+
+    Literals are replaced in free text and in the JSON files of offline sessions, so only strings
+    that cannot stand for something else qualify: not numbers or number-like strings (``2024``
+    would turn ``1.2024`` into ``1.***``), not short strings, not flags like
+    ``HF_HUB_DISABLE_TOKEN=true``. Values under secret keys are still masked by key; URL passwords
+    are still masked inside their URLs.
+    """
+    if not isinstance(value, str):
+        return False
     value = value.strip()
     return (
         len(value) >= _MIN_ENV_LITERAL_LEN
         and value.lower() not in _NOT_SECRET_VALUES
-        and not value.isdigit()
+        and not _NUMBER_LIKE_RE.fullmatch(value)
     )
 
 
 def is_secret_key(key: object) -> bool:
-    """True when a mapping key names a credential (``password``, ``hf_token``, ``apiKey``...)."""
+    """True when a mapping key names a credential (``password``, ``hf_token``, ``apiKey``...).
+
+    The key's last words decide: ``token_seed`` or ``password_file`` name no credential.
+    """
     if not isinstance(key, str):
         return False
-    normalized = _CAMEL_RE.sub("_", key)
+    normalized = _CAMEL_RE.sub("_", key.strip())
     return bool(_SECRET_KEY_RE.search(normalized))
 
 
@@ -90,9 +116,9 @@ def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
             continue
         if is_secret_key(name) and _plausible_secret(value):
             found.add(value)
-        for match in _URL_PASSWORD_RE.finditer(value):
-            if len(match["pw"]) >= _MIN_ENV_SECRET_LEN:
-                found.add(match["pw"])
+        found.update(
+            m["pw"] for m in _URL_PASSWORD_RE.finditer(value) if _plausible_secret(m["pw"])
+        )
     return found
 
 
@@ -100,7 +126,7 @@ def redact_text(text: str, extra_secrets: Iterable[str] = ()) -> str:
     """Mask URL passwords, secret query parameters, environment secrets and ``extra_secrets``."""
     text = _URL_PASSWORD_RE.sub(lambda m: f"{m['head']}{MASK}@", text)
     text = _QUERY_SECRET_RE.sub(lambda m: f"{m['head']}{MASK}", text)
-    literals = secret_values() | {s for s in extra_secrets if len(s) >= _MIN_ENV_SECRET_LEN}
+    literals = secret_values() | {s for s in extra_secrets if _plausible_secret(s)}
     for literal in sorted(literals, key=len, reverse=True):
         if literal in text:
             text = text.replace(literal, MASK)
@@ -139,7 +165,9 @@ def _scrub(obj: Any, path: tuple[str, ...], keep: frozenset[str], env: set[str])
 def collect_secret_literals(
     obj: Any, *, keep_paths: Collection[str] = DEFAULT_KEEP_PATHS
 ) -> set[str]:
-    """The literal secret strings inside ``obj`` (what :func:`scrub_secrets` would mask)."""
+    """The literal secret strings inside ``obj``, to mask wherever they occur (log lines, session
+    files): strings under secret keys and URL or query passwords, numbers and short strings left
+    out (see :func:`_plausible_secret`)."""
     found: set[str] = set()
     keep = frozenset(keep_paths)
 
@@ -147,12 +175,9 @@ def collect_secret_literals(
         if isinstance(value, Mapping):
             for key, sub in value.items():
                 sub_path = (*path, str(key))
-                if is_secret_key(key) and ".".join(sub_path) not in keep:
-                    if isinstance(sub, str | int) and len(str(sub)) >= _MIN_ENV_SECRET_LEN:
-                        found.add(str(sub))
-                    walk(sub, sub_path)
-                else:
-                    walk(sub, sub_path)
+                if is_secret_key(key) and ".".join(sub_path) not in keep and _plausible_secret(sub):
+                    found.add(sub)
+                walk(sub, sub_path)
         elif isinstance(value, str):
             found.update(m["pw"] for m in _URL_PASSWORD_RE.finditer(value))
             found.update(m["val"] for m in _QUERY_SECRET_RE.finditer(value))
@@ -161,7 +186,7 @@ def collect_secret_literals(
                 walk(item, path)
 
     walk(obj, ())
-    return {s for s in found if len(s) >= _MIN_ENV_SECRET_LEN}
+    return {s for s in found if _plausible_secret(s)}
 
 
 class RedactingFilter(logging.Filter):

@@ -28,9 +28,11 @@ class Reachability:
 
 
 def check_reachable(api_host: str, timeout_s: float) -> Reachability:
-    """HTTP GET ``<api_host>/debug.ping``; any HTTP answer (even 401/404) counts as reachable.
+    """HTTP GET ``<api_host>/debug.ping``; an answer below 500 (even 401/404) counts as reachable.
 
-    Never raises; never takes (much) longer than ``timeout_s``.
+    A 5xx answer is unreachable: it comes from a proxy or load balancer in front of a dead or
+    starting API server, and ClearML's SDK retries those (503 forever, 502 with a long back-off),
+    so ``Task.init`` would hang. Never raises; never takes (much) longer than ``timeout_s``.
     """
     start = time.monotonic()
     url = api_host.rstrip("/") + "/debug.ping"
@@ -43,8 +45,8 @@ def check_reachable(api_host: str, timeout_s: float) -> Reachability:
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 result.append((True, f"HTTP {resp.status}"))
-        except urllib.error.HTTPError as exc:  # the server answered
-            result.append((True, f"HTTP {exc.code}"))
+        except urllib.error.HTTPError as exc:  # something answered: a live server unless 5xx
+            result.append((exc.code < 500, f"HTTP {exc.code}"))
         except Exception as exc:  # refused, timeout, DNS failure, TLS error ...
             reason = getattr(exc, "reason", exc)
             result.append((False, f"{type(exc).__name__}: {reason}"))

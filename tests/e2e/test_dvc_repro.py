@@ -260,10 +260,23 @@ def test_dvc_exp_run_set_param_trains_anew_and_switching_back_resumes(
     repo = tmp_path / "project"
     shutil.copytree(reproduced[0], repo, symlinks=True)
     env = reproduced[1]
-    report_only = dvc(repo, env, "exp", "run", "-n", "report-only", "-S", "report.top_k=3")
+    report_only = dvc(
+        repo,
+        env,
+        "exp",
+        "run",
+        "-n",
+        "report-only",
+        "-S",
+        "report.top_k=3",
+        "-S",
+        "report.dir=site",
+    )
     assert "Running stage 'report'" in report_only
     for stage in ("prepare", "sweep", "evaluate"):  # a report setting reruns only the report
         assert f"Running stage '{stage}'" not in report_only, report_only[-3000:]
+    # The stage's outputs follow report.dir (dvc.yaml templates them from params.yaml).
+    assert (repo / "site" / "index.html").is_file() and (repo / "site" / "summary.md").is_file()
     # Two training settings as a DVC user sets them (plain -S, no '+'): trained, not the old
     # results again (one run: the budget is not part of the study's identity).
     changed = dvc(

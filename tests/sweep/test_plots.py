@@ -177,11 +177,14 @@ def _plot_repo(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
     plots = _declared()
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
     cfg, _ = _sweep(tmp_path / "sweep")
+    # The paths are templated from params.yaml (`${sweep.dir}`), as in the project.
+    (repo / "params.yaml").write_text(yaml.safe_dump({"sweep": {"dir": cfg.sweep.dir}}))
     source = plots_dir(tmp_path / "sweep" / cfg.sweep.dir)
     files: dict[str, str] = {}
     for entry in plots:
         ((plot_id, props),) = entry.items()
-        (path,) = props["y"]  # one data file per plot
+        (template,) = props["y"]  # one data file per plot
+        path = template.replace("${sweep.dir}", cfg.sweep.dir)
         files[plot_id] = path
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / Path(path).name, repo / path)
@@ -199,7 +202,7 @@ def test_declared_plots_are_the_three_sweep_plots(tmp_path: Path) -> None:
     assert {"pareto_front", "score_vs_checkpoint_step", "training_loss"} <= set(plots)
     for props in plots.values():
         assert (REPO / ".dvc" / "plots" / f"{props['template']}.json").is_file()
-        assert all(str(p).startswith("runs/sweep/plots/") for p in props["y"])
+        assert all(str(p).startswith("${sweep.dir}/plots/") for p in props["y"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +92,19 @@ def tiny_sd15(_isolated_caches: None) -> object:
     from harness.models import load_pipeline
 
     return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[Any]:
+    """A real one-node SLURM (tests/e2e/slurm.py), started once for every cluster test that
+    asks for it, or a skip naming why there is none."""
+    from e2e.slurm import missing_reason, slurm_cluster
+
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        with slurm_cluster() as cluster:
+            yield cluster
+    except RuntimeError as exc:
+        pytest.skip(f"SLURM cannot start on this machine: {exc}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,21 +112,6 @@ def test_a_log_folder_with_a_backslash_is_refused_naming_it(tmp_path: Path) -> N
     cfg = _launch_cfg(tmp_path)
     with pytest.raises(LaunchError, match=r"backslash"):
         slurm_script(cfg, root, root / "params.yaml", 2)
-
-
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[Any]:
-    """A real one-node SLURM (tests/e2e/slurm.py), or a skip naming why there is none."""
-    from e2e.slurm import missing_reason, slurm_cluster
-
-    reason = missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        with slurm_cluster() as cluster:
-            yield cluster
-    except RuntimeError as exc:
-        pytest.skip(f"SLURM cannot start on this machine: {exc}")
 
 
 @pytest.mark.cluster

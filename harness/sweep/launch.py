@@ -30,6 +30,7 @@ __all__ = [
     "LaunchError",
     "LocalWorker",
     "SlurmJob",
+    "clearml_worker_script",
     "clearml_worker_spec",
     "launch_local",
     "local_workers",
@@ -380,6 +381,10 @@ def launch_slurm(
 
 
 # -- ClearML agents ------------------------------------------------------------------------
+# The file clearml-agent writes the task's script to (in its scratch folder) and runs.
+CLEARML_WORKER_SCRIPT = "harness-sweep-worker.sh"
+
+
 def clearml_worker_spec(
     cfg: HarnessConfig,
     root: Path,
@@ -390,34 +395,42 @@ def clearml_worker_spec(
 ) -> dict[str, Any]:
     """What one enqueued ClearML worker task runs (``clearml-agent`` executes it).
 
-    The agent runs it in the project's folder (``working_directory``: a shared file system, like
-    the storage) with the project's requirements; the command is a plain ``harness sweep worker``.
+    The agent runs a task without a repository in a scratch folder of its own (it drops the
+    working directory) and in a virtual environment built from the task's requirements, where
+    a bare ``-m harness`` entry point found no project. The task is a bash script instead
+    (``script``, written by the agent to ``entry_point`` and run with bash), like the SLURM
+    engine's: it changes to the project folder and runs the launching interpreter, both on the
+    file system the agents share with this machine (as they share the storage).
     """
-    params = params.resolve()
-    command = worker_command(params, overrides, python="python")
+    command = worker_command(params.resolve(), overrides)
     return {
         "project_name": cfg.tracking.project,
         "task_name": f"{cfg.sweep.study_name}/worker-{index}",
         "task_type": "training",
         "queue": queue,
-        "working_directory": str(root.resolve()),
-        "script": "-m harness",
-        "argv": command[2:],  # after "python -m"
         "command": shlex.join(command),
-        "requirements": requirements(),
+        "entry_point": CLEARML_WORKER_SCRIPT,
+        "script": clearml_worker_script(root, command, index),
         "tags": [f"sweep:{cfg.sweep.study_name}", "worker"],
     }
 
 
-def requirements() -> list[str]:
-    """The installed project's requirements (what the agent installs), extras left out."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("dreambooth-sweep-harness")
-    except metadata.PackageNotFoundError:
-        return []
-    return [r for r in (dist.requires or []) if "extra ==" not in r]
+def clearml_worker_script(root: Path, command: Sequence[str], index: int) -> str:
+    """The bash script of one ClearML worker task (see :func:`clearml_worker_spec`)."""
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            "# Written by `harness sweep launch --clearml-queue`: one sweep worker, run by",
+            "# clearml-agent; the study is in sweep.storage (a password comes from the",
+            "# agent's environment: HARNESS_SWEEP_STORAGE).",
+            "set -euo pipefail",
+            f"cd {shlex.quote(str(root.resolve()))}",
+            # The agent sets CLEARML_TASK_ID: each task is a worker of its own in the study.
+            f'export HARNESS_WORKER_ID="clearml-${{CLEARML_TASK_ID:-worker-{index}}}"',
+            "exec " + shlex.join(command),
+            "",
+        ]
+    )
 
 
 def launch_clearml(

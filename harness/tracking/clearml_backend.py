@@ -673,11 +673,19 @@ def enqueue_worker_task(spec: Mapping[str, Any]) -> str:
         project_name=spec["project_name"],
         task_name=spec["task_name"],
         task_type=spec["task_type"],
-        module=" ".join(spec["argv"]),  # "harness -p <params> ... sweep worker"
-        working_directory=spec["working_directory"],
-        packages=list(spec["requirements"]),
         add_task_init_call=False,
         detect_repository=False,
+    )
+    # clearml-agent runs a task without a repository by writing its diff to a file named
+    # after the entry point, in a scratch folder, and running it with the binary.
+    task.set_script(
+        repository="",
+        branch="",
+        commit="",
+        diff=spec["script"],
+        working_dir=".",
+        entry_point=spec["entry_point"],
+        binary="/bin/bash",
     )
     task.set_tags(list(spec["tags"]))
     Task.enqueue(task, queue_name=spec["queue"])

@@ -130,7 +130,7 @@ def _assert_resumed_sweep(
 def test_sigterm_then_rerun_finishes_exactly_the_budget(
     prepared_template: Path, tmp_path: Path
 ) -> None:
-    name, n_trials = "e2e-term", 4
+    name, n_trials = "e2e-term", 3
     project, victim, code = _start_and_interrupt(
         prepared_template, tmp_path, name, n_trials, signal.SIGTERM
     )

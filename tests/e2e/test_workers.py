@@ -10,7 +10,6 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ from harness.sweep.study import study_id
 
 from ._helpers import cli_env, clone_project, run_cli, start_cli, stop_process, wait_for
 from .conftest import Postgres
-from .slurm import Slurm, slurm_cluster
-from .slurm import missing_reason as slurm_missing_reason
+from .slurm import Slurm
 
 # Run alone after the other tests (`make test`): heartbeats and grace periods are timed.
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -252,18 +250,6 @@ def test_two_workers_on_one_journal_file(prepared_template: Path, tmp_path: Path
     logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(2))
     assert codes == [0, 0], logs[-4000:]
     _assert_each_configuration_once(project, storage, 2)
-
-
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[Slurm]:
-    reason = slurm_missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        with slurm_cluster() as cluster:
-            yield cluster
-    except RuntimeError as exc:
-        pytest.skip(f"SLURM cannot start on this machine: {exc}")
 
 
 def test_slurm_array_launched_by_the_cli_completes_the_study(

@@ -302,17 +302,8 @@ def test_clearml_worker_definition(tmp_path: Path) -> None:
     spec = clearml_worker_spec(cfg, tmp_path, tmp_path / "params.yaml", "gpu-queue", 1, ["a=1"])
     assert spec["queue"] == "gpu-queue"
     assert spec["task_name"].endswith("/worker-1") and spec["task_type"] == "training"
-    assert spec["argv"] == [
-        "harness",
-        "-p",
-        str(tmp_path / "params.yaml"),
-        "-S",
-        "a=1",
-        "sweep",
-        "worker",
-    ]
-    assert spec["working_directory"] == str(tmp_path.resolve())
-    assert any(r.startswith("optuna") for r in spec["requirements"])
+    assert spec["command"].endswith(f"-m harness -p {tmp_path / 'params.yaml'} -S a=1 sweep worker")
+    assert f"cd {tmp_path.resolve()}" in spec["script"] and spec["entry_point"].endswith(".sh")
     assert "s3cret" not in json.dumps(spec)
 
 

@@ -29,8 +29,9 @@ IDENTIFIER_POLICIES: tuple[str, ...] = get_args(IdentifierPolicy)
 
 
 def _token_pattern(token: str) -> re.Pattern[str]:
-    # Whole-word match: "sks" must not eat the "sks" inside "asks".
-    return re.compile(rf"(?<!\w){re.escape(token)}(?!\w)")
+    # Whole-word match: "sks" must not eat the "sks" inside "asks". Any case: CLIP's tokenizer
+    # lowercases, so "Sks" at the start of a prompt is the identifier to it as well.
+    return re.compile(rf"(?<!\w)(?i:{re.escape(token)})(?!\w)")
 
 
 def _tidy(text: str) -> str:
@@ -63,8 +64,9 @@ def text_for_clip(
         return _tidy(pattern.sub(" ", prompt))
     if not class_name:
         raise ValueError("identifier policy 'replace_with_class' needs the class name")
+    # The class noun after the identifier, a plural included ("two sks dogs").
     followed_by_class = re.compile(
-        rf"(?<!\w){re.escape(token)}\s+(?=(?i:{re.escape(class_name)})(?!\w))"
+        rf"(?<!\w)(?i:{re.escape(token)})\s+(?=(?i:{re.escape(class_name)})(?:e?s)?(?!\w))"
     )
     text = followed_by_class.sub("", prompt)  # "sks dog" -> "dog"
     text = pattern.sub(class_name, text)  # a lone "sks" -> "dog"

@@ -14,6 +14,7 @@ from metrics.prompts import text_for_clip
         ("a sks dog on the beach", "a dog on the beach"),
         ("sks dog, in the snow", "dog, in the snow"),
         ("a dog that asks for food", "a dog that asks for food"),  # whole words only
+        ("Sks dog in the snow", "dog in the snow"),  # CLIP's tokenizer lowercases: "sks" too
     ],
 )
 def test_remove(prompt: str, expected: str) -> None:
@@ -32,6 +33,9 @@ def test_keep_is_unchanged() -> None:
         ("sks on the beach", "dog", "dog on the beach"),
         ("a sks stuffed animal", "stuffed animal", "a stuffed animal"),
         ("a red sks Dog", "dog", "a red Dog"),
+        ("two sks dogs on a sofa", "dog", "two dogs on a sofa"),  # a plural is the class too
+        ("three sks boxes", "box", "three boxes"),
+        ("a SKS dog", "dog", "a dog"),
     ],
 )
 def test_replace_with_class(prompt: str, class_name: str, expected: str) -> None:

@@ -248,5 +248,7 @@ def test_rooted_model_makes_only_existing_relative_paths_absolute(tmp_path: Path
     (tmp_path / "models" / "sd15").mkdir(parents=True)
     rooted = rooted_model(ModelConfig(pretrained="models/sd15"), tmp_path)
     assert rooted.pretrained == str((tmp_path / "models" / "sd15").resolve())
+    cached = rooted_model(ModelConfig(pretrained="owner/name", cache_dir="hf-cache"), tmp_path)
+    assert cached.cache_dir == str((tmp_path / "hf-cache").resolve())  # not the bench's tmp
     for kept in ("owner/name", "tiny://sd15", "random://sd15", "/abs/model.safetensors"):
         assert rooted_model(ModelConfig(pretrained=kept), tmp_path).pretrained == kept

@@ -141,15 +141,17 @@ def _rooted(path_text: str, root: Path | None) -> Path:
 
 
 def rooted_model(cfg: ModelConfig, root: Path) -> ModelConfig:
-    """``cfg`` with a relative local ``model.pretrained`` / ``model.single_file_config`` made
-    absolute at ``root``: for code that runs in another folder (``harness bench`` works in a
-    temporary one). Not for a sweep's config, whose model reference is part of the study's
-    identity, the same in every copy of the project."""
+    """``cfg`` with a relative local ``model.pretrained`` / ``model.single_file_config`` and a
+    relative ``model.cache_dir`` made absolute at ``root``: for code that runs in another
+    folder (``harness bench`` works in a temporary one). Not for a sweep's config, whose model
+    reference is part of the study's identity, the same in every copy of the project."""
     update = {}
-    for key in ("pretrained", "single_file_config"):
+    for key in ("pretrained", "single_file_config"):  # a hub id stays one
         value = getattr(cfg, key)
         if value and "://" not in value and _rooted(value, root).exists():
             update[key] = str(_rooted(value, root).resolve())
+    if cfg.cache_dir:  # a folder to create, if need be: never a hub id
+        update["cache_dir"] = str(_rooted(cfg.cache_dir, root).resolve())
     return cfg.model_copy(update=update)
 
 

@@ -38,7 +38,7 @@ from harness.errors import HarnessError
 from harness.outputs import read_table
 from harness.report.figures import label
 from harness.sweep.confirm import METRICS, optional_number
-from harness.train.state import KOHYA_WEIGHTS as KOHYA_FILE
+from harness.train.layout import KOHYA_WEIGHTS as KOHYA_FILE
 
 __all__ = [
     "EXPORT_DIR",
@@ -333,7 +333,7 @@ def _checkpoint_meta(folder: Path) -> dict[str, Any]:
         ExportError: the file is there but not a JSON object (naming it), before anything is
             written.
     """
-    from harness.train.state import CHECKPOINT_JSON
+    from harness.train.layout import CHECKPOINT_JSON
 
     meta = folder / CHECKPOINT_JSON
     if not meta.is_file():

@@ -15,6 +15,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CLEARML_OFFLINE_MODE", "1")
+# torch.compile's inductor compiles in a pool of worker processes, one per core by default:
+# starting that pool beside the other test process cost `bench --generation`'s test 10 s of its
+# 40 (measured); the tests compile tiny graphs, which one thread compiles as fast.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def _long(item: pytest.Item) -> bool:

@@ -32,6 +32,11 @@ PAPER_METRICS = ("dino", "clip_i", "clip_t", "div", "pres")
 def base_columns(per_image: pd.DataFrame, points: list[int]) -> dict[int, str]:
     """Each point's base-model column: ``base`` for the first (best) point's guidance, steps
     and scheduler, ``base at <setting>`` for any other; points that share a setting share it."""
+    return {point: name for point, (name, _) in _bases(per_image, points).items()}
+
+
+def _bases(per_image: pd.DataFrame, points: list[int]) -> dict[int, tuple[str, pd.DataFrame]]:
+    """Each point's base-model column name (:func:`base_columns`) and base-model rows."""
     names: dict[str | None, str] = {}
     out = {}
     for point in points:
@@ -40,7 +45,7 @@ def base_columns(per_image: pd.DataFrame, points: list[int]) -> dict[int, str]:
         setting = str(settings[0]) if len(settings) == 1 else None
         if setting not in names:
             names[setting] = "base" if not names else f"base at {setting}"
-        out[point] = names[setting]
+        out[point] = (names[setting], base)
     return out
 
 
@@ -50,8 +55,7 @@ def per_subject(per_image: pd.DataFrame, metric: str, points: list[int]) -> pd.D
     stage's per-image rows."""
     rows = per_image.dropna(subset=["subject"])
     table = pd.DataFrame(index=pd.Index(sorted(rows["subject"].unique()), name="subject"))
-    for point, column in base_columns(rows, points).items():
-        base = baseline_rows(rows, point)
+    for point, (column, base) in _bases(rows, points).items():
         if column not in table and not base.empty:
             table[column] = base.groupby("subject")[metric].mean()
         mine = rows[(rows["point"] == point) & ~is_baseline(rows)]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.errors import HarnessError
-from harness.train.state import ADAPTER_WEIGHTS
+from harness.train.layout import ADAPTER_WEIGHTS
 
 __all__ = [
     "CheckpointInfo",

@@ -36,6 +36,15 @@ from safetensors.torch import load_file
 
 from harness.errors import HarnessError
 from harness.models import WeightsFileError, check_weights_file
+from harness.train.layout import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_JSON,
+    EMA_TENSORS,
+    KOHYA_WEIGHTS,
+    STATE_DIR,
+    STATE_JSON,
+    STATE_TENSORS,
+)
 from harness.train.tensorfiles import atomic_write_json, atomic_write_tensors, read_json
 
 __all__ = [
@@ -52,14 +61,6 @@ __all__ = [
     "save_optimizer",
     "write_checkpoint_atomically",
 ]
-
-CHECKPOINT_JSON = "checkpoint.json"
-STATE_DIR = "state"
-STATE_TENSORS = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
-STATE_JSON = ("optimizer.json", "trainer.json")
-EMA_TENSORS = "ema.safetensors"
-ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name (load_lora_weights)
-KOHYA_WEIGHTS = "kohya_lora.safetensors"  # with train.export_kohya
 
 
 def read_state_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -49,8 +49,11 @@ def test_offline_session_has_the_report_artifacts(repo_root: Path, tmp_path: Pat
     write_project(root, make_cfg(tracking={"mode": "offline"}))
     shutil.copytree(repo_root / "experiments", root / "experiments")
     (root / "params.yaml").write_text(PARAMS, encoding="utf-8")
+    # -X importtime: the report stage reads tables and images only; importing torch would
+    # cost each `dvc repro` of a report setting several seconds of CPU.
+    command = ["-X", "importtime", "-m", "harness", "-p", str(root / "params.yaml"), "report"]
     proc = subprocess.run(
-        [sys.executable, "-m", "harness", "-p", str(root / "params.yaml"), "report"],
+        [sys.executable, *command],
         cwd=root,
         env=_environment(tmp_path),
         capture_output=True,
@@ -60,6 +63,13 @@ def test_offline_session_has_the_report_artifacts(repo_root: Path, tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "report: reports/index.html"
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "harness.report" in imported
+    assert not imported & {"torch", "diffusers", "transformers", "open_clip"}, "heavy imports"
     zips = sorted((root / "runs" / "clearml" / "offline").glob("*.zip"))
     assert len(zips) == 1
     files, events = _read(zips[0])

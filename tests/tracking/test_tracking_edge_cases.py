@@ -14,7 +14,7 @@ import textwrap
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,27 @@ def _sessions(folder: Path, names: list[str]) -> list[Path]:
     return paths
 
 
+def _run_import(
+    folder: Path,
+    fake_import: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    api_host: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[int, str]:
+    """``harness.tracking import FOLDER`` in process against ``api_host``, ClearML's session
+    import replaced by ``fake_import``: (exit status, stderr)."""
+    from harness.tracking.__main__ import main
+    from harness.tracking.clearml_backend import Task
+
+    monkeypatch.setenv("CLEARML_API_HOST", api_host)
+    monkeypatch.setattr(Task, "import_offline_session", fake_import)
+    monkeypatch.setattr(Task, "set_offline", lambda offline_mode=False: None)
+    with caplog.at_level(logging.INFO, logger="harness.tracking"):
+        status = main(["import", str(folder)])
+    return status, capsys.readouterr().err
+
+
 def test_import_cli_reports_a_corrupt_zip_and_imports_the_others(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -260,7 +281,6 @@ def test_import_cli_reports_a_corrupt_zip_and_imports_the_others(
     capsys: pytest.CaptureFixture[str],
     root_filters: None,
 ) -> None:
-    from harness.tracking.__main__ import main
     from harness.tracking.clearml_backend import Task
 
     folder = tmp_path / "runs" / "clearml"
@@ -274,12 +294,7 @@ def test_import_cli_reports_a_corrupt_zip_and_imports_the_others(
             return real_import(path)  # ClearML itself meets the corrupt zip
         return "task-" + Path(path).stem
 
-    monkeypatch.setenv("CLEARML_API_HOST", api_401)
-    monkeypatch.setattr(Task, "import_offline_session", fake_import)
-    monkeypatch.setattr(Task, "set_offline", lambda offline_mode=False: None)
-    with caplog.at_level(logging.INFO, logger="harness.tracking"):
-        status = main(["import", str(folder)])
-    err = capsys.readouterr().err
+    status, err = _run_import(folder, fake_import, monkeypatch, api_401, caplog, capsys)
     assert status == 2
     assert tried == ["a.zip", "bad-b.zip", "c.zip"]
     assert (folder / "offline" / "a.zip.imported").read_text().strip() == "task-a"
@@ -302,9 +317,6 @@ def test_import_cli_stops_at_once_when_the_server_refuses_the_login(
 ) -> None:
     from clearml.backend_api.session.session import LoginError
 
-    from harness.tracking.__main__ import main
-    from harness.tracking.clearml_backend import Task
-
     folder = tmp_path / "runs" / "clearml"
     _sessions(folder, ["a.zip", "b.zip", "c.zip"])
     tried: list[str] = []
@@ -313,13 +325,8 @@ def test_import_cli_stops_at_once_when_the_server_refuses_the_login(
         tried.append(Path(path).name)
         raise LoginError(f"Failed getting token (error 401 from {api_401}): Unauthorized")
 
-    monkeypatch.setenv("CLEARML_API_HOST", api_401)
     monkeypatch.setenv("CLEARML_API_SECRET_KEY", "clearml-secret-key-do-not-leak-42")
-    monkeypatch.setattr(Task, "import_offline_session", refused)
-    monkeypatch.setattr(Task, "set_offline", lambda offline_mode=False: None)
-    with caplog.at_level(logging.INFO, logger="harness.tracking"):
-        status = main(["import", str(folder)])
-    err = capsys.readouterr().err
+    status, err = _run_import(folder, refused, monkeypatch, api_401, caplog, capsys)
     assert status == 2 and tried == ["a.zip"]
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "LoginError" in error_lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -26,6 +27,19 @@ def sd15() -> LoadedModel:
     """This module's own tiny SD 1.x pipeline to train on (the trainer leaves it unchanged;
     a module may define its own)."""
     return load_pipeline(ModelConfig(pretrained="tiny://sd15", device="cpu"))
+
+
+def tiny_train_config(family: str = "sd15", **train: Any) -> HarnessConfig:
+    """A config for the tiny ``family`` model at 64 px with ``train`` overrides (2 steps and
+    no checkpoints unless overridden)."""
+    return HarnessConfig.model_validate(
+        {
+            "preset": "t",
+            "model": {"pretrained": f"tiny://{family}", "device": "cpu"},
+            "data": {"class_name": "dog", "resolution": 64},
+            "train": {"max_steps": 2, "checkpoint_steps": [], **train},
+        }
+    )
 
 
 def pinned_default_config() -> HarnessConfig:

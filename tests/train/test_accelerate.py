@@ -15,10 +15,10 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
-from harness.config import HarnessConfig
 from harness.models import LoadedModel
 from harness.train import train_lora
 from harness.train.inputs import Shard
+from tests.train.conftest import tiny_train_config
 
 
 @pytest.fixture
@@ -33,17 +33,6 @@ def photos(tmp_path: Path) -> list[tuple[Path, str]]:
         Image.fromarray(arr).save(path)
         out.append((path, "a photo of sks dog"))
     return out
-
-
-def _cfg(**train: Any) -> HarnessConfig:
-    return HarnessConfig.model_validate(
-        {
-            "preset": "t",
-            "model": {"pretrained": "tiny://sd15", "device": "cpu"},
-            "data": {"class_name": "dog", "resolution": 64},
-            "train": {"max_steps": 2, "checkpoint_steps": [], **train},
-        }
-    )
 
 
 def _log(run: Path) -> list[dict[str, Any]]:
@@ -75,7 +64,7 @@ def test_accumulation_and_clipping_go_through_accelerate(
 
     monkeypatch.setattr(Accelerator, "backward", spy_backward)
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy_clip)
-    cfg = _cfg(
+    cfg = tiny_train_config(
         max_steps=4,
         gradient_accumulation_steps=2,
         learning_rate=1e-2,
@@ -111,7 +100,11 @@ def test_mixed_precision_is_still_fp32_on_cpu(
 ) -> None:
     with caplog.at_level("WARNING", logger="harness.train"):
         result = train_lora(
-            _cfg(mixed_precision="bf16"), sd15, photos, tmp_path / "run", progress=False
+            tiny_train_config(mixed_precision="bf16"),
+            sd15,
+            photos,
+            tmp_path / "run",
+            progress=False,
         )
     assert result.status == "completed"
     assert result.info["autocast"] == "fp32" and result.info["mixed_precision"] == "no"
@@ -129,8 +122,8 @@ def test_a_later_call_may_differ_from_the_accelerate_state_already_in_the_proces
     with pytest.raises(ValueError, match="already been initialized"):
         Accelerator(cpu=True, mixed_precision="no")  # what train_lora has to get around
     assert AcceleratorState().mixed_precision == "bf16"
-    first = train_lora(_cfg(), sd15, photos, tmp_path / "a", progress=False)
-    second = train_lora(_cfg(), sd15, photos, tmp_path / "b", progress=False)
+    first = train_lora(tiny_train_config(), sd15, photos, tmp_path / "a", progress=False)
+    second = train_lora(tiny_train_config(), sd15, photos, tmp_path / "b", progress=False)
     assert first.status == second.status == "completed"
     assert AcceleratorState().mixed_precision == "no"
     a = load_file(str(first.checkpoints[-1].path / "state" / "lora.safetensors"))

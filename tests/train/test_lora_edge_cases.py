@@ -11,21 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.config import HarnessConfig
 from harness.models import LoadedModel
 from harness.train import CheckpointInfo, TrainingError, train_lora
 from harness.train.lora import attached_lora
-
-
-def _cfg(**train: Any) -> HarnessConfig:
-    return HarnessConfig.model_validate(
-        {
-            "preset": "t",
-            "model": {"pretrained": "tiny://sd15", "device": "cpu"},
-            "data": {"class_name": "dog", "resolution": 64},
-            "train": {"max_steps": 2, "checkpoint_steps": [], **train},
-        }
-    )
+from tests.train.conftest import tiny_train_config
 
 
 def _image(tmp_path: Path) -> list[tuple[Path, str]]:
@@ -73,7 +62,7 @@ def _state(model: LoadedModel) -> dict[str, Any]:
 def test_target_modules_matching_nothing_name_the_key(
     sd15: LoadedModel, train: dict[str, Any], key: str, missing: str
 ) -> None:
-    cfg = _cfg(**train)
+    cfg = tiny_train_config(**train)
     before = _state(sd15)
     with pytest.raises(TrainingError) as info, attached_lora(sd15, cfg.train):
         pass
@@ -83,7 +72,7 @@ def test_target_modules_matching_nothing_name_the_key(
     assert missing in message, message
     # The model is left as it was, and a correct config attaches afterwards.
     assert _state(sd15) == before
-    with attached_lora(sd15, _cfg(train_text_encoder=True).train) as lora:
+    with attached_lora(sd15, tiny_train_config(train_text_encoder=True).train) as lora:
         assert lora.parameters("unet") and lora.parameters("text_encoder")
     assert _state(sd15) == before
 
@@ -98,14 +87,14 @@ def test_failed_attach_leaves_a_pipeline_with_its_own_adapter_as_it_was() -> Non
     unet = model.pipeline.unet
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_k"]), adapter_name="other")
     before = _state(model)
-    bad = _cfg(target_modules=["nope"]).train
+    bad = tiny_train_config(target_modules=["nope"]).train
     with (
         pytest.raises(TrainingError, match=r"^train\.target_modules: 'nope' matches no layer"),
         attached_lora(model, bad),
     ):
         pass
     assert list(unet.peft_config) == ["other"] and _state(model) == before
-    with attached_lora(model, _cfg().train) as lora:
+    with attached_lora(model, tiny_train_config().train) as lora:
         assert lora.parameters("unet")
     assert list(unet.peft_config) == ["other"] and _state(model) == before
 
@@ -114,19 +103,25 @@ def test_train_lora_with_unknown_target_modules_fails_in_one_line(
     sd15: LoadedModel, tmp_path: Path
 ) -> None:
     with pytest.raises(TrainingError, match=r"^train\.target_modules: 'to_qq' matches no layer"):
-        train_lora(_cfg(target_modules=["to_qq"]), sd15, _image(tmp_path), tmp_path / "run")
+        train_lora(
+            tiny_train_config(target_modules=["to_qq"]), sd15, _image(tmp_path), tmp_path / "run"
+        )
 
 
 def test_target_modules_matching_partly_train_what_matched(sd15: LoadedModel) -> None:
     # peft fails only when nothing matches; a partial match is not an error.
-    with attached_lora(sd15, _cfg(target_modules=["to_q", "no_such_layer"]).train) as lora:
+    with attached_lora(
+        sd15, tiny_train_config(target_modules=["to_q", "no_such_layer"]).train
+    ) as lora:
         assert lora.parameters("unet")
 
 
 def test_checkpoints_before_a_resume_keep_their_kohya_file(
     sd15: LoadedModel, tmp_path: Path
 ) -> None:
-    cfg = _cfg(max_steps=4, checkpoint_steps=[2, 4], export_kohya=True, learning_rate=1e-2)
+    cfg = tiny_train_config(
+        max_steps=4, checkpoint_steps=[2, 4], export_kohya=True, learning_rate=1e-2
+    )
     data = _image(tmp_path)
     run = tmp_path / "run"
 

@@ -38,21 +38,9 @@ from harness.train.state import (
     save_optimizer,
     write_checkpoint_atomically,
 )
+from tests.train.conftest import tiny_train_config as make_cfg
 
 Images = Callable[[int], list[tuple[Path, str]]]
-
-
-def make_cfg(family: str = "sd15", **train: Any) -> HarnessConfig:
-    """A config for the tiny model with ``train`` overrides (few steps, no checkpoints)."""
-    train = {"max_steps": 2, "checkpoint_steps": [], **train}
-    return HarnessConfig.model_validate(
-        {
-            "preset": "t",
-            "model": {"pretrained": f"tiny://{family}", "device": "cpu"},
-            "data": {"class_name": "dog", "resolution": 64},
-            "train": train,
-        }
-    )
 
 
 def load_tiny(family: str = "sd15") -> LoadedModel:
@@ -324,6 +312,33 @@ def test_text_encoder_lora_only_when_enabled_with_own_lr(
     }
     assert not sd15.pipeline.text_encoder.is_activation_checkpointing
     assert not sd15.pipeline.unet.is_gradient_checkpointing
+
+
+def test_text_encoder_lora_file_has_the_spelling_every_diffusers_reads(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    """transformers >= 5.6 flattened ``CLIPTextModel`` (no ``text_model`` module): the file
+    still names text-encoder layers ``text_encoder.text_model.encoder...``, the spelling of
+    the LoRAs on the hub that older diffusers/transformers expect and newer diffusers strip
+    back; diffusers' loader puts exactly the trained tensors into the text encoder."""
+    cfg = make_cfg(max_steps=1, train_text_encoder=True, learning_rate=1e-2)
+    run = train_lora(cfg, sd15, images(1), tmp_path / "run", progress=False)
+    checkpoint = run.checkpoints[-1]
+    te_keys = [k for k in _keys(checkpoint.weights_path) if not k.startswith("unet.")]
+    assert te_keys and all(k.startswith("text_encoder.text_model.encoder.") for k in te_keys)
+
+    viewer = load_tiny("sd15")
+    viewer.pipeline.load_lora_weights(checkpoint.path, adapter_name="t")
+    loaded = viewer.pipeline.text_encoder.state_dict()
+    state = load_file(str(checkpoint.path / "state" / "lora.safetensors"))
+    trained = {
+        key.split("::", 1)[1].replace(".weight", ".t.weight"): value
+        for key, value in state.items()
+        if key.startswith("text_encoder::")
+    }
+    assert len(trained) == len([k for k in loaded if ".lora_" in k]) > 0
+    for key, value in trained.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
 
 
 def test_prior_preservation_reads_class_images_from_cache(

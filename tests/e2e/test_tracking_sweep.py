@@ -129,26 +129,6 @@ def test_closing_lines_reach_a_redirected_stdout(tracked_sweep: TrackedSweep) ->
     assert "  pareto: run " in text
 
 
-def test_closing_lines_of_a_finished_study_reach_a_redirected_stdout(
-    tracked_sweep: TrackedSweep, tmp_path: Path
-) -> None:
-    """``harness sweep > file`` again on the finished study (what ``dvc exp run`` does when it
-    reruns the stage): nothing trains, and the summary lines must still be there; they were
-    lost after the summary task's offline session when nothing had been printed before it."""
-    import shutil
-
-    project = tmp_path / "again"
-    shutil.copytree(tracked_sweep.project, project, symlinks=True)
-    env = cli_env(tmp_path / "home", {"PWD": str(project)})
-    log = tmp_path / "again.log"
-    proc = run_cli(project, ["sweep"], env, log, timeout=180)
-    text = log.read_text()
-    assert proc.returncode == 0, tail(log, 80)
-    assert f"{N_RUNS} training runs ({N_RUNS} completed, 0 pruned, 0 failed) -> " in text, text
-    assert f"study {tracked_sweep.study}: optuna-dashboard" in text
-    assert "results: " in text and "  pareto: run " in text
-
-
 def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
     tracked_sweep: TrackedSweep,
 ) -> None:
@@ -315,7 +295,10 @@ def test_a_plain_worker_writes_its_runs_and_no_summary_task(
     prepared_template: Path, tmp_path: Path
 ) -> None:
     """N ``harness sweep worker`` processes made N summary tasks; ``harness sweep`` writes the
-    one summary task (afterwards, or itself a worker)."""
+    one summary task (afterwards, or itself a worker). That ``harness sweep > file`` on the
+    finished study (what ``dvc exp run`` does when it reruns the stage) trains nothing and
+    still prints its closing lines: they were lost after the summary task's offline session
+    when nothing had been printed before it."""
     project = clone_project(
         prepared_template,
         tmp_path / "project",
@@ -339,3 +322,7 @@ def test_a_plain_worker_writes_its_runs_and_no_summary_task(
     summary = run_cli(project, ["sweep"], env, log, timeout=180)
     assert summary.returncode == 0, tail(log, 80)
     assert kinds() == ["train", "summary"]
+    text = log.read_text().split("$ harness sweep\n")[-1]
+    assert "1 training run (1 completed, 0 pruned, 0 failed) -> " in text, text
+    assert "study e2e-worker-tracked" in text and ": optuna-dashboard" in text, text
+    assert "results: " in text and "  pareto: run " in text, text

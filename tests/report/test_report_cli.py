@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -80,17 +81,31 @@ def test_report_settings_change_no_study_and_no_run() -> None:
     assert run_key(base) == run_key(changed)
 
 
-@pytest.mark.parametrize(
-    "damaged",
-    [
-        "runs/evaluate/references.json",
-        "runs/sweep/metrics.json",
-        "reports/metrics.json",
-        "runs/evaluate/results.parquet",
-        "runs/sweep/results.parquet",
-        "runs/evaluate/per_image.parquet",
-    ],
+# The files `harness report` reads (at the default folders).
+INPUTS = (
+    "runs/evaluate/references.json",
+    "runs/sweep/metrics.json",
+    "reports/metrics.json",
+    "runs/evaluate/results.parquet",
+    "runs/sweep/results.parquet",
+    "runs/evaluate/per_image.parquet",
 )
+
+
+def test_every_file_the_report_reads_is_a_dependency_of_its_dvc_stage(repo_root: Path) -> None:
+    """``dvc repro`` reruns the report after a change of an input only if dvc.yaml lists it
+    (reports/metrics.json was missing)."""
+    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    folders = {"${sweep.dir}": "runs/sweep", "${evaluate.dir}": "runs/evaluate"}
+    deps = set()
+    for dep in stage["report"]["deps"]:
+        for template, folder in folders.items():
+            dep = dep.replace(template, folder)
+        deps.add(dep)
+    assert set(INPUTS) - deps == set()
+
+
+@pytest.mark.parametrize("damaged", INPUTS)
 def test_a_damaged_input_is_one_error_naming_it_and_the_old_report_stays(
     repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damaged: str
 ) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -224,11 +225,12 @@ def _read_captions_file(path: Path, images: set[str], caps: Captions) -> list[Re
 
 @cache
 def _tokenizer() -> Any:
-    """open_clip's CLIP BPE tokenizer (vocab ships inside the wheel: offline). Imported lazily:
-    open_clip pulls in torch, which the rest of the data stage does not need."""
-    from open_clip.tokenizer import SimpleTokenizer
+    """OpenAI CLIP's BPE tokenizer, built offline from the vocabulary open_clip ships, without
+    importing torch (:mod:`harness.clip_bpe`); built once per process."""
+    from harness.clip_bpe import build_clip_tokenizer
 
-    return SimpleTokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_clip_tokenizer(Path(tmp))
 
 
 def token_warnings(token: str, class_name: str | None = None) -> list[str]:
@@ -245,8 +247,8 @@ def token_warnings(token: str, class_name: str | None = None) -> list[str]:
             *out,
             f"token check skipped: CLIP tokenizer unavailable ({type(exc).__name__}: {exc})",
         ]
-    ids: list[int] = tok.encode(token)
-    pieces = [str(tok.decoder[i]).replace("</w>", "") for i in ids]
+    ids: list[int] = tok.encode(token, add_special_tokens=False)
+    pieces = [str(piece).replace("</w>", "") for piece in tok.convert_ids_to_tokens(ids)]
     if len(ids) > MAX_TOKEN_PIECES:
         out.append(
             f"identifier token {token!r} is split into {len(ids)} CLIP BPE pieces {pieces}; "

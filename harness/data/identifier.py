@@ -187,8 +187,8 @@ def choose_token(
 
 def default_tokenizer() -> Any:
     """OpenAI CLIP's BPE tokenizer, built offline from the vocabulary open_clip ships: the
-    ids of SD 1.x's and SDXL's tokenizers (see :func:`harness.models.tiny.build_clip_tokenizer`)."""
-    from harness.models.tiny import build_clip_tokenizer
+    ids of SD 1.x's and SDXL's tokenizers (see :mod:`harness.clip_bpe`: no torch)."""
+    from harness.clip_bpe import build_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         return build_clip_tokenizer(Path(tmp))

@@ -8,8 +8,6 @@ image quality; they exercise every code path.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from harness.clip_bpe import build_clip_tokenizer
 
 TinyKind = Literal["sd15", "sdxl"]
 TINY_KINDS: tuple[TinyKind, ...] = ("sd15", "sdxl")
@@ -28,43 +28,6 @@ def default_cache_root() -> Path:
     """Root of the harness' own on-disk caches (``HARNESS_CACHE_DIR`` or ``~/.cache/harness``)."""
     env = os.environ.get("HARNESS_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "harness"
-
-
-def write_clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
-    """Write ``vocab.json`` and ``merges.txt`` of OpenAI's CLIP BPE from open_clip's copy.
-
-    The token ids equal those of ``openai/clip-vit-large-patch14``'s tokenizer: the byte
-    alphabet, the same with ``</w>``, the merges in rank order, then the two special tokens.
-    """
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    with gzip.open(default_bpe()) as handle:
-        lines = handle.read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
-    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    merges_file.write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-    )
-    return vocab_file, merges_file
-
-
-def build_clip_tokenizer(work_dir: Path, pad_token: str = "<|endoftext|>") -> Any:
-    """An offline ``CLIPTokenizer`` identical in ids to OpenAI CLIP's (77 tokens max)."""
-    from transformers import CLIPTokenizer
-
-    vocab_file, merges_file = write_clip_bpe_files(work_dir)
-    # transformers >= 5 takes the vocabulary and merges themselves (file paths are ignored).
-    return CLIPTokenizer(
-        vocab=str(vocab_file),
-        merges=str(merges_file),
-        model_max_length=77,
-        pad_token=pad_token,
-    )
 
 
 def _text_config(projection: bool) -> Any:

@@ -125,8 +125,9 @@ def test_each_prepare_warning_is_printed_once(folder_project: Path, add_photos: 
     (subject / "captions.txt").write_text("good_00.jpg\tsks dog on a sofa\n")
 
     def prepare(*args: str) -> subprocess.CompletedProcess[str]:
+        python, *command = harness_cmd(folder_project, "-S", "data.token=dog", *args, "prepare")
         return subprocess.run(
-            harness_cmd(folder_project, "-S", "data.token=dog", *args, "prepare"),
+            [python, "-X", "importtime", *command],
             cwd=folder_project,
             env=cli_env(folder_project.parent / "home"),
             capture_output=True,
@@ -137,6 +138,17 @@ def test_each_prepare_warning_is_printed_once(folder_project: Path, add_photos: 
 
     proc = prepare()
     assert proc.returncode == 0, proc.stderr
+    # The token checks read CLIP's vocabulary without torch: seconds of every prepare.
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "harness.data.captions" in imported
+    assert not imported & {"torch", "open_clip", "diffusers"}, "heavy imports"
+    proc.stderr = "\n".join(
+        line for line in proc.stderr.splitlines() if not line.startswith("import time:")
+    )
     err = flat(proc.stderr)
     assert err.count("is a common word") == 1, proc.stderr  # the token
     assert err.count("good_01.jpg") == 1, proc.stderr  # the photos captioned by the template

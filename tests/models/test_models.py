@@ -85,6 +85,18 @@ def test_offline_tokenizer_matches_clip_ids(tmp_path: Path) -> None:
     assert ours.model_max_length == 77
 
 
+def test_the_bpe_table_and_file_are_open_clips_without_importing_it() -> None:
+    """harness.clip_bpe finds open_clip's vocabulary and rebuilds its byte table (in id order)
+    without importing the package, whose import loads torch."""
+    from open_clip.tokenizer import bytes_to_unicode as reference_table
+    from open_clip.tokenizer import default_bpe
+
+    from harness.clip_bpe import bytes_to_unicode, clip_bpe_file
+
+    assert list(bytes_to_unicode().items()) == list(reference_table().items())
+    assert clip_bpe_file() == Path(default_bpe())
+
+
 def test_local_diffusers_folder(tiny_sd15: Any, tmp_path: Path) -> None:
     folder = tmp_path / "my-model"
     shutil.copytree(tiny_pipeline_dir("sd15"), folder)

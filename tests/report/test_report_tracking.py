@@ -63,9 +63,12 @@ def test_offline_session_has_the_report_artifacts(repo_root: Path, tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "report: reports/index.html"
+    # The harness' own imports, up to the tracked run: ClearML itself may import torch while it
+    # closes the task (seen in a fresh clone: torch.utils.tensorboard, from its bindings).
+    own = proc.stderr.split("INFO harness.tracking:")[0]
     imported = {
         line.rsplit("|", 1)[1].strip()
-        for line in proc.stderr.splitlines()
+        for line in own.splitlines()
         if line.startswith("import time:")
     }
     assert "harness.report" in imported

@@ -75,9 +75,15 @@ def kohya_module_name(
     prefix = _TE_PREFIX.get(family, {}).get(component)
     if prefix is None:
         raise ValueError(f"no kohya prefix for component {component!r} of a {family} model")
-    if not path.startswith(("text_model.", "text_projection")):
-        path = "text_model." + path  # transformers >= 5.6 flattened CLIPTextModel
-    return prefix + path.replace(".", "_")
+    return prefix + with_text_model(path).replace(".", "_")
+
+
+def with_text_model(path: str) -> str:
+    """``encoder.layers.0...`` -> ``text_model.encoder.layers.0...``: transformers >= 5.6
+    flattened ``CLIPTextModel`` (``CLIPTextModelWithProjection`` kept its ``text_model``); LoRA
+    files keep the spelling of the hub's, which older diffusers/transformers need (newer
+    diffusers strip it again for a flattened model)."""
+    return path if path.startswith(("text_model.", "text_projection")) else f"text_model.{path}"
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from peft.utils import (
 
 from harness.config import TrainConfig
 from harness.models import LoadedModel
-from harness.train.kohya import export_kohya
+from harness.train.kohya import export_kohya, with_text_model
 from harness.train.layout import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from harness.train.records import TrainingError
 
@@ -289,20 +289,9 @@ def _text_encoder_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torc
 
     out: dict[str, torch.Tensor] = convert_state_dict_to_diffusers(state)
     return {
-        _with_text_model(f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k): v
+        with_text_model(f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k): v
         for k, v in out.items()
     }
-
-
-def _with_text_model(key: str) -> str:
-    """``encoder.layers.0...`` -> ``text_model.encoder.layers.0...``.
-
-    transformers >= 5.6 flattened ``CLIPTextModel`` (its modules lost the ``text_model.``
-    root; ``CLIPTextModelWithProjection`` kept it). The file keeps the spelling of the LoRAs on
-    the hub: older diffusers/transformers need it, and newer diffusers strip it again for a
-    flattened model.
-    """
-    return key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}"
 
 
 def save_diffusers_lora(

@@ -117,7 +117,7 @@ def test_each_prepare_warning_is_printed_once(folder_project: Path, add_photos: 
     after the result line."""
     import subprocess
 
-    from e2e._helpers import cli_env, harness_cmd
+    from e2e._helpers import cli_env, harness_cmd, imported_modules
 
     subject = folder_project / "data" / "raw" / "my-dog"
     subject.mkdir(parents=True)
@@ -139,11 +139,7 @@ def test_each_prepare_warning_is_printed_once(folder_project: Path, add_photos: 
     proc = prepare()
     assert proc.returncode == 0, proc.stderr
     # The token checks read CLIP's vocabulary without torch: seconds of every prepare.
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:")
-    }
+    imported = imported_modules(proc.stderr)
     assert "harness.data.captions" in imported
     assert not imported & {"torch", "open_clip", "diffusers"}, "heavy imports"
     proc.stderr = "\n".join(

@@ -185,6 +185,15 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{tail(log)}")
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a ``python -X importtime`` run imported, from its stderr."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
 def tail(log: Path | None, lines: int = 40) -> str:
     """The last lines of a log file (for assertion messages)."""
     if log is None or not log.is_file():

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from e2e._helpers import imported_modules
 
 from harness.stages import run_report_stage
 
@@ -65,12 +66,7 @@ def test_offline_session_has_the_report_artifacts(repo_root: Path, tmp_path: Pat
     assert proc.stdout.strip().splitlines()[-1] == "report: reports/index.html"
     # The harness' own imports, up to the tracked run: ClearML itself may import torch while it
     # closes the task (seen in a fresh clone: torch.utils.tensorboard, from its bindings).
-    own = proc.stderr.split("INFO harness.tracking:")[0]
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in own.splitlines()
-        if line.startswith("import time:")
-    }
+    imported = imported_modules(proc.stderr.split("INFO harness.tracking:")[0])
     assert "harness.report" in imported
     assert not imported & {"torch", "diffusers", "transformers", "open_clip"}, "heavy imports"
     zips = sorted((root / "runs" / "clearml" / "offline").glob("*.zip"))

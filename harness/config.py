@@ -1175,12 +1175,26 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Settings that change no trained weight, image or score, only memory or a file format: every
+# identity hashes them at these values whatever they are set to, so a worker on a smaller GPU
+# that turns gradient checkpointing on joins the same study and resumes the same checkpoints
+# (tests/train/test_lora_trainer.py checks the weights are the same). Hashed, not dropped:
+# the names of existing studies, runs and checkpoints stay what they were.
+RESULT_NEUTRAL: dict[str, dict[str, Any]] = {
+    "train": {"gradient_checkpointing": False, "export_kohya": False},
+}
+
+
 def identity_dump(
     section: str, model: BaseModel, exclude: set[str] | frozenset[str] = frozenset()
 ) -> dict[str, Any]:
     """``model.model_dump(mode="json")`` of config ``section`` for an identity hash: without
-    ``exclude`` and without the :data:`LATER_DEFAULTS` keys that are at their old default."""
+    ``exclude``, the :data:`RESULT_NEUTRAL` keys at their listed value and without the
+    :data:`LATER_DEFAULTS` keys that are at their old default."""
     data = model.model_dump(mode="json", exclude=set(exclude))
+    for key, value in RESULT_NEUTRAL.get(section, {}).items():
+        if key in data:
+            data[key] = value
     for key, default in LATER_DEFAULTS.get(section, {}).items():
         if key in data and data[key] == default:
             del data[key]

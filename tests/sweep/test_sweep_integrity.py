@@ -80,6 +80,8 @@ def test_another_meaning_of_a_point_opens_a_new_study(
         {"data": {"prepared_dir": "moved/prepared"}},
         {"tracking": {"mode": "offline"}},
         {"train": {"learning_rate": 0.5}},  # searched: the fixed value is never used
+        {"train": {"gradient_checkpointing": True}},  # memory, not weights: a smaller GPU
+        {"train": {"export_kohya": True}},  # a file format (export converts it anyway)
     ],
 )
 def test_resume_with_what_does_not_change_a_point_is_accepted(

@@ -314,6 +314,32 @@ def test_text_encoder_lora_only_when_enabled_with_own_lr(
     assert not sd15.pipeline.unet.is_gradient_checkpointing
 
 
+def test_gradient_checkpointing_changes_no_trained_weight(
+    sd15: LoadedModel, images: Images, tmp_path: Path
+) -> None:
+    """Why it is in no identity (study, run key, checkpoint hash): recomputing activations in
+    the backward pass, with the same dropout masks, gives the same adapters."""
+    states = []
+    for on in (False, True):
+        cfg = make_cfg(
+            max_steps=2,
+            checkpoint_steps=[2],
+            train_text_encoder=True,
+            dropout=0.5,
+            learning_rate=1e-2,
+            gradient_checkpointing=on,
+        )
+        run = train_lora(cfg, sd15, images(2), tmp_path / f"gc-{on}", progress=False)
+        assert run.status == "completed"
+        states.append(load_file(str(run.checkpoints[-1].path / "state" / "lora.safetensors")))
+    off, on_ = states
+    assert off.keys() == on_.keys() and any(k.startswith("text_encoder::") for k in off)
+    b = [k for k in off if "lora_B" in k]
+    assert b and any(off[k].abs().max() > 0 for k in b)  # trained, so the check means something
+    for key in off:
+        torch.testing.assert_close(on_[key], off[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_text_encoder_lora_file_has_the_spelling_every_diffusers_reads(
     sd15: LoadedModel, images: Images, tmp_path: Path
 ) -> None:

@@ -340,6 +340,23 @@ def test_the_new_options_are_searchable(tmp_path: Path) -> None:
     assert set(frame["train.optimizer"]) == {"adamw", "prodigy"}
 
 
+def test_memory_and_file_format_settings_rename_no_study_run_or_checkpoint() -> None:
+    """Gradient checkpointing and the kohya file change no trained weight: a worker on a smaller
+    GPU that turns checkpointing on joins the study and resumes its runs' checkpoints."""
+    from harness.sweep.runner import run_key
+    from harness.sweep.study import study_id
+    from harness.train.fingerprints import config_hash
+
+    cfg = pinned_default_config()
+    for change in ({"gradient_checkpointing": True}, {"export_kohya": True}):
+        changed = cfg.model_copy(update={"train": cfg.train.model_copy(update=change)})
+        assert (study_id(changed), run_key(changed), config_hash(changed)) == (
+            study_id(cfg),
+            run_key(cfg),
+            config_hash(cfg),
+        ), change
+
+
 def test_the_new_keys_at_their_defaults_rename_no_study_run_or_checkpoint() -> None:
     from harness.sweep.runner import run_key
     from harness.train.fingerprints import config_hash

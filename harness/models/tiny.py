@@ -21,7 +21,7 @@ from harness.clip_bpe import build_clip_tokenizer
 TinyKind = Literal["sd15", "sdxl"]
 TINY_KINDS: tuple[TinyKind, ...] = ("sd15", "sdxl")
 # Bump when the tiny configs change, so stale caches are never reused.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 
 def default_cache_root() -> Path:
@@ -49,15 +49,18 @@ def _text_config(projection: bool) -> Any:
 
 
 def _vae() -> Any:
+    """Four levels, as Stable Diffusion's VAE: latents 8x smaller than the image (64 px photos,
+    8x8 latents), so the tiny UNet works on the latent size a real one sees, scaled down."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32, 64, 64),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
+        norm_num_groups=16,
         sample_size=64,
     )
 
@@ -77,7 +80,7 @@ def build_tiny_pipeline(kind: TinyKind, seed: int = 0) -> Any:
 _TINY_UNET: dict[str, Any] = {
     "block_out_channels": (32, 64),
     "layers_per_block": 2,
-    "sample_size": 32,
+    "sample_size": 8,  # latents of 64 px images (the VAE's 8x): the pipelines' default size
     "in_channels": 4,
     "out_channels": 4,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),

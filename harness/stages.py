@@ -276,23 +276,33 @@ def run_sweep_stage(
 
     Everything that can be wrong with the user's setup fails before the first training run,
     cheapest check first: the prepared subject, the study (storage reachable, no mismatched
-    resume), the tracker, the metric encoders' weights, then the diffusion model.
+    resume), the tracker, the metric encoders' weights, then the diffusion model. A study
+    with nothing left to run (:func:`~harness.sweep.runner.has_work`) loads neither.
     """
-    from harness.evaluate import make_scorer
-    from harness.models import load_pipeline, resolve_device
+    from harness.models import resolve_device
     from harness.sweep import open_studies, run_sweep
+    from harness.sweep._base import LazyBackend
     from harness.sweep.progress import SweepProgress
-    from harness.sweep.runner import finished_runs
+    from harness.sweep.runner import finished_runs, has_work
 
     cfg, subject = _load_subject(cfg, root)
     device = resolve_device(cfg.model.device)
     _check_searched_optimizers(cfg, device)
     studies = open_studies(cfg, root)
     tracker = _ready_tracker(cfg, root)
-    scorer = make_scorer(cfg, device=str(device))
-    scorer.load_encoders()
-    loaded = load_pipeline(cfg.model, root=root)
-    backend = _backend(cfg, loaded, scorer, progress, subject)
+
+    def build() -> Any:
+        from harness.evaluate import make_scorer
+        from harness.models import load_pipeline
+
+        scorer = make_scorer(cfg, device=str(device))
+        scorer.load_encoders()
+        loaded = load_pipeline(cfg.model, root=root)
+        return _backend(cfg, loaded, scorer, progress, subject)
+
+    # A study with work loads the models now, so a missing weight fails before the first run;
+    # a finished one is summarised without them (built after all if a run turns up).
+    backend = build() if has_work(cfg, studies) else LazyBackend(build)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(
         cfg, root, backend, tracker, studies=studies, sinks=sinks, summary_task=summary_task

@@ -420,17 +420,36 @@ def load_clip(
     import open_clip
 
     torch_device = resolve_device(device)
-    source = _clip_source(ref, pretrained, seed, hub_cache_dir)
-    model, preprocess = _create_clip(source, seed)
+    with _open_clip_info_muted():
+        source = _clip_source(ref, pretrained, seed, hub_cache_dir)
+        model, preprocess = _create_clip(source, seed)
+        tokenizer = open_clip.get_tokenizer(source.model_name)
     return ClipEncoder(
         model,
         preprocess,
-        open_clip.get_tokenizer(source.model_name),
+        tokenizer,
         encoder_id=source.encoder_id,
         device=torch_device,
         batch_size=batch_size,
         bf16_autocast=bf16_autocast,
     )
+
+
+@contextlib.contextmanager
+def _open_clip_info_muted() -> Iterator[None]:
+    """Drop open_clip's INFO lines ("Parsing tokenizer identifier", "Using default
+    SimpleTokenizer", ...): it logs them on the root logger, so every worker's log and every
+    CLI run showed them as ``INFO root:``. Its warnings still pass."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from harness.train.validation import ValidationCallback, ValidationImages
 
 __all__ = [
+    "LazyBackend",
     "PointScores",
     "RunEnd",
     "RunSpec",
@@ -159,6 +160,58 @@ class SweepBackend(Protocol):
     def release(self) -> None:
         """Free what the last run held (called after every run that trained)."""
         ...
+
+
+class LazyBackend:
+    """A :class:`SweepBackend` built by ``build`` on first use: given to a sweep that may have
+    nothing left to do (:func:`harness.sweep.runner.has_work`), which then loads no model."""
+
+    def __init__(self, build: Callable[[], SweepBackend]) -> None:
+        self._build = build
+        self._backend: SweepBackend | None = None
+
+    @property
+    def backend(self) -> SweepBackend:
+        """The backend, built now if it was not yet."""
+        if self._backend is None:
+            self._backend = self._build()
+        return self._backend
+
+    def train(
+        self,
+        cfg: HarnessConfig,
+        run_dir: Path,
+        on_checkpoint: Callable[[CheckpointInfo], bool],
+        on_log: Callable[[Mapping[str, Any], int], None],
+        on_validation: ValidationCallback | None = None,
+    ) -> TrainResult:
+        """:meth:`SweepBackend.train` of the built backend."""
+        return self.backend.train(cfg, run_dir, on_checkpoint, on_log, on_validation)
+
+    def proxy_scores(self, cfg: HarnessConfig, adapter: Path, out_dir: Path) -> dict[str, float]:
+        """:meth:`SweepBackend.proxy_scores` of the built backend."""
+        return self.backend.proxy_scores(cfg, adapter, out_dir)
+
+    def evaluate(
+        self,
+        cfg: HarnessConfig,
+        checkpoint: CheckpointInfo,
+        settings: Sequence[InferenceSetting],
+        out_dir: Path,
+        rung: Rung | None = None,
+        reuse: Sequence[PointScores] = (),
+    ) -> list[PointScores]:
+        """:meth:`SweepBackend.evaluate` of the built backend."""
+        return self.backend.evaluate(cfg, checkpoint, settings, out_dir, rung, reuse)
+
+    def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+        """:meth:`SweepBackend.references` of the built backend."""
+        return self.backend.references(cfg, out_dir)
+
+    def release(self) -> None:
+        """Nothing to free before the backend exists."""
+        if self._backend is not None:
+            self._backend.release()
 
 
 class SweepSink:

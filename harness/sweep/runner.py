@@ -78,7 +78,7 @@ from metrics.errors import MetricsError
 if TYPE_CHECKING:
     from harness.train.validation import ValidationImages
 
-__all__ = ["finished_runs", "objective_values", "run_key", "run_sweep", "scalarize"]
+__all__ = ["finished_runs", "has_work", "objective_values", "run_key", "run_sweep", "scalarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -525,6 +525,34 @@ def run_sweep(
 
 
 _REFERENCES_ATTR = "references"
+
+
+def has_work(cfg: HarnessConfig, studies: Studies) -> bool:
+    """Whether a worker joining ``studies`` now could need the models: the run budget or the
+    time budget is not spent, a run is queued or still going (its worker may die, and this one
+    would retry it), or the study's reference scores are not stored yet. False only when every
+    one is certain, so a late worker of an array job, or ``dvc repro`` on a finished study,
+    summarises it without loading a pipeline (minutes and gigabytes on a GPU)."""
+    runs = studies.runs
+    stored = runs.user_attrs.get(_REFERENCES_ATTR)
+    if not (isinstance(stored, dict) and stored):
+        return True
+    if runs.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+        return True
+    started = runs.user_attrs.get("started_at")
+    timeout = cfg.sweep.timeout_s
+    if (
+        timeout is not None
+        and isinstance(started, (int, float))
+        and time.time() >= started + timeout
+    ):
+        return False
+    limit = run_budget(cfg)
+    if limit is None:
+        return True
+    # A study from before the claims table has none yet (run_sweep adopts its runs): work.
+    claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
+    return claims.used() < limit
 
 
 def _study_references(

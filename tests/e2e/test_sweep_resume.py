@@ -218,6 +218,10 @@ def test_another_space_via_cli_opens_a_new_study_and_switching_back_resumes(
     back = run_cli(project, ["sweep"], env, log, timeout=150)
     assert back.returncode == 0, tail(log)
     assert f"study {old}: optuna-dashboard" in log.read_text()  # the old study, resumed
+    # Finished (budget spent, nothing queued or running): summarised without loading a model.
+    back_log = log.read_text().rsplit("$ harness", 1)[1]
+    assert "1 training run (1 completed" in back_log and " loaded tiny://" not in back_log
+    assert " loaded tiny://sd15" in log.read_text()  # what the first two runs logged
     runs = _runs_study(project, name)
     assert runs is not None and len(_trials(runs)) == 1  # nothing trained twice
 

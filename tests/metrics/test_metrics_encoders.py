@@ -148,3 +148,14 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(MetricsInputError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_loading_clip_logs_no_open_clip_info_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """open_clip logs its model lookup at INFO on the root logger; a CLI run showed each line
+    as ``INFO root: Parsing tokenizer identifier...``. Its warnings still reach the log."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        load_clip("tiny://clip", None, seed=7)
+        logging.getLogger().info("still logged")
+    assert caplog.messages == ["still logged"], caplog.messages

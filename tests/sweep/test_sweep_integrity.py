@@ -315,3 +315,53 @@ def test_the_summary_counts_runs_not_attempts(tmp_path: Path) -> None:
     assert text.startswith("4 training runs (2 completed, 0 pruned, 1 failed, 1 running or queued)")
     assert "3 interrupted attempts retried" in text
     assert running.number not in {t.number for t in runs.get_trials(states=(TrialState.FAIL,))}
+
+
+def test_a_study_has_work_until_its_budget_is_spent_and_nothing_is_queued_or_running(
+    tmp_path: Path,
+) -> None:
+    """What decides whether `harness sweep` loads the models at all (a late worker of an array
+    job, or `dvc repro` on a finished study, summarises it without them)."""
+    from harness.sweep.runner import has_work
+
+    cfg = make_cfg(tmp_path, n_trials=2)
+    assert has_work(cfg, open_studies(cfg, tmp_path))  # a new study
+    run_sweep(cfg, tmp_path, FakeBackend())
+    studies = open_studies(cfg, tmp_path)
+    assert not has_work(cfg, studies)
+    assert has_work(_with(cfg, sweep={"n_trials": 3}), open_studies(cfg, tmp_path))
+    assert not has_work(_with(cfg, sweep={"n_trials": 1}), studies)  # over budget already
+    # A queued retry (an interrupted run), or a run still going (its worker may die: this one
+    # then retries it), is work.
+    done = studies.runs.get_trials(deepcopy=False)[0]
+    studies.runs.enqueue_trial(done.params)
+    assert has_work(cfg, studies)
+    (waiting,) = studies.runs.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    storage = studies.runs._storage  # type: ignore[attr-defined]
+    storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)
+    assert has_work(cfg, studies)
+    storage.set_trial_state_values(waiting._trial_id, TrialState.FAIL)
+    assert not has_work(cfg, studies)
+    # The base model's reference scores are computed once per study, with the models.
+    studies.runs.set_user_attr("references", {})
+    assert has_work(cfg, studies)
+
+
+def test_a_finished_study_is_summarised_by_a_backend_that_is_never_built(
+    tmp_path: Path,
+) -> None:
+    from harness.sweep._base import LazyBackend
+
+    cfg = make_cfg(tmp_path, n_trials=1)
+    first = run_sweep(cfg, tmp_path, FakeBackend())
+    built: list[int] = []
+
+    def build() -> FakeBackend:
+        built.append(1)
+        return FakeBackend()
+
+    again = run_sweep(cfg, tmp_path, LazyBackend(build))
+    assert built == [] and again.points == first.points and again.references == first.references
+    raised = _with(cfg, sweep={"n_trials": 2})
+    run_sweep(raised, tmp_path, LazyBackend(build))
+    assert built == [1]  # built once, for the new run

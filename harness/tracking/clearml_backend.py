@@ -325,7 +325,14 @@ def _connect_config(task: Task, clean: Mapping[str, Any]) -> None:
 # sdk.development.store_uncommitted_code_diff / store_code_diff_from_remote set: ClearML would
 # store the uncommitted git diff (an edited params.yaml can hold a storage URL or a token) in the
 # task, sent to the server unmasked; the repository, branch and commit are still recorded.
-_ALWAYS_OVERRIDDEN: dict[str, Any] = {"_store_diff": False, "_store_remote_diff": False}
+# The third is sdk.development.vcs_repo_detect_async: ClearML detects the repository in a thread
+# that then reloads the task under its edit lock, racing the summary run's first artifact upload;
+# once, under `dvc repro`, both waited on that lock forever. Detected inside Task.init instead.
+_ALWAYS_OVERRIDDEN: dict[str, Any] = {
+    "_store_diff": False,
+    "_store_remote_diff": False,
+    "_Task__detect_repo_async": False,
+}
 # sdk.development.report_use_subprocess: with the subprocess, close() of an offline task waits
 # ~10 s for it; threads flush in milliseconds.
 _OFFLINE_OVERRIDDEN: dict[str, Any] = {"_report_subprocess_enabled": False}

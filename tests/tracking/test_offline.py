@@ -219,3 +219,25 @@ def test_the_zip_has_every_scalar_when_close_leaves_the_reporter_running(
     assert {(e["metric"], e["variant"], e["iter"], e["value"]) for e in events if "value" in e} >= {
         ("loss", "train", 7, 0.25)
     }
+
+
+def test_the_repository_is_detected_inside_task_init_not_in_a_racing_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClearML's default detects the git repository in a thread that reloads the task under its
+    edit lock; it raced the summary run's first artifact upload, and `dvc repro` hung with both
+    waiting on that lock (seen once under `make demo`). The repository is detected in
+    ``Task.init`` itself, and ClearML's default is given back after the run."""
+    import threading
+
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE", raising=False)
+    from harness.tracking.clearml_backend import Task
+
+    before = Task.__dict__["_Task__detect_repo_async"]
+    tracker = create_tracker(TrackingConfig(mode="offline"), tmp_path)
+    run = tracker.start_run("sweep-summary", config={}, tags=[], kind="summary", project="sw")
+    racing = [t for t in threading.enumerate() if "_update_repository" in t.name]
+    run.upload_artifact("results", pd.DataFrame({"trial": [0]}))  # what hung
+    assert run.close()
+    assert racing == []
+    assert Task.__dict__["_Task__detect_repo_async"] is before

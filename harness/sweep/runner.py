@@ -463,15 +463,31 @@ class _Budget:
         if started is None:
             started = time.time()
             studies.runs.set_user_attr("started_at", started)
-        self.deadline = None if cfg.sweep.timeout_s is None else started + cfg.sweep.timeout_s
+        self.deadline = _deadline(cfg, started)
 
     def past_deadline(self) -> bool:
         """``sweep.timeout_s`` has passed since the study's first start."""
-        return self.deadline is not None and time.time() >= self.deadline
+        return _past(self.deadline)
 
     def spent(self) -> bool:
         """No new run may start (queued retries still may)."""
-        return self.past_deadline() or (self.limit is not None and self.claims.used() >= self.limit)
+        return _budget_spent(self.deadline, self.limit, self.claims)
+
+
+def _deadline(cfg: HarnessConfig, started: float | None) -> float | None:
+    """When ``sweep.timeout_s`` runs out for a study first started at ``started``."""
+    if cfg.sweep.timeout_s is None or started is None:
+        return None
+    return started + cfg.sweep.timeout_s
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.time() >= deadline
+
+
+def _budget_spent(deadline: float | None, limit: int | None, claims: Claims) -> bool:
+    """No new run may start: the deadline has passed or ``limit`` runs are claimed."""
+    return _past(deadline) or (limit is not None and claims.used() >= limit)
 
 
 def run_sweep(
@@ -534,25 +550,21 @@ def has_work(cfg: HarnessConfig, studies: Studies) -> bool:
     one is certain, so a late worker of an array job, or ``dvc repro`` on a finished study,
     summarises it without loading a pipeline (minutes and gigabytes on a GPU)."""
     runs = studies.runs
-    stored = runs.user_attrs.get(_REFERENCES_ATTR)
-    if not (isinstance(stored, dict) and stored):
+    if _stored_references(studies) is None:
         return True
     if runs.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
         return True
     started = runs.user_attrs.get("started_at")
-    timeout = cfg.sweep.timeout_s
-    if (
-        timeout is not None
-        and isinstance(started, (int, float))
-        and time.time() >= started + timeout
-    ):
-        return False
-    limit = run_budget(cfg)
-    if limit is None:
-        return True
+    deadline = _deadline(cfg, started if isinstance(started, (int, float)) else None)
     # A study from before the claims table has none yet (run_sweep adopts its runs): work.
     claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
-    return claims.used() < limit
+    return not _budget_spent(deadline, run_budget(cfg), claims)
+
+
+def _stored_references(studies: Studies) -> dict[str, dict[str, float]] | None:
+    """The reference scores a worker stored in the study (None: not computed yet)."""
+    stored = studies.runs.user_attrs.get(_REFERENCES_ATTR)
+    return stored if isinstance(stored, dict) and stored else None
 
 
 def _study_references(
@@ -561,8 +573,8 @@ def _study_references(
     """The base model's and the real photos' scores, computed once per study and kept in it:
     the study's identity fixes the model, the data settings and the protocol, so every worker's
     summary shows the same bounds without generating them again."""
-    stored = studies.runs.user_attrs.get(_REFERENCES_ATTR)
-    if isinstance(stored, dict) and stored:
+    stored = _stored_references(studies)
+    if stored is not None:
         return stored
     references = compute()
     studies.runs.set_user_attr(_REFERENCES_ATTR, references)

@@ -1175,23 +1175,38 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-# Settings that change no trained weight, image or score, only memory or a file format: every
-# identity hashes them at these values whatever they are set to, so a worker on a smaller GPU
-# that turns gradient checkpointing on joins the same study and resumes the same checkpoints
+# Settings that change no trained weight, image or score, only memory, a file format or where
+# this machine keeps the hub's files: every identity hashes them at these values whatever they
+# are set to, so a worker on a smaller GPU that turns gradient checkpointing on, or on a node
+# with its own model cache folder, joins the same study and resumes the same checkpoints
 # (tests/train/test_lora_trainer.py checks the weights are the same). Hashed, not dropped:
 # the names of existing studies, runs and checkpoints stay what they were.
 RESULT_NEUTRAL: dict[str, dict[str, Any]] = {
+    "model": {"cache_dir": None},
     "train": {"gradient_checkpointing": False, "export_kohya": False},
 }
+
+
+# The version of the tiny:// models (harness.models.tiny builds them from code: no hub revision
+# names their weights). Bump it when their configs change: their caches are then rebuilt, and
+# from version 4 on it is part of every identity (identity_dump), so no study, run or checkpoint
+# of the old weights is resumed with the new ones; version 3's identities keep their names. It
+# lives here so that hashing a config needs no torch.
+TINY_VERSION = 3
+_FIRST_HASHED_TINY_VERSION = 4
 
 
 def identity_dump(
     section: str, model: BaseModel, exclude: set[str] | frozenset[str] = frozenset()
 ) -> dict[str, Any]:
     """``model.model_dump(mode="json")`` of config ``section`` for an identity hash: without
-    ``exclude``, the :data:`RESULT_NEUTRAL` keys at their listed value and without the
-    :data:`LATER_DEFAULTS` keys that are at their old default."""
+    ``exclude``, the :data:`RESULT_NEUTRAL` keys at their listed value, without the
+    :data:`LATER_DEFAULTS` keys that are at their old default and, for a ``tiny://`` model,
+    with its :data:`TINY_VERSION`."""
     data = model.model_dump(mode="json", exclude=set(exclude))
+    tiny = section == "model" and str(getattr(model, "pretrained", "")).startswith("tiny://")
+    if tiny and TINY_VERSION >= _FIRST_HASHED_TINY_VERSION:
+        data["tiny_version"] = TINY_VERSION
     for key, value in RESULT_NEUTRAL.get(section, {}).items():
         if key in data:
             data[key] = value
@@ -1641,16 +1656,43 @@ def _identical(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def parse_override(item: str) -> dict[str, Any]:
-    """Turn ``train.rank=8`` into ``{"train": {"rank": 8}}`` (value parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError([f"command line: {item!r}: expected KEY=VALUE"])
-    key, raw = item.split("=", 1)
+_REFUSED = object()
+
+
+def _hydra_value(raw: str) -> Any:
+    """``raw`` as Hydra's override grammar reads a value (as ``dvc exp run -S`` does), or
+    ``_REFUSED`` where the grammar refuses it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     try:
-        value = yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
+        return OverridesParser.create().parse_override(f"value={raw}").value()
+    except HydraException:
+        return _REFUSED
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """The value of ``-S`` ``item``: a mapping or list (``{...}``, ``[...]``) as Hydra's grammar
+    reads it, so that ``harness -S`` means what ``dvc exp run -S`` means (YAML reads
+    ``{dino:0.7}`` as the key ``dino:0.7``, Hydra as ``{"dino": 0.7}``); anything else, or a
+    value that grammar refuses (a prompt with unquoted braces), as YAML."""
+    if raw.lstrip()[:1] in ("{", "["):
+        value = _hydra_value(raw)
+        if value is not _REFUSED:
+            return value
+    try:
+        return yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
     except yaml.YAMLError as exc:
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise ConfigError([f"command line: {item!r}: invalid YAML value ({problem})"]) from None
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """Turn ``train.rank=8`` into ``{"train": {"rank": 8}}`` (the value: :func:`_override_value`)."""
+    if "=" not in item:
+        raise ConfigError([f"command line: {item!r}: expected KEY=VALUE"])
+    key, raw = item.split("=", 1)
+    value = _override_value(item, raw)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError([f"command line: {item!r}: empty key"])

@@ -250,6 +250,25 @@ def test_space_entry_in_params_replaces_the_presets_range(project: Path) -> None
     assert (space["rank"]["choices"], space["rank"]["low"], space["rank"]["high"]) == (None, 2, 8)
 
 
+def test_a_mapping_or_list_is_read_as_dvc_exp_run_s_reads_it(project: Path) -> None:
+    """``dvc exp run -S`` reads a value with Hydra's grammar, where ``{dino:0.7}`` is a mapping;
+    YAML reads it as the key ``dino:0.7``. The README's own ``dvc exp run`` examples have no
+    spaces, so the same ``-S`` given to ``harness`` must mean the same."""
+    weights = show_json(project, "-S", "sweep.weights={dino:0.7,clip_t:0.3}")["sweep"]["weights"]
+    assert weights == {"dino": 0.7, "clip_t": 0.3}
+    entry = "sweep.space.learning_rate={choices:[1e-4,2e-4],low:null,high:null}"
+    space = show_json(project, "-S", entry)["sweep"]["space"]["learning_rate"]
+    assert (space["choices"], space["low"], space["high"]) == ([1e-4, 2e-4], None, None)
+    steps = show_json(project, "-S", "train.checkpoint_steps=[5,10]")["train"]["checkpoint_steps"]
+    assert steps == [5, 10]
+    quoted = show_json(project, "-S", 'eval.prompts=["a {token} {class_name}, at night"]')
+    assert quoted["eval"]["prompts"] == ["a {token} {class_name}, at night"]
+    # What neither grammar reads (unquoted braces in a list) is one line naming the item.
+    bad = "eval.prompts=[a {token} {class_name}]"
+    code, _, err = invoke("-p", str(project / "params.yaml"), "-S", bad, "config", "show")
+    assert code == 2 and err.startswith(f"error: command line: {bad!r}: invalid"), err
+
+
 def test_weights_in_params_replace_the_presets(project: Path) -> None:
     preset = yaml.safe_load((project / "experiments/preset/tiny-cpu.yaml").read_text())
     preset["sweep"]["weights"] = {"dino": 0.7, "clip_t": 0.3}

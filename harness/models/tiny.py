@@ -17,11 +17,10 @@ from typing import Any, Literal
 import torch
 
 from harness.clip_bpe import build_clip_tokenizer
+from harness.config import TINY_VERSION
 
 TinyKind = Literal["sd15", "sdxl"]
 TINY_KINDS: tuple[TinyKind, ...] = ("sd15", "sdxl")
-# Bump when the tiny configs change, so stale caches are never reused.
-TINY_VERSION = 3
 
 
 def default_cache_root() -> Path:

@@ -104,7 +104,7 @@ class NotRun(Exception):
 def run_key(cfg: HarnessConfig) -> str:
     """Stable id of a training run: what it trains on and how (not the inference settings)."""
     payload = {
-        "model": cfg.model.model_dump(mode="json", exclude={"device", "cache_dir"}),
+        "model": identity_dump("model", cfg.model, {"device", "cache_dir"}),
         "data": identity_dump("data", cfg.data),
         "train": identity_dump("train", cfg.train, {"output_dir", *VALIDATION_KEYS}),
         "seed": cfg.seed,

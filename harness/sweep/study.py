@@ -313,7 +313,7 @@ def study_signature(cfg: HarnessConfig, root: Path | None = None) -> dict[str, A
         "inference": identity_dump("inference", cfg.sweep.inference),
         "eval": {key: eval_section[key] for key in _SWEEP_EVAL_KEYS},
         "metrics": identity_dump("metrics", cfg.metrics, {"batch_size"}),
-        "model": cfg.model.model_dump(mode="json", exclude=_NOT_MEANING["model"]),
+        "model": identity_dump("model", cfg.model, _NOT_MEANING["model"]),
         "data": identity_dump("data", cfg.data, _NOT_MEANING["data"]),
         "train": identity_dump("train", cfg.train, _NOT_MEANING["train"] | searched),
         "seed": cfg.seed,

@@ -22,11 +22,10 @@ _NOT_HASHED = {"checkpoint_steps", "output_dir", "export_kohya", *VALIDATION_KEY
 def config_hash(cfg: HarnessConfig) -> str:
     """Hash of everything in the config that affects the trained weights."""
     train = identity_dump("train", cfg.train, _NOT_HASHED)
-    model = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "device"}
     data = cfg.data.model_dump(mode="json")
     return content_hash(
         {
-            "model": model,
+            "model": identity_dump("model", cfg.model, {"device"}),
             "train": train,
             "data": {k: data[k] for k in ("resolution", "token", "class_name")},
         }

@@ -181,8 +181,11 @@ def test_dead_run_is_finished_by_a_rerun_whose_budget_is_used_up(
     time.sleep(2.5)  # > grace_period_s: the killed run's heartbeat is stale
     log = tmp_path / "sweep.log"
     # Run 0 already meets n_trials=1: no new run may start. Gradient checkpointing on, as
-    # after an out-of-memory kill: still the same study, run key and checkpoints.
-    args = ["-S", "sweep.n_trials=1", "-S", "train.gradient_checkpointing=true", "sweep"]
+    # after an out-of-memory kill, and another model cache folder, as on another node: still
+    # the same study, run key and checkpoints.
+    node = f"model.cache_dir={tmp_path / 'node-cache'}"
+    args = ["-S", "sweep.n_trials=1", "-S", "train.gradient_checkpointing=true", "-S", node]
+    args.append("sweep")
     done = run_cli(project, args, cli_env(tmp_path / "home"), log, timeout=150)
     assert done.returncode == 0, tail(log)
     trials = _assert_resumed_sweep(project, name, 2, victim, log)

@@ -357,6 +357,47 @@ def test_memory_and_file_format_settings_rename_no_study_run_or_checkpoint() -> 
         ), change
 
 
+def test_a_machine_s_model_cache_folder_renames_no_study_run_or_checkpoint() -> None:
+    """``model.cache_dir`` says where this machine keeps the hub's files, as ``model.device``
+    says which card it uses: a worker on another node with its own cache folder joins the study
+    and resumes the checkpoints of a run that died elsewhere (the checkpoint hash counted the
+    folder, so such a retry trained from step 0)."""
+    from harness.sweep.runner import run_key
+    from harness.sweep.study import study_id
+    from harness.train.fingerprints import config_hash
+
+    cfg = pinned_default_config()
+    node = cfg.model_copy(update={"model": cfg.model.model_copy(update={"cache_dir": "/scratch"})})
+    assert (study_id(node), run_key(node), config_hash(node)) == (
+        study_id(cfg),
+        run_key(cfg),
+        config_hash(cfg),
+    )
+
+
+def test_the_tiny_models_version_is_part_of_every_identity_from_the_next_one_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tiny models' weights are made by code, not named by a revision: when their code
+    changes (``TINY_VERSION``), a study, run or checkpoint of the old weights must not be
+    resumed with the new ones. Version 3 is hashed as before (the pinned identities hold)."""
+    from harness import config
+    from harness.sweep.runner import run_key
+    from harness.sweep.study import study_id
+    from harness.train.fingerprints import config_hash
+
+    cfg = pinned_default_config()  # checks the pins at today's version
+    assert config.TINY_VERSION == 3
+    before = (study_id(cfg), run_key(cfg), config_hash(cfg))
+    monkeypatch.setattr(config, "TINY_VERSION", 4)
+    after = (study_id(cfg), run_key(cfg), config_hash(cfg))
+    assert all(old != new for old, new in zip(before, after, strict=True)), (before, after)
+    real = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": "a/b"})})
+    now = (study_id(real), run_key(real), config_hash(real))
+    monkeypatch.setattr(config, "TINY_VERSION", 3)
+    assert (study_id(real), run_key(real), config_hash(real)) == now  # only tiny:// models
+
+
 def test_the_new_keys_at_their_defaults_rename_no_study_run_or_checkpoint() -> None:
     from harness.sweep.runner import run_key
     from harness.train.fingerprints import config_hash

@@ -1392,10 +1392,27 @@ class _Dotted(dict[str, Any]):
     (:func:`_undotted`): yaml.safe_dump cannot write a dict subclass."""
 
 
+class _Whole(dict[str, Any]):
+    """A mapping that replaces the config's mapping as a whole wherever it is merged: what
+    ``-S`` sets after deleting the key (``-S '~sweep.space.dropout' -S
+    '+sweep.space.dropout={choices:[0.0]}'``), as Hydra's and ``dvc exp run -S``'s ``~``/``+``."""
+
+
+class _Deleted:
+    """The value of ``-S '~key'``: :func:`_merge` keeps it, :func:`_undotted` drops the key."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETED = _Deleted()
+
+
 def _undotted(value: Any) -> Any:
-    """``value`` with every mapping a plain ``dict`` (no :class:`_Dotted` marker left)."""
+    """``value`` with every mapping a plain ``dict`` (no :class:`_Dotted` or :class:`_Whole`
+    marker left) and every key deleted by ``-S '~key'`` gone."""
     if isinstance(value, dict):
-        return {key: _undotted(sub) for key, sub in value.items()}
+        return {key: _undotted(sub) for key, sub in value.items() if sub is not _DELETED}
     return value
 
 
@@ -1416,16 +1433,20 @@ def _merge(
     """Deep-merge ``override`` into a copy of ``base``, recording which file set each key.
 
     Mappings merge key by key, except at :data:`ATOMIC_PATHS` where only a :class:`_Dotted`
-    one (from a dotted ``-S`` key) merges; anything else (lists included) is replaced. A
-    ``_Dotted`` base stays one, so :func:`combine_overrides` keeps the marks for the config.
+    one (from a dotted ``-S`` key) merges; anything else (lists included) is replaced; a
+    :class:`_Whole` one always replaces. A ``_Dotted`` or ``_Whole`` base stays one, so
+    :func:`combine_overrides` keeps the marks for the config.
     """
-    out: dict[str, Any] = _Dotted(base) if isinstance(base, _Dotted) else dict(base)
+    out: dict[str, Any] = type(base)(base) if isinstance(base, _Dotted | _Whole) else dict(base)
     for key, value in override.items():
         path = (*prefix, str(key))
         here = out.get(key)
+        if here is _DELETED and isinstance(value, Mapping):
+            value = _Whole(_undotted(value))  # set after a deletion: no old key survives
         if (
             isinstance(value, Mapping)
             and isinstance(here, Mapping)
+            and not isinstance(value, _Whole)
             and (isinstance(value, _Dotted) or not _is_atomic(path))
         ):
             out[key] = _merge(here, value, origin, source, path)
@@ -1688,11 +1709,21 @@ def _override_value(item: str, raw: str) -> Any:
 
 
 def parse_override(item: str) -> dict[str, Any]:
-    """Turn ``train.rank=8`` into ``{"train": {"rank": 8}}`` (the value: :func:`_override_value`)."""
-    if "=" not in item:
+    """Turn ``train.rank=8`` into ``{"train": {"rank": 8}}`` (the value: :func:`_override_value`).
+
+    Hydra's prefixes, as ``dvc exp run -S`` takes them: ``~key`` deletes the key (a
+    ``sweep.space`` entry: no longer searched; a setting: back to its default), ``+key=value``
+    and ``++key=value`` set it as ``key=value`` does.
+    """
+    if item.startswith("~"):
+        if "=" in item:
+            raise ConfigError([f"command line: {item!r}: write ~KEY, without a value"])
+        key, value = item[1:], _DELETED
+    elif "=" not in item:
         raise ConfigError([f"command line: {item!r}: expected KEY=VALUE"])
-    key, raw = item.split("=", 1)
-    value = _override_value(item, raw)
+    else:
+        key, raw = item.lstrip("+").split("=", 1)
+        value = _override_value(item, raw)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError([f"command line: {item!r}: empty key"])

@@ -269,6 +269,29 @@ def test_a_mapping_or_list_is_read_as_dvc_exp_run_s_reads_it(project: Path) -> N
     assert code == 2 and err.startswith(f"error: command line: {bad!r}: invalid"), err
 
 
+def test_hydra_prefixes_delete_and_add_keys_as_dvc_exp_run_s_does(project: Path) -> None:
+    """The README's ``dvc exp run -S '~sweep.space.dropout' -S '+sweep.space.dropout=...'``
+    given to ``harness``: ``~`` deletes (the entry is no longer searched; a setting falls back
+    to its default), ``+``/``++`` set, and a mapping set after a deletion keeps nothing old."""
+    preset = show_json(project)
+    assert "dropout" in preset["sweep"]["space"] and preset["train"]["learning_rate"] != 1e-4
+    cfg = show_json(project, "-S", "~sweep.space.dropout", "-S", "~train.learning_rate")
+    assert "dropout" not in cfg["sweep"]["space"] and "learning_rate" in cfg["sweep"]["space"]
+    assert cfg["train"]["learning_rate"] == 1e-4  # the code's default
+    new = "+sweep.space.dropout={choices:[0.0,0.2]}"
+    space = show_json(project, "-S", "~sweep.space.dropout", "-S", new)["sweep"]["space"]
+    assert space["dropout"]["choices"] == [0.0, 0.2]
+    # Dotted keys after the deletion start a new entry: the preset's choices are gone.
+    dotted = ("~sweep.space.dropout", "sweep.space.dropout.low=0", "sweep.space.dropout.high=.3")
+    options = [arg for item in dotted for arg in ("-S", item)]
+    entry = show_json(project, *options)["sweep"]["space"]["dropout"]
+    assert (entry["choices"], entry["low"], entry["high"]) == (None, 0.0, 0.3)
+    assert show_json(project, "-S", "++train.rank=8")["train"]["rank"] == 8
+    params = str(project / "params.yaml")
+    code, _, err = invoke("-p", params, "-S", "~train.rank=4", "config", "validate")
+    assert code == 2 and "'~train.rank=4': write ~KEY, without a value" in err, err
+
+
 def test_weights_in_params_replace_the_presets(project: Path) -> None:
     preset = yaml.safe_load((project / "experiments/preset/tiny-cpu.yaml").read_text())
     preset["sweep"]["weights"] = {"dino": 0.7, "clip_t": 0.3}

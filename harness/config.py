@@ -1615,6 +1615,8 @@ def load_config(
     preset, source = (overrides or {}).get("preset"), "command line"
     if not switching:
         preset, source = user.get("preset"), str(params)
+    if preset is _DELETED:
+        raise ConfigError([f"{source}: ~preset: a preset cannot be deleted; -S preset=<name>"])
     if preset is not None and not isinstance(preset, str):
         raise ConfigError([f"{source}: preset: expected str, got {type(preset).__name__}"])
     composition = compose(root, preset, source)

@@ -290,6 +290,8 @@ def test_hydra_prefixes_delete_and_add_keys_as_dvc_exp_run_s_does(project: Path)
     params = str(project / "params.yaml")
     code, _, err = invoke("-p", params, "-S", "~train.rank=4", "config", "validate")
     assert code == 2 and "'~train.rank=4': write ~KEY, without a value" in err, err
+    code, _, err = invoke("-p", params, "-S", "~preset", "config", "validate")
+    assert code == 2 and "~preset: a preset cannot be deleted; -S preset=<name>" in err, err
 
 
 def test_weights_in_params_replace_the_presets(project: Path) -> None:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import math
@@ -1679,30 +1680,17 @@ def _identical(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-_REFUSED = object()
-
-
-def _hydra_value(raw: str) -> Any:
-    """``raw`` as Hydra's override grammar reads a value (as ``dvc exp run -S`` does), or
-    ``_REFUSED`` where the grammar refuses it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_override(f"value={raw}").value()
-    except HydraException:
-        return _REFUSED
-
-
 def _override_value(item: str, raw: str) -> Any:
-    """The value of ``-S`` ``item``: a mapping or list (``{...}``, ``[...]``) as Hydra's grammar
-    reads it, so that ``harness -S`` means what ``dvc exp run -S`` means (YAML reads
+    """The value of ``-S`` ``item``: a mapping or list (``{...}``, ``[...]``) as Hydra's override
+    grammar reads it, so that ``harness -S`` means what ``dvc exp run -S`` means (YAML reads
     ``{dino:0.7}`` as the key ``dino:0.7``, Hydra as ``{"dino": 0.7}``); anything else, or a
     value that grammar refuses (a prompt with unquoted braces), as YAML."""
     if raw.lstrip()[:1] in ("{", "["):
-        value = _hydra_value(raw)
-        if value is not _REFUSED:
-            return value
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+
+        with contextlib.suppress(HydraException):
+            return OverridesParser.create().parse_override(f"value={raw}").value()
     try:
         return yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader is a SafeLoader
     except yaml.YAMLError as exc:

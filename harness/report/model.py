@@ -73,7 +73,7 @@ def format_value(value: Any, kind: Kind = "text") -> str:
 
 def default_kind(column: str, value: Any) -> Kind:
     """The kind a column gets when its table names none: by its name, else by its values."""
-    if column.startswith(("shrinkage.", "diff.")):
+    if column.startswith(("shrinkage.", "shrinkage_base.", "selection_bias.", "diff.")):
         return "signed"
     if column.endswith("_s") or column.endswith("_s_per_point"):
         return "seconds"

@@ -127,7 +127,10 @@ def _references_table(cfg: HarnessConfig, inputs: ReportInputs, metrics: list[st
 
 def _leaderboard_table(cfg: HarnessConfig, table: pd.DataFrame) -> Table:
     metrics = report_metrics(cfg, table)
-    scores = [c for m in metrics for c in (f"score.{m}", f"confirm.{m}", f"shrinkage.{m}")]
+    kinds = ("score", "confirm", "shrinkage", "selection_bias")
+    # An evaluate table from before the base model was scored on the sweep's seeds has no
+    # selection_bias: shown without it.
+    scores = [c for m in metrics for c in (f"{k}.{m}" for k in kinds) if c in table]
     labels = {**ID_LABELS}
     for m in metrics:
         labels.update(
@@ -135,6 +138,7 @@ def _leaderboard_table(cfg: HarnessConfig, table: pd.DataFrame) -> Table:
                 f"score.{m}": f"{label(m)} sweep",
                 f"confirm.{m}": f"{label(m)} confirmed",
                 f"shrinkage.{m}": f"{label(m)} shrinkage",
+                f"selection_bias.{m}": f"{label(m)} selection bias",
             }
         )
     caption = "Confirmed points, best first: sweep score, confirmation score (95% intervals)"
@@ -150,14 +154,44 @@ def leaderboard_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section:
     paragraphs = [
         f"{len(table)} points chosen from the sweep (`selected_by`: its Pareto front, or the best "
         f"weighted score) re-scored by the evaluate stage on {fresh}, which the sweep never "
-        "used. `shrinkage` = sweep score - confirmed score: how much selecting the best of many "
-        "noisy points overstated it. Rank 1 is the sweep's best point (chosen on sweep scores).",
+        "used. `shrinkage` = sweep score - confirmed score. Part of it is not selection: "
+        "other seeds (and held-out prompts) can be harder for every model. `selection bias` = "
+        "shrinkage - the base model's own shrinkage (the base model, which nobody selected, "
+        "scored on the sweep's prompts and seeds and on the confirmation's, under the point's "
+        "guidance, steps and scheduler): how much selecting the best of many noisy points "
+        "overstated it. Rank 1 is the sweep's best point (chosen on sweep scores).",
     ]
+    base_drop = _base_shrinkage_sentence(table, report_metrics(cfg, table))
+    if base_drop:
+        paragraphs.append(base_drop)
+    check = inputs.references.get("reproduction")
+    if isinstance(check, dict) and check.get("reproduced") is False:
+        from harness.sweep.confirm import reproduction_warning
+
+        paragraphs.insert(0, reproduction_warning(check))
     tables = [_leaderboard_table(cfg, table), *_settings_tables(inputs)]
     references = _references_table(cfg, inputs, report_metrics(cfg, table))
     if references is not None:
         tables.append(references)
     return Section("leaderboard", "Leaderboard: the confirmed points", paragraphs, tables)
+
+
+def _base_shrinkage_sentence(table: pd.DataFrame, metrics: list[str]) -> str:
+    """The best point's base-model shrinkage per metric, in words ("" without the columns)."""
+    if table.empty:
+        return ""
+    best = table.iloc[0]
+    parts = [
+        f"{label(m)} {format_value(best[f'shrinkage_base.{m}'], 'signed')}"
+        for m in metrics
+        if f"shrinkage_base.{m}" in table and pd.notna(best[f"shrinkage_base.{m}"])
+    ]
+    if not parts:
+        return ""
+    return (
+        "The base model's own shrinkage under the best point's setting (sweep's seeds - "
+        f"confirmation's): {', '.join(parts)}."
+    )
 
 
 def _sweep_references(inputs: ReportInputs) -> dict[str, dict[str, float]]:

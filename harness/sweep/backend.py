@@ -188,10 +188,13 @@ class HarnessBackend:
         self, cfg: HarnessConfig, out_dir: Path
     ) -> tuple[dict[str, dict[str, float]], PointScores]:
         """:meth:`references`, and the base model's evaluation as a :class:`PointScores` (its
-        images and per-image scores: the evaluate stage's baseline rows)."""
-        (base,) = self._evaluate(
-            cfg, None, [cfg.eval.setting], self.templates, eval_seeds(cfg), out_dir
-        )
+        images and per-image scores: the evaluate stage's baseline rows).
+
+        The prompts are ``cfg``'s, not those this backend was made with: the evaluate stage
+        scores the base model on the sweep's prompts and seeds too, with the backend it made
+        for the held-out ones."""
+        templates = evaluation_templates(cfg, self.subject)
+        (base,) = self._evaluate(cfg, None, [cfg.eval.setting], templates, eval_seeds(cfg), out_dir)
         out = {"baseline": base.scores}
         if len(self.subject.reference) >= 2:
             ceiling = self.scorer.real_ceiling(list(self.subject.reference))

@@ -9,15 +9,31 @@ recorded side by side, with the difference::
 
     shrinkage.<metric> = score.<metric> (sweep) - confirm.<metric> (fresh seeds)
 
+Part of a shrinkage is not selection: fresh seeds (and held-out prompts) can be harder for
+every model. The base model, which nobody selected, is scored on both image sets under each
+point's guidance, steps and scheduler; its own drop is subtracted (a difference of
+differences, as the points and the base model share prompts and seeds on each side)::
+
+    shrinkage_base.<metric> = baseline_sweep.<metric> - baseline.<metric>
+    selection_bias.<metric> = shrinkage.<metric> - shrinkage_base.<metric>
+
+A study keeps its points' scores across code changes (so that it resumes), so a sweep's scores
+can come from other models or code than today's (an upgrade of the harness or diffusers, a hub
+revision that moved, other hardware). The base model on the sweep's seeds under ``eval``'s
+setting is what the study stored as its baseline: it is generated again and compared
+(:func:`reproduction`); a difference above :data:`REPRODUCTION_TOLERANCE` is a warning and
+``sweep_reproduced: false`` in ``reports/metrics.json``.
+
 Which points: :func:`harness.sweep.select.select_points`. How they are scored: the sweep's own
 protocol (:meth:`harness.sweep.backend.HarnessBackend.evaluate` and ``references``) under a
 config whose ``eval`` section has the confirmation seeds and prompts
 (:func:`confirmation_config`), so the numbers are comparable with the sweep's.
 
 Outputs: ``<evaluate.dir>/results.{csv,parquet}`` (one row per selected point),
-``<evaluate.dir>/per_image.parquet`` (one row per image of every point and of the base model),
-``<evaluate.dir>/references.json`` (baseline, real ceiling, seeds), images under
-``<evaluate.dir>/point-<n>/`` and ``baseline/``, and the git-tracked ``reports/metrics.json``
+``<evaluate.dir>/per_image.parquet`` (one row per image of every point and of the base model
+on the fresh seeds), ``<evaluate.dir>/references.json`` (baselines, real ceiling, seeds),
+images under ``<evaluate.dir>/point-<n>/``, ``baseline/`` (fresh seeds) and
+``baseline-sweep/`` (the sweep's seeds), and the git-tracked ``reports/metrics.json``
 that ``dvc metrics show`` and ``dvc exp show`` read.
 """
 
@@ -35,7 +51,7 @@ from tqdm.auto import tqdm
 
 from harness.config import INFERENCE_DIMENSIONS, HarnessConfig, InferenceSetting, seed_spans
 from harness.errors import HarnessError
-from harness.outputs import read_table
+from harness.outputs import read_json_object, read_table
 from harness.sweep._base import PointScores
 from harness.sweep._files import replaced_together
 from harness.sweep.per_image import (
@@ -50,11 +66,13 @@ from harness.sweep.runner import scalarize
 from harness.sweep.select import SELECTED_BY, select_points
 from harness.sweep.space import NO_TEXT_ENCODER_SCALE, TEXT_ENCODER_SCALE
 from harness.sweep.study import study_id
+from harness.sweep.summary import METRICS_FILE as SWEEP_METRICS_FILE
 from harness.sweep.summary import results_study
 from harness.train import CheckpointInfo
 
 __all__ = [
     "METRICS_FILE",
+    "REPRODUCTION_TOLERANCE",
     "Confirmation",
     "EvaluateError",
     "ScoringBackend",
@@ -65,7 +83,9 @@ __all__ = [
     "optional_number",
     "point_setting",
     "read_sweep_results",
+    "reproduction",
     "selected_points",
+    "selection_bias",
     "write_confirmation",
 ]
 
@@ -77,6 +97,10 @@ REFERENCES_JSON = "references.json"
 METRICS = ("dino", "clip_i", "clip_t")
 EXTRA_METRICS = ("div", "div_dino", "pres")
 ID_COLUMNS = ("point", "run_key", "checkpoint_step", "setting_id", "scheduler", "adapter")
+# Largest |difference| of a mean score (DINO, CLIP-I, CLIP-T) between the base model's images
+# now and the study's, same seeds and setting, still taken as the same models and code. On one
+# machine they are equal; bf16 kernels on another GPU move a mean of 20 images by about 1e-3.
+REPRODUCTION_TOLERANCE = 0.01
 REQUIRED_COLUMNS = (
     *ID_COLUMNS,
     *(f"eval.{name}" for name in INFERENCE_DIMENSIONS),
@@ -124,17 +148,24 @@ class Confirmation:
     # and the base model's scores under every confirmed point's such setting, by setting id.
     baseline_setting: str | None = None
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The base model on the sweep's own prompts and seeds, by the same setting ids: what the
+    # seeds alone change (``shrinkage_base``), which selection has no part in.
+    baselines_sweep: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The base model now against the study's stored baseline (:func:`reproduction`); None
+    # when the sweep stored none.
+    reproduction: dict[str, Any] | None = None
 
     def describe(self) -> list[str]:
         """One line per confirmed point (sweep vs confirmation scores) and one for the base."""
         lines = [
             f"sweep score -> confirmation on fresh seeds {self.seeds[0]}..{self.seeds[-1]} "
-            "(shrinkage = sweep - confirmation: what selection overstated)"
+            "(shrinkage = sweep - confirmation; selection = shrinkage - the base model's own: "
+            "what selection overstated)"
         ]
         for row in self.table.to_dict(orient="records"):
             scores = ", ".join(
                 f"{m} {row[f'score.{m}']:.3f} -> {row[f'confirm.{m}']:.3f} "
-                f"(shrinkage {row[f'shrinkage.{m}']:+.3f})"
+                f"(shrinkage {row[f'shrinkage.{m}']:+.3f}{_selection_part(row, m)})"
                 for m in METRICS
             )
             lines.append(
@@ -144,8 +175,21 @@ class Confirmation:
         base = self.references.get("baseline", {})
         shown = ", ".join(f"{m} {base[m]:.3f}" for m in METRICS if m in base)
         under = f", {self.baseline_setting}" if self.baseline_setting else ""
+        swept = self.baselines_sweep.get(self.baseline_setting or "", {})
+        if swept:
+            shown += "; on the sweep's seeds " + ", ".join(
+                f"{m} {swept[m]:.3f}" for m in METRICS if m in swept
+            )
         lines.append(f"baseline (no adapter, fresh seeds{under}): {shown}")
+        if self.reproduction is not None and not self.reproduction["reproduced"]:
+            lines.append(reproduction_warning(self.reproduction))
         return lines
+
+
+def _selection_part(row: dict[str, Any], metric: str) -> str:
+    """``", selection +0.012"`` when the row has its selection bias, else nothing."""
+    value = optional_number(row.get(f"selection_bias.{metric}"))
+    return "" if value is None else f", selection {value:+.3f}"
 
 
 def confirmation_seeds(cfg: HarnessConfig) -> list[int]:
@@ -278,7 +322,8 @@ def confirm_points(
     backend: ScoringBackend,
     progress: bool = True,
 ) -> Confirmation:
-    """Re-score every selected point, then the base model, on the confirmation seeds.
+    """Re-score every selected point, then the base model, on the confirmation seeds; and the
+    base model on the sweep's seeds (its own shrinkage; the study's baseline reproduced).
 
     ``backend`` must have been made for :func:`confirmation_config` (its prompts); the table
     has one row per selected point, in selection order (best first).
@@ -288,8 +333,11 @@ def confirm_points(
     settings = [point_setting(cfg, row) for row in records]
     base_of = [base_setting(s) for s in settings]  # each point's, in selection order
     bases = list({base.id: base for base in base_of}.values())
+    # The study's own baseline (eval's setting, the sweep's seeds) is generated again too.
+    stored, checked = _stored_sweep_baseline(cfg, root), base_setting(cfg.eval.setting)
+    on_sweep = [*bases, *([checked] if stored and checked.id not in {b.id for b in bases} else [])]
     rows, images = [], []
-    total = len(records) + len(bases)
+    total = len(records) + len(bases) + len(on_sweep)
     with tqdm(total=total, desc="evaluate", unit="point", disable=not progress) as bar:
         for row, setting, base in zip(records, settings, base_of, strict=True):
             checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
@@ -299,17 +347,22 @@ def confirm_points(
             images += confirmed_image_rows(root, measured, row, base.id)
             bar.update()
         # The base model under each confirmed point's guidance, steps and scheduler: its scores
-        # move with them (CLIP-T above all), so a point is compared at its own setting.
-        baseline_dir = _fresh_dir(out / "baseline")
+        # move with them (CLIP-T above all), so a point is compared at its own setting. Once on
+        # the fresh seeds, once on the sweep's (what the seeds alone change).
         found: dict[str, dict[str, dict[str, float]]] = {}
+        baseline_dir = _fresh_dir(out / "baseline")
         for base in bases:
             found[base.id], baseline = _references(backend, with_setting(fresh, base), baseline_dir)
             images += confirmed_image_rows(root, baseline) if baseline is not None else []
             bar.update()
+        swept = _base_on_sweep_seeds(
+            cfg, backend, on_sweep, _fresh_dir(out / "baseline-sweep"), bar
+        )
     for row, base in zip(rows, base_of, strict=True):
         row["baseline_setting"] = base.id
         scores = found[base.id].get("baseline", {})
         row.update({f"baseline.{m}": scores.get(m) for m in METRICS})
+        row.update(selection_bias(cfg, row, scores, swept[base.id]))
     best = bases[0].id  # the sweep's best point's: what reports/metrics.json compares
     return Confirmation(
         pd.DataFrame(rows),
@@ -318,7 +371,98 @@ def confirm_points(
         per_image=images,
         baseline_setting=best,
         baselines={k: v["baseline"] for k, v in found.items() if "baseline" in v},
+        baselines_sweep={k: v for k, v in swept.items() if v},
+        reproduction=reproduction(checked.id, stored, swept.get(checked.id, {})),
     )
+
+
+def _base_on_sweep_seeds(
+    cfg: HarnessConfig,
+    backend: ScoringBackend,
+    settings: Sequence[InferenceSetting],
+    out_dir: Path,
+    bar: Any,
+) -> dict[str, dict[str, float]]:
+    """The base model's scores on the sweep's own prompts and seeds under each setting, by
+    setting id (``{}`` where the backend gives no baseline)."""
+    swept: dict[str, dict[str, float]] = {}
+    for base in settings:
+        swept[base.id] = _references(backend, with_setting(cfg, base), out_dir)[0].get(
+            "baseline", {}
+        )
+        bar.update()
+    return swept
+
+
+def _stored_sweep_baseline(cfg: HarnessConfig, root: Path) -> dict[str, float]:
+    """The base model's scores the study stored (``<sweep.dir>/metrics.json``'s ``baseline``:
+    ``eval``'s setting, the sweep's seeds), or ``{}``."""
+    path = root / cfg.sweep.dir / SWEEP_METRICS_FILE
+    stored = read_json_object(path, "harness sweep", EvaluateError).get("baseline")
+    return dict(stored) if isinstance(stored, dict) else {}
+
+
+def reproduction(
+    setting: str, stored: dict[str, float], now: dict[str, float]
+) -> dict[str, Any] | None:
+    """The base model's scores now against the study's, same seeds and ``setting``:
+    ``{"setting", "sweep", "now", "difference", "reproduced"}``, or None when either side
+    has none of the metrics. ``reproduced``: every |difference| <= REPRODUCTION_TOLERANCE."""
+    metrics = [m for m in METRICS if m in stored and m in now]
+    if not metrics:
+        return None
+    difference = {m: float(now[m]) - float(stored[m]) for m in metrics}
+    return {
+        "setting": setting,
+        "sweep": {m: float(stored[m]) for m in metrics},
+        "now": {m: float(now[m]) for m in metrics},
+        "difference": difference,
+        "reproduced": all(abs(d) <= REPRODUCTION_TOLERANCE for d in difference.values()),
+    }
+
+
+def reproduction_warning(check: dict[str, Any]) -> str:
+    """One line: the base model no longer gives the study's scores, and what to do."""
+    scores = ", ".join(
+        f"{m} {check['sweep'][m]:.3f} in the study, {check['now'][m]:.3f} now" for m in check["now"]
+    )
+    return (
+        f"WARNING: the base model on the sweep's seeds ({check['setting']}) no longer gives the "
+        f"study's scores ({scores}): the study's points were made by other models, code or "
+        "hardware (an upgrade of the harness or diffusers, a hub revision that moved), so their "
+        "sweep scores, shrinkage and selection bias do not compare with today's confirmation. "
+        "Sweep again in a new study (-S sweep.study_name=<new name>)"
+    )
+
+
+def selection_bias(
+    cfg: HarnessConfig,
+    row: dict[str, Any],
+    fresh_base: dict[str, float],
+    sweep_base: dict[str, float],
+) -> dict[str, float | None]:
+    """A confirmed row's ``baseline_sweep.<m>`` (the base model on the sweep's prompts and
+    seeds), ``shrinkage_base.<m>`` (its own sweep - confirmation difference: the seeds' and
+    prompts' part, as nobody selected the base model) and ``selection_bias.<m>`` (the row's
+    shrinkage less that part). None where the base model lacks the metric on either side."""
+    out: dict[str, float | None] = {}
+    for m in _metrics(cfg):
+        before, after = _base_score(cfg, sweep_base, m), _base_score(cfg, fresh_base, m)
+        base_drop = None if before is None or after is None else before - after
+        out[f"baseline_sweep.{m}"] = before
+        out[f"shrinkage_base.{m}"] = base_drop
+        out[f"selection_bias.{m}"] = (
+            None if base_drop is None else row[f"shrinkage.{m}"] - base_drop
+        )
+    return out
+
+
+def _base_score(cfg: HarnessConfig, scores: dict[str, float], metric: str) -> float | None:
+    """The base model's ``metric`` (``weighted``: by ``sweep.weights``), or None."""
+    if metric == "weighted":
+        weights = cfg.sweep.weights or {}
+        return scalarize(cfg, scores) if all(m in scores for m in weights) else None
+    return optional_number(scores.get(metric))
 
 
 def base_setting(setting: InferenceSetting) -> InferenceSetting:
@@ -392,7 +536,18 @@ def metrics_summary(
         "shrinkage": {m: float(best[f"shrinkage.{m}"]) for m in metrics},
         "shrinkage_mean": {m: float(table[f"shrinkage.{m}"].mean()) for m in metrics},
     }
+    if all(f"selection_bias.{m}" in table for m in metrics):
+        data["selection_bias"] = {m: optional_number(best[f"selection_bias.{m}"]) for m in metrics}
+        data["selection_bias_mean"] = {
+            m: optional_number(table[f"selection_bias.{m}"].mean()) for m in metrics
+        }
     data.update({k: dict(v) for k, v in confirmation.references.items()})
+    swept = confirmation.baselines_sweep.get(confirmation.baseline_setting or "")
+    if swept:
+        data["baseline_sweep"] = dict(swept)
+    if confirmation.reproduction is not None:
+        data["sweep_reproduced"] = bool(confirmation.reproduction["reproduced"])
+        data["sweep_baseline_difference"] = dict(confirmation.reproduction["difference"])
     if confirmation.baseline_setting is not None:
         data["baseline_setting"] = confirmation.baseline_setting
     return data
@@ -415,6 +570,8 @@ def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmatio
         **confirmation.references,
         "baseline_setting": confirmation.baseline_setting,
         "baselines": confirmation.baselines,
+        "baselines_sweep": confirmation.baselines_sweep,
+        "reproduction": confirmation.reproduction,
         "seeds": confirmation.seeds,
         "held_out_prompts": cfg.evaluate.prompts,
     }

@@ -87,6 +87,7 @@ def test_dvc_repro_runs_every_stage_then_nothing_and_dvc_reads_it_all(
     committed = _metrics(data)
     assert committed["confirm"]["dino"] == metrics["confirm"]["dino"]
     assert committed["baseline"]["dino"] == metrics["baseline"]["dino"]
+    assert committed["selection_bias"]["dino"] == metrics["selection_bias"]["dino"]
     assert _params(data)["train"]["lr_warmup_steps"] == 0  # every setting is a param
 
     dvc(repo, env, "plots", "show", "-o", str(tmp_path / "plots"))
@@ -146,9 +147,62 @@ def test_the_evaluate_stage_confirms_the_chosen_points_on_fresh_seeds(
         assert math.isclose(metrics["sweep"][metric], best[f"score.{metric}"])
         assert math.isclose(metrics["confirm"][metric], best[f"confirm.{metric}"])
         assert math.isclose(metrics["shrinkage"][metric], best[f"shrinkage.{metric}"])
+        # The base model on the sweep's seeds and prompt as well: its own drop is not selection.
+        base_drop = best[f"baseline_sweep.{metric}"] - best[f"baseline.{metric}"]
+        assert math.isclose(best[f"shrinkage_base.{metric}"], base_drop, abs_tol=1e-9)
+        assert math.isclose(
+            metrics["selection_bias"][metric], best[f"shrinkage.{metric}"] - base_drop, abs_tol=1e-9
+        )
+        # Random tiny models: an image depends on its prompt and seed, hardly on the LoRA, so
+        # the held-out prompt moves CLIP-T by about 0.16 for every model alike. That is
+        # shrinkage (of the base model too), not selection.
+        assert abs(metrics["selection_bias"][metric]) < 0.01
         assert metrics["confirm"][f"{metric}_lo"] <= metrics["confirm"][metric] + 1e-9
         assert math.isfinite(metrics["baseline"][metric])
     assert set(metrics["real_ceiling"]) == {"dino", "clip_i"}
+    assert metrics["shrinkage"]["clip_t"] > 0.1  # yet a large shrinkage: see above
+    # The base model generated again where the study stored it gives the study's scores.
+    assert metrics["sweep_reproduced"] is True
+    assert max(map(abs, metrics["sweep_baseline_difference"].values())) < 1e-6
+    assert "WARNING: the base model" not in output
+
+
+def test_a_study_scored_by_other_models_is_flagged_by_dvc_repro(
+    reproduced: tuple[Path, dict[str, str], str], tmp_path: Path
+) -> None:
+    """After an upgrade that changes the images or their scores, `dvc repro` reruns the sweep
+    stage, which resumes the study: its points are not trained or scored again (with the
+    budget spent no pipeline is even loaded), so the sweep's scores are the old code's. The
+    evaluate stage generates the base model again where the study stored it (eval's setting,
+    the sweep's seeds) and says that the two differ. Simulated here by the study holding other
+    baseline scores, as older code would have stored."""
+    repo = tmp_path / "project"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    env = reproduced[1]
+    storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"
+    (study,) = [
+        study
+        for name in optuna.get_all_study_names(storage)
+        if "references" in (study := optuna.load_study(study_name=name, storage=storage)).user_attrs
+    ]
+    references = study.user_attrs["references"]
+    before = references["baseline"]["dino"]
+    references["baseline"]["dino"] = before + 0.2
+    study.set_user_attr("references", references)
+
+    output = dvc(repo, env, "repro", "--force")  # as after an upgrade: every stage reruns
+    assert "Running stage 'sweep'" in output and "Running stage 'evaluate'" in output
+    warning = f"dino {before + 0.2:.3f} in the study, {before:.3f} now"
+    assert "WARNING: the base model on the sweep's seeds" in output and warning in output
+    assert "sweep.study_name" in output
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["sweep_reproduced"] is False
+    assert metrics["sweep_baseline_difference"]["dino"] == pytest.approx(-0.2, abs=1e-9)
+    report = (repo / "reports/index.html").read_text()
+    assert warning in report.replace("&#x27;", "'")
+    shown = json.loads(dvc(repo, env, "metrics", "show", "--json"))
+    (workspace,) = shown.values()
+    assert workspace["data"]["reports/metrics.json"]["data"]["sweep_reproduced"] is False
 
 
 def test_harness_export_writes_a_lora_whose_card_reproduces_the_best_point(

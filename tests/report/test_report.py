@@ -3,6 +3,7 @@ external, the Markdown summary, and the fallbacks when inputs are missing."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -88,12 +89,39 @@ def test_leaderboard_numbers_equal_the_evaluate_table(
                 for suffix in ("", "_lo", "_hi"):
                     assert cells[(key, column + suffix)] == _score(row[column + suffix])
             assert cells[(key, f"shrinkage.{m}")] == _signed(row[f"shrinkage.{m}"])
+            # the part of the shrinkage the base model's own does not explain
+            assert cells[(key, f"selection_bias.{m}")] == _signed(row[f"selection_bias.{m}"])
+        assert row["selection_bias.dino"] == pytest.approx(row["shrinkage.dino"] - 0.02)
+        assert row["selection_bias.clip_t"] == pytest.approx(row["shrinkage.clip_t"] + 0.01)
         # the point's settings: the searched learning rate, its step and inference setting
         assert cells[(key, "train.learning_rate")] == f"{row['train.learning_rate']:g}"
         assert cells[(key, "setting_id")] == row["setting_id"]
     assert cells[("train.rank", "value")] == "4"  # a fixed setting
     assert cells[("base model, fresh seeds", "dino")] == "0.512"
+    sentence = "own shrinkage under the best point's setting (sweep's seeds - confirmation's): "
+    assert sentence + "DINO +0.020, CLIP-I +0.000, CLIP-T -0.010." in html.unescape(text)
     assert cells[("real photos (ceiling)", "dino")] == "0.774"
+
+
+def test_a_sweep_the_base_model_no_longer_reproduces_is_a_warning_first(
+    tmp_path: Path, parse_report: Any
+) -> None:
+    """The evaluate stage found the base model's scores on the sweep's seeds changed since the
+    study stored them: the leaderboard says so before anything else."""
+    project = write_project(tmp_path, make_cfg())
+    path = project.root / "runs/evaluate/references.json"
+    references = json.loads(path.read_text())
+    check = {"setting": "g5-u1-t1-n4-ddim", "sweep": {"dino": 0.82}, "now": {"dino": 0.659}}
+    references["reproduction"] = {**check, "difference": {"dino": -0.161}, "reproduced": False}
+    path.write_text(json.dumps(references))
+    text = html.unescape(_html(project))
+    leaderboard = text[text.index('id="leaderboard"') :]
+    first = leaderboard[leaderboard.index("<p>") + 3 : leaderboard.index("</p>")]
+    assert first.startswith("WARNING: the base model on the sweep's seeds (g5-u1-t1-n4-ddim)")
+    assert "dino 0.820 in the study, 0.659 now" in first
+    references["reproduction"]["reproduced"] = True
+    path.write_text(json.dumps(references))
+    assert "WARNING" not in _html(project)
 
 
 def test_pareto_steps_and_cost_numbers_equal_the_sweep_table(

@@ -19,6 +19,7 @@ from harness.generate import eval_seeds
 from harness.sweep import PointScores
 from harness.sweep.confirm import (
     EvaluateError,
+    base_setting,
     confirm_points,
     confirmation_config,
     confirmation_seeds,
@@ -34,6 +35,8 @@ SETTINGS = [
     InferenceSetting(guidance_scale=7.5, lora_scale=0.6, num_inference_steps=2),
 ]
 DROP = {"dino": 0.10, "clip_i": 0.05, "clip_t": 0.02}  # what the stub's fresh seeds lose
+# What the base model itself loses from the sweep's seeds to the fresh ones (no selection).
+BASE_DROP = {"dino": 0.06, "clip_i": 0.05, "clip_t": -0.01}
 
 
 def make_cfg(**evaluate: Any) -> HarnessConfig:
@@ -133,6 +136,7 @@ class StubBackend:
     def __init__(self, table: pd.DataFrame, root: Path) -> None:
         self.table, self.root = table, root
         self.calls: list[dict[str, Any]] = []
+        self.sweep_seeds = [10, 11, 12]  # make_cfg's; confirm() sets its config's
 
     def evaluate(
         self,
@@ -159,18 +163,22 @@ class StubBackend:
         return [PointScores(setting, scores, images, n_images=6)]
 
     def references(self, cfg: HarnessConfig, out_dir: Path) -> dict[str, dict[str, float]]:
-        """The base model under ``cfg.eval``'s setting: its CLIP-T grows with guidance."""
-        setting = cfg.eval.setting
-        self.calls.append({"seeds": eval_seeds(cfg), "baseline": setting.id})
-        return {
-            "baseline": {"dino": 0.2, "clip_i": 0.3, "clip_t": 0.3 + setting.guidance_scale / 100},
-            "real_ceiling": {"dino": 0.77, "clip_i": 0.88},
-        }
+        """The base model under ``cfg.eval``'s setting: its CLIP-T grows with guidance; on
+        the sweep's seeds it scores :data:`BASE_DROP` higher."""
+        setting, seeds = cfg.eval.setting, eval_seeds(cfg)
+        self.calls.append(
+            {"seeds": seeds, "base_prompts": cfg.eval.prompts, "baseline": setting.id}
+        )
+        base = {"dino": 0.2, "clip_i": 0.3, "clip_t": 0.3 + setting.guidance_scale / 100}
+        if seeds == self.sweep_seeds:
+            base = {m: value + BASE_DROP[m] for m, value in base.items()}
+        return {"baseline": base, "real_ceiling": {"dino": 0.77, "clip_i": 0.88}}
 
 
 def confirm(root: Path, cfg: HarnessConfig) -> tuple[Any, StubBackend]:
     table = sweep_table(root, cfg)
     backend = StubBackend(table, root)
+    backend.sweep_seeds = eval_seeds(cfg)
     selected = selected_points(cfg, root, read_sweep_results(cfg, root))
     return write_confirmation(
         cfg, root, confirm_points(cfg, root, selected, backend, False)
@@ -196,8 +204,12 @@ def test_confirmation_table_has_sweep_and_fresh_scores_and_shrinkage(tmp_path: P
         assert (table[f"shrinkage.{metric}"] - drop).abs().max() < 1e-12
     assert (table["confirm.n_images"] == 6).all()
     assert table["confirm.images_dir"].str.startswith("runs/evaluate/point-").all()
-    # Fresh seeds and the held-out prompts for every point and the baseline; none of the sweep's.
-    assert {tuple(c["seeds"]) for c in backend.calls} == {(13, 14, 15)}
+    # Fresh seeds and the held-out prompts for every point and the baseline; the sweep's seeds
+    # and prompts only for the base model's own shrinkage (the test after the next).
+    fresh = [
+        c for c in backend.calls if c.get("base_prompts", cfg.evaluate.prompts) != cfg.eval.prompts
+    ]
+    assert {tuple(c["seeds"]) for c in fresh} == {(13, 14, 15)} and len(fresh) == 3 + 2
     assert not {13, 14, 15} & set(eval_seeds(cfg))
     points = [c for c in backend.calls if "prompts" in c]
     assert len(points) == 3 and all(c["prompts"] == cfg.evaluate.prompts for c in points)
@@ -264,7 +276,7 @@ def test_each_point_is_compared_with_the_base_model_under_its_own_guidance_and_s
     cfg = make_cfg()
     assert cfg.eval.guidance_scale == 7.5  # what the baseline used before
     result, backend = confirm(tmp_path, cfg)
-    made = [c["baseline"] for c in backend.calls if "baseline" in c]
+    made = [c["baseline"] for c in backend.calls if "baseline" in c and c["seeds"][0] == 13]
     g3, g7 = (s.model_copy(update={"lora_scale": 1.0}) for s in SETTINGS)
     assert made == [g3.id, g7.id]  # the best point's first; point 2 shares point 0's
     table = pd.read_csv(tmp_path / "runs/evaluate/results.csv")
@@ -279,6 +291,89 @@ def test_each_point_is_compared_with_the_base_model_under_its_own_guidance_and_s
     assert any(g3.id in line for line in result.describe() if line.startswith("baseline"))
 
 
+def test_selection_bias_is_the_shrinkage_less_the_base_models_own(tmp_path: Path) -> None:
+    """Fresh seeds (and held-out prompts) can be harder for every model, selected or not: in
+    the tiny demo the base model lost 0.16 DINO from the sweep's seeds to the fresh ones, as
+    much as the best point did, and `shrinkage` alone read as selection bias that was not
+    there. The base model on the sweep's own prompts and seeds, under each point's guidance,
+    steps and scheduler, measures that drop; `selection_bias` is the rest."""
+    cfg = make_cfg(prompts=["a {token} {class_name} on the moon"])
+    result, backend = confirm(tmp_path, cfg)
+    g3, g7 = (s.model_copy(update={"lora_scale": 1.0}) for s in SETTINGS)
+    swept = [c for c in backend.calls if "baseline" in c and c["seeds"] == eval_seeds(cfg)]
+    assert [c["baseline"] for c in swept] == [g3.id, g7.id]
+    assert all(c["base_prompts"] == cfg.eval.prompts for c in swept)  # not the held-out one
+    table = pd.read_csv(tmp_path / "runs/evaluate/results.csv")
+    for m in DROP:
+        assert table[f"baseline_sweep.{m}"].tolist() == pytest.approx(
+            (table[f"baseline.{m}"] + BASE_DROP[m]).tolist()
+        )
+        assert table[f"shrinkage_base.{m}"].tolist() == pytest.approx([BASE_DROP[m]] * 3)
+        assert table[f"selection_bias.{m}"].tolist() == pytest.approx([DROP[m] - BASE_DROP[m]] * 3)
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    expected = {m: DROP[m] - BASE_DROP[m] for m in DROP}
+    assert metrics["selection_bias"] == pytest.approx(expected)
+    assert metrics["selection_bias_mean"] == pytest.approx(expected)
+    assert metrics["baseline_sweep"]["dino"] == pytest.approx(0.2 + BASE_DROP["dino"])
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["baselines_sweep"][g7.id]["clip_t"] == pytest.approx(0.375 - 0.01)
+    lines = result.describe()
+    assert "selection +0.040" in lines[1] and "selection +0.030" in lines[1]
+    assert "on the sweep's seeds dino 0.260" in lines[-1]
+
+
+def _sweep_baseline(root: Path, cfg: HarnessConfig, **changed: float) -> dict[str, float]:
+    """Write the sweep's ``metrics.json`` with the base model's scores the sweep stored (at
+    eval's setting, on its seeds): the stub's, with ``changed`` ones."""
+    eval_base = cfg.eval.setting
+    stored = {"dino": 0.2, "clip_i": 0.3, "clip_t": 0.3 + eval_base.guidance_scale / 100}
+    stored = {m: value + BASE_DROP[m] for m, value in stored.items()} | changed
+    (root / cfg.sweep.dir).mkdir(parents=True, exist_ok=True)
+    (root / cfg.sweep.dir / "metrics.json").write_text(json.dumps({"baseline": stored}))
+    return stored
+
+
+def test_the_base_model_must_reproduce_the_sweeps_own_baseline(tmp_path: Path) -> None:
+    """A study keeps its points' scores across code changes (to resume): after an upgrade that
+    changed the models or the scorer (the tiny VAE, here, a moved hub revision or a diffusers
+    upgrade elsewhere) `dvc repro` reported the old study's scores next to today's
+    confirmation, and the shrinkage (0.16 DINO in the demo) was that change. The base model is
+    regenerated on the sweep's seeds under eval's setting, where the study stored it: equal
+    within 0.01, the sweep's scores are today's; else a warning and sweep_reproduced false."""
+    cfg = make_cfg()
+    eval_base = base_setting(cfg.eval.setting)
+    _sweep_baseline(tmp_path, cfg)
+    result, backend = confirm(tmp_path, cfg)
+    swept = [c["baseline"] for c in backend.calls if c.get("seeds") == eval_seeds(cfg)]
+    g3, g7 = (s.model_copy(update={"lora_scale": 1.0}) for s in SETTINGS)
+    assert swept == [g3.id, g7.id, eval_base.id]  # the points' settings, then eval's
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["sweep_reproduced"] is True
+    assert metrics["sweep_baseline_difference"] == pytest.approx({m: 0.0 for m in DROP})
+    assert not any("WARNING" in line for line in result.describe())
+
+    _sweep_baseline(tmp_path, cfg, dino=0.42)  # the study's scores came from other models
+    result, _ = confirm(tmp_path, cfg)
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["sweep_reproduced"] is False
+    assert metrics["sweep_baseline_difference"]["dino"] == pytest.approx(0.26 - 0.42)
+    (warning,) = [line for line in result.describe() if "WARNING" in line]
+    assert "dino 0.420 in the study, 0.260 now" in warning and eval_base.id in warning
+    assert "sweep.study_name" in warning
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["reproduction"]["reproduced"] is False
+    assert references["reproduction"]["setting"] == eval_base.id
+
+
+def test_without_a_stored_sweep_baseline_nothing_is_checked(tmp_path: Path) -> None:
+    cfg = make_cfg()
+    _, backend = confirm(tmp_path, cfg)  # no runs/sweep/metrics.json
+    swept = [c["baseline"] for c in backend.calls if c.get("seeds") == eval_seeds(cfg)]
+    assert len(swept) == 2  # the points' settings only: nothing to compare eval's with
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert "sweep_reproduced" not in metrics
+
+
 def test_weighted_sweep_adds_the_weighted_score(tmp_path: Path) -> None:
     cfg = validate_config(
         {"preset": "t", "sweep": {"weights": {"clip_i": 1.0}}, "evaluate": {"top_k": 1}}
@@ -289,6 +384,8 @@ def test_weighted_sweep_adds_the_weighted_score(tmp_path: Path) -> None:
     assert row["score.weighted"] == pytest.approx(0.8)
     assert row["confirm.weighted"] == pytest.approx(0.75)
     assert row["shrinkage.weighted"] == pytest.approx(0.05)
+    assert row["shrinkage_base.weighted"] == pytest.approx(BASE_DROP["clip_i"])
+    assert row["selection_bias.weighted"] == pytest.approx(0.0)
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert metrics["shrinkage"]["weighted"] == pytest.approx(0.05)
 

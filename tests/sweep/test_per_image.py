@@ -23,6 +23,7 @@ from harness.generate import eval_seeds
 from harness.sweep import RunEnd, RunSpec, SweepSink, run_sweep
 from harness.sweep._base import PointScores
 from harness.sweep.confirm import (
+    base_setting,
     confirm_points,
     confirmation_config,
     read_sweep_results,
@@ -399,21 +400,38 @@ def test_real_tiny_sweep_and_evaluate_write_per_image_tables(
     )
     assert len(pd.read_parquet(tmp_path / "runs/sweep/per_prompt.parquet")) == 2
 
-    fresh = confirmation_config(tiny_cfg)
+    held_out = ["a {token} {class_name} on the moon", "a {token} {class_name} in a bucket"]
+    cfg = tiny_cfg.model_copy(
+        update={"evaluate": tiny_cfg.evaluate.model_copy(update={"prompts": held_out})}
+    )
+    fresh = confirmation_config(cfg)
     confirming = HarnessBackend(fresh, tiny_sd15, subject, backend.scorer, progress=False)
-    selected = selected_points(tiny_cfg, tmp_path, read_sweep_results(tiny_cfg, tmp_path))
+    selected = selected_points(cfg, tmp_path, read_sweep_results(cfg, tmp_path))
     confirmation = write_confirmation(
-        tiny_cfg, tmp_path, confirm_points(tiny_cfg, tmp_path, selected, confirming, False)
+        cfg, tmp_path, confirm_points(cfg, tmp_path, selected, confirming, False)
     )
     assert confirmation.per_image_parquet is not None
     table = pd.read_parquet(confirmation.per_image_parquet)
     assert table["baseline"].tolist() == [False, False, True, True]
     assert table["point"].tolist() == [int(results["point"].iloc[0])] * 2 + [-1, -1]
     assert set(table["seed"]) == set(eval_seeds(fresh))
+    assert set(table["template"]) == set(held_out)
     assert all((tmp_path / p).is_file() for p in table["image"])
     base = table[table["baseline"]]
     baseline_dino = confirmation.references["baseline"]["dino"]
     assert base["dino"].mean() == pytest.approx(baseline_dino, abs=1e-6)
+    # The base model again on the sweep's prompts and seeds (the confirming backend was made for
+    # the fresh ones): the sweep's own baseline, image for image, at the same setting.
+    (row,) = confirmation.table.to_dict(orient="records")
+    assert row["baseline_setting"] == base_setting(tiny_cfg.eval.setting).id
+    swept = json.loads((tmp_path / "runs/sweep/metrics.json").read_text())["baseline"]
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert row[f"baseline_sweep.{metric}"] == pytest.approx(swept[metric], abs=1e-6)
+        assert row[f"selection_bias.{metric}"] == pytest.approx(
+            row[f"shrinkage.{metric}"] - (swept[metric] - row[f"baseline.{metric}"]), abs=1e-6
+        )
+    assert len(table) == 4  # the sweep-seed baseline's images are not confirmation rows
+    assert len(list((tmp_path / "runs/evaluate/baseline-sweep").rglob("*.png"))) == 2
 
 
 def test_rows_and_scores_kept_before_div_was_lpips_read_as_div_dino(tmp_path: Path) -> None:

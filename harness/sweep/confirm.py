@@ -372,8 +372,27 @@ def confirm_points(
         baseline_setting=best,
         baselines={k: v["baseline"] for k, v in found.items() if "baseline" in v},
         baselines_sweep={k: v for k, v in swept.items() if v},
-        reproduction=reproduction(checked.id, stored, swept.get(checked.id, {})),
+        reproduction=_study_check(cfg, root, stored, swept),
     )
+
+
+def _study_check(
+    cfg: HarnessConfig, root: Path, stored: dict[str, float], swept: dict[str, dict[str, float]]
+) -> dict[str, Any] | None:
+    """:func:`reproduction` of the study's stored baseline (``eval``'s setting)."""
+    checked = base_setting(cfg.eval.setting).id
+    return reproduction(checked, stored, swept.get(checked, {}), _package_changes(cfg, root))
+
+
+def _package_changes(cfg: HarnessConfig, root: Path) -> list[str]:
+    """The packages whose versions here differ from those the study was started with
+    (``<sweep.dir>/summary.json``'s ``environment``; none recorded: none)."""
+    from harness.sweep.environment import differences, software_versions
+    from harness.sweep.results import SUMMARY_JSON
+
+    path = root / cfg.sweep.dir / SUMMARY_JSON
+    stored = read_json_object(path, "harness sweep", EvaluateError).get("environment")
+    return differences(stored, software_versions()) if isinstance(stored, dict) else []
 
 
 def _base_on_sweep_seeds(
@@ -403,11 +422,16 @@ def _stored_sweep_baseline(cfg: HarnessConfig, root: Path) -> dict[str, float]:
 
 
 def reproduction(
-    setting: str, stored: dict[str, float], now: dict[str, float]
+    setting: str,
+    stored: dict[str, float],
+    now: dict[str, float],
+    packages: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """The base model's scores now against the study's, same seeds and ``setting``:
-    ``{"setting", "sweep", "now", "difference", "reproduced"}``, or None when either side
-    has none of the metrics. ``reproduced``: every |difference| <= REPRODUCTION_TOLERANCE."""
+    ``{"setting", "sweep", "now", "difference", "reproduced", "packages"}``, or None when
+    either side has none of the metrics. ``reproduced``: every |difference| <=
+    REPRODUCTION_TOLERANCE; ``packages``: those whose versions changed since the study began
+    (:func:`harness.sweep.environment.differences`), the likely cause when it is not."""
     metrics = [m for m in METRICS if m in stored and m in now]
     if not metrics:
         return None
@@ -418,6 +442,7 @@ def reproduction(
         "now": {m: float(now[m]) for m in metrics},
         "difference": difference,
         "reproduced": all(abs(d) <= REPRODUCTION_TOLERANCE for d in difference.values()),
+        "packages": list(packages),
     }
 
 
@@ -426,12 +451,18 @@ def reproduction_warning(check: dict[str, Any]) -> str:
     scores = ", ".join(
         f"{m} {check['sweep'][m]:.3f} in the study, {check['now'][m]:.3f} now" for m in check["now"]
     )
+    changed = check.get("packages") or []
+    cause = (
+        f"packages changed since the study began: {', '.join(changed)}"
+        if changed
+        else "an upgrade of the harness, a hub revision that moved, other hardware"
+    )
     return (
         f"WARNING: the base model on the sweep's seeds ({check['setting']}) no longer gives the "
         f"study's scores ({scores}): the study's points were made by other models, code or "
-        "hardware (an upgrade of the harness or diffusers, a hub revision that moved), so their "
-        "sweep scores, shrinkage and selection bias do not compare with today's confirmation. "
-        "Sweep again in a new study (-S sweep.study_name=<new name>)"
+        f"hardware ({cause}), so their sweep scores, shrinkage and selection bias do not "
+        "compare with today's confirmation. Sweep again in a new study "
+        "(-S sweep.study_name=<new name>)"
     )
 
 

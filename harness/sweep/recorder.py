@@ -360,10 +360,17 @@ class ResultsTable(SweepSink):
     def point_scored(self, point: ScoredPoint) -> None:
         write_point_rows(self.store, point, self.root)
 
+    def _environment(self) -> dict[str, str] | None:
+        """The packages the study was started with (harness.sweep.environment), if stored."""
+        from harness.sweep.environment import ENVIRONMENT_ATTR
+
+        stored = self.studies.runs.user_attrs.get(ENVIRONMENT_ATTR)
+        return dict(stored) if isinstance(stored, dict) else None
+
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
-        write_results(frame, self.out_dir, objectives, self.studies.name)
+        write_results(frame, self.out_dir, objectives, self.studies.name, self._environment())
         write_subject_results(self.studies.points, frame, self.out_dir)
         write_score_tables(frame, self.store, self.out_dir)
         write_plots(self.cfg, frame, self.studies, self.out_dir)
@@ -371,7 +378,9 @@ class ResultsTable(SweepSink):
     def sweep_finished(self, summary: SweepSummary) -> None:
         from harness.sweep.summary import write_metrics
 
-        write_results(summary.frame, self.out_dir, objective_names(self.cfg), self.studies.name)
+        objectives = objective_names(self.cfg)
+        environment = self._environment()
+        write_results(summary.frame, self.out_dir, objectives, self.studies.name, environment)
         write_subject_results(self.studies.points, summary.frame, self.out_dir)
         write_score_tables(summary.frame, self.store, self.out_dir)
         write_plots(self.cfg, summary.frame, self.studies, self.out_dir)

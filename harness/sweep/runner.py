@@ -46,6 +46,7 @@ from harness.sweep._base import (
 )
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
+from harness.sweep.environment import ENVIRONMENT_ATTR, join_environment, software_versions
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
 from harness.sweep.retry import StorageUnreachable, unreachable_in
@@ -200,6 +201,7 @@ class _Objective:
         self.studies, self.recorder = studies, recorder
         self.claims, self.worker, self.budget = claims, worker, budget
         self.settings = inference_settings(cfg)
+        self.environment = software_versions()  # recorded on every run this worker makes
         self.started = 0
         self.stops = _Stops()  # installed as the signal handlers by _optimize
         self.duplicates_in_a_row = 0
@@ -211,6 +213,7 @@ class _Objective:
         # Which worker ran this attempt (the claim moves to a retry's worker; status counts
         # each attempt for its own).
         trial.set_user_attr(WORKER_ATTR, self.worker)
+        trial.set_user_attr(ENVIRONMENT_ATTR, self.environment)
         self.started += 1
         self.duplicates_in_a_row = 0
         logger.info("run %d (%s): %s", run.number, run.key, run.params)
@@ -515,6 +518,7 @@ def run_sweep(
     claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
     claims.adopt(_runs_before_claims(studies.runs, cfg))
     worker = Worker.join(cfg, studies, claims)
+    join_environment(studies.runs)  # stores the first worker's versions, warns on others
     study_sink = StudySink(cfg, root, studies)
     tracker_sink = TrackerSink(cfg, tracker or NullTracker(), summary_task=summary_task)
     recorder = Recorder([study_sink, tracker_sink, ResultsTable(cfg, root, studies), *sinks])

@@ -189,12 +189,25 @@ def test_a_study_scored_by_other_models_is_flagged_by_dvc_repro(
     before = references["baseline"]["dino"]
     references["baseline"]["dino"] = before + 0.2
     study.set_user_attr("references", references)
+    # The packages it was started with (every run records them too).
+    environment = study.user_attrs["environment"]
+    assert all(t.user_attrs["environment"] == environment for t in study.trials)
+    installed = environment["diffusers"]
+    study.set_user_attr("environment", {**environment, "diffusers": "0.0.1"})
 
     output = dvc(repo, env, "repro", "--force")  # as after an upgrade: every stage reruns
     assert "Running stage 'sweep'" in output and "Running stage 'evaluate'" in output
+    # The sweep stage's worker joins the study (no run left, so no model loads) and warns
+    # (a log line: stderr, which run_ok puts after stdout).
+    changed = f"diffusers {installed} (the study's: 0.0.1)"
+    assert f"packages differ from those study {study.study_name} was started with: {changed}" in (
+        output
+    )
     warning = f"dino {before + 0.2:.3f} in the study, {before:.3f} now"
-    assert "WARNING: the base model on the sweep's seeds" in output and warning in output
-    assert "sweep.study_name" in output
+    evaluate = output.split("Running stage 'evaluate'", 1)[1]
+    assert "WARNING: the base model on the sweep's seeds" in evaluate and warning in evaluate
+    assert f"packages changed since the study began: {changed}" in evaluate
+    assert "sweep.study_name" in evaluate
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["sweep_reproduced"] is False
     assert metrics["sweep_baseline_difference"]["dino"] == pytest.approx(-0.2, abs=1e-9)

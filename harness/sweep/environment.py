@@ -1,0 +1,89 @@
+"""The packages a sweep's images and scores depend on: stored in the study, compared on joining.
+
+A study keeps its points across code changes, so that it resumes. A worker whose packages
+differ from those the study was started with (a cluster node with another diffusers, an
+upgrade between two ``dvc repro`` runs) adds points generated or scored by other code, which
+may not compare with the study's. The first worker stores its versions in the study; every
+later worker compares its own and logs one warning naming each package that differs; every
+run records the versions that made it (trial user attribute ``environment``). Nothing is
+refused: other versions often give the same images, and the evaluate stage checks the effect
+itself (:func:`harness.sweep.confirm.reproduction`).
+
+Versions are read from the installed distributions' metadata: nothing is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Mapping
+
+import optuna
+
+__all__ = [
+    "ENVIRONMENT_ATTR",
+    "PACKAGES",
+    "differences",
+    "join_environment",
+    "software_versions",
+]
+
+logger = logging.getLogger(__name__)
+
+ENVIRONMENT_ATTR = "environment"
+# What generates the images (torch, diffusers, peft, transformers, accelerate) and what scores
+# them (timm's DINO, open_clip's CLIP, lpips' DIV). The harness itself is not listed: its
+# package version does not follow its commits, and a change of the tiny models it makes is in
+# every identity already (harness.config.TINY_VERSION).
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "peft",
+    "transformers",
+    "accelerate",
+    "timm",
+    "open_clip_torch",
+    "lpips",
+)
+ABSENT = "absent"
+
+
+def software_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """``{package: installed version}``, ``"absent"`` for one not installed."""
+    found = {}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = ABSENT
+    return found
+
+
+def differences(study: Mapping[str, str], mine: Mapping[str, str]) -> list[str]:
+    """``"diffusers 0.42.1 (the study's: 0.41.0)"`` for each package whose version differs;
+    a package only one side records is not compared (an older harness listed fewer)."""
+    return [
+        f"{name} {mine[name]} (the study's: {study[name]})"
+        for name in PACKAGES
+        if name in study and name in mine and study[name] != mine[name]
+    ]
+
+
+def join_environment(study: optuna.Study, mine: Mapping[str, str] | None = None) -> list[str]:
+    """Store this worker's versions in ``study`` when it has none (the first worker), else
+    compare them with the stored ones; return (and log as one warning) the differences."""
+    mine = dict(mine or software_versions())
+    stored = study.user_attrs.get(ENVIRONMENT_ATTR)
+    if not isinstance(stored, dict):
+        study.set_user_attr(ENVIRONMENT_ATTR, mine)
+        return []
+    found = differences(stored, mine)
+    if found:
+        logger.warning(
+            "this worker's packages differ from those study %s was started with: %s; the "
+            "images and scores of its runs may not compare with the study's (for results "
+            "of one environment, sweep in a new study: -S sweep.study_name=<new name>)",
+            study.study_name,
+            ", ".join(found),
+        )
+    return found

@@ -263,7 +263,9 @@ def test_a_rungs_images_are_reused_and_the_scores_equal_a_fresh_evaluation(
                 for d, i in ((tmp_path, a), (fresh_dir, b))
             ]
             assert np.abs(pixels[0] - pixels[1]).max() <= 2
-        assert again.scores == pytest.approx(before.scores, rel=1e-3)
+        # abs too: the diversities of near-identical images are ~1e-3, where a pixel level
+        # moves the last digits by more than 1e-3 of the value.
+        assert again.scores == pytest.approx(before.scores, rel=1e-3, abs=1e-5)
         assert [row["dino"] for row in again.per_image] == pytest.approx(
             [row["dino"] for row in before.per_image], rel=1e-3
         )

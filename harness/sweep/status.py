@@ -7,11 +7,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
 from harness.sweep.claims import WorkerSlot, open_claims
+from harness.sweep.environment import ENVIRONMENT_ATTR, differences
 from harness.sweep.space import run_budget
 from harness.sweep.study import (
     BUDGET_ATTR,
@@ -45,6 +47,8 @@ class SweepStatus:
     started: bool = True
     queued: list[str] = field(default_factory=list)  # "run 4, the retry of run 2 (reason)"
     given_up: dict[int, str] = field(default_factory=dict)  # run -> why it is not retried
+    # "runs 3, 4 made with diffusers 0.43.0 (the study's: 0.42.1)": other package versions.
+    environments: list[str] = field(default_factory=list)
 
     @property
     def left(self) -> int | None:
@@ -82,6 +86,7 @@ class SweepStatus:
         ]
         out += [f"queued: {line}" for line in self.queued]
         out += [f"failed: run {n}, {why}" for n, why in sorted(self.given_up.items())]
+        out += [f"environment: {line}" for line in self.environments]
         for w in self.workers:
             alive = self._alive(w, now)
             seen = "live" if alive else f"gone (last seen {max(now - w.seen_at, 0):.0f} s ago)"
@@ -136,7 +141,25 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
         grace_s=float(cfg.sweep.grace_period_s or 2 * cfg.sweep.heartbeat_interval_s),
         queued=_queued(trials),
         given_up=given_up_runs(studies.runs),
+        environments=_other_environments(trials, studies.runs.user_attrs.get(ENVIRONMENT_ATTR)),
     )
+
+
+def _other_environments(trials: list[FrozenTrial], study: Any) -> list[str]:
+    """One line per set of package versions other than the study's, with the runs made so
+    (harness.sweep.environment; runs from before it was recorded are not counted)."""
+    if not isinstance(study, dict):
+        return []
+    runs: dict[str, list[int]] = {}
+    for t in trials:
+        mine = t.user_attrs.get(ENVIRONMENT_ATTR)
+        found = differences(study, mine) if isinstance(mine, dict) else []
+        if found:
+            runs.setdefault(", ".join(found), []).append(t.number)
+    return [
+        f"run{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} made with {what}"
+        for what, numbers in runs.items()
+    ]
 
 
 def _queued(trials: list[FrozenTrial]) -> list[str]:

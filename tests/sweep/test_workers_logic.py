@@ -872,3 +872,29 @@ def test_a_requeued_worker_of_the_same_name_retries_the_run_its_predecessor_left
         second.kill()
         pytest.fail("the requeued worker waited for its predecessor's dead run")
     assert out.get(timeout=5) == 2
+
+
+def test_status_names_the_runs_made_with_other_package_versions(tmp_path: Path) -> None:
+    """A cluster node with another diffusers: its runs are in the study next to the others';
+    status says which runs and which versions."""
+    from harness.sweep.environment import ENVIRONMENT_ATTR, software_versions
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=3)
+    run_sweep(cfg, tmp_path, FakeBackend())
+    runs = open_studies(cfg, tmp_path).runs
+    assert runs.user_attrs[ENVIRONMENT_ATTR] == software_versions()
+    assert all(t.user_attrs[ENVIRONMENT_ATTR] == software_versions() for t in runs.trials)
+    assert not [line for line in sweep_status(cfg, tmp_path).lines() if "environment" in line]
+    other = {**software_versions(), "diffusers": "0.43.0"}
+    for _ in range(2):  # runs of a worker with another diffusers (they failed, as it happens)
+        runs.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.FAIL, user_attrs={ENVIRONMENT_ATTR: other, "worker": "node-b"}
+            )
+        )
+    (line,) = [line for line in sweep_status(cfg, tmp_path).lines() if "environment" in line]
+    study_version = software_versions()["diffusers"]
+    assert (
+        line == f"environment: runs 3, 4 made with diffusers 0.43.0 (the study's: {study_version})"
+    )

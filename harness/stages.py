@@ -280,6 +280,7 @@ def run_sweep_stage(
     with nothing left to run (:func:`~harness.sweep.runner.has_work`) loads neither.
     """
     from harness.models import resolve_device
+    from harness.models.identity import model_identity
     from harness.sweep import open_studies, run_sweep
     from harness.sweep._base import LazyBackend
     from harness.sweep.progress import SweepProgress
@@ -302,10 +303,22 @@ def run_sweep_stage(
 
     # A study with work loads the models now, so a missing weight fails before the first run;
     # a finished one is summarised without them (built after all if a run turns up).
-    backend = build() if has_work(cfg, studies) else LazyBackend(build)
+    model: dict[str, str] | None = None  # the weights' identity, once loaded (checked)
+    if has_work(cfg, studies):
+        backend = build()
+        model = model_identity(cfg.model, root)
+    else:
+        backend = LazyBackend(build)
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(
-        cfg, root, backend, tracker, studies=studies, sinks=sinks, summary_task=summary_task
+        cfg,
+        root,
+        backend,
+        tracker,
+        studies=studies,
+        sinks=sinks,
+        summary_task=summary_task,
+        model=model,
     )
 
 

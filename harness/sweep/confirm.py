@@ -381,18 +381,26 @@ def _study_check(
 ) -> dict[str, Any] | None:
     """:func:`reproduction` of the study's stored baseline (``eval``'s setting)."""
     checked = base_setting(cfg.eval.setting).id
-    return reproduction(checked, stored, swept.get(checked, {}), _package_changes(cfg, root))
+    packages, model = _changes_since_study(cfg, root)
+    return reproduction(checked, stored, swept.get(checked, {}), packages, model)
 
 
-def _package_changes(cfg: HarnessConfig, root: Path) -> list[str]:
-    """The packages whose versions here differ from those the study was started with
-    (``<sweep.dir>/summary.json``'s ``environment``; none recorded: none)."""
+def _changes_since_study(cfg: HarnessConfig, root: Path) -> tuple[list[str], str | None]:
+    """The packages whose versions here differ from those the study was started with, and
+    how the model's weights differ from its (``<sweep.dir>/summary.json``'s ``environment``
+    and ``model``; not recorded: no change)."""
+    from harness.models.identity import identity_change, model_identity
     from harness.sweep.environment import differences, software_versions
     from harness.sweep.results import SUMMARY_JSON
 
     path = root / cfg.sweep.dir / SUMMARY_JSON
-    stored = read_json_object(path, "harness sweep", EvaluateError).get("environment")
-    return differences(stored, software_versions()) if isinstance(stored, dict) else []
+    summary = read_json_object(path, "harness sweep", EvaluateError)
+    stored, model = summary.get("environment"), summary.get("model")
+    packages = differences(stored, software_versions()) if isinstance(stored, dict) else []
+    weights = None
+    if isinstance(model, dict):
+        weights = identity_change(model, model_identity(cfg.model, root))
+    return packages, weights
 
 
 def _base_on_sweep_seeds(
@@ -426,12 +434,14 @@ def reproduction(
     stored: dict[str, float],
     now: dict[str, float],
     packages: Sequence[str] = (),
+    model: str | None = None,
 ) -> dict[str, Any] | None:
     """The base model's scores now against the study's, same seeds and ``setting``:
-    ``{"setting", "sweep", "now", "difference", "reproduced", "packages"}``, or None when
-    either side has none of the metrics. ``reproduced``: every |difference| <=
+    ``{"setting", "sweep", "now", "difference", "reproduced", "packages", "model"}``, or None
+    when either side has none of the metrics. ``reproduced``: every |difference| <=
     REPRODUCTION_TOLERANCE; ``packages``: those whose versions changed since the study began
-    (:func:`harness.sweep.environment.differences`), the likely cause when it is not."""
+    (:func:`harness.sweep.environment.differences`), ``model``: how the weights changed
+    (:func:`harness.models.identity.identity_change`), the likely causes when it is not."""
     metrics = [m for m in METRICS if m in stored and m in now]
     if not metrics:
         return None
@@ -443,6 +453,7 @@ def reproduction(
         "difference": difference,
         "reproduced": all(abs(d) <= REPRODUCTION_TOLERANCE for d in difference.values()),
         "packages": list(packages),
+        "model": model,
     }
 
 
@@ -452,10 +463,13 @@ def reproduction_warning(check: dict[str, Any]) -> str:
         f"{m} {check['sweep'][m]:.3f} in the study, {check['now'][m]:.3f} now" for m in check["now"]
     )
     changed = check.get("packages") or []
+    causes = []  # none recorded (an older references.json): the usual suspects
+    if check.get("model"):
+        causes.append(f"the model's weights changed since the study began: {check['model']}")
+    if changed:
+        causes.append(f"packages changed since the study began: {', '.join(changed)}")
     cause = (
-        f"packages changed since the study began: {', '.join(changed)}"
-        if changed
-        else "an upgrade of the harness, a hub revision that moved, other hardware"
+        "; ".join(causes) or "an upgrade of the harness, a hub revision that moved, other hardware"
     )
     return (
         f"WARNING: the base model on the sweep's seeds ({check['setting']}) no longer gives the "

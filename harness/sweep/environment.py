@@ -10,6 +10,10 @@ refused: other versions often give the same images, and the evaluate stage check
 itself (:func:`harness.sweep.confirm.reproduction`).
 
 Versions are read from the installed distributions' metadata: nothing is imported.
+
+The model's weights are another matter: other weights never give the same images. A worker
+whose weights differ from the study's (:func:`harness.models.identity.model_identity`: the hub
+commit, a digest of local files) is refused before it trains (:func:`join_model`).
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ import optuna
 
 __all__ = [
     "ENVIRONMENT_ATTR",
+    "MODEL_ATTR",
     "PACKAGES",
     "differences",
     "join_environment",
+    "join_model",
     "software_versions",
 ]
 
 logger = logging.getLogger(__name__)
 
 ENVIRONMENT_ATTR = "environment"
+MODEL_ATTR = "model"
 # What generates the images (torch, diffusers, peft, transformers, accelerate) and what scores
 # them (timm's DINO, open_clip's CLIP, lpips' DIV). The harness itself is not listed: its
 # package version does not follow its commits, and a change of the tiny models it makes is in
@@ -87,3 +94,38 @@ def join_environment(study: optuna.Study, mine: Mapping[str, str] | None = None)
             ", ".join(found),
         )
     return found
+
+
+def join_model(study: optuna.Study, identity: Mapping[str, str]) -> None:
+    """Store the identity of this worker's model weights in ``study`` when it has none (the
+    first worker with work), else compare.
+
+    Raises:
+        SweepError: the weights differ from those the study was started with; the message says
+            how to go on with the study's weights or sweep the new ones in a new study.
+    """
+    from harness.models.identity import identity_change
+    from harness.sweep.study import SweepError
+
+    stored = study.user_attrs.get(MODEL_ATTR)
+    if not isinstance(stored, dict):
+        study.set_user_attr(MODEL_ATTR, dict(identity))
+        return
+    change = identity_change(stored, identity)
+    if change is None:
+        return
+    # The study's name follows the configuration, model.revision included: pinning the old
+    # commit now would open another study, so the advice for hub models is for the next one.
+    hub = (
+        f" (the study's commit: {stored['commit']}; a model.revision pinned to a commit keeps "
+        "a study on one)"
+        if "commit" in stored
+        else ""
+    )
+    raise SweepError(
+        f"model.pretrained {identity.get('model')!r}: these weights are not those study "
+        f"{study.study_name} was started with ({change}); runs made with them would not "
+        "compare with the study's, so this worker trains none (the study's results stay as "
+        "they are). To go on with the study, give this worker the study's weights again"
+        f"{hub}; to sweep these weights, start a new study: -S sweep.study_name=<new name>"
+    )

@@ -360,17 +360,22 @@ class ResultsTable(SweepSink):
     def point_scored(self, point: ScoredPoint) -> None:
         write_point_rows(self.store, point, self.root)
 
-    def _environment(self) -> dict[str, str] | None:
-        """The packages the study was started with (harness.sweep.environment), if stored."""
-        from harness.sweep.environment import ENVIRONMENT_ATTR
+    def _provenance(self) -> dict[str, dict[str, str]]:
+        """The packages and the model weights the study was started with, those stored
+        (harness.sweep.environment)."""
+        from harness.sweep.environment import ENVIRONMENT_ATTR, MODEL_ATTR
 
-        stored = self.studies.runs.user_attrs.get(ENVIRONMENT_ATTR)
-        return dict(stored) if isinstance(stored, dict) else None
+        attrs = self.studies.runs.user_attrs
+        return {
+            key: dict(attrs[key])
+            for key in (ENVIRONMENT_ATTR, MODEL_ATTR)
+            if isinstance(attrs.get(key), dict)
+        }
 
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
-        write_results(frame, self.out_dir, objectives, self.studies.name, self._environment())
+        write_results(frame, self.out_dir, objectives, self.studies.name, self._provenance())
         write_subject_results(self.studies.points, frame, self.out_dir)
         write_score_tables(frame, self.store, self.out_dir)
         write_plots(self.cfg, frame, self.studies, self.out_dir)
@@ -379,8 +384,8 @@ class ResultsTable(SweepSink):
         from harness.sweep.summary import write_metrics
 
         objectives = objective_names(self.cfg)
-        environment = self._environment()
-        write_results(summary.frame, self.out_dir, objectives, self.studies.name, environment)
+        provenance = self._provenance()
+        write_results(summary.frame, self.out_dir, objectives, self.studies.name, provenance)
         write_subject_results(self.studies.points, summary.frame, self.out_dir)
         write_score_tables(summary.frame, self.store, self.out_dir)
         write_plots(self.cfg, summary.frame, self.studies, self.out_dir)

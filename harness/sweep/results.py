@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -215,12 +216,12 @@ def write_results(
     out_dir: Path,
     objectives: list[str],
     study: str | None = None,
-    environment: dict[str, str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (point count, Pareto
-    rows, the ``study`` the points are of and the package versions it was started with,
-    ``environment``) of a :func:`points_frame`; return the two table paths and the Pareto
-    rows."""
+    rows, the ``study`` the points are of and its ``provenance``: the package versions it was
+    started with, ``environment``, and its model weights, ``model``) of a
+    :func:`points_frame`; return the two table paths and the Pareto rows."""
     csv_path, parquet_path = results_paths(out_dir)
     pareto = pareto_rows(frame, objectives)
     content: dict[str, Any] = {"points": len(frame), "pareto": pareto}
@@ -229,8 +230,7 @@ def write_results(
         # metrics.json is written only when a sweep ends, so after an interrupted sweep of
         # another configuration it names the previous study while the tables are the new one's.
         content["study"] = study
-    if environment is not None:
-        content["environment"] = environment
+    content.update(provenance or {})
     summary = json.dumps(content, indent=2, sort_keys=True)
     with replaced_together(csv_path, parquet_path, out_dir / SUMMARY_JSON) as (csv, pq, js):
         frame.to_csv(csv, index=False)

@@ -46,7 +46,12 @@ from harness.sweep._base import (
 )
 from harness.sweep.adaptive import evaluate_points
 from harness.sweep.claims import Claims, open_claims
-from harness.sweep.environment import ENVIRONMENT_ATTR, join_environment, software_versions
+from harness.sweep.environment import (
+    ENVIRONMENT_ATTR,
+    join_environment,
+    join_model,
+    software_versions,
+)
 from harness.sweep.recorder import Recorder, ResultsTable, StudySink, TrackerSink
 from harness.sweep.results import remove_unkept_adapters
 from harness.sweep.retry import StorageUnreachable, unreachable_in
@@ -502,6 +507,7 @@ def run_sweep(
     studies: Studies | None = None,
     sinks: Sequence[SweepSink] = (),
     summary_task: bool = True,
+    model: Mapping[str, str] | None = None,
 ) -> SweepSummary:
     """Run (or continue) the sweep until its budget is spent; record everything on the way.
 
@@ -509,16 +515,20 @@ def run_sweep(
     a plain worker: its runs only, no summary task), the results table and any extra
     ``sinks``. Re-running continues the same study: finished runs are not repeated;
     interrupted and dead runs are retried first with the same parameters (the trainer resumes
-    from the last checkpoint).
+    from the last checkpoint). ``model`` is the identity of the loaded model's weights
+    (:func:`harness.models.identity.model_identity`; None: none loaded, nothing checked).
 
     Raises:
-        SweepError: when the stored study was created with a different configuration.
+        SweepError: when the stored study was created with a different configuration or
+            other model weights.
     """
     studies = studies or open_studies(cfg, root)
     claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
     claims.adopt(_runs_before_claims(studies.runs, cfg))
-    worker = Worker.join(cfg, studies, claims)
     join_environment(studies.runs)  # stores the first worker's versions, warns on others
+    if model is not None:  # before the worker joins: a refused one leaves no trace
+        join_model(studies.runs, model)  # stores the first weights, refuses others
+    worker = Worker.join(cfg, studies, claims)
     study_sink = StudySink(cfg, root, studies)
     tracker_sink = TrackerSink(cfg, tracker or NullTracker(), summary_task=summary_task)
     recorder = Recorder([study_sink, tracker_sink, ResultsTable(cfg, root, studies), *sinks])

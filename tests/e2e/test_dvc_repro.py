@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -194,6 +195,10 @@ def test_a_study_scored_by_other_models_is_flagged_by_dvc_repro(
     assert all(t.user_attrs["environment"] == environment for t in study.trials)
     installed = environment["diffusers"]
     study.set_user_attr("environment", {**environment, "diffusers": "0.0.1"})
+    # And the weights it was started with (a digest of the tiny model's files).
+    weights = study.user_attrs["model"]
+    assert weights["model"] == "tiny://sd15" and len(weights["weights"]) == 64
+    study.set_user_attr("model", {**weights, "weights": "0" * 64})
 
     output = dvc(repo, env, "repro", "--force")  # as after an upgrade: every stage reruns
     assert "Running stage 'sweep'" in output and "Running stage 'evaluate'" in output
@@ -207,6 +212,8 @@ def test_a_study_scored_by_other_models_is_flagged_by_dvc_repro(
     evaluate = output.split("Running stage 'evaluate'", 1)[1]
     assert "WARNING: the base model on the sweep's seeds" in evaluate and warning in evaluate
     assert f"packages changed since the study began: {changed}" in evaluate
+    moved = f"weights {weights['weights'][:12]} (the study's: {'0' * 12})"
+    assert f"the model's weights changed since the study began: {moved}" in evaluate
     assert "sweep.study_name" in evaluate
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["sweep_reproduced"] is False
@@ -216,6 +223,49 @@ def test_a_study_scored_by_other_models_is_flagged_by_dvc_repro(
     shown = json.loads(dvc(repo, env, "metrics", "show", "--json"))
     (workspace,) = shown.values()
     assert workspace["data"]["reports/metrics.json"]["data"]["sweep_reproduced"] is False
+
+
+def test_a_worker_with_retrained_weights_is_refused_and_the_study_is_kept(
+    reproduced: tuple[Path, dict[str, str], str], tmp_path: Path
+) -> None:
+    """The same `model.pretrained`, other weights (a hub repository's main moved, a local
+    checkpoint was replaced; here the tiny model's UNet, retrained a little): a worker that
+    would add runs to the study is refused before it trains, in one line that says why and
+    what to do; the study and its results are as they were."""
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "project"
+    shutil.copytree(reproduced[0], repo, symlinks=True)
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(os.environ["HARNESS_CACHE_DIR"]) / "tiny", cache / "tiny")
+    (unet,) = (cache / "tiny").glob("sd15-*/unet/diffusion_pytorch_model.safetensors")
+    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    env = {**reproduced[1], "HARNESS_CACHE_DIR": str(cache)}
+    storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"
+    names = optuna.get_all_study_names(storage)
+    trials = {
+        name: len(optuna.load_study(study_name=name, storage=storage).trials) for name in names
+    }
+    results = (repo / "runs/sweep/results.csv").read_bytes()
+    more = "sweep.n_trials=3"  # one run more than the study has: this worker has work
+    proc = subprocess.run(
+        [str(VENV_BIN / "harness"), "-S", more, "sweep"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # a user error, as the others
+    assert "Traceback" not in proc.stderr
+    assert "model.pretrained 'tiny://sd15': these weights are not those study" in proc.stderr
+    assert "(weights " in proc.stderr and "-S sweep.study_name=<new name>" in proc.stderr
+    after = {
+        name: len(optuna.load_study(study_name=name, storage=storage).trials) for name in names
+    }
+    assert after == trials
+    assert (repo / "runs/sweep/results.csv").read_bytes() == results
 
 
 def test_harness_export_writes_a_lora_whose_card_reproduces_the_best_point(

@@ -365,6 +365,31 @@ def test_the_base_model_must_reproduce_the_sweeps_own_baseline(tmp_path: Path) -
     assert references["reproduction"]["setting"] == eval_base.id
 
 
+def test_the_warning_names_the_weights_that_changed_since_the_study_began(tmp_path: Path) -> None:
+    """The study's summary records its weights (harness.models.identity): when the base model
+    no longer reproduces the study, the warning says whether the weights are the cause."""
+    from harness.models.identity import model_identity
+    from harness.sweep.results import SUMMARY_JSON
+
+    cfg = make_cfg()
+    summary = tmp_path / cfg.sweep.dir / SUMMARY_JSON
+    _sweep_baseline(tmp_path, cfg, dino=0.42)
+    today = model_identity(cfg.model, tmp_path)
+    summary.write_text(json.dumps({"model": today}))
+    result, _ = confirm(tmp_path, cfg)
+    (warning,) = [line for line in result.describe() if "WARNING" in line]
+    assert "weights changed" not in warning  # the same weights: another cause
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["reproduction"]["model"] is None
+    summary.write_text(json.dumps({"model": {**today, "weights": "0" * 64}}))
+    result, _ = confirm(tmp_path, cfg)
+    (warning,) = [line for line in result.describe() if "WARNING" in line]
+    change = f"weights {today['weights'][:12]} (the study's: {'0' * 12})"
+    assert f"the model's weights changed since the study began: {change}" in warning
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["reproduction"]["model"] == change
+
+
 def test_without_a_stored_sweep_baseline_nothing_is_checked(tmp_path: Path) -> None:
     cfg = make_cfg()
     _, backend = confirm(tmp_path, cfg)  # no runs/sweep/metrics.json

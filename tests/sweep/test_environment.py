@@ -1,21 +1,33 @@
-"""The packages a study was started with: stored by its first worker, compared by the others,
+"""The packages and model weights a study was started with: stored by its first worker,
+compared by the others (other packages: a warning; other weights: refused), the packages
 recorded on every run (harness.sweep.environment)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
+from pathlib import Path
 
 import optuna
 import pytest
 
+from harness.config import HarnessConfig
+from harness.sweep import open_studies, run_sweep
+from harness.sweep.claims import WorkerSlot, open_claims
 from harness.sweep.environment import (
     ENVIRONMENT_ATTR,
+    MODEL_ATTR,
     PACKAGES,
     differences,
     join_environment,
+    join_model,
     software_versions,
 )
+from harness.sweep.study import Studies, SweepError
+
+from .fakes import FakeBackend
+from .test_sweep_logic import make_cfg
 
 
 def test_versions_are_the_installed_distributions() -> None:
@@ -51,3 +63,56 @@ def test_a_package_one_side_lacks_is_not_compared() -> None:
     assert differences({"torch": "2.13", "timm": "1.0"}, {"torch": "2.14", "timm": "1.0"}) == [
         "torch 2.14 (the study's: 2.13)"
     ]
+
+
+def _workers(cfg: HarnessConfig, studies: Studies) -> list[WorkerSlot]:
+    return open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s).workers()
+
+
+WEIGHTS = {"model": "tiny://sd15", "weights": "a" * 64}
+RETRAINED = {"model": "tiny://sd15", "weights": "b" * 64}
+
+
+def test_the_first_weights_are_stored_and_other_weights_are_refused() -> None:
+    study = optuna.create_study(study_name="weights")
+    join_model(study, WEIGHTS)
+    assert study.user_attrs[MODEL_ATTR] == WEIGHTS
+    join_model(study, {**WEIGHTS, "model": "/another/machine/path"})  # same files elsewhere
+    with pytest.raises(SweepError) as refused:
+        join_model(study, RETRAINED)
+    message = str(refused.value)
+    assert message.startswith("model.pretrained 'tiny://sd15': these weights are not those study")
+    assert f"weights {'b' * 12} (the study's: {'a' * 12})" in message
+    assert "-S sweep.study_name=<new name>" in message and "commit" not in message
+    assert study.user_attrs[MODEL_ATTR] == WEIGHTS  # the study keeps its own
+
+
+def test_a_hub_model_whose_main_moved_is_refused_with_the_studys_commit() -> None:
+    study = optuna.create_study(study_name="hub")
+    old, new = "1" * 40, "2" * 40
+    join_model(study, {"model": "owner/name", "commit": old})
+    with pytest.raises(SweepError, match=f"commit {'2' * 12} \\(the study's: {'1' * 12}\\)") as e:
+        join_model(study, {"model": "owner/name", "commit": new})
+    assert f"the study's commit: {old}" in str(e.value)
+
+
+def test_a_sweep_with_other_weights_trains_nothing_and_leaves_no_worker(tmp_path: Path) -> None:
+    """run_sweep refuses before its worker joins: the study's runs, claims and worker slots
+    are as they were, and its results table too."""
+    cfg = make_cfg(tmp_path, n_trials=2)
+    run_sweep(cfg, tmp_path, FakeBackend(), model=WEIGHTS)
+    results = (tmp_path / cfg.sweep.dir / "results.csv").read_bytes()
+    summary = json.loads((tmp_path / cfg.sweep.dir / "summary.json").read_text())
+    assert summary["model"] == WEIGHTS and summary["environment"] == software_versions()
+    studies = open_studies(cfg, tmp_path)
+    before = (len(studies.runs.trials), _workers(cfg, studies))
+    more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"n_trials": 3})})
+    backend = FakeBackend()
+    with pytest.raises(SweepError, match="these weights are not those"):
+        run_sweep(more, tmp_path, backend, model=RETRAINED)
+    assert backend.trained == []
+    studies = open_studies(more, tmp_path)
+    assert (len(studies.runs.trials), _workers(more, studies)) == before
+    assert (tmp_path / cfg.sweep.dir / "results.csv").read_bytes() == results
+    run_sweep(more, tmp_path, backend, model=WEIGHTS)  # the study's weights go on
+    assert len(backend.trained) == 1

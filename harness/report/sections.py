@@ -164,11 +164,13 @@ def leaderboard_section(cfg: HarnessConfig, inputs: ReportInputs) -> Section:
     base_drop = _base_shrinkage_sentence(table, report_metrics(cfg, table))
     if base_drop:
         paragraphs.append(base_drop)
-    check = inputs.references.get("reproduction")
-    if isinstance(check, dict) and check.get("reproduced") is False:
-        from harness.sweep.confirm import reproduction_warning
+    from harness.sweep.confirm import reproduction_warning
 
-        paragraphs.insert(0, reproduction_warning(check))
+    # Warnings first: the base model's, then the best point's (a study that is not today's).
+    checks = [inputs.references.get(k) for k in ("point_reproduction", "reproduction")]
+    for check in checks:
+        if isinstance(check, dict) and check.get("reproduced") is False:
+            paragraphs.insert(0, reproduction_warning(check))
     tables = [_leaderboard_table(cfg, table), *_settings_tables(inputs)]
     references = _references_table(cfg, inputs, report_metrics(cfg, table))
     if references is not None:

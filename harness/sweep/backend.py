@@ -118,8 +118,12 @@ class HarnessBackend:
     ) -> list[PointScores]:
         """All prompts x ``eval.images_per_prompt`` seeds under every setting, with PRES and a
         prompts x seeds grid image per setting; with ``rung``, its first prompts and seeds
-        (no PRES). Images of ``reuse`` (earlier rungs) are scored, not generated again."""
-        adapter, templates, seeds = checkpoint.path, self.templates, eval_seeds(cfg)
+        (no PRES). Images of ``reuse`` (earlier rungs) are scored, not generated again.
+
+        The prompts and seeds are ``cfg``'s: the evaluate stage's backend, made for the
+        held-out prompts, scores the sweep's best point on the sweep's own too."""
+        adapter, seeds = checkpoint.path, eval_seeds(cfg)
+        templates = evaluation_templates(cfg, self.subject)
         full = len(templates) * len(seeds)
         if rung is not None:
             templates, seeds = templates[: rung.prompts], seeds[: rung.images_per_prompt]

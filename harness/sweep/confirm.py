@@ -152,8 +152,16 @@ class Confirmation:
     # seeds alone change (``shrinkage_base``), which selection has no part in.
     baselines_sweep: dict[str, dict[str, float]] = field(default_factory=dict)
     # The base model now against the study's stored baseline (:func:`reproduction`); None
-    # when the sweep stored none.
+    # when the sweep stored none. And the best point now against its own sweep scores, same
+    # seeds and prompts: what the base model cannot show (the adapter, its loading, PEFT).
     reproduction: dict[str, Any] | None = None
+    point_reproduction: dict[str, Any] | None = None
+
+    @property
+    def reproduced(self) -> bool | None:
+        """Whether today's code and models give the study's scores (None: nothing checked)."""
+        checks = [c for c in (self.reproduction, self.point_reproduction) if c is not None]
+        return all(c["reproduced"] for c in checks) if checks else None
 
     def describe(self) -> list[str]:
         """One line per confirmed point (sweep vs confirmation scores) and one for the base."""
@@ -181,8 +189,9 @@ class Confirmation:
                 f"{m} {swept[m]:.3f}" for m in METRICS if m in swept
             )
         lines.append(f"baseline (no adapter, fresh seeds{under}): {shown}")
-        if self.reproduction is not None and not self.reproduction["reproduced"]:
-            lines.append(reproduction_warning(self.reproduction))
+        for check in (self.reproduction, self.point_reproduction):
+            if check is not None and not check["reproduced"]:
+                lines.append(reproduction_warning(check))
         return lines
 
 
@@ -323,7 +332,8 @@ def confirm_points(
     progress: bool = True,
 ) -> Confirmation:
     """Re-score every selected point, then the base model, on the confirmation seeds; and the
-    base model on the sweep's seeds (its own shrinkage; the study's baseline reproduced).
+    base model on the sweep's seeds (its own shrinkage; the study's baseline reproduced), and
+    the best point there too (its sweep scores reproduced).
 
     ``backend`` must have been made for :func:`confirmation_config` (its prompts); the table
     has one row per selected point, in selection order (best first).
@@ -337,7 +347,7 @@ def confirm_points(
     stored, checked = _stored_sweep_baseline(cfg, root), base_setting(cfg.eval.setting)
     on_sweep = [*bases, *([checked] if stored and checked.id not in {b.id for b in bases} else [])]
     rows, images = [], []
-    total = len(records) + len(bases) + len(on_sweep)
+    total = len(records) + len(bases) + len(on_sweep) + 1
     with tqdm(total=total, desc="evaluate", unit="point", disable=not progress) as bar:
         for row, setting, base in zip(records, settings, base_of, strict=True):
             checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
@@ -355,9 +365,8 @@ def confirm_points(
             found[base.id], baseline = _references(backend, with_setting(fresh, base), baseline_dir)
             images += confirmed_image_rows(root, baseline) if baseline is not None else []
             bar.update()
-        swept = _base_on_sweep_seeds(
-            cfg, backend, on_sweep, _fresh_dir(out / "baseline-sweep"), bar
-        )
+        swept = _base_on_sweep_seeds(cfg, backend, on_sweep, out, bar)
+        again = _best_on_sweep_seeds(cfg, root, backend, records[0], settings[0], out, bar)
     for row, base in zip(rows, base_of, strict=True):
         row["baseline_setting"] = base.id
         scores = found[base.id].get("baseline", {})
@@ -373,6 +382,7 @@ def confirm_points(
         baselines={k: v["baseline"] for k, v in found.items() if "baseline" in v},
         baselines_sweep={k: v for k, v in swept.items() if v},
         reproduction=_study_check(cfg, root, stored, swept),
+        point_reproduction=again,
     )
 
 
@@ -383,6 +393,31 @@ def _study_check(
     checked = base_setting(cfg.eval.setting).id
     packages, model = _changes_since_study(cfg, root)
     return reproduction(checked, stored, swept.get(checked, {}), packages, model)
+
+
+def _best_on_sweep_seeds(
+    cfg: HarnessConfig,
+    root: Path,
+    backend: ScoringBackend,
+    row: dict[str, Any],
+    setting: InferenceSetting,
+    out: Path,
+    bar: Any,
+) -> dict[str, Any] | None:
+    """The sweep's best point generated again on the sweep's own prompts and seeds: its
+    :func:`reproduction` against the scores the sweep recorded for it."""
+    checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
+    (now,) = backend.evaluate(cfg, checkpoint, [setting], _fresh_dir(out / "best-sweep"))
+    bar.update()
+    stored = {k.removeprefix("score."): v for k, v in row.items() if k.startswith("score.")}
+    packages, model = _changes_since_study(cfg, root)
+    check = reproduction(setting.id, stored, now.scores, packages, model)
+    if check is not None:
+        check["what"] = (
+            f"the sweep's best point (point {row['point']}, run {row['run_key']} step "
+            f"{row['checkpoint_step']})"
+        )
+    return check
 
 
 def _changes_since_study(cfg: HarnessConfig, root: Path) -> tuple[list[str], str | None]:
@@ -407,12 +442,13 @@ def _base_on_sweep_seeds(
     cfg: HarnessConfig,
     backend: ScoringBackend,
     settings: Sequence[InferenceSetting],
-    out_dir: Path,
+    out: Path,
     bar: Any,
 ) -> dict[str, dict[str, float]]:
     """The base model's scores on the sweep's own prompts and seeds under each setting, by
-    setting id (``{}`` where the backend gives no baseline)."""
+    setting id (``{}`` where the backend gives no baseline); images in ``out/baseline-sweep``."""
     swept: dict[str, dict[str, float]] = {}
+    out_dir = _fresh_dir(out / "baseline-sweep")
     for base in settings:
         swept[base.id] = _references(backend, with_setting(cfg, base), out_dir)[0].get(
             "baseline", {}
@@ -458,7 +494,8 @@ def reproduction(
 
 
 def reproduction_warning(check: dict[str, Any]) -> str:
-    """One line: the base model no longer gives the study's scores, and what to do."""
+    """One line: the base model (or ``check["what"]``) no longer gives the study's scores,
+    the likely causes, and what to do."""
     scores = ", ".join(
         f"{m} {check['sweep'][m]:.3f} in the study, {check['now'][m]:.3f} now" for m in check["now"]
     )
@@ -472,7 +509,8 @@ def reproduction_warning(check: dict[str, Any]) -> str:
         "; ".join(causes) or "an upgrade of the harness, a hub revision that moved, other hardware"
     )
     return (
-        f"WARNING: the base model on the sweep's seeds ({check['setting']}) no longer gives the "
+        f"WARNING: {check.get('what', 'the base model')} on the sweep's seeds "
+        f"({check['setting']}) no longer gives the "
         f"study's scores ({scores}): the study's points were made by other models, code or "
         f"hardware ({cause}), so their sweep scores, shrinkage and selection bias do not "
         "compare with today's confirmation. Sweep again in a new study "
@@ -590,9 +628,12 @@ def metrics_summary(
     swept = confirmation.baselines_sweep.get(confirmation.baseline_setting or "")
     if swept:
         data["baseline_sweep"] = dict(swept)
+    if confirmation.reproduced is not None:
+        data["sweep_reproduced"] = confirmation.reproduced
     if confirmation.reproduction is not None:
-        data["sweep_reproduced"] = bool(confirmation.reproduction["reproduced"])
         data["sweep_baseline_difference"] = dict(confirmation.reproduction["difference"])
+    if confirmation.point_reproduction is not None:
+        data["sweep_point_difference"] = dict(confirmation.point_reproduction["difference"])
     if confirmation.baseline_setting is not None:
         data["baseline_setting"] = confirmation.baseline_setting
     return data
@@ -617,6 +658,7 @@ def write_confirmation(cfg: HarnessConfig, root: Path, confirmation: Confirmatio
         "baselines": confirmation.baselines,
         "baselines_sweep": confirmation.baselines_sweep,
         "reproduction": confirmation.reproduction,
+        "point_reproduction": confirmation.point_reproduction,
         "seeds": confirmation.seeds,
         "held_out_prompts": cfg.evaluate.prompts,
     }

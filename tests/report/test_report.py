@@ -122,6 +122,14 @@ def test_a_sweep_the_base_model_no_longer_reproduces_is_a_warning_first(
     references["reproduction"]["reproduced"] = True
     path.write_text(json.dumps(references))
     assert "WARNING" not in _html(project)
+    # The base model reproduces, the best point does not (the adapter's way changed).
+    what = "the sweep's best point (point 3, run abc step 20)"
+    point = {**check, "what": what, "difference": {"dino": -0.161}, "reproduced": False}
+    path.write_text(json.dumps({**references, "point_reproduction": point}))
+    text = html.unescape(_html(project))
+    leaderboard = text[text.index('id="leaderboard"') :]
+    first = leaderboard[leaderboard.index("<p>") + 3 : leaderboard.index("</p>")]
+    assert first.startswith(f"WARNING: {what} on the sweep's seeds (g5-u1-t1-n4-ddim)")
 
 
 def test_pareto_steps_and_cost_numbers_equal_the_sweep_table(

@@ -37,6 +37,7 @@ SETTINGS = [
 DROP = {"dino": 0.10, "clip_i": 0.05, "clip_t": 0.02}  # what the stub's fresh seeds lose
 # What the base model itself loses from the sweep's seeds to the fresh ones (no selection).
 BASE_DROP = {"dino": 0.06, "clip_i": 0.05, "clip_t": -0.01}
+SWEPT = [10, 11, 12]  # make_cfg's sweep seeds
 
 
 def make_cfg(**evaluate: Any) -> HarnessConfig:
@@ -137,6 +138,7 @@ class StubBackend:
         self.table, self.root = table, root
         self.calls: list[dict[str, Any]] = []
         self.sweep_seeds = [10, 11, 12]  # make_cfg's; confirm() sets its config's
+        self.point_change: dict[str, float] = {}  # a point's scores moved since the sweep
 
     def evaluate(
         self,
@@ -152,9 +154,12 @@ class StubBackend:
         rel = str(checkpoint.path.relative_to(self.root))
         row = self.table[(self.table["adapter"] == rel) & (self.table["setting_id"] == setting.id)]
         assert len(row) == 1 and int(row["checkpoint_step"].item()) == checkpoint.step
+        # On the sweep's seeds a point gives its sweep scores again (unless the code changed).
+        again = eval_seeds(cfg) == self.sweep_seeds
         scores = {}
         for metric, drop in DROP.items():
-            value = float(row[f"score.{metric}"].item()) - drop
+            change = self.point_change.get(metric, 0.0) if again else -drop
+            value = float(row[f"score.{metric}"].item()) + change
             scores.update(
                 {metric: value, f"{metric}_lo": value - 0.01, f"{metric}_hi": value + 0.01}
             )
@@ -175,10 +180,13 @@ class StubBackend:
         return {"baseline": base, "real_ceiling": {"dino": 0.77, "clip_i": 0.88}}
 
 
-def confirm(root: Path, cfg: HarnessConfig) -> tuple[Any, StubBackend]:
+def confirm(
+    root: Path, cfg: HarnessConfig, point_change: dict[str, float] | None = None
+) -> tuple[Any, StubBackend]:
     table = sweep_table(root, cfg)
     backend = StubBackend(table, root)
     backend.sweep_seeds = eval_seeds(cfg)
+    backend.point_change = point_change or {}
     selected = selected_points(cfg, root, read_sweep_results(cfg, root))
     return write_confirmation(
         cfg, root, confirm_points(cfg, root, selected, backend, False)
@@ -205,15 +213,19 @@ def test_confirmation_table_has_sweep_and_fresh_scores_and_shrinkage(tmp_path: P
     assert (table["confirm.n_images"] == 6).all()
     assert table["confirm.images_dir"].str.startswith("runs/evaluate/point-").all()
     # Fresh seeds and the held-out prompts for every point and the baseline; the sweep's seeds
-    # and prompts only for the base model's own shrinkage (the test after the next).
+    # and prompts only for the base model's own shrinkage and the best point's reproduction
+    # (the tests after the next).
     fresh = [
-        c for c in backend.calls if c.get("base_prompts", cfg.evaluate.prompts) != cfg.eval.prompts
+        c for c in backend.calls if c.get("base_prompts", c.get("prompts")) != cfg.eval.prompts
     ]
     assert {tuple(c["seeds"]) for c in fresh} == {(13, 14, 15)} and len(fresh) == 3 + 2
     assert not {13, 14, 15} & set(eval_seeds(cfg))
     points = [c for c in backend.calls if "prompts" in c]
-    assert len(points) == 3 and all(c["prompts"] == cfg.evaluate.prompts for c in points)
-    assert [c["setting"] for c in points] == [SETTINGS[0].id, SETTINGS[1].id, SETTINGS[0].id]
+    assert len(points) == 3 + 1
+    assert all(c["prompts"] == cfg.evaluate.prompts for c in points[:3])
+    best, second = SETTINGS[0].id, SETTINGS[1].id
+    assert [c["setting"] for c in points] == [best, second, best, best]  # last: the reproduction
+    assert points[3]["prompts"] == cfg.eval.prompts and points[3]["seeds"] == eval_seeds(cfg)
     references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
     assert references["seeds"] == [13, 14, 15]
     assert references["held_out_prompts"] == cfg.evaluate.prompts
@@ -344,7 +356,7 @@ def test_the_base_model_must_reproduce_the_sweeps_own_baseline(tmp_path: Path) -
     eval_base = base_setting(cfg.eval.setting)
     _sweep_baseline(tmp_path, cfg)
     result, backend = confirm(tmp_path, cfg)
-    swept = [c["baseline"] for c in backend.calls if c.get("seeds") == eval_seeds(cfg)]
+    swept = [c["baseline"] for c in backend.calls if "baseline" in c and c["seeds"] == SWEPT]
     g3, g7 = (s.model_copy(update={"lora_scale": 1.0}) for s in SETTINGS)
     assert swept == [g3.id, g7.id, eval_base.id]  # the points' settings, then eval's
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
@@ -390,13 +402,42 @@ def test_the_warning_names_the_weights_that_changed_since_the_study_began(tmp_pa
     assert references["reproduction"]["model"] == change
 
 
-def test_without_a_stored_sweep_baseline_nothing_is_checked(tmp_path: Path) -> None:
+def test_without_a_stored_sweep_baseline_only_the_best_point_is_checked(tmp_path: Path) -> None:
     cfg = make_cfg()
     _, backend = confirm(tmp_path, cfg)  # no runs/sweep/metrics.json
-    swept = [c["baseline"] for c in backend.calls if c.get("seeds") == eval_seeds(cfg)]
+    swept = [c["baseline"] for c in backend.calls if "baseline" in c and c["seeds"] == SWEPT]
     assert len(swept) == 2  # the points' settings only: nothing to compare eval's with
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
-    assert "sweep_reproduced" not in metrics
+    assert "sweep_baseline_difference" not in metrics
+    assert metrics["sweep_reproduced"] is True  # the best point's own scores, always recorded
+    assert metrics["sweep_point_difference"] == pytest.approx({m: 0.0 for m in DROP})
+
+
+def test_the_best_point_must_reproduce_its_sweep_scores(tmp_path: Path) -> None:
+    """The base model reproduces the study, but the best point does not: something on the
+    adapter's way changed since the sweep (PEFT, the LoRA loading, a replaced adapter file),
+    which the base model cannot show. Its shrinkage and selection bias then measure that
+    change, not selection: a warning says so, naming the point."""
+    cfg = make_cfg()
+    _sweep_baseline(tmp_path, cfg)
+    result, _ = confirm(tmp_path, cfg, point_change={"clip_t": -0.05})
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["sweep_reproduced"] is False
+    assert metrics["sweep_baseline_difference"] == pytest.approx({m: 0.0 for m in DROP})
+    assert metrics["sweep_point_difference"] == pytest.approx(
+        {"dino": 0, "clip_i": 0, "clip_t": -0.05}
+    )
+    (warning,) = [line for line in result.describe() if "WARNING" in line]
+    assert warning.startswith(
+        f"WARNING: the sweep's best point (point 0, run key step 10) on the sweep's seeds "
+        f"({SETTINGS[0].id}) no longer gives the study's scores (dino 0.900 in the study, 0.900 now"
+    )
+    assert "clip_t 0.200 in the study, 0.150 now" in warning
+    references = json.loads((tmp_path / "runs/evaluate/references.json").read_text())
+    assert references["point_reproduction"]["reproduced"] is False
+    assert references["reproduction"]["reproduced"] is True
+    result, _ = confirm(tmp_path, cfg, point_change={"clip_t": -0.005})  # within 0.01: noise
+    assert not [line for line in result.describe() if "WARNING" in line]
 
 
 def test_weighted_sweep_adds_the_weighted_score(tmp_path: Path) -> None:

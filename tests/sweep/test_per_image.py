@@ -432,6 +432,13 @@ def test_real_tiny_sweep_and_evaluate_write_per_image_tables(
         )
     assert len(table) == 4  # the sweep-seed baseline's images are not confirmation rows
     assert len(list((tmp_path / "runs/evaluate/baseline-sweep").rglob("*.png"))) == 2
+    # The best point again on the sweep's prompts and seeds: its sweep scores, to rounding.
+    check = confirmation.point_reproduction
+    assert check is not None and check["reproduced"] is True
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert check["now"][metric] == pytest.approx(row[f"score.{metric}"], abs=1e-6)
+    again = sorted((tmp_path / "runs/evaluate/best-sweep").rglob("images/*/*.png"))
+    assert [p.name for p in again] == sorted(Path(p).name for p in per_image["image"])
 
 
 def test_rows_and_scores_kept_before_div_was_lpips_read_as_div_dino(tmp_path: Path) -> None:

@@ -292,23 +292,27 @@ def run_sweep_stage(
     studies = open_studies(cfg, root)
     tracker = _ready_tracker(cfg, root)
 
-    def build() -> Any:
+    def build(late: bool = False) -> Any:
         from harness.evaluate import make_scorer
         from harness.models import load_pipeline
+        from harness.sweep.environment import join_model
 
         scorer = make_scorer(cfg, device=str(device))
         scorer.load_encoders()
         loaded = load_pipeline(cfg.model, root=root)
+        if late:  # for a run that turned up after all: other weights stop it (and the sweep)
+            join_model(studies.runs, model_identity(cfg.model, root))
         return _backend(cfg, loaded, scorer, progress, subject)
 
-    # A study with work loads the models now, so a missing weight fails before the first run;
-    # a finished one is summarised without them (built after all if a run turns up).
+    # A study with work loads the models now, so a missing weight fails before the first run
+    # and other weights before the worker joins; a finished one is summarised without them
+    # (built after all if a run turns up).
     model: dict[str, str] | None = None  # the weights' identity, once loaded (checked)
     if has_work(cfg, studies):
         backend = build()
         model = model_identity(cfg.model, root)
     else:
-        backend = LazyBackend(build)
+        backend = LazyBackend(lambda: build(late=True))
     sinks = [SweepProgress(cfg, done=finished_runs(studies.runs))] if progress else []
     return run_sweep(
         cfg,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 from safetensors.torch import load_file
 
 from harness.config import load_config
@@ -147,3 +148,53 @@ def test_tiny_sweep_points_tables_adapters_and_images(
     assert abs(scores["means"]["dino"] - row["score.dino"]) < 1e-6
     assert abs(scores["means"]["clip_i"] - row["score.clip_i"]) < 1e-6
     assert abs(scores["means"]["clip_t"] - row["score.clip_t"]) < 1e-6
+
+
+def test_a_late_worker_with_other_weights_stops_at_its_first_run(
+    prepared_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that found nothing to do loads no model; when a run turns up after all (a dead
+    worker's, to retry), it loads them then, and other weights than the study's stop it there:
+    the run goes back to the queue and the study keeps its points."""
+    import harness.sweep.runner as runner
+    from harness.sweep import open_studies
+    from harness.sweep.environment import MODEL_ATTR
+    from harness.sweep.study import SweepError
+
+    root = clone_project(
+        prepared_template, tmp_path / "project", {"sweep": {"study_name": "late", "n_trials": 1}}
+    )
+    cfg = load_config(root / "params.yaml")
+    run_resolve(cfg, root)
+    run_sweep_stage(cfg, root, progress=False)
+    runs = open_studies(cfg, root).runs
+    stored = runs.user_attrs[MODEL_ATTR]
+    assert stored["model"] == cfg.model.pretrained and len(stored["weights"]) == 64
+    runs.set_user_attr(MODEL_ATTR, {**stored, "weights": "0" * 64})  # the study's were others
+    points = len(pd.read_parquet(root / "runs/sweep/results.parquet"))
+
+    more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"n_trials": 2})})
+    asked: list[bool] = []
+
+    def no_work(*_: Any) -> bool:
+        asked.append(True)
+        return False
+
+    monkeypatch.setattr(runner, "has_work", no_work)
+    with pytest.raises(SweepError, match=r"run 1 \(.*these weights are not those study") as e:
+        run_sweep_stage(more, root, progress=False)
+    assert asked == [True]  # the lazy path: no work at the start
+    assert f"(the study's: {'0' * 12})" in str(e.value)
+    runs = open_studies(more, root).runs
+    done, stopped, queued = runs.trials
+    assert (done.state.name, stopped.state.name, queued.state.name) == (
+        "COMPLETE",
+        "FAIL",
+        "WAITING",
+    )
+    assert (
+        stopped.user_attrs["interrupted"] is True
+        and "weights" in stopped.user_attrs["interrupt_reason"]
+    )
+    assert queued.user_attrs["retry_of"] == stopped.number  # for a worker with the right ones
+    assert len(pd.read_parquet(root / "runs/sweep/results.parquet")) == points

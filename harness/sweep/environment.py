@@ -55,6 +55,12 @@ PACKAGES = (
 ABSENT = "absent"
 
 
+def _name(study: optuna.Study) -> str:
+    """The study's name as the user knows it (``runs/sweep/metrics.json``'s ``study``), without
+    the ``.runs`` suffix of the Optuna study that holds its runs."""
+    return study.study_name.removesuffix(".runs")
+
+
 def software_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     """``{package: installed version}``, ``"absent"`` for one not installed."""
     found = {}
@@ -90,7 +96,7 @@ def join_environment(study: optuna.Study, mine: Mapping[str, str] | None = None)
             "this worker's packages differ from those study %s was started with: %s; the "
             "images and scores of its runs may not compare with the study's (for results "
             "of one environment, sweep in a new study: -S sweep.study_name=<new name>)",
-            study.study_name,
+            _name(study),
             ", ".join(found),
         )
     return found
@@ -124,7 +130,7 @@ def join_model(study: optuna.Study, identity: Mapping[str, str]) -> None:
     )
     raise SweepError(
         f"model.pretrained {identity.get('model')!r}: these weights are not those study "
-        f"{study.study_name} was started with ({change}); runs made with them would not "
+        f"{_name(study)} was started with ({change}); runs made with them would not "
         "compare with the study's, so this worker trains none (the study's results stay as "
         "they are). To go on with the study, give this worker the study's weights again"
         f"{hub}; to sweep these weights, start a new study: -S sweep.study_name=<new name>"

@@ -24,16 +24,25 @@ class SweepProgress(SweepSink):
     """
 
     def __init__(self, cfg: HarnessConfig, done: int = 0, file: IO[str] | None = None) -> None:
-        self._bar = tqdm(
-            total=run_budget(cfg),
-            initial=done,
-            desc=f"sweep {cfg.sweep.study_name}",
-            unit="run",
-            position=0,
-            dynamic_ncols=True,
-            file=file or sys.stderr,
-        )
+        self._options: dict[str, Any] = {
+            "total": run_budget(cfg),
+            "initial": done,
+            "desc": f"sweep {cfg.sweep.study_name}",
+            "unit": "run",
+            "position": 0,
+            "dynamic_ncols": True,
+            "file": file or sys.stderr,
+        }
+        self._made: Any = None
         self._points = 0
+
+    @property
+    def _bar(self) -> Any:
+        """The bar, drawn at the first event: a worker refused as it joins (other model
+        weights) prints its one line without a bar above it."""
+        if self._made is None:
+            self._made = tqdm(**self._options)
+        return self._made
 
     def run_started(self, run: RunSpec) -> None:
         self._bar.set_postfix_str(f"run {run.number} training, {self._points} points")
@@ -56,4 +65,5 @@ class SweepProgress(SweepSink):
         self._bar.close()
 
     def sweep_stopped(self, error: BaseException) -> None:
-        self._bar.close()  # ends its line: the error message starts on its own
+        if self._made is not None:
+            self._made.close()  # ends its line: the error message starts on its own

@@ -74,14 +74,16 @@ RETRAINED = {"model": "tiny://sd15", "weights": "b" * 64}
 
 
 def test_the_first_weights_are_stored_and_other_weights_are_refused() -> None:
-    study = optuna.create_study(study_name="weights")
+    study = optuna.create_study(study_name="weights.runs")  # as open_studies names it
     join_model(study, WEIGHTS)
     assert study.user_attrs[MODEL_ATTR] == WEIGHTS
     join_model(study, {**WEIGHTS, "model": "/another/machine/path"})  # same files elsewhere
     with pytest.raises(SweepError) as refused:
         join_model(study, RETRAINED)
     message = str(refused.value)
-    assert message.startswith("model.pretrained 'tiny://sd15': these weights are not those study")
+    assert message.startswith(
+        "model.pretrained 'tiny://sd15': these weights are not those study weights was started"
+    )
     assert f"weights {'b' * 12} (the study's: {'a' * 12})" in message
     assert "-S sweep.study_name=<new name>" in message and "commit" not in message
     assert study.user_attrs[MODEL_ATTR] == WEIGHTS  # the study keeps its own

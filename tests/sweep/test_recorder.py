@@ -162,6 +162,28 @@ def test_the_progress_bar_total_is_the_budget_a_small_space_caps(tmp_path: Path)
     assert "2/2" in last, last
 
 
+def test_a_worker_refused_as_it_joins_draws_no_progress_bar(tmp_path: Path) -> None:
+    """Other model weights: the refusal is one line, without a bar drawn above it."""
+    import io
+
+    from harness.sweep.progress import SweepProgress
+    from harness.sweep.study import SweepError
+
+    cfg = make_cfg(tmp_path, n_trials=1)
+    run_sweep(cfg, tmp_path, FakeBackend(), model={"model": "m", "weights": "a" * 64})
+    out = io.StringIO()
+    more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"n_trials": 2})})
+    with pytest.raises(SweepError, match="these weights"):
+        run_sweep(
+            more,
+            tmp_path,
+            FakeBackend(),
+            sinks=[SweepProgress(more, done=1, file=out)],
+            model={"model": "m", "weights": "b" * 64},
+        )
+    assert out.getvalue() == ""
+
+
 def test_a_plain_worker_tracks_its_runs_but_writes_no_summary_task(tmp_path: Path) -> None:
     """``harness sweep worker`` x N gave N summary tasks in ClearML; the summary task is
     ``harness sweep``'s (the results table every worker still rewrites, atomically)."""

@@ -32,6 +32,7 @@ __all__ = [
     "join_environment",
     "join_model",
     "software_versions",
+    "study_provenance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,3 +136,14 @@ def join_model(study: optuna.Study, identity: Mapping[str, str]) -> None:
         "they are). To go on with the study, give this worker the study's weights again"
         f"{hub}; to sweep these weights, start a new study: -S sweep.study_name=<new name>"
     )
+
+
+def study_provenance(study: optuna.Study) -> dict[str, dict[str, str]]:
+    """``{"environment": versions, "model": weights identity}``: what the study was started
+    with, those stored (``summary.json`` and the tracker's summary task show them)."""
+    attrs = study.user_attrs
+    return {
+        key: dict(attrs[key])
+        for key in (ENVIRONMENT_ATTR, MODEL_ATTR)
+        if isinstance(attrs.get(key), dict)
+    }

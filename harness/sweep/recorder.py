@@ -19,6 +19,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.sweep._base import RunEnd, RunSpec, ScoredPoint, SweepSink
+from harness.sweep.environment import study_provenance
 from harness.sweep.per_image import write_point_rows, write_score_tables
 from harness.sweep.plots import write_plots
 from harness.sweep.results import points_frame, write_results, write_subject_results
@@ -323,9 +324,11 @@ class TrackerSink(SweepSink):
             return
 
         name, objectives = self.cfg.sweep.study_name, objective_names(self.cfg)
+        # The packages and model weights beside the config: two sweeps' summary tasks compare
+        # them in the tracker's hyperparameters view.
         with self.tracker.start_run(
             f"{name}/summary",
-            config=self.cfg.to_dict(),
+            config={**self.cfg.to_dict(), "provenance": summary.provenance},
             tags=[f"sweep:{name}", "summary"],
             kind="summary",
             project=f"{self.cfg.tracking.project}/{name}",
@@ -360,22 +363,11 @@ class ResultsTable(SweepSink):
     def point_scored(self, point: ScoredPoint) -> None:
         write_point_rows(self.store, point, self.root)
 
-    def _provenance(self) -> dict[str, dict[str, str]]:
-        """The packages and the model weights the study was started with, those stored
-        (harness.sweep.environment)."""
-        from harness.sweep.environment import ENVIRONMENT_ATTR, MODEL_ATTR
-
-        attrs = self.studies.runs.user_attrs
-        return {
-            key: dict(attrs[key])
-            for key in (ENVIRONMENT_ATTR, MODEL_ATTR)
-            if isinstance(attrs.get(key), dict)
-        }
-
     def run_finished(self, run: RunSpec, end: RunEnd) -> None:
         objectives = objective_names(self.cfg)
         frame = points_frame(self.studies.points, objectives, self.root)
-        write_results(frame, self.out_dir, objectives, self.studies.name, self._provenance())
+        provenance = study_provenance(self.studies.runs)
+        write_results(frame, self.out_dir, objectives, self.studies.name, provenance)
         write_subject_results(self.studies.points, frame, self.out_dir)
         write_score_tables(frame, self.store, self.out_dir)
         write_plots(self.cfg, frame, self.studies, self.out_dir)
@@ -384,8 +376,8 @@ class ResultsTable(SweepSink):
         from harness.sweep.summary import write_metrics
 
         objectives = objective_names(self.cfg)
-        provenance = self._provenance()
-        write_results(summary.frame, self.out_dir, objectives, self.studies.name, provenance)
+        name, provenance = self.studies.name, summary.provenance
+        write_results(summary.frame, self.out_dir, objectives, name, provenance)
         write_subject_results(self.studies.points, summary.frame, self.out_dir)
         write_score_tables(summary.frame, self.store, self.out_dir)
         write_plots(self.cfg, summary.frame, self.studies, self.out_dir)

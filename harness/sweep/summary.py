@@ -26,6 +26,7 @@ from harness.config import HarnessConfig
 from harness.errors import HarnessError, counted
 from harness.outputs import read_json_object
 from harness.sweep._files import replaced_together
+from harness.sweep.environment import study_provenance
 from harness.sweep.results import (
     SUMMARY_JSON,
     full_fidelity,
@@ -100,6 +101,8 @@ class SweepSummary:
     points_full: int = 0
     images: int = 0
     images_exhaustive: int = 0
+    # The packages and model weights the study was started with (harness.sweep.environment).
+    provenance: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def subjects(self) -> int:
@@ -175,6 +178,7 @@ def summarize(
         points_study=studies.points,
         references=dict(references or {}),
         objectives=objectives,
+        provenance=study_provenance(studies.runs),
     )
 
 

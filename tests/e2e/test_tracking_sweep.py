@@ -3,6 +3,7 @@ summary session with concrete values, and no secret reaches any file or console 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -207,6 +208,13 @@ def test_one_offline_session_per_run_with_config_scalars_images_and_tables(
     scalars = _scalars(events)
     assert scalars[("sweep", "points", 0)] == len(frame)
     assert scalars[("sweep", "runs", 0)] == N_RUNS
+    # What the study was started with, beside its config: the packages and the model weights.
+    params = _hyperparams(task)
+    assert params["provenance/environment/diffusers"] == importlib.metadata.version("diffusers")
+    assert params["provenance/model/model"] == "tiny://sd15"
+    assert re.fullmatch("[0-9a-f]{64}", params["provenance/model/weights"])
+    summary_json = json.loads((sweep.project / "runs/sweep/summary.json").read_text())
+    assert summary_json["model"]["weights"] == params["provenance/model/weights"]
 
 
 def test_per_prompt_table_logged_per_setting_and_step(tracked_sweep: TrackedSweep) -> None:

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import HarnessConfig
 from harness.sweep.claims import WorkerSlot, open_claims
-from harness.sweep.environment import ENVIRONMENT_ATTR, differences
+from harness.sweep.environment import ENVIRONMENT_ATTR, MODEL_ATTR, differences
 from harness.sweep.space import run_budget
 from harness.sweep.study import (
     BUDGET_ATTR,
@@ -49,6 +49,8 @@ class SweepStatus:
     given_up: dict[int, str] = field(default_factory=dict)  # run -> why it is not retried
     # "runs 3, 4 made with diffusers 0.43.0 (the study's: 0.42.1)": other package versions.
     environments: list[str] = field(default_factory=list)
+    # "tiny://sd15, weights 957a803440a9": the weights the study was started with.
+    model: str | None = None
 
     @property
     def left(self) -> int | None:
@@ -86,6 +88,7 @@ class SweepStatus:
         ]
         out += [f"queued: {line}" for line in self.queued]
         out += [f"failed: run {n}, {why}" for n, why in sorted(self.given_up.items())]
+        out += [f"model: {self.model}"] if self.model else []
         out += [f"environment: {line}" for line in self.environments]
         for w in self.workers:
             alive = self._alive(w, now)
@@ -142,7 +145,20 @@ def sweep_status(cfg: HarnessConfig, root: Path) -> SweepStatus:
         queued=_queued(trials),
         given_up=given_up_runs(studies.runs),
         environments=_other_environments(trials, studies.runs.user_attrs.get(ENVIRONMENT_ATTR)),
+        model=_model_line(studies.runs.user_attrs.get(MODEL_ATTR)),
     )
+
+
+def _model_line(identity: Any) -> str | None:
+    """``tiny://sd15, weights 957a803440a9`` (a hub model: its full commit, which
+    ``model.revision`` takes) for the study's stored weights identity, if any."""
+    if not isinstance(identity, dict):
+        return None
+    parts = [str(identity.get("model", "?"))]
+    for key, value in sorted(identity.items()):  # commit, weights, config_* (no torch import)
+        if key != "model":
+            parts.append(f"{key} {value if key.endswith('commit') else str(value)[:12]}")
+    return ", ".join(parts)
 
 
 def _other_environments(trials: list[FrozenTrial], study: Any) -> list[str]:

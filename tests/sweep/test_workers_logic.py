@@ -895,6 +895,23 @@ def test_status_names_the_runs_made_with_other_package_versions(tmp_path: Path) 
         )
     (line,) = [line for line in sweep_status(cfg, tmp_path).lines() if "environment" in line]
     study_version = software_versions()["diffusers"]
+    assert not [line for line in sweep_status(cfg, tmp_path).lines() if line.startswith("model")]
     assert (
         line == f"environment: runs 3, 4 made with diffusers 0.43.0 (the study's: {study_version})"
     )
+
+
+def test_status_names_the_weights_the_study_was_started_with(tmp_path: Path) -> None:
+    """A hub model's full commit (what model.revision takes to pin it); a digest's first 12."""
+    from harness.sweep.status import sweep_status
+
+    cfg = make_cfg(tmp_path, n_trials=1)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    run_sweep(cfg, tmp_path, FakeBackend(), model={"model": "owner/name", "commit": commit})
+    (line,) = [line for line in sweep_status(cfg, tmp_path).lines() if line.startswith("model")]
+    assert line == f"model: owner/name, commit {commit}"
+    runs = open_studies(cfg, tmp_path).runs
+    single = {"model": "/m/sd.safetensors", "weights": "a" * 64, "config_commit": commit}
+    runs.set_user_attr("model", single)
+    (line,) = [line for line in sweep_status(cfg, tmp_path).lines() if line.startswith("model")]
+    assert line == f"model: /m/sd.safetensors, config_commit {commit}, weights {'a' * 12}"

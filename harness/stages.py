@@ -295,13 +295,15 @@ def run_sweep_stage(
     def build(late: bool = False) -> Any:
         from harness.evaluate import make_scorer
         from harness.models import load_pipeline
+        from harness.sweep.claims import open_claims
         from harness.sweep.environment import join_model
 
         scorer = make_scorer(cfg, device=str(device))
         scorer.load_encoders()
         loaded = load_pipeline(cfg.model, root=root)
         if late:  # for a run that turned up after all: other weights stop it (and the sweep)
-            join_model(studies.runs, model_identity(cfg.model, root))
+            claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
+            join_model(studies.runs, model_identity(cfg.model, root), claims)
         return _backend(cfg, loaded, scorer, progress, subject)
 
     # A study with work loads the models now, so a missing weight fails before the first run

@@ -69,6 +69,14 @@ BUDGETS = sa.Table(
     sa.Column("study", sa.String(512), primary_key=True),
     sa.Column("used", sa.Integer, nullable=False),
 )
+# Values a study fixes once, the first writer's standing (the model weights' identity).
+SETTLED = sa.Table(
+    "harness_sweep_settled",
+    _META,
+    sa.Column("study", sa.String(512), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
 WORKERS = sa.Table(
     "harness_sweep_workers",
     _META,
@@ -148,6 +156,12 @@ class Claims:
     def adopt(self, claims: dict[str, int]) -> None:
         """Record runs a study made before claims existed (``{run key: trial}``, a run may
         have several keys), once; the budget counts each run once."""
+        raise NotImplementedError
+
+    def settle(self, name: str, value: str) -> str:
+        """Store ``value`` under ``name`` unless a value is stored; return the stored one. Of
+        workers settling at the same moment exactly one value stands (an insert on a primary
+        key; a locked file), which Optuna's study attributes (last write wins) cannot give."""
         raise NotImplementedError
 
     def register(self, worker: str, grace_s: float) -> WorkerSlot:
@@ -295,6 +309,18 @@ class SqlClaims(Claims):
                 .where(BUDGETS.c.study == self.study, BUDGETS.c.used < int(count or 0))
                 .values(used=int(count or 0))
             )
+
+    def settle(self, name: str, value: str) -> str:
+        """Store ``value`` under ``name`` unless a value is stored; return the stored one."""
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
+            conn.execute(sa.insert(SETTLED).values(study=self.study, name=name, value=value))
+        with self.engine.connect() as conn:
+            stored = conn.execute(
+                sa.select(SETTLED.c.value).where(
+                    SETTLED.c.study == self.study, SETTLED.c.name == name
+                )
+            ).scalar()
+        return str(stored)
 
     def _holder(self, conn: sa.Connection, run_key: str) -> Claim | None:
         row = conn.execute(
@@ -445,6 +471,10 @@ class FileClaims(Claims):
             runs = {held["trial"] for held in state["claims"].values()}
             state["used"] = max(state["used"], len(runs))
 
+    def settle(self, name: str, value: str) -> str:
+        with self._state() as state:
+            return str(state.setdefault("settled", {}).setdefault(name, value))
+
     def register(self, worker: str, grace_s: float) -> WorkerSlot:
         host, pid, now = socket.gethostname(), os.getpid(), time.time()
         with self._state() as state:
@@ -499,6 +529,7 @@ def _with_retries(cls: type[SqlClaims]) -> type[SqlClaims]:
         "all",
         "used",
         "adopt",
+        "settle",
         "register",
         "beat",
         "leave",

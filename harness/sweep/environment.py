@@ -19,10 +19,15 @@ commit, a digest of local files) is refused before it trains (:func:`join_model`
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import optuna
+
+if TYPE_CHECKING:
+    from harness.sweep.claims import Claims
 
 __all__ = [
     "ENVIRONMENT_ATTR",
@@ -103,9 +108,10 @@ def join_environment(study: optuna.Study, mine: Mapping[str, str] | None = None)
     return found
 
 
-def join_model(study: optuna.Study, identity: Mapping[str, str]) -> None:
-    """Store the identity of this worker's model weights in ``study`` when it has none (the
-    first worker with work), else compare.
+def join_model(study: optuna.Study, identity: Mapping[str, str], claims: Claims) -> None:
+    """Settle the identity of the study's model weights (the first worker's with work: of
+    workers joining at the same moment exactly one stands, through ``claims``), store it in
+    ``study``'s attributes for the summaries, and compare this worker's with it.
 
     Raises:
         SweepError: the weights differ from those the study was started with; the message says
@@ -114,10 +120,11 @@ def join_model(study: optuna.Study, identity: Mapping[str, str]) -> None:
     from harness.models.identity import identity_change
     from harness.sweep.study import SweepError
 
-    stored = study.user_attrs.get(MODEL_ATTR)
-    if not isinstance(stored, dict):
-        study.set_user_attr(MODEL_ATTR, dict(identity))
-        return
+    attr = study.user_attrs.get(MODEL_ATTR)  # a study from before the claim holds it here
+    first = attr if isinstance(attr, dict) else dict(identity)
+    stored = json.loads(claims.settle(MODEL_ATTR, json.dumps(first, sort_keys=True)))
+    if attr != stored:
+        study.set_user_attr(MODEL_ATTR, stored)
     change = identity_change(stored, identity)
     if change is None:
         return

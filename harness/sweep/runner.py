@@ -527,7 +527,7 @@ def run_sweep(
     claims.adopt(_runs_before_claims(studies.runs, cfg))
     join_environment(studies.runs)  # stores the first worker's versions, warns on others
     if model is not None:  # before the worker joins: a refused one leaves no trace
-        join_model(studies.runs, model)  # stores the first weights, refuses others
+        join_model(studies.runs, model, claims)  # settles the first weights, refuses others
     worker = Worker.join(cfg, studies, claims)
     study_sink = StudySink(cfg, root, studies)
     tracker_sink = TrackerSink(cfg, tracker or NullTracker(), summary_task=summary_task)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -235,11 +234,14 @@ def test_a_worker_with_retrained_weights_is_refused_and_the_study_is_kept(
     what to do; the study and its results are as they were."""
     from safetensors.torch import load_file, save_file
 
+    from harness.models.tiny import tiny_pipeline_dir
+
     repo = tmp_path / "project"
     shutil.copytree(reproduced[0], repo, symlinks=True)
     cache = tmp_path / "cache"
-    shutil.copytree(Path(os.environ["HARNESS_CACHE_DIR"]) / "tiny", cache / "tiny")
-    (unet,) = (cache / "tiny").glob("sd15-*/unet/diffusion_pytorch_model.safetensors")
+    built = tiny_pipeline_dir("sd15")  # this session's (HARNESS_CACHE_DIR), built if need be
+    shutil.copytree(built, cache / "tiny" / built.name)
+    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
     save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
     env = {**reproduced[1], "HARNESS_CACHE_DIR": str(cache)}
     storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"

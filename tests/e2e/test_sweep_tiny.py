@@ -156,7 +156,10 @@ def test_a_late_worker_with_other_weights_stops_at_its_first_run(
     """A worker that found nothing to do loads no model; when a run turns up after all (a dead
     worker's, to retry), it loads them then, and other weights than the study's stop it there:
     the run goes back to the queue and the study keeps its points."""
+    from safetensors.torch import save_file
+
     import harness.sweep.runner as runner
+    from harness.models.tiny import tiny_pipeline_dir
     from harness.sweep import open_studies
     from harness.sweep.environment import MODEL_ATTR
     from harness.sweep.study import SweepError
@@ -170,8 +173,14 @@ def test_a_late_worker_with_other_weights_stops_at_its_first_run(
     runs = open_studies(cfg, root).runs
     stored = runs.user_attrs[MODEL_ATTR]
     assert stored["model"] == cfg.model.pretrained and len(stored["weights"]) == 64
-    runs.set_user_attr(MODEL_ATTR, {**stored, "weights": "0" * 64})  # the study's were others
     points = len(pd.read_parquet(root / "runs/sweep/results.parquet"))
+    # This worker's tiny model: retrained a little (its own model cache).
+    built = tiny_pipeline_dir("sd15")
+    cache = tmp_path / "other-cache"
+    shutil.copytree(built, cache / "tiny" / built.name)
+    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache))
 
     more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"n_trials": 2})})
     asked: list[bool] = []
@@ -184,7 +193,7 @@ def test_a_late_worker_with_other_weights_stops_at_its_first_run(
     with pytest.raises(SweepError, match=r"run 1 \(.*these weights are not those study") as e:
         run_sweep_stage(more, root, progress=False)
     assert asked == [True]  # the lazy path: no work at the start
-    assert f"(the study's: {'0' * 12})" in str(e.value)
+    assert f"(the study's: {stored['weights'][:12]})" in str(e.value)
     runs = open_studies(more, root).runs
     done, stopped, queued = runs.trials
     assert (done.state.name, stopped.state.name, queued.state.name) == (

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -330,3 +331,53 @@ def _points(project: Path, storage: str) -> int:
         study = optuna.load_study(study_name=name, storage=_optuna_storage(storage))
         return len(study.get_trials(deepcopy=False))
     return 0
+
+
+def test_of_two_workers_with_other_weights_one_sweeps_and_one_is_refused(
+    prepared_template: Path, tmp_path: Path, postgres_server: Postgres
+) -> None:
+    """Two nodes, one study, the same `model.pretrained` but other weights on one of them (here
+    a retrained tiny UNet in that worker's model cache). Started together, the first to store
+    its weights in the study sweeps; the other stops with one line before it trains, whichever
+    came first, and every run is the first one's."""
+    from safetensors.torch import load_file, save_file
+
+    from harness.models.tiny import tiny_pipeline_dir
+
+    storage = postgres_server.url("unused-pw")
+    project = clone_project(
+        prepared_template, tmp_path / "project", _overrides("weights", storage, 2, sampler="random")
+    )
+    cache = tmp_path / "other-cache"
+    built = tiny_pipeline_dir("sd15")  # this session's (HARNESS_CACHE_DIR), built if need be
+    shutil.copytree(built, cache / "tiny" / built.name)
+    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    env = cli_env(tmp_path / "home")
+    envs = [env, {**env, "HARNESS_CACHE_DIR": str(cache)}]
+    procs = [
+        start_cli(
+            project,
+            ["sweep", "worker"],
+            {**e, "HARNESS_WORKER_ID": f"w{i}", "OMP_NUM_THREADS": "1"},
+            tmp_path / f"worker-{i}.log",
+        )
+        for i, e in enumerate(envs)
+    ]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            stop_process(p)
+    logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
+    assert sorted(codes) == [0, 2], "\n".join(log[-3000:] for log in logs)
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert "these weights are not those study" in logs[loser]
+    assert "Traceback" not in logs[loser]
+    trials = _runs(project, storage)
+    name = study_id(load_config(project / "params.yaml"), project)
+    study = optuna.load_study(study_name=f"{name}.runs", storage=_optuna_storage(storage))
+    stored = study.user_attrs["model"]["weights"]
+    assert f"(the study's: {stored[:12]})" in logs[loser]
+    assert {t.user_attrs.get("worker") for t in _trained(trials)} == {f"w{winner}"}
+    _assert_each_configuration_once(project, storage, 2)

@@ -14,7 +14,7 @@ import pytest
 
 from harness.config import HarnessConfig
 from harness.sweep import open_studies, run_sweep
-from harness.sweep.claims import WorkerSlot, open_claims
+from harness.sweep.claims import Claims, WorkerSlot, open_claims
 from harness.sweep.environment import (
     ENVIRONMENT_ATTR,
     MODEL_ATTR,
@@ -73,13 +73,18 @@ WEIGHTS = {"model": "tiny://sd15", "weights": "a" * 64}
 RETRAINED = {"model": "tiny://sd15", "weights": "b" * 64}
 
 
-def test_the_first_weights_are_stored_and_other_weights_are_refused() -> None:
+def _claims(tmp_path: Path, study: str) -> Claims:
+    return open_claims(f"sqlite:///{tmp_path / 'claims.db'}", study)
+
+
+def test_the_first_weights_are_stored_and_other_weights_are_refused(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="weights.runs")  # as open_studies names it
-    join_model(study, WEIGHTS)
+    claims = _claims(tmp_path, "weights")
+    join_model(study, WEIGHTS, claims)
     assert study.user_attrs[MODEL_ATTR] == WEIGHTS
-    join_model(study, {**WEIGHTS, "model": "/another/machine/path"})  # same files elsewhere
+    join_model(study, {**WEIGHTS, "model": "/another/machine/path"}, claims)  # files elsewhere
     with pytest.raises(SweepError) as refused:
-        join_model(study, RETRAINED)
+        join_model(study, RETRAINED, claims)
     message = str(refused.value)
     assert message.startswith(
         "model.pretrained 'tiny://sd15': these weights are not those study weights was started"
@@ -89,12 +94,47 @@ def test_the_first_weights_are_stored_and_other_weights_are_refused() -> None:
     assert study.user_attrs[MODEL_ATTR] == WEIGHTS  # the study keeps its own
 
 
-def test_a_hub_model_whose_main_moved_is_refused_with_the_studys_commit() -> None:
+def test_a_study_that_stored_its_weights_before_the_claim_keeps_them(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="older.runs")
+    study.set_user_attr(MODEL_ATTR, WEIGHTS)
+    claims = _claims(tmp_path, "older")
+    with pytest.raises(SweepError, match="these weights are not those"):
+        join_model(study, RETRAINED, claims)
+    assert json.loads(claims.settle(MODEL_ATTR, "{}")) == WEIGHTS
+
+
+def _settle(args: tuple[str, str, int]) -> str:
+    url, study, n = args
+    return open_claims(url, study).settle("model", f"worker {n}")
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_of_workers_settling_at_once_exactly_one_value_stands(tmp_path: Path, storage: str) -> None:
+    """Optuna's study attributes keep the last write: two first workers each stored their own
+    weights, each read its own back, and both trained (found by the two-worker test on
+    PostgreSQL). Settling is an insert on a primary key (a locked file for journal storage):
+    every worker gets the one value that stands."""
+    import multiprocessing as mp
+
+    url = (
+        f"sqlite:///{tmp_path / 'study.db'}"
+        if storage == "sqlite"
+        else f"journal:///{tmp_path / 'study.log'}"
+    )
+    with mp.get_context("spawn").Pool(4) as pool:
+        answers = pool.map(_settle, [(url, "race", n) for n in range(8)])
+    assert len(set(answers)) == 1 and answers[0].startswith("worker "), answers
+    assert open_claims(url, "race").settle("model", "late") == answers[0]
+    assert open_claims(url, "other study").settle("model", "late") == "late"
+
+
+def test_a_hub_model_whose_main_moved_is_refused_with_the_studys_commit(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="hub")
+    claims = _claims(tmp_path, "hub")
     old, new = "1" * 40, "2" * 40
-    join_model(study, {"model": "owner/name", "commit": old})
+    join_model(study, {"model": "owner/name", "commit": old}, claims)
     with pytest.raises(SweepError, match=f"commit {'2' * 12} \\(the study's: {'1' * 12}\\)") as e:
-        join_model(study, {"model": "owner/name", "commit": new})
+        join_model(study, {"model": "owner/name", "commit": new}, claims)
     assert f"the study's commit: {old}" in str(e.value)
 
 

@@ -88,15 +88,27 @@ def differences(study: Mapping[str, str], mine: Mapping[str, str]) -> list[str]:
     ]
 
 
-def join_environment(study: optuna.Study, mine: Mapping[str, str] | None = None) -> list[str]:
-    """Store this worker's versions in ``study`` when it has none (the first worker), else
-    compare them with the stored ones; return (and log as one warning) the differences."""
+def _settled(
+    study: optuna.Study, claims: Claims, key: str, mine: Mapping[str, str]
+) -> dict[str, str]:
+    """The study's value of ``key``: its attribute's, or else the first worker's (settled
+    through ``claims``: of workers joining at once exactly one value stands), mirrored into
+    the study's attributes for the summaries."""
+    attr = study.user_attrs.get(key)  # a study from before the claim holds it here
+    first = attr if isinstance(attr, dict) else dict(mine)
+    stored = json.loads(claims.settle(key, json.dumps(first, sort_keys=True)))
+    if attr != stored:
+        study.set_user_attr(key, stored)
+    return dict(stored)
+
+
+def join_environment(
+    study: optuna.Study, claims: Claims, mine: Mapping[str, str] | None = None
+) -> list[str]:
+    """Settle the study's package versions (the first worker's) and compare this worker's
+    with them; return (and log as one warning) the differences."""
     mine = dict(mine or software_versions())
-    stored = study.user_attrs.get(ENVIRONMENT_ATTR)
-    if not isinstance(stored, dict):
-        study.set_user_attr(ENVIRONMENT_ATTR, mine)
-        return []
-    found = differences(stored, mine)
+    found = differences(_settled(study, claims, ENVIRONMENT_ATTR, mine), mine)
     if found:
         logger.warning(
             "this worker's packages differ from those study %s was started with: %s; the "
@@ -120,11 +132,7 @@ def join_model(study: optuna.Study, identity: Mapping[str, str], claims: Claims)
     from harness.models.identity import identity_change
     from harness.sweep.study import SweepError
 
-    attr = study.user_attrs.get(MODEL_ATTR)  # a study from before the claim holds it here
-    first = attr if isinstance(attr, dict) else dict(identity)
-    stored = json.loads(claims.settle(MODEL_ATTR, json.dumps(first, sort_keys=True)))
-    if attr != stored:
-        study.set_user_attr(MODEL_ATTR, stored)
+    stored = _settled(study, claims, MODEL_ATTR, identity)
     change = identity_change(stored, identity)
     if change is None:
         return

@@ -525,7 +525,7 @@ def run_sweep(
     studies = studies or open_studies(cfg, root)
     claims = open_claims(studies.storage_url, studies.name, cfg.sweep.storage_retry_s)
     claims.adopt(_runs_before_claims(studies.runs, cfg))
-    join_environment(studies.runs)  # stores the first worker's versions, warns on others
+    join_environment(studies.runs, claims)  # settles the first worker's versions, warns on others
     if model is not None:  # before the worker joins: a refused one leaves no trace
         join_model(studies.runs, model, claims)  # settles the first weights, refuses others
     worker = Worker.join(cfg, studies, claims)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,15 @@ def test_a_study_scored_by_other_models_is_flagged_by_dvc_repro(
     environment = study.user_attrs["environment"]
     assert all(t.user_attrs["environment"] == environment for t in study.trials)
     installed = environment["diffusers"]
-    study.set_user_attr("environment", {**environment, "diffusers": "0.0.1"})
+    older = {**environment, "diffusers": "0.0.1"}
+    study.set_user_attr("environment", older)
+    # Where the first worker's versions were settled (harness.sweep.claims), too.
+    with sqlite3.connect(repo / "runs/sweep/study.db") as db:
+        rows = db.execute(
+            "UPDATE harness_sweep_settled SET value = ? WHERE name = 'environment'",
+            (json.dumps(older, sort_keys=True),),
+        ).rowcount
+    assert rows == 1
     # And the weights it was started with (a digest of the tiny model's files).
     weights = study.user_attrs["model"]
     assert weights["model"] == "tiny://sd15" and len(weights["weights"]) == 64

@@ -30,6 +30,10 @@ from .fakes import FakeBackend
 from .test_sweep_logic import make_cfg
 
 
+def _claims(tmp_path: Path, study: str) -> Claims:
+    return open_claims(f"sqlite:///{tmp_path / 'claims.db'}", study)
+
+
 def test_versions_are_the_installed_distributions() -> None:
     found = software_versions()
     assert list(found) == list(PACKAGES)
@@ -39,18 +43,19 @@ def test_versions_are_the_installed_distributions() -> None:
 
 
 def test_the_first_worker_stores_its_versions_and_later_ones_compare(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     study = optuna.create_study(study_name="env")
+    claims = _claims(tmp_path, "env")
     caplog.clear()
     mine = {"torch": "2.14.1", "diffusers": "0.42.1", "peft": "0.21.2"}
-    assert join_environment(study, mine) == []
+    assert join_environment(study, claims, mine) == []
     assert study.user_attrs[ENVIRONMENT_ATTR] == mine
     with caplog.at_level(logging.WARNING, logger="harness.sweep.environment"):
-        assert join_environment(study, mine) == []
+        assert join_environment(study, claims, mine) == []
         assert not [r for r in caplog.records if r.name == "harness.sweep.environment"]
         other = {**mine, "diffusers": "0.43.0"}
-        assert join_environment(study, other) == ["diffusers 0.43.0 (the study's: 0.42.1)"]
+        assert join_environment(study, claims, other) == ["diffusers 0.43.0 (the study's: 0.42.1)"]
     (record,) = [r for r in caplog.records if r.name == "harness.sweep.environment"]
     assert "study env" in record.getMessage() and "diffusers 0.43.0" in record.getMessage()
     assert "sweep.study_name" in record.getMessage()
@@ -71,10 +76,6 @@ def _workers(cfg: HarnessConfig, studies: Studies) -> list[WorkerSlot]:
 
 WEIGHTS = {"model": "tiny://sd15", "weights": "a" * 64}
 RETRAINED = {"model": "tiny://sd15", "weights": "b" * 64}
-
-
-def _claims(tmp_path: Path, study: str) -> Claims:
-    return open_claims(f"sqlite:///{tmp_path / 'claims.db'}", study)
 
 
 def test_the_first_weights_are_stored_and_other_weights_are_refused(tmp_path: Path) -> None:

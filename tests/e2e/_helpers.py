@@ -199,3 +199,17 @@ def tail(log: Path | None, lines: int = 40) -> str:
     if log is None or not log.is_file():
         return ""
     return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def retrained_tiny_cache(cache: Path) -> Path:
+    """A model cache (``HARNESS_CACHE_DIR``) whose tiny SD 1.5 has every UNet weight moved a
+    little, as further training moves them: the same ``tiny://sd15``, other weights."""
+    from safetensors.torch import load_file, save_file
+
+    from harness.models.tiny import tiny_pipeline_dir
+
+    built = tiny_pipeline_dir("sd15")  # this session's (HARNESS_CACHE_DIR), built if need be
+    shutil.copytree(built, cache / "tiny" / built.name)
+    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    return cache

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from ._dvc_project import dvc, dvc_project, git, run_ok
-from ._helpers import VENV_BIN
+from ._helpers import VENV_BIN, retrained_tiny_cache
 
 pytestmark = pytest.mark.slow
 
@@ -241,17 +241,10 @@ def test_a_worker_with_retrained_weights_is_refused_and_the_study_is_kept(
     checkpoint was replaced; here the tiny model's UNet, retrained a little): a worker that
     would add runs to the study is refused before it trains, in one line that says why and
     what to do; the study and its results are as they were."""
-    from safetensors.torch import load_file, save_file
-
-    from harness.models.tiny import tiny_pipeline_dir
 
     repo = tmp_path / "project"
     shutil.copytree(reproduced[0], repo, symlinks=True)
-    cache = tmp_path / "cache"
-    built = tiny_pipeline_dir("sd15")  # this session's (HARNESS_CACHE_DIR), built if need be
-    shutil.copytree(built, cache / "tiny" / built.name)
-    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
-    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    cache = retrained_tiny_cache(tmp_path / "cache")
     env = {**reproduced[1], "HARNESS_CACHE_DIR": str(cache)}
     storage = f"sqlite:///{repo / 'runs/sweep/study.db'}"
     names = optuna.get_all_study_names(storage)

@@ -19,7 +19,7 @@ from harness.data import load_prepared
 from harness.generate import LORA_WEIGHTS, adapter_loaded
 from harness.stages import prepared_subject_dir, run_resolve, run_sweep_stage
 
-from ._helpers import cli_env, clone_project
+from ._helpers import cli_env, clone_project, retrained_tiny_cache
 
 N_RUNS = 4
 STEPS = {2, 4}
@@ -156,10 +156,8 @@ def test_a_late_worker_with_other_weights_stops_at_its_first_run(
     """A worker that found nothing to do loads no model; when a run turns up after all (a dead
     worker's, to retry), it loads them then, and other weights than the study's stop it there:
     the run goes back to the queue and the study keeps its points."""
-    from safetensors.torch import save_file
 
     import harness.sweep.runner as runner
-    from harness.models.tiny import tiny_pipeline_dir
     from harness.sweep import open_studies
     from harness.sweep.environment import MODEL_ATTR
     from harness.sweep.study import SweepError
@@ -175,11 +173,7 @@ def test_a_late_worker_with_other_weights_stops_at_its_first_run(
     assert stored["model"] == cfg.model.pretrained and len(stored["weights"]) == 64
     points = len(pd.read_parquet(root / "runs/sweep/results.parquet"))
     # This worker's tiny model: retrained a little (its own model cache).
-    built = tiny_pipeline_dir("sd15")
-    cache = tmp_path / "other-cache"
-    shutil.copytree(built, cache / "tiny" / built.name)
-    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
-    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    cache = retrained_tiny_cache(tmp_path / "other-cache")
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache))
 
     more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"n_trials": 2})})

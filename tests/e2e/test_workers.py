@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -23,7 +22,15 @@ from sqlalchemy.pool import NullPool
 from harness.config import load_config
 from harness.sweep.study import study_id
 
-from ._helpers import cli_env, clone_project, run_cli, start_cli, stop_process, wait_for
+from ._helpers import (
+    cli_env,
+    clone_project,
+    retrained_tiny_cache,
+    run_cli,
+    start_cli,
+    stop_process,
+    wait_for,
+)
 from .conftest import Postgres
 from .slurm import Slurm
 
@@ -340,19 +347,12 @@ def test_of_two_workers_with_other_weights_one_sweeps_and_one_is_refused(
     a retrained tiny UNet in that worker's model cache). Started together, the first to store
     its weights in the study sweeps; the other stops with one line before it trains, whichever
     came first, and every run is the first one's."""
-    from safetensors.torch import load_file, save_file
-
-    from harness.models.tiny import tiny_pipeline_dir
 
     storage = postgres_server.url("unused-pw")
     project = clone_project(
         prepared_template, tmp_path / "project", _overrides("weights", storage, 2, sampler="random")
     )
-    cache = tmp_path / "other-cache"
-    built = tiny_pipeline_dir("sd15")  # this session's (HARNESS_CACHE_DIR), built if need be
-    shutil.copytree(built, cache / "tiny" / built.name)
-    unet = cache / "tiny" / built.name / "unet/diffusion_pytorch_model.safetensors"
-    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    cache = retrained_tiny_cache(tmp_path / "other-cache")
     env = cli_env(tmp_path / "home")
     envs = [env, {**env, "HARNESS_CACHE_DIR": str(cache)}]
     procs = [

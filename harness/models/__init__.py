@@ -267,13 +267,20 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _hub_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:
+def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> Path | None:
+    """The local cache's snapshot folder of ``repo_id`` at ``revision``, named by its commit
+    (None: not downloaded); what a load from the cache uses."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(
         repo_id, "model_index.json", cache_dir=cache_dir, revision=revision
     )
-    return isinstance(found, str)
+    # <cache>/models--owner--name/snapshots/<commit>/model_index.json
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _hub_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:
+    return _hub_snapshot(repo_id, revision, cache_dir) is not None
 
 
 def _offline_help(repo_id: str) -> str:

@@ -83,13 +83,10 @@ def _hub_commit(repo_id: str, revision: str | None, cache_dir: str | None) -> st
     uses it (``unknown``: not downloaded)."""
     if revision and _COMMIT.match(revision):
         return revision
-    from huggingface_hub import try_to_load_from_cache
+    from harness.models import _hub_snapshot
 
-    found = try_to_load_from_cache(
-        repo_id, "model_index.json", cache_dir=cache_dir, revision=revision
-    )
-    # <cache>/models--owner--name/snapshots/<commit>/model_index.json
-    return Path(found).parent.name if isinstance(found, str) else UNKNOWN
+    snapshot = _hub_snapshot(repo_id, revision, cache_dir)
+    return snapshot.name if snapshot is not None else UNKNOWN
 
 
 def _source_identity(value: str, cfg: ModelConfig, prefix: str = "") -> dict[str, str]:

@@ -356,9 +356,8 @@ def confirm_points(
             rows.append(confirmation_row(cfg, root, row, measured))
             images += confirmed_image_rows(root, measured, row, base.id)
             bar.update()
-        # The base model under each confirmed point's guidance, steps and scheduler: its scores
-        # move with them (CLIP-T above all), so a point is compared at its own setting. Once on
-        # the fresh seeds, once on the sweep's (what the seeds alone change).
+        # The base model at each point's guidance, steps and scheduler (its scores move with
+        # them, CLIP-T above all): on the fresh seeds here, below on the sweep's (what seeds do).
         found: dict[str, dict[str, dict[str, float]]] = {}
         baseline_dir = _fresh_dir(out / "baseline")
         for base in bases:
@@ -366,7 +365,8 @@ def confirm_points(
             images += confirmed_image_rows(root, baseline) if baseline is not None else []
             bar.update()
         swept = _base_on_sweep_seeds(cfg, backend, on_sweep, out, bar)
-        again = _best_on_sweep_seeds(cfg, root, backend, records[0], settings[0], out, bar)
+        best_now = _best_on_sweep_seeds(cfg, root, backend, records[0], settings[0], out, bar)
+        checks = _reproductions(cfg, root, stored, swept, records[0], best_now)
     for row, base in zip(rows, base_of, strict=True):
         row["baseline_setting"] = base.id
         scores = found[base.id].get("baseline", {})
@@ -381,18 +381,32 @@ def confirm_points(
         baseline_setting=best,
         baselines={k: v["baseline"] for k, v in found.items() if "baseline" in v},
         baselines_sweep={k: v for k, v in swept.items() if v},
-        reproduction=_study_check(cfg, root, stored, swept),
-        point_reproduction=again,
+        reproduction=checks[0],
+        point_reproduction=checks[1],
     )
 
 
-def _study_check(
-    cfg: HarnessConfig, root: Path, stored: dict[str, float], swept: dict[str, dict[str, float]]
-) -> dict[str, Any] | None:
-    """:func:`reproduction` of the study's stored baseline (``eval``'s setting)."""
+def _reproductions(
+    cfg: HarnessConfig,
+    root: Path,
+    stored: dict[str, float],
+    swept: dict[str, dict[str, float]],
+    best: dict[str, Any],
+    best_now: PointScores,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """:func:`reproduction` of the study's stored baseline (``eval``'s setting), and of the
+    best point against the scores the sweep recorded for it; both name the changes since the
+    study began (looked up once)."""
     checked = base_setting(cfg.eval.setting).id
     packages, model = _changes_since_study(cfg, root)
-    return reproduction(checked, stored, swept.get(checked, {}), packages, model)
+    recorded = {k.removeprefix("score."): v for k, v in best.items() if k.startswith("score.")}
+    point = reproduction(best_now.setting.id, recorded, best_now.scores, packages, model)
+    if point is not None:
+        point["what"] = (
+            f"the sweep's best point (point {best['point']}, run {best['run_key']} step "
+            f"{best['checkpoint_step']})"
+        )
+    return reproduction(checked, stored, swept.get(checked, {}), packages, model), point
 
 
 def _best_on_sweep_seeds(
@@ -403,21 +417,12 @@ def _best_on_sweep_seeds(
     setting: InferenceSetting,
     out: Path,
     bar: Any,
-) -> dict[str, Any] | None:
-    """The sweep's best point generated again on the sweep's own prompts and seeds: its
-    :func:`reproduction` against the scores the sweep recorded for it."""
+) -> PointScores:
+    """The sweep's best point generated again on the sweep's own prompts and seeds."""
     checkpoint = CheckpointInfo(int(row["checkpoint_step"]), root / row["adapter"])
     (now,) = backend.evaluate(cfg, checkpoint, [setting], _fresh_dir(out / "best-sweep"))
     bar.update()
-    stored = {k.removeprefix("score."): v for k, v in row.items() if k.startswith("score.")}
-    packages, model = _changes_since_study(cfg, root)
-    check = reproduction(setting.id, stored, now.scores, packages, model)
-    if check is not None:
-        check["what"] = (
-            f"the sweep's best point (point {row['point']}, run {row['run_key']} step "
-            f"{row['checkpoint_step']})"
-        )
-    return check
+    return now
 
 
 def _changes_since_study(cfg: HarnessConfig, root: Path) -> tuple[list[str], str | None]:

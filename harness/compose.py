@@ -36,6 +36,7 @@ __all__ = [
     "differences",
     "dump_params",
     "is_composed",
+    "record_origin",
 ]
 
 EXPERIMENTS_DIR = "experiments"
@@ -136,18 +137,21 @@ def merge(
         out[key] = value
         for known in [p for p in origin if p[: len(path)] == path]:
             del origin[known]
-        _record(origin, value, source, path)
+        record_origin(origin, value, source, path)
     return out
 
 
-def _record(
+def record_origin(
     origin: dict[tuple[str, ...], str], value: Any, source: str, path: tuple[str, ...]
 ) -> None:
+    """Record ``source`` as the origin of ``path`` and of every key below it in ``value``."""
+    # Re-insert, never update in place: ``origin`` stays in the order the keys were applied, so
+    # its last entries come from the highest-priority source (command line > params > preset).
     origin.pop(path, None)
     origin[path] = source
     if isinstance(value, Mapping):
         for key, sub in value.items():
-            _record(origin, sub, source, (*path, str(key)))
+            record_origin(origin, sub, source, (*path, str(key)))
 
 
 def compose(root: str | Path, preset: str | None = None, source: str = CONFIG_FILE) -> Composition:

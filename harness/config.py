@@ -46,6 +46,7 @@ from pydantic import (
     model_validator,
 )
 
+from harness.compose import record_origin
 from harness.errors import HarnessError
 
 __all__ = [
@@ -1455,20 +1456,8 @@ def _merge(
             out[key] = value
             for known in [p for p in origin if p[: len(path)] == path]:
                 del origin[known]
-            _record(origin, value, source, path)
+            record_origin(origin, value, source, path)
     return out
-
-
-def _record(
-    origin: dict[tuple[str, ...], str], value: Any, source: str, path: tuple[str, ...]
-) -> None:
-    # Re-insert, never update in place: ``origin`` stays in the order the keys were applied, so
-    # its last entries come from the highest-priority source (command line > params > preset).
-    origin.pop(path, None)
-    origin[path] = source
-    if isinstance(value, Mapping):
-        for key, sub in value.items():
-            _record(origin, sub, source, (*path, str(key)))
 
 
 def _source_of(
@@ -1660,7 +1649,7 @@ def _apply_params(
     if not is_composed(user):
         return _merge(base, user, origin, label), origin
     mine: dict[tuple[str, ...], str] = {}
-    _record(mine, user, label, ())
+    record_origin(mine, user, label, ())
     same = {
         path: src
         for path, src in origin.items()

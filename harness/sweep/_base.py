@@ -2,7 +2,7 @@
 
 A sweep point's way through the code::
 
-    config.py          HarnessConfig, InferenceSetting (the one definition of a setting)
+    config/            HarnessConfig, InferenceSetting (the one definition of a setting)
     sweep/runner.py    asks Optuna for a run, drives the backend, emits events
     sweep/backend.py   trains and evaluates; returns the records below, calls no tracker
     sweep/recorder.py  fans every event out to the sinks: Optuna studies, tracker, results

@@ -47,7 +47,7 @@ MODEL_ATTR = "model"
 # What generates the images (torch, diffusers, peft, transformers, accelerate) and what scores
 # them (timm's DINO, open_clip's CLIP, lpips' DIV). The harness itself is not listed: its
 # package version does not follow its commits, and a change of the tiny models it makes is in
-# every identity already (harness.config.TINY_VERSION).
+# every identity already (harness.config.schema.TINY_VERSION).
 PACKAGES = (
     "torch",
     "diffusers",

@@ -381,7 +381,7 @@ def test_the_tiny_models_version_is_part_of_every_identity_from_the_next_one_on(
     """The tiny models' weights are made by code, not named by a revision: when their code
     changes (``TINY_VERSION``), a study, run or checkpoint of the old weights must not be
     resumed with the new ones. Version 3 is hashed as before (the pinned identities hold)."""
-    from harness import config
+    from harness.config import schema as config  # identity_dump reads it there
     from harness.sweep.runner import run_key
     from harness.sweep.study import study_id
     from harness.train.fingerprints import config_hash

@@ -65,6 +65,19 @@ SESSIONS_INDEX = "sessions.jsonl"
 _TEXT_SUFFIXES = {".json", ".jsonl", ".txt", ".yaml", ".yml", ".conf", ".csv", ".log", ".md"}
 _TRUE = {"1", "true", "yes", "on", "y"}
 
+
+class _NoNvmlWarning(logging.Filter):
+    """Drops ClearML's resource monitor warning that NVML is missing: on a machine without an
+    NVIDIA driver (a CPU run, the demo) there are no GPU stats to fetch, and it printed a
+    ``WARNING`` line into every run's output. Every other warning of the monitor passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "NVML Shared Library Not Found" not in record.getMessage()
+
+
+# Installed once, when this (the only ClearML) module is imported; a logger keeps its filters.
+logging.getLogger("clearml.resource_monitor").addFilter(_NoNvmlWarning())
+
 # ClearML allows one open main task per process; new runs wait for none but get refused.
 _open_lock = threading.Lock()
 _open_run: ClearMLRun | None = None
@@ -471,7 +484,11 @@ class ClearMLRun(Run):
 
     @never_raise
     def log_table(self, title: str, series: str, df: pd.DataFrame, step: int = 0) -> None:
-        self._logger.report_table(title, series, iteration=int(step), table_plot=df)
+        # ClearML fills empty cells with the string "nan", which pandas 3 deprecates for a
+        # float column (pandas 4 raises, and the table would be lost); as objects the cells
+        # read the same. A copy: the caller's frame keeps its dtypes.
+        table = df.astype(object)
+        self._logger.report_table(title, series, iteration=int(step), table_plot=table)
 
     @never_raise
     def log_plotly(self, title: str, series: str, fig: Any, step: int = 0) -> None:

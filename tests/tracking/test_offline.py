@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +242,49 @@ def test_the_repository_is_detected_inside_task_init_not_in_a_racing_thread(
     assert run.close()
     assert racing == []
     assert Task.__dict__["_Task__detect_repo_async"] is before
+
+
+def test_a_table_with_missing_scores_is_logged_as_it_is_without_pandas_deprecations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_session: Any
+) -> None:
+    """A results table has empty float cells (a cheap rung's point has no full-protocol score).
+    ClearML's ``report_table`` fills NaN with a string, which pandas 3 deprecates for a float
+    column ("will raise" in pandas 4, where the table would silently be missing: tracking never
+    raises). The table must arrive whole, with no deprecation on the way."""
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE", raising=False)
+    run = create_tracker(TrackingConfig(mode="offline"), tmp_path).start_run(
+        "trial", config={}, tags=[]
+    )
+    table = pd.DataFrame(
+        {"point": [1, 2], "dino": [0.5, float("nan")], "fidelity": ["full", "rung-0"]}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.log_table("results", "all", table)
+    zip_path = run.close()
+    deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
+    assert not deprecations, [str(w.message) for w in deprecations]
+    assert table["dino"].dtype == "float64"  # the caller's frame is not changed
+
+    assert zip_path is not None
+    _, events = read_session(zip_path)
+    (plot,) = [json.loads(e["plot_str"]) for e in events if e["type"] == "plot"]
+    cells = plot["data"][0]["cells"]["values"]
+    assert cells == [[1, 2], [0.5, "nan"], ["full", "rung-0"]]
+
+
+def test_clearml_s_warning_that_a_cpu_machine_has_no_nvml_is_not_printed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a machine without an NVIDIA driver (CPU runs, the demo) ClearML's resource monitor
+    logged ``WARNING - Could not fetch GPU stats: NVML Shared Library Not Found`` into every
+    run's output: there are no GPU stats to fetch there. Its other warnings still show."""
+    import harness.tracking.clearml_backend  # noqa: F401  (installs the filter)
+
+    monitor = logging.getLogger("clearml.resource_monitor")
+    with caplog.at_level(logging.WARNING):
+        monitor.warning("Could not fetch GPU stats: NVML Shared Library Not Found")
+        monitor.warning("Could not fetch GPU stats: some other failure")
+    assert [r.getMessage() for r in caplog.records if r.name == monitor.name] == [
+        "Could not fetch GPU stats: some other failure"
+    ]

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from clearml import Task
 from clearml.utilities.pyhocon import ConfigFactory
+from clearml.utilities.resource_monitor import ResourceMonitor
 
 from .base import NullRun, Run, RunKind, Tracker, TrackingError, TrackingMode, never_raise
 from .secrets import collect_secret_literals, redact_text, scrub_secrets, secret_values
@@ -66,17 +67,34 @@ _TEXT_SUFFIXES = {".json", ".jsonl", ".txt", ".yaml", ".yml", ".conf", ".csv", "
 _TRUE = {"1", "true", "yes", "on", "y"}
 
 
-class _NoNvmlWarning(logging.Filter):
-    """Drops ClearML's resource monitor warning that NVML is missing: on a machine without an
-    NVIDIA driver (a CPU run, the demo) there are no GPU stats to fetch, and it printed a
-    ``WARNING`` line into every run's output. Every other warning of the monitor passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "NVML Shared Library Not Found" not in record.getMessage()
+_NO_NVIDIA_DRIVER = "NVML Shared Library Not Found"
 
 
-# Installed once, when this (the only ClearML) module is imported; a logger keeps its filters.
-logging.getLogger("clearml.resource_monitor").addFilter(_NoNvmlWarning())
+class _ResourceMonitor(ResourceMonitor):
+    """ClearML's machine monitor (CPU, memory, disk, network and GPU scalars), except that on a
+    machine without an NVIDIA driver (a CPU run, the demo) it stops polling GPUs at once: ClearML's
+    own printed ``WARNING - Could not fetch GPU stats: NVML Shared Library Not Found`` and, three
+    samples later, "GPU monitoring failed ..., switching off GPU monitoring" into every run's
+    output. ClearML reads AMD GPUs without NVML; on such a machine its query does not fail this
+    way, so they are polled as before, as are NVIDIA ones."""
+
+    def _fix_active_gpus(self) -> None:
+        # The first thing the monitor's thread does; ClearML's own version logs the failure.
+        gpustat = getattr(self, "_gpustat", None)
+        if gpustat is not None and _no_nvidia_driver(gpustat):
+            self._gpustat = None
+            return
+        super()._fix_active_gpus()
+
+
+def _no_nvidia_driver(gpustat: Any) -> bool:
+    """Whether ClearML's GPU query fails because NVML, the NVIDIA driver's library, is absent."""
+    try:
+        gpustat.new_query(per_process_stats=False)
+    except Exception as exc:  # pynvml's own error types; only this one message counts
+        return _NO_NVIDIA_DRIVER in str(exc)
+    return False
+
 
 # ClearML allows one open main task per process; new runs wait for none but get refused.
 _open_lock = threading.Lock()
@@ -304,6 +322,7 @@ class ClearMLTracker(Tracker):
         """``Task.init`` with redacted names, and the task's offline folder (``None`` online)."""
         if offline:
             self.offline_root.mkdir(parents=True, exist_ok=True)
+        _forget_parent_task()
         # ClearML resolves the offline folder from its cache dir once, inside Task.init.
         cache_dir = str(self.offline_root.resolve()) if offline else None
         with _env_set("CLEARML_CACHE_DIR", cache_dir) if offline else contextlib.nullcontext():
@@ -316,11 +335,33 @@ class ClearMLTracker(Tracker):
                 continue_last_task=False,
                 auto_connect_arg_parser=False,  # argv may hold secrets; config is connected
                 auto_connect_frameworks=False,  # no automatic checkpoint uploads
-                auto_resource_monitoring=True,  # device memory / utilisation scalars
+                auto_resource_monitoring=_ResourceMonitor,  # device memory and use
                 auto_connect_streams=True,
             )
             folder = task.get_offline_mode_folder() if offline else None  # pins the folder
         return task, folder
+
+
+# ClearML marks a process that ran a task with <pid>:<task id> here; its children inherit it.
+_MASTER_ID_VARS = ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID")
+
+
+def _forget_parent_task() -> None:
+    """Drop a ClearML master-process mark inherited from another process.
+
+    A process started by one that ran a ClearML task (a notebook or script with a task that
+    runs `dvc repro` or `harness sweep`) inherits ``CLEARML_PROC_MASTER_ID``, and ``Task.init``
+    then treats it as that task's subprocess: it attached to the parent's task (every run logged
+    into it) or, with no task id in the mark, returned a stub, and the run went untracked. A
+    harness run is a task of its own. This process's own mark stays (ClearML's exit hook reads
+    it). A clearml-agent's task is found by ``CLEARML_TASK_ID``, which this leaves alone.
+    """
+    mine = str(os.getpid())
+    for name in _MASTER_ID_VARS:
+        value = os.environ.get(name)
+        if value and value.partition(":")[0] != mine:
+            log.debug("tracking: ignoring %s=%s of a parent process", name, value)
+            del os.environ[name]
 
 
 def _connect_config(task: Task, clean: Mapping[str, Any]) -> None:

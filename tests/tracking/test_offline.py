@@ -164,36 +164,33 @@ def test_reporting_errors_never_reach_training(
 
 
 def test_closing_a_run_gives_the_console_back(tmp_path: Path) -> None:
-    """ClearML replaces sys.stdout/sys.stderr to capture the console; after close, output that
-    click/typer writes (the sweep's closing lines) must reach the real streams again."""
-    import subprocess
-    import sys
+    """ClearML replaces sys.stdout/sys.stderr to capture the console; after close, what the CLI
+    writes (the sweep's closing lines, an ``error:`` line) must reach the real streams again.
 
+    This test once passed only after another test's in-process task had left its
+    ``CLEARML_PROC_MASTER_ID`` in the environment: the subprocess then got a stub, no task, no
+    console capture. Click's own default streams, first resolved after a task, still lose
+    their lines (ClearML leaves ``sys.__stdout__`` patched); ``harness.cli.echo`` names the
+    stream, and is what the CLI uses for every line."""
     script = f"""
-import click, sys
+import sys
 from pathlib import Path
+from harness.cli import echo
 from harness.config import TrackingConfig
 from harness.tracking import create_tracker
 before = (sys.stdout, sys.stderr)
 tracker = create_tracker(TrackingConfig(mode="offline"), Path({str(tmp_path)!r}))
 run = tracker.start_run("trial-0", config={{}}, tags=[])
+print("tracked:", type(run).__name__)
 run.close()
 assert (sys.stdout, sys.stderr) == before, (sys.stdout, sys.stderr)
-click.echo("closing line on stdout")
-click.echo("closing line on stderr", err=True)
+echo("closing line on stdout")
+echo("closing line on stderr", err=True)
 """
-    env = {**os.environ, "HOME": str(tmp_path), "CLEARML_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,  # pipes, not a terminal: where the bug showed
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "closing line on stdout" in proc.stdout.splitlines()
-    assert "closing line on stderr" in proc.stderr.splitlines()
+    stdout, stderr = _run_python_streams(script, tmp_path)  # pipes: where the bug showed
+    assert "tracked: ClearMLRun" in stdout.splitlines()  # a real task captured the console
+    assert "closing line on stdout" in stdout.splitlines()
+    assert "closing line on stderr" in stderr.splitlines()
 
 
 def test_the_zip_has_every_scalar_when_close_leaves_the_reporter_running(
@@ -273,18 +270,95 @@ def test_a_table_with_missing_scores_is_logged_as_it_is_without_pandas_deprecati
     assert cells == [[1, 2], [0.5, "nan"], ["full", "rung-0"]]
 
 
-def test_clearml_s_warning_that_a_cpu_machine_has_no_nvml_is_not_printed(
-    caplog: pytest.LogCaptureFixture,
+def test_a_run_on_a_machine_without_an_nvidia_driver_prints_no_gpu_monitoring_noise(
+    tmp_path: Path,
 ) -> None:
     """On a machine without an NVIDIA driver (CPU runs, the demo) ClearML's resource monitor
-    logged ``WARNING - Could not fetch GPU stats: NVML Shared Library Not Found`` into every
-    run's output: there are no GPU stats to fetch there. Its other warnings still show."""
-    import harness.tracking.clearml_backend  # noqa: F401  (installs the filter)
+    printed ``WARNING - Could not fetch GPU stats: NVML Shared Library Not Found`` and, three
+    samples later, "GPU monitoring failed getting GPU reading, switching off GPU monitoring"
+    into every run's output: there are no GPU stats to fetch there. Run as a user's process
+    does, long enough for the monitor's third sample; CPU and memory are still monitored."""
 
-    monitor = logging.getLogger("clearml.resource_monitor")
-    with caplog.at_level(logging.WARNING):
-        monitor.warning("Could not fetch GPU stats: NVML Shared Library Not Found")
-        monitor.warning("Could not fetch GPU stats: some other failure")
-    assert [r.getMessage() for r in caplog.records if r.name == monitor.name] == [
-        "Could not fetch GPU stats: some other failure"
-    ]
+    script = f"""
+import time
+from pathlib import Path
+from harness.config import TrackingConfig
+from harness.tracking import create_tracker
+run = create_tracker(TrackingConfig(mode="offline"), Path({str(tmp_path)!r})).start_run(
+    "trial-0", config={{}}, tags=[]
+)
+time.sleep(3.0)  # the monitor samples twice a second; ClearML gave up after three failures
+print("monitor:", type(run._task._resource_monitor).__name__, run._task._resource_monitor._gpustat)
+print("zip:", run.close())
+"""
+    output = _run_python(script, tmp_path)
+    assert "zip: " in output and ".zip" in output
+    if _loads("libnvidia-ml.so.1"):
+        pytest.skip("this machine has an NVIDIA driver: ClearML polls its GPUs as before")
+    assert "monitor: _ResourceMonitor None" in output  # ours, with GPU polling off
+    assert "NVML" not in output
+    assert "GPU monitoring failed" not in output
+
+
+def _loads(library: str) -> bool:
+    """Whether this machine has the shared library (an NVIDIA driver installs NVML's)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("master", ["1:", "1:0123456789abcdef0123456789abcdef"])
+def test_a_run_started_by_a_process_that_ran_a_clearml_task_is_a_task_of_its_own(
+    tmp_path: Path, master: str, read_session: Any
+) -> None:
+    """ClearML marks a process that ran a task with ``CLEARML_PROC_MASTER_ID=<pid>:<task id>``
+    and its children inherit it (a notebook or script with a ClearML task that runs `dvc repro`
+    or `harness sweep`). ``Task.init`` in the child then returned a stub (no task id: "could
+    not start ClearML run (TypeError ... StubObject); not tracked") or attached to the parent's
+    task (every run logged into somebody else's task). A harness run is a task of its own."""
+    script = f"""
+from pathlib import Path
+from harness.config import TrackingConfig
+from harness.tracking import create_tracker
+run = create_tracker(TrackingConfig(mode="offline"), Path({str(tmp_path)!r})).start_run(
+    "trial-0", config={{"train": {{"rank": 4}}}}, tags=[]
+)
+run.log_scalar("loss", "train", 0.5, 1)
+print("zip:", run.close())
+"""
+    output = _run_python(script, tmp_path, CLEARML_PROC_MASTER_ID=master)
+    assert "not tracked" not in output, output[-3000:]
+    (zip_line,) = [line for line in output.splitlines() if line.startswith("zip: ")]
+    task, events = read_session(Path(zip_line.removeprefix("zip: ")))
+    assert task["name"] == "trial-0" and task["id"] != master.partition(":")[2]
+    assert [e["value"] for e in events if e["type"] == "training_stats_scalar"] == [0.5]
+
+
+def _run_python(script: str, tmp_path: Path, **env: str) -> str:
+    """The output (stdout, then stderr) of :func:`_run_python_streams`."""
+    return "".join(_run_python_streams(script, tmp_path, **env))
+
+
+def _run_python_streams(script: str, tmp_path: Path, **env: str) -> tuple[str, str]:
+    """``python -c script`` as a user's process (its own HOME and ClearML cache, none of the
+    ClearML task variables an in-process test left in this environment, plus ``env``):
+    stdout and stderr, both pipes; the script must succeed."""
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if "PROC_MASTER_ID" not in k}
+    clean.update(HOME=str(tmp_path), CLEARML_CACHE_DIR=str(tmp_path / "cache"), **env)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=clean,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout, proc.stderr

@@ -427,6 +427,9 @@ def clearml_worker_script(root: Path, command: Sequence[str], index: int) -> str
             f"cd {shlex.quote(str(root.resolve()))}",
             # The agent sets CLEARML_TASK_ID: each task is a worker of its own in the study.
             f'export HARNESS_WORKER_ID="clearml-${{CLEARML_TASK_ID:-worker-{index}}}"',
+            # ...and then not further: with it set ClearML runs "remotely", and every Task.init
+            # of the worker returns this task; each training run is a task of its own.
+            "unset CLEARML_TASK_ID",
             "exec " + shlex.join(command),
             "",
         ]

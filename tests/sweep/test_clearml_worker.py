@@ -36,7 +36,7 @@ def _stub_python(folder: Path) -> Path:
     stub = folder / "python"
     stub.write_text(
         '#!/bin/bash\necho "cwd=$PWD"\necho "worker=$HARNESS_WORKER_ID"\n'
-        'for a in "$@"; do echo "arg=$a"; done\n'
+        'echo "task=${CLEARML_TASK_ID:-unset}"\nfor a in "$@"; do echo "arg=$a"; done\n'
     )
     stub.chmod(0o755)
     return stub
@@ -67,7 +67,11 @@ def test_the_agent_runs_the_worker_in_the_project_with_its_arguments(
     lines = done.stdout.splitlines()
     assert lines[0] == f"cwd={root.resolve()}"
     assert lines[1] == "worker=clearml-abc123"
-    args = [line.removeprefix("arg=") for line in lines[2:]]
+    # The agent's task id names the worker, and is not passed on: with it set, ClearML runs
+    # "remotely" and every Task.init returns the worker task (online every run logged into it;
+    # offline none was tracked, "ClearML is not configured"). A run is a task of its own.
+    assert lines[2] == "task=unset"
+    args = [line.removeprefix("arg=") for line in lines[3:]]
     assert args == [
         "-m", "harness", "-p", str((root / "params.yaml").resolve()),
         "-S", "sweep.note=a b", "-S", "train.rank=8", "sweep", "worker",

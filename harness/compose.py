@@ -37,6 +37,7 @@ __all__ = [
     "dump_params",
     "is_composed",
     "record_origin",
+    "replace_origin",
 ]
 
 EXPERIMENTS_DIR = "experiments"
@@ -135,10 +136,18 @@ def merge(
             origin.setdefault(path, source)
             continue
         out[key] = value
-        for known in [p for p in origin if p[: len(path)] == path]:
-            del origin[known]
-        record_origin(origin, value, source, path)
+        replace_origin(origin, value, source, path)
     return out
+
+
+def replace_origin(
+    origin: dict[tuple[str, ...], str], value: Any, source: str, path: tuple[str, ...]
+) -> None:
+    """``path`` was replaced by ``value``: forget the origins of the keys that were below it,
+    then record ``source`` for ``path`` and every key below it in ``value``."""
+    for known in [p for p in origin if p[: len(path)] == path]:
+        del origin[known]
+    record_origin(origin, value, source, path)
 
 
 def record_origin(

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from harness.compose import record_origin
+from harness.compose import record_origin, replace_origin
 from harness.config._base import ConfigError, _KeysError
 from harness.config.schema import HarnessConfig
 
@@ -197,9 +197,7 @@ def _merge(
             out[key] = _merge(here, value, origin, source, path)
         else:
             out[key] = value
-            for known in [p for p in origin if p[: len(path)] == path]:
-                del origin[known]
-            record_origin(origin, value, source, path)
+            replace_origin(origin, value, source, path)
     return out
 
 
